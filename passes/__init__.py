@@ -1,0 +1,18 @@
+"""The pass SDK: base classes, registry, pipeline text, context and manager."""
+
+from winnow.passes.base import (
+    ALL_ANALYSES,
+    AnalysisPass,
+    Pass,
+    PassResult,
+    get_pass_class,
+    register_pass,
+    registered_passes,
+)
+from winnow.passes.config import option
+from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
+from winnow.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
+
+__all__ = ["ALL_ANALYSES", "AnalysisPass", "Pass", "PassResult", "get_pass_class", "register_pass",
+           "registered_passes", "option", "DEFAULT_PIPELINE", "PassContext", "PassManager",
+           "PassSpec", "format_pipeline", "parse_pipeline"]

@@ -1,0 +1,1 @@
+"""Built-in analysis passes; importing this package registers them."""

@@ -1,0 +1,146 @@
+"""PassContext (shared state, TVM style) and PassManager (runs a pipeline with instruments)."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes import PassBase, PassResult
+
+from winnow.errors import PassFailedError, PipelineError, WinnowError
+from winnow.passes.base import ALL_ANALYSES, Pass, get_pass_class
+from winnow.passes.instruments import Instrument
+from winnow.passes.pipeline import PassSpec, format_pipeline, format_value, parse_pipeline
+
+DEFAULT_PIPELINE = "shape-inference,fold-constants,canonicalize,cse,dce"
+
+_CURRENT: contextvars.ContextVar[PassContext | None] = contextvars.ContextVar(
+    "winnow_pass_context", default=None)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """State shared by the passes of one run: target, calibration data, analyses, report."""
+
+    target: str | None = None
+    calibration: Any = None
+    analyses: dict[str, Any] = dataclasses.field(default_factory=dict)
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _tokens: list = dataclasses.field(default_factory=list, repr=False)
+
+    @classmethod
+    def current(cls) -> PassContext:
+        """The active context; a fresh empty one when no PassManager is running."""
+        ctx = _CURRENT.get()
+        if ctx is None:
+            ctx = cls()
+            _CURRENT.set(ctx)
+        return ctx
+
+    def __enter__(self) -> PassContext:
+        self._tokens.append(_CURRENT.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _CURRENT.reset(self._tokens.pop())
+
+    def get_analysis(self, name: str, model: ir.Model, **options: Any) -> Any:
+        """A cached analysis result, computed now with `options` when missing."""
+        if name not in self.analyses:
+            analysis = get_pass_class(name)(**options)
+            with self:
+                analysis(model)
+        return self.analyses[name]
+
+    def invalidate(self, preserved: frozenset[str]) -> None:
+        """Drop every cached analysis not in `preserved`."""
+        if preserved == ALL_ANALYSES:
+            return
+        for name in list(self.analyses):
+            if name not in preserved:
+                del self.analyses[name]
+
+
+def build_pass(spec: PassSpec) -> Pass:
+    """Instantiate the registered pass for one pipeline element."""
+    cls = get_pass_class(spec.name)
+    return cls(**dict(spec.options))
+
+
+def build_pipeline(pipeline: str | Sequence[PassSpec | PassBase]) -> list[PassBase]:
+    """Turn pipeline text, specs or pass objects into pass instances (errors name the pass)."""
+    items = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    passes = []
+    for item in items:
+        if isinstance(item, PassSpec):
+            passes.append(build_pass(item))
+        elif isinstance(item, PassBase):
+            passes.append(item)
+        else:
+            raise PipelineError(f"pipeline element {item!r} is neither a pass nor a pass spec.")
+    return passes
+
+
+def pass_label(p: PassBase) -> str:
+    """The name a pass has in pipelines and messages (class name for foreign passes)."""
+    return getattr(p, "name", "") or type(p).__name__
+
+
+def describe_pipeline(passes: Sequence[PassBase]) -> str:
+    """Pipeline text for instantiated passes (foreign onnx-ir passes print as class names)."""
+    specs = []
+    for p in passes:
+        opts = p.options() if isinstance(p, Pass) else {}
+        specs.append(PassSpec(pass_label(p), tuple((k, format_value(v)) for k, v in opts.items())))
+    return format_pipeline(specs)
+
+
+class PassManager:
+    """Runs passes in order under a PassContext, with instruments around each pass."""
+
+    def __init__(self, pipeline: str | Sequence[PassSpec | PassBase] = DEFAULT_PIPELINE,
+                 instruments: Sequence[Instrument] = ()) -> None:
+        self.passes = build_pipeline(pipeline)
+        self.instruments = list(instruments)
+
+    @property
+    def text(self) -> str:
+        """The pipeline as text."""
+        return describe_pipeline(self.passes)
+
+    def run(self, model: ir.Model, ctx: PassContext | None = None) -> PassResult:
+        """Run every pass on `model` in place; a failure names the pass and those before it."""
+        ctx = ctx or PassContext()
+        modified_any = False
+        done: list[str] = []
+        with ctx:
+            for index, p in enumerate(self.passes):
+                label = pass_label(p)
+                for inst in self.instruments:
+                    inst.before_pass(index, label, model)
+                try:
+                    result = p(model)
+                except Exception as exc:  # noqa: BLE001 - re-raised with the pass named
+                    raise _pass_failure(label, done, exc) from exc
+                if result.model is not model:
+                    model = result.model
+                modified_any |= result.modified
+                if result.modified:
+                    ctx.invalidate(getattr(p, "preserves", frozenset()))
+                for inst in self.instruments:
+                    try:
+                        inst.after_pass(index, label, model, result.modified)
+                    except WinnowError as exc:
+                        raise _pass_failure(label, done, exc) from exc
+                done.append(label)
+        return PassResult(model, modified_any)
+
+
+def _pass_failure(label: str, done: list[str], exc: Exception) -> PassFailedError:
+    before = ", ".join(done) if done else "none"
+    reason = str(exc).strip() or type(exc).__name__
+    return PassFailedError(f"pass '{label}' failed (passes run before it: {before}): {reason}")
