@@ -29,7 +29,7 @@ def session_options(threads: int = 0, optimize: bool = True) -> ort.SessionOptio
     so.intra_op_num_threads = threads
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     return so
 
 

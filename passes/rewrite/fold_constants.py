@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import onnx_ir as ir
 import onnxscript.optimizer as oso
 
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
+
+logger = logging.getLogger(__name__)
+_SEQUENCE_OPS = frozenset({"SequenceConstruct", "SplitToSequence", "ConcatFromSequence",
+                           "SequenceInsert", "SequenceAt", "SequenceEmpty"})
+
+
+def _has_sequence_ops_below_opset_13(model: ir.Model) -> bool:
+    opset = model.opset_imports.get("", 0)
+    return opset < 13 and any(node.op_type in _SEQUENCE_OPS for node in model.graph)
 
 
 @register_pass
@@ -28,6 +39,11 @@ class FoldConstantsPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         """Fold constants in place."""
+        if _has_sequence_ops_below_opset_13(model):
+            # onnxscript 0.7.2 rewrites sequence ops into opset-13 forms (Split/Unsqueeze with
+            # tensor inputs), which are invalid in older opsets: leave such models unfolded.
+            logger.warning("fold-constants skipped: sequence ops in a model below opset 13")
+            return PassResult(model, False)
         result = oso.fold_constants(
             model,
             onnx_shape_inference=self.config.onnx_shape_inference,
