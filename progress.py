@@ -31,11 +31,17 @@ def step(message: str, after: float = 1.0) -> Iterator[None]:
     done = threading.Event()
     shown = threading.Event()
 
+    live = sys.stderr.isatty()
+
     def ticker() -> None:
         if done.wait(after):
             return
+        shown.set()
+        if not live:
+            sys.stderr.write(f"{message} ...\n")
+            sys.stderr.flush()
+            return
         while not done.wait(0.5):
-            shown.set()
             sys.stderr.write(f"\r{message} ... {time.perf_counter() - start:5.1f}s")
             sys.stderr.flush()
 
@@ -50,7 +56,8 @@ def step(message: str, after: float = 1.0) -> Iterator[None]:
         thread.join()
         if shown.is_set():
             status = "done" if ok else "failed"
-            sys.stderr.write(f"\r{message} ... {status} ({time.perf_counter() - start:.1f}s)\n")
+            prefix = "\r" if live else ""
+            sys.stderr.write(f"{prefix}{message} ... {status} ({time.perf_counter() - start:.1f}s)\n")
             sys.stderr.flush()
 
 
