@@ -1,0 +1,229 @@
+"""Artifact folders: model descriptions, checksums, manifest.json and atomic output folders."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from winnow.errors import ModelFormatError, OutputError, SourceError
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "winnow-artifact"
+MANIFEST_VERSION = 1
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A written artifact folder: its path, the files in it, and its manifest."""
+
+    path: Path
+    files: list[str]
+    manifest: dict[str, Any]
+
+
+def dtype_name(dtype: ir.DataType | None) -> str | None:
+    """A dtype as numpy spells it (`float32`), or the ONNX name when numpy has none."""
+    if dtype is None:
+        return None
+    try:
+        name = np.dtype(dtype.numpy()).name
+    except (TypeError, ValueError):
+        return dtype.name.lower()
+    return dtype.name.lower() if name == "object" else name
+
+
+def shape_spec(shape: ir.Shape | None) -> list[int | str | None] | None:
+    """A shape as a list: ints, symbolic dims as strings, unknown dims as None."""
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) else d.value for d in shape]
+
+
+def value_spec(value: ir.Value) -> dict[str, Any]:
+    """Name, dtype and shape of one graph input or output."""
+    return {"name": value.name, "dtype": dtype_name(value.dtype), "shape": shape_spec(value.shape)}
+
+
+def io_spec(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
+    """The model's real inputs (initializer-backed inputs left out) and its outputs."""
+    inits = model.graph.initializers
+    return {"inputs": [value_spec(v) for v in model.graph.inputs if v.name not in inits],
+            "outputs": [value_spec(v) for v in model.graph.outputs]}
+
+
+def node_count(model: ir.Model) -> int:
+    """Nodes in the model, subgraphs included."""
+    return sum(len(graph) for graph in model.graphs())
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    """Node count per op type (`domain::Op` outside the default domain), most frequent first."""
+    counts = collections.Counter(
+        node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        for graph in model.graphs() for node in graph)
+    return dict(counts.most_common())
+
+
+def param_stats(model: ir.Model) -> dict[str, int]:
+    """Parameter count and bytes, summed over the initializers of every graph."""
+    count = size = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is not None:
+                count += math.prod(tensor.shape.numpy())
+                size += tensor.nbytes
+    return {"count": count, "bytes": size}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_entries(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of each named file in `folder`."""
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+            for name in names}
+
+
+def jsonable(obj: Any) -> Any:
+    """A copy that strict JSON can hold: non-finite floats as strings, numpy scalars as Python."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest.json` (strict JSON, sorted keys) into `folder`."""
+    text = json.dumps(jsonable(manifest), indent=2, sort_keys=True, allow_nan=False)
+    (folder / MANIFEST_FILE).write_text(text + "\n")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Read and validate the manifest of an artifact folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceError(f"artifact folder '{folder}' does not exist; give a folder written by "
+                          "`winnow compile`.")
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise SourceError(f"'{folder}' is not a winnow artifact: {MANIFEST_FILE} is missing; give "
+                          "a folder written by `winnow compile`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(f"'{path}' is not valid JSON ({exc}); recompile the artifact.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelFormatError(f"'{path}' is not a winnow manifest (no format "
+                               f"'{MANIFEST_FORMAT}'); recompile the artifact.")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise ModelFormatError when a file listed in the manifest is missing or altered."""
+    for name, entry in manifest.get("files", {}).items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ModelFormatError(f"manifest of '{folder}' lists '{name}', outside the folder.")
+        if not path.is_file():
+            raise ModelFormatError(f"artifact '{folder}' is incomplete: '{name}' is missing; "
+                                   "recompile it.")
+        if sha256_file(path) != entry.get("sha256"):
+            raise ModelFormatError(f"'{name}' in '{folder}' does not match its manifest checksum; "
+                                   "the artifact was modified or is incomplete, recompile it.")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Raise OutputError when `out` cannot become a new (or replaced) artifact folder."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputError(f"output folder '{out}' already exists; pass --force-overwrite "
+                              "(overwrite=True) to replace it, or choose another path.")
+        if not out.is_dir() or out.is_symlink():
+            raise OutputError(f"output path '{out}' exists and is not a folder; choose another path.")
+        if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+            raise OutputError(f"output folder '{out}' is not empty and is not a winnow artifact "
+                              f"(no {MANIFEST_FILE}); winnow only replaces its own output folders.")
+    ancestor = Path(os.path.abspath(out)).parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create output folder '{out}': '{ancestor}' is a file, not a "
+                          "folder; choose another path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create output folder '{out}': '{ancestor}' is not writable; "
+                          "choose a folder you can write to.")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir()
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for path in folders:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh folder next to `out`; it becomes `out` only when the block completes."""
+    out = Path(out)
+    check_output(out, overwrite)
+    target = Path(os.path.abspath(out))
+    created: list[Path] = []
+    try:
+        created = _make_parents(target.parent)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+        tmp.mkdir()
+    except OSError as exc:
+        _remove_empty(created)
+        raise OutputError(f"cannot create output folder '{out}': {exc.strerror or exc}; choose a "
+                          "folder you can write to.") from None
+    try:
+        yield tmp
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise

@@ -1,0 +1,159 @@
+"""ONNX Runtime backend: write `model.onnx`, `model.ort` and `manifest.json`; run artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnxruntime.tools.convert_onnx_models_to_ort import (
+    OptimizationStyle,
+    convert_onnx_models_to_ort,
+)
+
+from winnow.backends.manifest import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    Artifact,
+    file_entries,
+    io_spec,
+    node_count,
+    param_stats,
+    read_manifest,
+    staging,
+    verify_files,
+    write_manifest,
+)
+from winnow.errors import ExecutionError
+from winnow.frontend.onnx_file import check_external_data
+from winnow.ir.execute import session_options
+
+__all__ = ["emit", "load_artifact", "run_artifact", "write_model", "convert_to_ort", "Artifact"]
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+ORT_FILE = "model.ort"
+OPS_CONFIG_FILE = "model.required_operators.config"
+# Protobuf caps a model at 2 GiB; leave room for the graph itself next to the weights.
+EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 256 * 1024**2
+
+# ORT's converter logs "Created config in <temp folder>" at INFO; the manifest says it instead.
+logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
+
+
+def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
+         fidelity: dict[str, Any] | None = None, source: str | None = None,
+         overwrite: bool = False, external_data: bool | None = None) -> Artifact:
+    """Write the ORT artifact folder `out_dir` atomically and return what was written."""
+    with staging(out_dir, overwrite) as tmp:
+        names = write_model(model, tmp, external_data)
+        ort_format = convert_to_ort(tmp / MODEL_FILE)
+        names += ort_format.pop("files")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "backend": "ort",
+            "source": source if source is not None else model.metadata_props.get("winnow.source"),
+            "pipeline": pipeline_text,
+            **_versions(),
+            "ir_version": model.ir_version,
+            "opset_imports": dict(model.opset_imports),
+            **io_spec(model),
+            "nodes": node_count(model),
+            "params": param_stats(model),
+            "files": file_entries(tmp, names),
+            "ort_format": ort_format,
+            "fidelity": fidelity,
+        }
+        write_manifest(tmp, manifest)
+    return Artifact(Path(out_dir), [*names, MANIFEST_FILE], manifest)
+
+
+def _versions() -> dict[str, str]:
+    from winnow import __version__
+
+    return {"winnow_version": __version__, "onnxruntime_version": ort.__version__,
+            "onnx_ir_version": ir.__version__}
+
+
+def write_model(model: ir.Model, folder: Path, external_data: bool | None = None) -> list[str]:
+    """Save `model.onnx` in `folder` (weights in `model.onnx.data` when large); returns file names.
+
+    Tensors the source keeps in external files are always copied in: an artifact never
+    points outside its own folder.
+    """
+    if external_data is None:
+        external_data = param_stats(model)["bytes"] > EXTERNAL_DATA_ABOVE
+    threshold = 256 if external_data else sys.maxsize  # sys.maxsize: inline every tensor
+    ir.save(model, folder / MODEL_FILE, external_data=DATA_FILE, size_threshold_bytes=threshold)
+    data = folder / DATA_FILE
+    if data.is_file() and data.stat().st_size == 0:
+        data.unlink()
+    return [MODEL_FILE] + ([DATA_FILE] if data.is_file() else [])
+
+
+def convert_to_ort(model_path: Path) -> dict[str, Any]:
+    """Convert with ORT's own converter; a model ORT refuses is recorded, not raised."""
+    folder = model_path.parent
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            convert_onnx_models_to_ort(model_path, output_dir=folder,
+                                       optimization_styles=[OptimizationStyle.Fixed])
+    except (TypeError, AttributeError, NameError):
+        raise  # a mistake in how winnow calls the converter, not a model ORT refuses
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+        for name in (ORT_FILE, OPS_CONFIG_FILE):
+            (folder / name).unlink(missing_ok=True)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return {"file": None, "error": f"{type(exc).__name__}: {reason}", "files": []}
+    files = [name for name in (ORT_FILE, OPS_CONFIG_FILE) if (folder / name).is_file()]
+    return {"file": ORT_FILE, "error": None, "optimization_style": "Fixed", "files": files}
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Read an artifact folder's manifest and (by default) check every file's checksum."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    return Artifact(path, [*manifest.get("files", {}), MANIFEST_FILE], manifest)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    check_external_data(onnx.load(str(path), load_external_data=False), path.parent)
+    try:
+        return ort.InferenceSession(str(path), session_options(),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+        raise ExecutionError(f"ONNX Runtime cannot load '{path}': "
+                             f"{str(exc).strip().splitlines()[0]}") from exc
+
+
+def run_artifact(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an artifact's `model.onnx` with ONNX Runtime; returns outputs by name."""
+    artifact = load_artifact(path)
+    session = _session(artifact.path / MODEL_FILE)
+    expected = [i.name for i in session.get_inputs()]
+    missing = [n for n in expected if n not in feeds]
+    unknown = sorted(set(feeds) - set(expected))
+    if missing or unknown:
+        problem = (f"missing input(s) {', '.join(missing)}" if missing
+                   else f"unknown input(s) {', '.join(unknown)}")
+        raise ExecutionError(f"{problem}; the model takes {', '.join(expected) or 'no inputs'}.")
+    names = [o.name for o in session.get_outputs()]
+    try:
+        outs = session.run(names, dict(feeds))
+    except Exception as exc:  # noqa: BLE001
+        raise ExecutionError(f"ONNX Runtime failed to run '{artifact.path}': "
+                             f"{str(exc).strip().splitlines()[0]}") from exc
+    return dict(zip(names, outs))

@@ -1,0 +1,225 @@
+"""The `winnow` command line: parses arguments, calls the API, prints the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from winnow import progress
+from winnow.errors import SourceError, WinnowError
+
+
+class _Group(click.Group):
+    """A click group that turns WinnowError into `error: ...` and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand, reporting errors as one line (tracebacks with --debug)."""
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except WinnowError as exc:
+            _report(ctx, f"error: {exc}")
+            ctx.exit(exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            _report(ctx, f"internal error: {type(exc).__name__}: {exc} (rerun with --debug "
+                         "for the traceback)")
+            ctx.exit(1)
+
+
+def _report(ctx: click.Context, message: str) -> None:
+    if (ctx.obj or {}).get("debug"):
+        traceback.print_exc()
+    click.echo(message, err=True)
+
+
+def _dump(obj: Any) -> None:
+    from winnow.backends.manifest import jsonable
+
+    click.echo(json.dumps(jsonable(obj), indent=2))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """winnow: a model compiler that finds and removes redundancy."""
+    ctx.obj = {"debug": debug}
+    progress.set_quiet(quiet)
+    if not debug:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # ORT's warnings only with --debug
+
+
+@cli.command()
+@click.argument("src")
+@click.option("-o", "--out", required=True, help="Artifact folder to write.")
+@click.option("--pipeline", default=None, help="Pipeline text, e.g. 'fold-constants,cse,dce'.")
+@click.option("--config", default=None, help="YAML file with a 'pipeline' list.")
+@click.option("--backend", default="ort", show_default=True, help="Backend that emits the artifact.")
+@click.option("--timings", is_flag=True, help="Print the time each pass took.")
+@click.option("--dump-ir", default=None, help="Write the IR before/after each pass into DIR.")
+@click.option("--verify-each", is_flag=True, help="Verify the model after every pass.")
+@click.option("--no-check", is_flag=True, help="Skip the differential check against the source.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--force-overwrite", is_flag=True, help="Replace OUT when it is an earlier artifact.")
+def compile(src: str, out: str, pipeline: str | None, config: str | None, backend: str,
+            timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool,
+            as_json: bool, force_overwrite: bool) -> None:  # noqa: A001 - the command's name
+    """Optimize SRC (.onnx, HF folder, zoo:NAME) and write a deployable artifact to OUT."""
+    from winnow.compiler import compile_model
+
+    result = compile_model(src, out, pipeline=pipeline, config=config, backend=backend,
+                           timings=timings, dump_ir=dump_ir, verify_each=verify_each,
+                           overwrite=force_overwrite, check=not no_check)
+    if as_json:
+        _dump(result.to_dict())
+        return
+    _print_compile(result, timings)
+
+
+def _print_compile(result: Any, timings: bool) -> None:
+    params = result.params_after
+    lines = [f"source    {result.source}", f"pipeline  {result.pipeline}",
+             f"nodes     {result.nodes_before} -> {result.nodes_after}",
+             f"params    {params['count']:,} ({_size(params['bytes'])})"]
+    if result.fidelity is not None:
+        lines.append(f"fidelity  {_fidelity_text(result.fidelity)}")
+    lines.append(f"wrote     {result.artifact.path}/")
+    files = result.artifact.manifest.get("files", {})
+    for name in result.artifact.files:
+        size = files.get(name, {}).get("bytes")
+        if size is None:
+            size = (Path(result.artifact.path) / name).stat().st_size
+        lines.append(f"  {name:<34} {_size(size):>10}")
+    ort_format = result.artifact.manifest.get("ort_format") or {}
+    if ort_format.get("error"):
+        lines.append(f"  model.ort not written: {ort_format['error']}")
+    if timings:
+        lines += ["", result.timing_table()]
+    click.echo("\n".join(lines))
+
+
+def _fidelity_text(fid: dict[str, Any]) -> str:
+    if fid.get("measured") is False:
+        return f"not measured: {fid['reason']}"
+    err, cos = fid.get("max_abs_error"), fid.get("min_cosine")
+    if err is None:
+        return f"not comparable: {fid.get('error', 'no numeric outputs')}"
+    return f"max abs error {err:.3g}, min cosine {cos:.6f} vs source ({fid.get('feeds')} inputs)"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def passes(as_json: bool) -> None:
+    """List every registered pass with its options."""
+    from winnow.passes import registered_passes
+    from winnow.passes.config import config_fields
+
+    info = [{"name": name, "description": cls.description, "lossless": cls.lossless,
+             "fields": config_fields(cls.Config)} for name, cls in registered_passes().items()]
+    if as_json:
+        _dump(info)
+        return
+    for p in info:
+        click.echo(f"{p['name']:<18} {p['description']}")
+        for f in p["fields"]:
+            click.echo(f"    {f['name']}: {f['type']} = {f['default']!r}  {f['help']}")
+
+
+@cli.command()
+@click.argument("src")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(src: str, as_json: bool) -> None:
+    """Show a model's opsets, inputs/outputs, ops and parameters."""
+    from winnow.compiler import inspect_model
+
+    info = inspect_model(src)
+    if as_json:
+        _dump(info)
+        return
+    click.echo(f"source    {info['source']}")
+    opsets = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in info["opset_imports"].items())
+    click.echo(f"opsets    {opsets}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            click.echo(f"{kind[:-1]:<9} {v['name']}  {v['dtype']}  {v['shape']}")
+    click.echo(f"params    {info['params']['count']:,} ({_size(info['params']['bytes'])})")
+    click.echo(f"nodes     {info['nodes']}")
+    for op, n in info["ops"].items():
+        click.echo(f"  {op:<30} {n:>6}")
+    if "regions" in info:
+        blocks = info["regions"]["blocks"]
+        click.echo(f"regions   {len(blocks)} blocks (found from {info['regions']['source']})")
+        for block in blocks:
+            click.echo(f"  {block['name']:<30} {block['kind']:<10} {block['nodes']:>5} nodes"
+                       f"{'' if block['droppable'] else '  (not droppable)'}")
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise SourceError(f"inputs file '{path}' does not exist; give an .npz file.") from None
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"inputs file '{path}' is not a readable .npz of arrays ({exc}); "
+                          "write it with numpy.savez.") from None
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
+            np.savez(f, **arrays)
+        os.replace(f.name, path)
+    except OSError as exc:
+        from winnow.errors import OutputError
+
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}.") from None
+
+
+@cli.command(name="run")
+@click.argument("artifact")
+@click.option("--inputs", "inputs_path", required=True, help=".npz file with one array per input.")
+@click.option("-o", "--out", default=None, help="Write the outputs to this .npz file.")
+def run_cmd(artifact: str, inputs_path: str, out: str | None) -> None:
+    """Run a compiled artifact on inputs from an .npz file."""
+    from winnow.backends.ort import run_artifact
+
+    outputs = run_artifact(artifact, _load_npz(inputs_path))
+    for name, value in outputs.items():
+        value = np.asarray(value)
+        click.echo(f"{name}  {value.dtype}  {list(value.shape)}")
+    if out is not None:
+        _save_npz(out, {k: np.asarray(v) for k, v in outputs.items()})
+        click.echo(f"wrote {out}")
+
+
+def main() -> None:
+    """Entry point of the `winnow` command."""
+    cli(prog_name="winnow")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

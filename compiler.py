@@ -1,0 +1,220 @@
+"""The compile API: load a model, run a pass pipeline, check it against the source, emit."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import PassBase
+
+from winnow import progress
+from winnow.backends.manifest import (
+    Artifact,
+    check_output,
+    io_spec,
+    node_count,
+    op_histogram,
+    param_stats,
+)
+from winnow.errors import ExecutionError, PipelineError, WinnowError
+from winnow.frontend import example_feeds, load
+from winnow.ir.execute import get_session, run
+from winnow.ir.inputs import feeds_for
+from winnow.passes.instruments import DumpIRInstrument, TimingInstrument, VerifyInstrument
+from winnow.passes.manager import DEFAULT_PIPELINE, PassManager
+from winnow.passes.pipeline import PassSpec, load_pipeline_file
+
+BACKENDS = {"ort": "winnow.backends.ort"}
+
+Pipeline = str | Sequence[PassSpec | PassBase]
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """What a compile produced: the artifact, pipeline, node and parameter counts, fidelity, timings."""
+
+    artifact: Artifact
+    source: str
+    pipeline: str
+    nodes_before: int
+    nodes_after: int
+    params_before: dict[str, int]
+    params_after: dict[str, int]
+    fidelity: dict[str, Any] | None
+    timings: list[tuple[str, float, bool]]
+    phases: dict[str, float]
+
+    def timing_table(self) -> str:
+        """The per-pass timing table (empty records unless compiled with timings=True)."""
+        inst = TimingInstrument()
+        inst.records = list(self.timings)
+        return inst.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able summary (the CLI's `--json` output)."""
+        files = {name: self.artifact.manifest.get("files", {}).get(name, {}).get("bytes")
+                 for name in self.artifact.files}
+        return {
+            "source": self.source, "out": str(self.artifact.path), "pipeline": self.pipeline,
+            "nodes": {"before": self.nodes_before, "after": self.nodes_after},
+            "params": {"before": self.params_before, "after": self.params_after},
+            "files": files, "ort_format": self.artifact.manifest.get("ort_format"),
+            "fidelity": self.fidelity, "phases": self.phases,
+            "timings": [{"pass": n, "seconds": s, "modified": m} for n, s, m in self.timings],
+        }
+
+
+def get_backend(name: str) -> Callable[..., Artifact]:
+    """The `emit` function of a backend, or a WinnowError listing the valid backends."""
+    if name not in BACKENDS:
+        raise WinnowError(f"unknown backend '{name}'; valid backends are: {', '.join(BACKENDS)}.")
+    return importlib.import_module(BACKENDS[name]).emit
+
+
+def resolve_pipeline(pipeline: Pipeline | None, config: str | Path | None) -> Pipeline:
+    """The pipeline to run: `pipeline`, the YAML file `config`, or DEFAULT_PIPELINE."""
+    if config is not None:
+        if pipeline is not None:
+            raise PipelineError("give either a pipeline or a pipeline config file, not both.")
+        return load_pipeline_file(config)
+    return DEFAULT_PIPELINE if pipeline is None else pipeline
+
+
+@contextlib.contextmanager
+def _phase(phases: dict[str, float], name: str, message: str) -> Iterator[None]:
+    start = time.perf_counter()
+    with progress.step(message):
+        yield
+    phases[name] = time.perf_counter() - start
+
+
+def _source_name(source: Any, model: ir.Model) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return model.metadata_props.get("winnow.source") or type(source).__name__
+
+
+def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = None,
+                  config: str | Path | None = None, backend: str = "ort", timings: bool = False,
+                  dump_ir: str | Path | None = None, verify_each: bool = False,
+                  overwrite: bool = False, check: bool = True) -> CompileResult:
+    """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`."""
+    emit = get_backend(backend)
+    check_output(Path(out), overwrite)
+    timer = TimingInstrument() if timings else None
+    instruments = [i for i in (timer, VerifyInstrument() if verify_each else None) if i]
+    manager = PassManager(resolve_pipeline(pipeline, config), instruments)
+    if dump_ir is not None:
+        manager.instruments.append(DumpIRInstrument(dump_ir))
+    phases: dict[str, float] = {}
+    with _phase(phases, "load", "loading the model"):
+        model = load(source)
+    before = (node_count(model), param_stats(model))
+    feeds, reference = None, None
+    if check:
+        with _phase(phases, "reference", "running the source model"):
+            feeds = feeds_for(model)
+            reference = _run_source(model, feeds)
+    with _phase(phases, "passes", "running the pipeline"):
+        model = manager.run(model).model
+    fidelity = None
+    if check:
+        with _phase(phases, "check", "checking against the source"):
+            fidelity = _fidelity(model, feeds, reference)
+    name = _source_name(source, model)
+    with _phase(phases, "emit", f"writing {out}"):
+        artifact = emit(model, out, pipeline_text=manager.text, fidelity=fidelity, source=name,
+                        overwrite=overwrite)
+    return CompileResult(artifact, name, manager.text, before[0], node_count(model), before[1],
+                         param_stats(model), fidelity, timer.records if timer else [], phases)
+
+
+def _run_source(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Source outputs, or {"measured": False, "reason": ...} when the check inputs don't suit it."""
+    try:
+        get_session(model)
+    except ExecutionError as exc:
+        raise ExecutionError(f"the source model does not load in ONNX Runtime ({exc}); pass "
+                             "--no-check (check=False) to compile without the differential "
+                             "check.") from exc
+    try:
+        return run(model, feeds)
+    except ExecutionError as exc:
+        return {"measured": False, "reason": f"the source model does not run on the generated "
+                                             f"check inputs: {exc}"}
+
+
+def _fidelity(model: ir.Model, feeds: dict[str, np.ndarray], reference: dict) -> dict[str, Any]:
+    if reference.get("measured") is False:
+        return reference
+    fidelity = compare_outputs(reference, run(model, feeds))
+    fidelity["feeds"] = "example" if example_feeds(model) is not None else "random (seed 0)"
+    return fidelity
+
+
+def compare_outputs(reference: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+    """Max abs error and cosine of each output (matched by position) and the worst of each."""
+    if len(reference) != len(result):
+        return {"error": f"the model has {len(result)} outputs after the passes, "
+                         f"{len(reference)} before", "outputs": {}}
+    outputs = {name: _compare(np.asarray(ref), np.asarray(got))
+               for (name, ref), got in zip(reference.items(), result.values())}
+    errors = [o["max_abs_error"] for o in outputs.values() if "max_abs_error" in o]
+    cosines = [o["cosine"] for o in outputs.values() if "cosine" in o]
+    return {"outputs": outputs, "max_abs_error": max(errors, default=None),
+            "min_cosine": min(cosines, default=None)}
+
+
+def _compare(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    if ref.shape != got.shape:
+        return {"error": f"shape {list(got.shape)} after the passes, {list(ref.shape)} before"}
+    if ref.dtype.kind not in "biuf" or got.dtype.kind not in "biuf":
+        return {"equal": bool(np.array_equal(ref, got))}
+    a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        diff = np.nan_to_num(np.where(same, 0.0, np.abs(a - b)), nan=np.inf)
+    finite = np.isfinite(a) & np.isfinite(b)
+    return {"max_abs_error": float(diff.max()) if diff.size else 0.0,
+            "cosine": _cosine(a[finite], b[finite])}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+
+
+def inspect_model(source: Any) -> dict[str, Any]:
+    """Opsets, inputs/outputs, op histogram, parameters (and regions when available) of a model."""
+    model = load(source)
+    info = {
+        "source": _source_name(source, model),
+        "ir_version": model.ir_version,
+        "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
+        "opset_imports": dict(model.opset_imports),
+        **io_spec(model),
+        "nodes": node_count(model),
+        "ops": op_histogram(model),
+        "params": param_stats(model),
+    }
+    regions = _regions(model)
+    if regions is not None:
+        info["regions"] = regions
+    return info
+
+
+def _regions(model: ir.Model) -> Any:
+    try:
+        from winnow.ir.regions import find_regions
+    except ImportError:
+        return None
+    return find_regions(model).to_dict()
