@@ -34,6 +34,8 @@ def session_options(threads: int = 0, optimize: bool = True) -> ort.SessionOptio
 
 
 def _with_captures(model: ir.Model, capture: Sequence[str]) -> onnx.ModelProto:
+    # ORT gets the model as bytes and cannot resolve external data: bring those tensors in.
+    ir.external_data.load_to_model(model)
     proto = ir.serde.serialize_model(model)
     if not capture:
         return proto
