@@ -7,7 +7,6 @@ import os
 import sys
 import tempfile
 import traceback
-from pathlib import Path
 from typing import Any
 
 import click
@@ -73,12 +72,12 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 @cli.command()
 @click.argument("src")
-@click.option("-o", "--out", required=True, help="Artifact folder to write.")
-@click.option("--pipeline", default=None, help="Pipeline text, e.g. 'fold-constants,cse,dce'.")
-@click.option("--config", default=None, help="YAML file with a 'pipeline' list.")
-@click.option("--backend", default="ort", show_default=True, help="Backend that emits the artifact.")
+@click.option("-o", "--out", required=True, metavar="OUT", help="Artifact folder to write.")
+@click.option("--pipeline", default=None, metavar="TEXT", help="Pipeline text, e.g. 'fold-constants,cse,dce'.")
+@click.option("--config", default=None, metavar="FILE.yaml", help="YAML file with a 'pipeline' list.")
+@click.option("--backend", default="ort", show_default=True, metavar="NAME", help="Backend that emits the artifact.")
 @click.option("--timings", is_flag=True, help="Print the time each pass took.")
-@click.option("--dump-ir", default=None, help="Write the IR before/after each pass into DIR.")
+@click.option("--dump-ir", default=None, metavar="DIR", help="Write the IR before/after each pass into DIR.")
 @click.option("--verify-each", is_flag=True, help="Verify the model after every pass.")
 @click.option("--no-check", is_flag=True, help="Skip the differential check against the source.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -106,11 +105,7 @@ def _print_compile(result: Any, timings: bool) -> None:
     if result.fidelity is not None:
         lines.append(f"fidelity  {_fidelity_text(result.fidelity)}")
     lines.append(f"wrote     {result.artifact.path}/")
-    files = result.artifact.manifest.get("files", {})
-    for name in result.artifact.files:
-        size = files.get(name, {}).get("bytes")
-        if size is None:
-            size = (Path(result.artifact.path) / name).stat().st_size
+    for name, size in result.file_sizes().items():
         lines.append(f"  {name:<34} {_size(size):>10}")
     ort_format = result.artifact.manifest.get("ort_format") or {}
     if ort_format.get("error"):
@@ -201,8 +196,8 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 @cli.command(name="run")
 @click.argument("artifact")
-@click.option("--inputs", "inputs_path", required=True, help=".npz file with one array per input.")
-@click.option("-o", "--out", default=None, help="Write the outputs to this .npz file.")
+@click.option("--inputs", "inputs_path", required=True, metavar="FILE.npz", help=".npz file with one array per input.")
+@click.option("-o", "--out", default=None, metavar="OUT.npz", help="Write the outputs to this .npz file.")
 def run_cmd(artifact: str, inputs_path: str, out: str | None) -> None:
     """Run a compiled artifact on inputs from an .npz file."""
     from winnow.backends.ort import run_artifact

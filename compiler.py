@@ -23,7 +23,7 @@ from winnow.backends.manifest import (
     op_histogram,
     param_stats,
 )
-from winnow.errors import ExecutionError, PipelineError, WinnowError
+from winnow.errors import ExecutionError, OutputError, PipelineError, WinnowError
 from winnow.frontend import example_feeds, load
 from winnow.ir.execute import get_session, run
 from winnow.ir.inputs import feeds_for
@@ -57,15 +57,17 @@ class CompileResult:
         inst.records = list(self.timings)
         return inst.table()
 
+    def file_sizes(self) -> dict[str, int]:
+        """Bytes of each file written into the artifact folder."""
+        return {name: (self.artifact.path / name).stat().st_size for name in self.artifact.files}
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able summary (the CLI's `--json` output)."""
-        files = {name: self.artifact.manifest.get("files", {}).get(name, {}).get("bytes")
-                 for name in self.artifact.files}
         return {
             "source": self.source, "out": str(self.artifact.path), "pipeline": self.pipeline,
             "nodes": {"before": self.nodes_before, "after": self.nodes_after},
             "params": {"before": self.params_before, "after": self.params_after},
-            "files": files, "ort_format": self.artifact.manifest.get("ort_format"),
+            "files": self.file_sizes(), "ort_format": self.artifact.manifest.get("ort_format"),
             "fidelity": self.fidelity, "phases": self.phases,
             "timings": [{"pass": n, "seconds": s, "modified": m} for n, s, m in self.timings],
         }
@@ -104,18 +106,25 @@ def _source_name(source: Any, model: ir.Model) -> str:
 def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = None,
                   config: str | Path | None = None, backend: str = "ort", timings: bool = False,
                   dump_ir: str | Path | None = None, verify_each: bool = False,
-                  overwrite: bool = False, check: bool = True) -> CompileResult:
-    """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`."""
+                  overwrite: bool = False, check: bool = True, example_inputs: Any = None,
+                  dynamic_shapes: Any = None) -> CompileResult:
+    """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
+
+    `example_inputs`/`dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
+    """
     emit = get_backend(backend)
     check_output(Path(out), overwrite)
     timer = TimingInstrument() if timings else None
     instruments = [i for i in (timer, VerifyInstrument() if verify_each else None) if i]
     manager = PassManager(resolve_pipeline(pipeline, config), instruments)
     if dump_ir is not None:
+        if Path(dump_ir).resolve().is_relative_to(Path(out).resolve()):
+            raise OutputError(f"the IR dump folder '{dump_ir}' is inside the output folder "
+                              f"'{out}'; put it elsewhere.")
         manager.instruments.append(DumpIRInstrument(dump_ir))
     phases: dict[str, float] = {}
     with _phase(phases, "load", "loading the model"):
-        model = load(source)
+        model = load(source, example_inputs, dynamic_shapes)
     before = (node_count(model), param_stats(model))
     feeds, reference = None, None
     if check:

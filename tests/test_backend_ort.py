@@ -238,3 +238,18 @@ def test_compare_outputs_measures_differences():
         {"a": np.zeros(3)}, {"a": np.zeros(2)})["outputs"]["a"]["error"]
     assert "1 outputs after the passes, 2 before" in compare_outputs(
         {"a": np.zeros(1), "b": np.zeros(1)}, {"a": np.zeros(1)})["error"]
+
+
+@pytest.mark.slow
+def test_compile_torch_module_checks_on_its_example_inputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                 torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8)
+    result = compile_model(module, tmp_path / "out", example_inputs=(x,))
+    assert result.fidelity["feeds"] == "example" and result.fidelity["max_abs_error"] <= 1e-5
+    (name,) = [v["name"] for v in result.artifact.manifest["inputs"]]
+    (y,) = run_artifact(result.artifact.path, {name: x.numpy()}).values()
+    np.testing.assert_allclose(y, module(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert result.to_dict()["files"]["manifest.json"] > 0

@@ -145,6 +145,10 @@ BAD_INPUTS = {
                    "has no option 'nope'; its options are: size_limit"),
     "bad-backend": (lambda p: ["compile", p["tiny"], "--backend", "tvm"],
                     "valid backends are: ort"),
+    "dump-in-out": (lambda p: ["compile", p["tiny"], "--dump-ir", p["tmp"] / "result" / "ir"],
+                    "is inside the output folder"),
+    "pipeline-and-config": (lambda p: ["compile", p["tiny"], "--pipeline", "cse", "--config",
+                                       p["tmp"] / "p.yaml"], "either a pipeline or a pipeline"),
 }
 
 
