@@ -1,0 +1,92 @@
+"""Real text shipped with Python: sentences and raw bytes from `pydoc_data.topics`."""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+
+SEED = 1234
+_HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_BAD = re.compile(r"::=|>>>|\*\*\*|[{}\[\]\\|]|\.\.\.|\s{2,}")
+
+
+def topic_texts() -> dict[str, str]:
+    """The pydoc topic texts (Python's own reference manual), by topic name, sorted."""
+    from pydoc_data import topics
+
+    return {name: topics.topics[name] for name in sorted(topics.topics)}
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Prose paragraphs of a topic: no headings, no indented code or grammar blocks."""
+    out = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.split("\n")
+        if any(_HEADING_RULE.match(line.strip()) for line in lines):
+            continue
+        if any(line.startswith((" ", "\t")) for line in lines):
+            continue
+        out.append(" ".join(line.strip() for line in lines))
+    return out
+
+
+def _clean(sentence: str) -> str | None:
+    """A tidy sentence of plain prose, or None when it is code, a fragment or a list item."""
+    sentence = sentence.replace('"', "").replace("*", "").strip()
+    if not 40 <= len(sentence) <= 220 or not sentence.endswith("."):
+        return None
+    if _BAD.search(sentence) or not sentence[0].isupper():
+        return None
+    letters = sum(ch.isalpha() or ch == " " for ch in sentence)
+    return sentence if letters >= 0.9 * len(sentence) else None
+
+
+@functools.cache
+def labelled_sentences() -> tuple[tuple[str, str], ...]:
+    """(sentence, topic) pairs: cleaned, deduplicated, shuffled with a fixed seed."""
+    seen: set[str] = set()
+    pairs = []
+    for topic, text in topic_texts().items():
+        for paragraph in _paragraphs(text):
+            for raw in _SENTENCE_END.split(paragraph):
+                sentence = _clean(raw)
+                if sentence and sentence.lower() not in seen:
+                    seen.add(sentence.lower())
+                    pairs.append((sentence, topic))
+    random.Random(SEED).shuffle(pairs)
+    return tuple(pairs)
+
+
+def sentences() -> list[str]:
+    """All cleaned sentences in their fixed shuffled order."""
+    return [s for s, _ in labelled_sentences()]
+
+
+def sentence_split(split: str, calibration: int = 256, heldout: int = 256) -> list[tuple[str, str]]:
+    """Disjoint (sentence, topic) splits: the first `calibration`, then the next `heldout`."""
+    pairs = list(labelled_sentences())
+    if split == "calibration":
+        return pairs[:calibration]
+    if split == "heldout":
+        return pairs[calibration:calibration + heldout]
+    raise ValueError(f"unknown split '{split}'; use 'calibration' or 'heldout'.")
+
+
+@functools.cache
+def corpus_bytes() -> bytes:
+    """All topic texts joined, as UTF-8 bytes (the byte-level LM corpus)."""
+    return "\n\n".join(topic_texts().values()).encode("utf-8")
+
+
+def byte_split(split: str, heldout_fraction: float = 0.05) -> bytes:
+    """Train / heldout / calibration byte ranges of the corpus, disjoint and contiguous."""
+    data = corpus_bytes()
+    n_held = int(len(data) * heldout_fraction)
+    cut = len(data) - 2 * n_held
+    parts = {"train": data[:cut], "calibration": data[cut:cut + n_held],
+             "heldout": data[cut + n_held:]}
+    if split not in parts:
+        raise ValueError(f"unknown split '{split}'; use 'train', 'calibration' or 'heldout'.")
+    return parts[split]
