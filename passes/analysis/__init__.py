@@ -1,1 +1,3 @@
 """Built-in analysis passes; importing this package registers them."""
+
+from winnow.passes.analysis import layer_similarity  # noqa: F401

@@ -1,3 +1,10 @@
 """Built-in rewrite passes; importing this package registers them."""
 
-from winnow.passes.rewrite import canonicalize, cse, dce, fold_constants, shape_inference  # noqa: F401
+from winnow.passes.rewrite import (  # noqa: F401
+    canonicalize,
+    cse,
+    dce,
+    drop_layers,
+    fold_constants,
+    shape_inference,
+)

@@ -1,0 +1,83 @@
+"""`layer-similarity`: how much each block and sub-layer changes the residual stream
+(cos(X, Y) per token, ShortGPT's block influence 1 - cos, and the angular distance)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from winnow.ir.activations import iter_pairs, rowwise_cosine
+from winnow.ir.regions import Region, find_regions
+from winnow.passes.base import AnalysisPass, register_pass
+from winnow.passes.config import option
+from winnow.passes.manager import PassContext
+from winnow.progress import bar
+
+NO_BLOCKS = "no residual blocks were detected, so there is nothing to score"
+
+
+def limit_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
+    """Cut a list of batches (first axis = samples) down to at most `samples` samples."""
+    out, left = [], samples
+    for feeds in batches:
+        if left <= 0:
+            break
+        n = min(left, next(iter(feeds.values())).shape[0])
+        out.append({k: v[:n] for k, v in feeds.items()})
+        left -= n
+    return out
+
+
+@register_pass
+class LayerSimilarityPass(AnalysisPass):
+    """Score every block and sub-layer by the similarity of its input and output streams."""
+
+    name = "layer-similarity"
+    description = ("Cosine of residual stream in vs out per block and sub-layer (What Matters in "
+                   "Transformers / ShortGPT block influence); high cosine = redundant.")
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of layer-similarity."""
+
+        samples: int = option(64, "calibration sequences/images used", min=1)
+
+    def analyze(self, model: ir.Model) -> dict[str, Any]:
+        """Score every region on the calibration data."""
+        from winnow.passes.analysis.calibration import calibration_batches
+
+        start = time.perf_counter()
+        regions = find_regions(model)
+        if not regions.blocks:
+            return {"regions": [], "ranking": {}, "note": NO_BLOCKS}
+        batches = limit_samples(calibration_batches(model, PassContext.current()), self.config.samples)
+        scored = score_regions(model, regions.all(), batches)
+        ranking = {level: [r["name"] for r in sorted(
+            (scored[x.name] for x in regions.candidates(level)), key=lambda r: -r["cos"])]
+            for level in ("block", "sublayer", "attention", "mlp")}
+        return {"regions": [scored[r.name] for r in regions.all()], "ranking": ranking,
+                "samples": sum(next(iter(b.values())).shape[0] for b in batches),
+                "source": regions.source, "seconds": time.perf_counter() - start}
+
+
+def score_regions(model: ir.Model, regions: list[Region], batches: list[dict]) -> dict[str, dict]:
+    """cos / block influence / angular distance per region, averaged over all real tokens."""
+    pairs = {r.name: (r.entry.name, r.exit.name) for r in regions}
+    sums = {name: np.zeros(3) for name in pairs}
+    for chunk in bar(iter_pairs(model, batches, list(set(pairs.values()))), "layer-similarity",
+                     total=len(batches)):
+        for name, pair in pairs.items():
+            cos = np.clip(rowwise_cosine(*chunk[pair]), -1.0, 1.0)
+            sums[name] += [cos.sum(), (np.arccos(cos) / np.pi).sum(), cos.size]
+    out = {}
+    for r in regions:
+        total_cos, total_angle, count = sums[r.name]
+        cos = total_cos / max(count, 1)
+        out[r.name] = {"name": r.name, "kind": r.kind, "layout": r.layout, "cos": float(cos),
+                       "block_influence": float(1.0 - cos),
+                       "angular": float(total_angle / max(count, 1)), "vectors": int(count)}
+    return out

@@ -1,0 +1,146 @@
+"""`drop-layers`: remove residual blocks or sub-layers (by name, by layer-similarity, or by
+das-skip), replacing each by the identity or a closed-form linear adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from winnow.errors import PassConfigError
+from winnow.ir.activations import collect_pairs
+from winnow.ir.regions import Region, RegionMap, find_regions
+from winnow.passes.base import Pass, PassResult, register_pass
+from winnow.passes.config import option
+from winnow.passes.manager import PassContext
+from winnow.passes.rewrite.linear_adapter import fit_adapter, insert_adapter, insert_after_value
+
+LEVELS = ("block", "sublayer", "attention", "mlp")
+
+
+@register_pass
+class DropLayersPass(Pass):
+    """Remove whole residual regions; lossy, so its fidelity is judged by the evaluator."""
+
+    name = "drop-layers"
+    description = ("Drop residual blocks/sub-layers chosen by name, layer-similarity or das-skip; "
+                   "replace each by identity or a ridge-fitted linear adapter.")
+    lossless = False
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of drop-layers."""
+
+        regions: tuple[str, ...] = option((), "names of the regions to drop (overrides count)")
+        count: int = option(0, "how many regions to drop, chosen by `source`", min=0)
+        source: str = option("layer-similarity", "analysis that ranks regions",
+                             choices=("layer-similarity", "das-skip"))
+        level: str = option("block", "which regions are candidates", choices=LEVELS)
+        replacement: str = option("identity", "what replaces a dropped region",
+                                  choices=("identity", "linear"))
+        rank: int = option(0, "rank of the linear adapter (0 = full)", min=0)
+        ridge: float = option(1e-2, "ridge strength of the adapter fit (relative)", min=0.0)
+        samples: int = option(64, "calibration samples used to fit adapters", min=1)
+
+    def call(self, model: ir.Model) -> PassResult:
+        """Drop the chosen regions in place."""
+        ctx = PassContext.current()
+        region_map = find_regions(model)
+        if not region_map.blocks:
+            ctx.report[self.name] = {"dropped": [], "note": "no residual blocks were detected; "
+                                     "nothing was rewritten"}
+            return PassResult(model, False)
+        chosen = self._choose(model, region_map, ctx)
+        if not chosen:
+            ctx.report[self.name] = {"dropped": [], "note": "no regions were asked for (give "
+                                     "regions=[...] or count=N)"}
+            return PassResult(model, False)
+        fits, replaced = {}, {}
+        batches = self._batches(model, ctx) if self.config.replacement == "linear" else []
+        # Targets come from the original model; inputs from the model as rewritten so far
+        # (regions in network order), so each adapter also corrects the error upstream of it.
+        targets = _collect(model, batches, [r.exit.name for r in chosen]) if batches else {}
+        for region in sorted(chosen, key=lambda r: _position(model, r)):
+            entry = replaced.get(id(region.entry), region.entry)
+            if batches:
+                x = _collect(model, batches, [entry.name])[entry.name]
+                fits[region.name] = fit_adapter(x, targets[region.exit.name],
+                                                ridge=self.config.ridge, rank=self.config.rank)
+            replaced[id(region.exit)] = _replace_region(model.graph, region, entry,
+                                                        fits.get(region.name))
+        RemoveUnusedNodesPass()(model)
+        ctx.report[self.name] = {"dropped": [r.name for r in chosen],
+                                 "replacement": self.config.replacement,
+                                 "adapter_r2": {n: f.r2 for n, f in fits.items()}}
+        return PassResult(model, True)
+
+    def _choose(self, model: ir.Model, region_map: RegionMap, ctx: PassContext) -> list[Region]:
+        candidates = region_map.candidates(self.config.level)
+        if self.config.regions:
+            return [_lookup(region_map, name) for name in self.config.regions]
+        if self.config.count == 0:
+            return []
+        if self.config.count > len(candidates):
+            raise PassConfigError(
+                f"drop-layers count={self.config.count} is more than the {len(candidates)} "
+                f"droppable {self.config.level} regions: {', '.join(r.name for r in candidates)}.")
+        ranking = _ranking(self.config.source, self.config.level, self.config.count, model, ctx)
+        by_name = {r.name: r for r in candidates}
+        return [by_name[n] for n in ranking if n in by_name][: self.config.count]
+
+    def _batches(self, model: ir.Model, ctx: PassContext) -> list[dict]:
+        from winnow.passes.analysis.calibration import calibration_batches
+        from winnow.passes.analysis.layer_similarity import limit_samples
+
+        return limit_samples(calibration_batches(model, ctx), self.config.samples)
+
+
+def _collect(model: ir.Model, batches: list[dict], names: list[str]) -> dict[str, Any]:
+    """Vectors (padding dropped) of the named values over all batches."""
+    pairs = collect_pairs(model, batches, [(n, n) for n in names])
+    return {n: pairs[(n, n)][0] for n in names}
+
+
+def _lookup(region_map: RegionMap, name: str) -> Region:
+    try:
+        region = region_map.get(name)
+    except KeyError:
+        valid = ", ".join(r.name for r in region_map.all() if r.droppable)
+        raise PassConfigError(
+            f"drop-layers: there is no region named '{name}'; droppable regions are: {valid}.") from None
+    if not region.droppable:
+        raise PassConfigError(f"drop-layers: region '{name}' has a projection shortcut (its output "
+                              "shape differs from its input) and cannot be dropped.")
+    return region
+
+
+def _ranking(source: str, level: str, count: int, model: ir.Model, ctx: PassContext) -> list[str]:
+    if source == "das-skip":
+        result = ctx.get_analysis("das-skip", model, level=level, k=count)
+        return list(result.get("ranking", []))
+    result = ctx.get_analysis("layer-similarity", model)
+    return list(result.get("ranking", {}).get(level, []))
+
+
+def _position(model: ir.Model, region: Region) -> int:
+    return next(i for i, node in enumerate(model.graph) if node is region.add)
+
+
+def _replace_region(graph: ir.Graph, region: Region, entry: ir.Value, adapter: Any) -> ir.Value:
+    """Route every use of the region's exit to `entry` (or entry + adapter); returns the new value."""
+    new = insert_adapter(graph, entry, adapter, f"winnow.adapter.{region.name}") \
+        if adapter is not None else entry
+    exit_value = region.exit
+    outputs = [i for i, v in enumerate(graph.outputs) if v is exit_value]
+    exit_value.replace_all_uses_with(new)
+    for index in outputs:
+        keep = ir.node("Identity", [new], name=f"winnow.dropped.{region.name}")
+        insert_after_value(graph, new, [keep])
+        name = exit_value.name
+        exit_value.name = f"{name}.dropped"
+        keep.outputs[0].name = name
+        keep.outputs[0].dtype, keep.outputs[0].shape = exit_value.dtype, exit_value.shape
+        graph.outputs[index] = keep.outputs[0]
+    return new
