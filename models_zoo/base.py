@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
 from winnow.errors import ExecutionError
@@ -20,6 +21,8 @@ Runner = Callable[[Mapping[str, np.ndarray]], Outputs]
 KINDS = ("text-embedding", "image-classifier", "causal-lm", "ocr-det", "ocr-rec", "onnx-test")
 SPLITS = ("calibration", "heldout")
 _EXPORT_MEMO: dict[str, tuple[bytes, dict]] = {}
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                onnx.TensorProto.DOUBLE)
 
 
 @dataclass(frozen=True)
@@ -266,8 +269,14 @@ class OnnxZooModel(ZooModel):
         return load_onnx(self.path)
 
     def num_params(self) -> int:
-        """Number of weight elements in the file (initializers and Constant nodes)."""
+        """Weight elements: float initializers, Constant nodes and ConstantOfShape-made weights."""
         graph = onnx.load(str(self.path), load_external_data=False).graph
-        tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant"
-                                             for a in n.attribute if a.name == "value"]
-        return int(sum(int(np.prod(t.dims)) for t in tensors))
+        inits = {t.name: t for t in graph.initializer}
+        tensors = [t for t in inits.values() if t.data_type in _FLOAT_TYPES]
+        tensors += [a.t for n in graph.node if n.op_type == "Constant"
+                    for a in n.attribute if a.name == "value" and a.t.data_type in _FLOAT_TYPES]
+        count = sum(int(np.prod(t.dims)) for t in tensors)
+        for node in graph.node:  # the onnx package's "light" models build weights from shapes
+            if node.op_type == "ConstantOfShape" and node.input[0] in inits:
+                count += int(np.prod(onnx.numpy_helper.to_array(inits[node.input[0]])))
+        return count

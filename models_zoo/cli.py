@@ -59,7 +59,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
               {True: "yes", False: "no"}.get(r["cached"], str(r["cached"]))) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header)] + [fmt.format(*line) for line in lines]
+    out = [fmt.format(*header).rstrip()] + [fmt.format(*line).rstrip() for line in lines]
     for r in rows:
         if "score" in r:
             values = ", ".join(f"{k} {v:.4f}" for k, v in r["score"].items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 import re
 
@@ -78,6 +79,11 @@ def sentence_split(split: str, calibration: int = 256, heldout: int = 256) -> li
 def corpus_bytes() -> bytes:
     """All topic texts joined, as UTF-8 bytes (the byte-level LM corpus)."""
     return "\n\n".join(topic_texts().values()).encode("utf-8")
+
+
+def corpus_digest() -> str:
+    """A short hash of the corpus text (it changes between Python releases)."""
+    return hashlib.sha256(corpus_bytes()).hexdigest()[:16]
 
 
 def byte_split(split: str, heldout_fraction: float = 0.05) -> bytes:

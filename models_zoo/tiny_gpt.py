@@ -191,10 +191,11 @@ class TinyGPTModel(TorchZooModel):
         self.hparams = dict(hparams or HPARAMS)
 
     def cache_key(self) -> str:
-        """Hash of the model code, the training code and the hyper-parameters."""
+        """Hash of the model code, the training code, the hyper-parameters and the corpus."""
         objects = [RMSNorm, rope_tables, apply_rope, Attention, SwiGLU, Block, TinyGPT,
                    TinyGPTModel.shape_module, train_lm, data.byte_split, data.corpus_bytes]
-        return cache.code_hash(cache.source_text(objects), self.hparams)
+        return cache.code_hash(cache.source_text(objects),
+                               {**self.hparams, "corpus": data.corpus_digest()})
 
     def is_cached(self) -> bool:
         """Whether the trained weights are in the cache."""
