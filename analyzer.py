@@ -1,0 +1,210 @@
+"""The analyze API: load a model, run analysis passes on calibration data, and write
+`analysis.json` and a self-contained `report.html` (plots embedded) into an output folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import PassBase
+
+from winnow import progress
+from winnow.backends.manifest import (
+    MANIFEST_FILE,
+    file_entries,
+    io_spec,
+    jsonable,
+    node_count,
+    op_histogram,
+    param_stats,
+    staging,
+)
+from winnow.errors import PipelineError, SourceError
+from winnow.frontend import example_feeds, load
+from winnow.ir.inputs import feeds_for
+from winnow.passes.base import AnalysisPass
+from winnow.passes.instruments import TimingInstrument
+from winnow.passes.manager import PassContext, PassManager, pass_label
+from winnow.passes.pipeline import PassSpec
+
+DEFAULT_ANALYSES = "layer-similarity,das-skip"
+ANALYSIS_FILE = "analysis.json"
+REPORT_FILE = "report.html"
+ANALYSIS_FORMAT = "winnow-analysis"
+ANALYSIS_VERSION = 1
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class AnalysisResult:
+    """What an analysis wrote: the folder, the analysis.json data and the plots in the report."""
+
+    path: Path
+    data: dict[str, Any]
+    plots: list[str]
+    files: list[str]
+
+    @property
+    def analyses(self) -> dict[str, Any]:
+        """Each analysis pass's result by pass name."""
+        return self.data["analyses"]
+
+    @property
+    def blocks(self) -> list[dict[str, Any]]:
+        """The residual blocks found (each with its sub-layers)."""
+        return self.data["regions"]["blocks"]
+
+    def file_sizes(self) -> dict[str, int]:
+        """Bytes of each file written into the output folder."""
+        return {name: (self.path / name).stat().st_size for name in self.files}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able summary (the CLI's `--json` output): analysis.json plus where it went."""
+        return {**self.data, "out": str(self.path), "files": self.file_sizes(),
+                "plots": self.plots}
+
+
+def analysis_passes(passes: str | Sequence[PassSpec | PassBase]) -> PassManager:
+    """A PassManager for `passes`; PipelineError when one of them is not an analysis pass."""
+    manager = PassManager(passes)
+    if not manager.passes:
+        raise PipelineError("no analysis passes given; name at least one, e.g. "
+                            f"'{DEFAULT_ANALYSES}'.")
+    for p in manager.passes:
+        if not isinstance(p, AnalysisPass):
+            raise PipelineError(f"'{pass_label(p)}' is not an analysis pass; `winnow analyze` only "
+                                "measures (e.g. layer-similarity, das-skip); run rewrites with "
+                                "`winnow compile --pipeline`.")
+    return manager
+
+
+def _as_batches(data: Any) -> list[Feeds]:
+    if isinstance(data, Mapping):
+        data = [data]
+    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not all(
+            isinstance(b, Mapping) for b in data):
+        raise SourceError("calibration data must be a feed dict (input name -> array) or a list "
+                          f"of feed dicts; got a {type(data).__name__}.")
+    if not data:
+        raise SourceError("the calibration data is an empty list; give at least one feed dict.")
+    return [{k: np.asarray(v) for k, v in b.items()} for b in data]
+
+
+def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
+                     ) -> tuple[list[Feeds], str]:
+    """The calibration batches and where they came from: explicit, the zoo model's calibration
+    split, the frontend's example feeds, or random feeds (seed 0)."""
+    if calibration is not None:
+        return _as_batches(calibration), "explicit"
+    zoo_name = model.metadata_props.get("winnow.zoo")
+    if isinstance(source, str) and source.startswith(("zoo:", "onnx:")) and zoo_name:
+        from winnow.models_zoo import get
+
+        entry = get(source)
+        try:
+            batches = entry.calibration()
+        except NotImplementedError:
+            batches = []
+        if batches:
+            return _as_batches(batches), f"{entry.source} calibration split"
+    if example_feeds(model) is not None:
+        return [feeds_for(model)], "example inputs"
+    return [feeds_for(model)], "random inputs (seed 0)"
+
+
+def _samples(batches: Sequence[Feeds]) -> int:
+    total = 0
+    for b in batches:
+        first = next((v for v in b.values() if np.ndim(v) >= 1), None)
+        total += int(np.shape(first)[0]) if first is not None else 1
+    return total
+
+
+def _json_default(obj: Any) -> Any:
+    """Arrays (e.g. from a third-party analysis) as lists, anything else as its text."""
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    return str(obj)
+
+
+def _source_name(source: Any, model: ir.Model) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return model.metadata_props.get("winnow.source") or type(source).__name__
+
+
+def _model_info(model: ir.Model) -> dict[str, Any]:
+    return {"ir_version": model.ir_version, "opset_imports": dict(model.opset_imports),
+            **io_spec(model), "nodes": node_count(model), "params": param_stats(model),
+            "ops": op_histogram(model)}
+
+
+def analyze_model(source: Any, out: str | Path, *,
+                  passes: str | Sequence[PassSpec | PassBase] = DEFAULT_ANALYSES,
+                  calibration: Any = None, overwrite: bool = False, example_inputs: Any = None,
+                  dynamic_shapes: Any = None) -> AnalysisResult:
+    """Load `source`, run the analysis passes and write analysis.json + report.html to `out`.
+
+    Calibration data: `calibration` (a feed dict or a list of them) when given, else the zoo
+    model's calibration split for 'zoo:NAME' / 'onnx:NAME', else the frontend's example feeds
+    (random feeds when there are none). `example_inputs`/`dynamic_shapes` go to `winnow.load`
+    (needed for an nn.Module source). `out` is written atomically: on any failure nothing is left.
+    """
+    from winnow import __version__
+    from winnow.backends.manifest import check_output
+    from winnow.ir.regions import find_regions
+    from winnow.report_html import render
+
+    check_output(Path(out), overwrite)
+    timer = TimingInstrument()
+    manager = analysis_passes(passes)
+    manager.instruments.append(timer)
+    timings: dict[str, Any] = {}
+    start = time.perf_counter()
+    with progress.step("loading the model"):
+        model = load(source, example_inputs, dynamic_shapes)
+    timings["load"] = time.perf_counter() - start
+    mark = time.perf_counter()
+    with progress.step("preparing calibration data"):
+        batches, origin = pick_calibration(source, model, calibration)
+    timings["calibration"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    regions = find_regions(model).to_dict()
+    timings["regions"] = time.perf_counter() - mark
+    ctx = PassContext(calibration=batches)
+    manager.run(model, ctx)
+    timings["passes"] = {name: seconds for name, seconds, _ in timer.records}
+    data: dict[str, Any] = {
+        "format": ANALYSIS_FORMAT, "format_version": ANALYSIS_VERSION,
+        "winnow_version": __version__,
+        "source": _source_name(source, model),
+        "passes": manager.text,
+        "model": _model_info(model),
+        "calibration": {"source": origin, "batches": len(batches), "samples": _samples(batches)},
+        "regions": regions,
+        "analyses": {pass_label(p): ctx.analyses.get(pass_label(p)) for p in manager.passes},
+        "timings": timings,
+    }
+    mark = time.perf_counter()
+    with progress.step(f"writing {out}"), staging(out, overwrite) as tmp:
+        page, plots = render(jsonable(data))
+        (tmp / REPORT_FILE).write_text(page, encoding="utf-8")
+        timings["report"] = time.perf_counter() - mark
+        timings["total"] = time.perf_counter() - start
+        data = jsonable(data)
+        text = json.dumps(data, indent=2, allow_nan=False, default=_json_default)
+        (tmp / ANALYSIS_FILE).write_text(text + "\n", encoding="utf-8")
+        names = [ANALYSIS_FILE, REPORT_FILE]
+        manifest = {"format": ANALYSIS_FORMAT, "format_version": ANALYSIS_VERSION,
+                    "kind": "analysis", "source": data["source"], "passes": data["passes"],
+                    "winnow_version": __version__, "plots": plots,
+                    "files": file_entries(tmp, names)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return AnalysisResult(Path(out), data, plots, [*names, MANIFEST_FILE])
