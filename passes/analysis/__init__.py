@@ -1,3 +1,4 @@
 """Built-in analysis passes; importing this package registers them."""
 
+from winnow.passes.analysis import das_skip  # noqa: F401
 from winnow.passes.analysis import layer_similarity  # noqa: F401
