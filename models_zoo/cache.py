@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from winnow.errors import OutputError
 from winnow.progress import step
 
 TRAIN_THREADS = 1
@@ -58,8 +59,13 @@ def is_cached(name: str, key: str) -> bool:
 @contextlib.contextmanager
 def _lock(folder: Path) -> Iterator[None]:
     """Hold the cache folder's lock so two processes never train into it at once."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".train.lock", "w") as handle:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".train.lock", "w")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise OutputError(f"cannot write the zoo cache folder '{folder}' ({exc.strerror}); set "
+                          "WINNOW_CACHE_DIR to a writable folder.") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -21,8 +21,7 @@ BATCH = 60
 CNN_HPARAMS = {"epochs": 30, "batch": 32, "lr": 3e-3, "weight_decay": 1e-4, "shift": 1,
                "smoothing": 0.0}
 VIT_HPARAMS = {"epochs": 40, "batch": 32, "lr": 2e-3, "weight_decay": 0.05, "shift": 1,
-               "smoothing": 0.1,
-               "dim": 64, "depth": 4, "heads": 4, "patch": 2, "mlp": 128}
+               "smoothing": 0.1, "dim": 64, "depth": 4, "heads": 4, "patch": 2, "mlp": 128}
 
 
 @functools.cache

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import winnow
 from winnow import models_zoo
-from winnow.errors import ExecutionError, SourceError
+from winnow.errors import ExecutionError, OutputError, SourceError
 from winnow.evaluate import evaluate_zoo
 from winnow.frontend import EXAMPLE_FEEDS_KEY
 from winnow.models_zoo import cache, data, digits, tiny_gpt
@@ -169,3 +169,11 @@ def test_zoo_export_unknown_name_exits_2():
 def test_onnx_test_model_that_ort_cannot_run_is_a_clear_error():
     with pytest.raises(ExecutionError, match="onnx:test_AvgPool1d"):
         models_zoo.get("onnx:test_AvgPool1d").reference()
+
+
+def test_unwritable_cache_folder_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("WINNOW_CACHE_DIR", str(blocker / "zoo"))
+    with pytest.raises(OutputError, match="WINNOW_CACHE_DIR"):
+        cache.load_or_train("toy", "k", torch.nn.Linear(1, 1), lambda m: {})
