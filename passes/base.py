@@ -80,6 +80,7 @@ class AnalysisPass(Pass):
         ctx = PassContext.current()
         result = self.analyze(model)
         ctx.analyses[self.name] = result
+        ctx.analysis_configs[self.name] = self.config
         ctx.report[self.name] = result
         return PassResult(model, modified=False)
 

@@ -30,6 +30,7 @@ class PassContext:
     analyses: dict[str, Any] = dataclasses.field(default_factory=dict)
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    analysis_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
     _tokens: list = dataclasses.field(default_factory=list, repr=False)
 
     @classmethod
@@ -49,9 +50,13 @@ class PassContext:
         _CURRENT.reset(self._tokens.pop())
 
     def get_analysis(self, name: str, model: ir.Model, **options: Any) -> Any:
-        """A cached analysis result, computed now with `options` when missing."""
-        if name not in self.analyses:
-            analysis = get_pass_class(name)(**options)
+        """The cached result of analysis `name` when it was computed with these `options`
+        (any cached result when none are given), otherwise computed now."""
+        analysis = get_pass_class(name)(**options)
+        cached = self.analysis_configs.get(name)
+        matches = cached is not None and all(
+            getattr(cached, key) == getattr(analysis.config, key) for key in options)
+        if name not in self.analyses or not matches:
             with self:
                 analysis(model)
         return self.analyses[name]
@@ -63,6 +68,7 @@ class PassContext:
         for name in list(self.analyses):
             if name not in preserved:
                 del self.analyses[name]
+                self.analysis_configs.pop(name, None)
 
 
 def build_pass(spec: PassSpec) -> Pass:

@@ -137,6 +137,20 @@ def test_analysis_is_cached_until_a_rewrite_modifies_the_model():
     assert ctx.get_analysis("test-count-nodes", m)["nodes"] == 2
 
 
+def test_analysis_with_other_options_is_recomputed():
+    from winnow.passes.analysis.layer_similarity import LayerSimilarityPass  # noqa: F401
+
+    m = model(DUPLICATED)
+    ctx = PassContext()
+    with ctx:
+        ctx.get_analysis("layer-similarity", m, samples=2)
+        first = ctx.analyses["layer-similarity"]
+        assert ctx.get_analysis("layer-similarity", m, samples=2) is first
+        assert ctx.get_analysis("layer-similarity", m) is first
+        assert ctx.get_analysis("layer-similarity", m, samples=3) is not first
+    assert ctx.analysis_configs["layer-similarity"].samples == 3
+
+
 def test_preserving_pass_keeps_analyses():
     m = model(DUPLICATED)
     ctx = PassContext()
