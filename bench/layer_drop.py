@@ -1,0 +1,140 @@
+"""Evidence for layer dropping: for each zoo model, k regions removed, chosen by layer-similarity,
+das-skip, the first k, or at random (mean of 5 seeds), replaced by identity or a fitted linear
+adapter; held-out fidelity, task metric, and latency ratio vs the original (ORT, interleaved).
+
+    python bench/layer_drop.py [--models minilm,tiny-gpt,digits-vit] [--ks 1,2,3] [--repeats 20]
+
+Prints a markdown table and saves it under bench/results/ with the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import winnow.progress
+from winnow import models_zoo
+from winnow.benchmark import paired_ratios, time_interleaved
+from winnow.evaluate import evaluate_zoo
+from winnow.ir.execute import model_bytes, session_options
+from winnow.ir.regions import find_regions
+from winnow.passes import PassContext, PassManager
+
+LEVELS = {"minilm": ("attention", "block"), "tiny-gpt": ("block",), "digits-vit": ("block",)}
+RANDOM_SEEDS = 5
+
+
+def drop(zm, base_ir, regions, replacement):
+    """A fresh copy of the model with `regions` dropped."""
+    model = zm.load_ir()
+    names = ",".join(regions)
+    PassManager(f"drop-layers{{regions=[{names}],replacement={replacement}}}").run(
+        model, PassContext(calibration=zm.calibration()))
+    return model
+
+
+def score(zm, model):
+    """Held-out mean cosine and task metric of a candidate."""
+    fid = evaluate_zoo(zm, model)
+    return fid.cosine, fid.candidate_metric, fid.metric_name
+
+
+def selections(zm, base_ir, level, k, similarity):
+    """The region choices to compare at one (level, k)."""
+    candidates = [r.name for r in find_regions(base_ir).candidates(level)]
+    ctx = PassContext(calibration=zm.calibration())
+    ctx.get_analysis("das-skip", base_ir, level=level, k=k)
+    rng = np.random.default_rng(0)
+    out = {"similarity": similarity["ranking"][level][:k],
+           "das-skip": ctx.analyses["das-skip"]["selected"],
+           "first-k": candidates[:k]}
+    out.update({f"random-{s}": list(rng.choice(candidates, size=k, replace=False))
+                for s in range(RANDOM_SEEDS)})
+    return out
+
+
+def latency_ratio(base_ir, model, feeds, repeats, threads):
+    """Median paired latency ratio original/candidate on one held-out batch."""
+    sessions = {}
+    for name, m in (("base", base_ir), ("cand", model)):
+        sessions[name] = ort.InferenceSession(model_bytes(m), session_options(threads, True),
+                                              providers=["CPUExecutionProvider"])
+    timings = time_interleaved({n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()},
+                               repeats=repeats)
+    return paired_ratios(timings["base"], timings["cand"])["median"]
+
+
+def bench_model(name, ks, repeats, threads):
+    """Rows of the table for one zoo model."""
+    zm = models_zoo.get(name)
+    base_ir = zm.load_ir()
+    ctx = PassContext(calibration=zm.calibration())
+    similarity = ctx.get_analysis("layer-similarity", base_ir)
+    ref_cos, ref_metric, metric_name = score(zm, base_ir)
+    rows = [(name, "-", 0, "original", "-", ref_cos, ref_metric, metric_name, 1.0)]
+    feeds = zm.heldout()[0]
+    for level in LEVELS.get(name, ("block",)):
+        for k in ks:
+            choice = selections(zm, base_ir, level, k, similarity)
+            for replacement in ("identity", "linear"):
+                results = {}
+                for label, regions in winnow.progress.bar(list(choice.items()),
+                                                          f"{name} {level} k={k} {replacement}"):
+                    model = drop(zm, base_ir, regions, replacement)
+                    results[label] = (regions, *score(zm, model)[:2], model)
+                ratio = latency_ratio(base_ir, results["similarity"][3], feeds, repeats, threads)
+                for label in ("similarity", "das-skip", "first-k"):
+                    regions, cos, metric, _ = results[label]
+                    rows.append((name, level, k, f"{label} ({', '.join(regions)})", replacement,
+                                 cos, metric, metric_name, ratio))
+                rand = [results[f"random-{s}"] for s in range(RANDOM_SEEDS)]
+                rows.append((name, level, k, f"random (mean of {RANDOM_SEEDS})", replacement,
+                             float(np.mean([r[1] for r in rand])),
+                             None if rand[0][2] is None else float(np.mean([r[2] for r in rand])),
+                             metric_name, ratio))
+    return rows
+
+
+def table(rows):
+    """Markdown table of the rows."""
+    lines = ["| model | level | k | selection | replacement | mean cosine | task metric | latency ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, level, k, label, repl, cos, metric, metric_name, ratio in rows:
+        m = "-" if metric is None else f"{metric_name} {metric:.4f}"
+        lines.append(f"| {name} | {level} | {k} | {label} | {repl} | {cos:.4f} | {m} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Run the benchmark and print/save the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,tiny-gpt,digits-vit")
+    parser.add_argument("--ks", default="1,2,3")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    ks = [int(k) for k in args.ks.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, ks, args.repeats, args.threads)
+    text = table(rows)
+    print(text)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    header = (f"# layer dropping evidence\n\ncommand: `python bench/layer_drop.py {' '.join(argv or sys.argv[1:])}`\n\n"
+              f"machine: {platform.processor() or platform.machine()}, ORT {ort.__version__}, "
+              f"latency ratio = original/candidate median of paired interleaved runs on one "
+              f"held-out batch, {args.threads} threads; random = mean over {RANDOM_SEEDS} seeds "
+              "(latency measured on the similarity choice).\n\n")
+    out = Path(__file__).parent / "results" / f"layer-drop-{stamp}.md"
+    out.write_text(header + text + "\n")
+    print(f"\nsaved {out}")
+
+
+if __name__ == "__main__":
+    main()
