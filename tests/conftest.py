@@ -135,3 +135,18 @@ def escaping_model_path(tmp_path: Path) -> Path:
     path.parent.mkdir()
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the ONNX round-trip counts (passed / skipped with reason) at the end of the run."""
+    from tests.onnx_corpus import OUTCOMES, SKIP_REASONS
+
+    if not OUTCOMES:
+        return
+    passed = {k: v for k, v in OUTCOMES.items() if k.startswith("passed")}
+    terminalreporter.write_sep("-", "onnx-shipped model round trip (default pipeline + ORT backend)")
+    terminalreporter.write_line(
+        f"attempted {OUTCOMES['attempted']}, passed {sum(passed.values())} "
+        f"({', '.join(f'{v} {k}' for k, v in sorted(passed.items()))}), skipped {OUTCOMES['skipped']}")
+    for reason, count in SKIP_REASONS.most_common():
+        terminalreporter.write_line(f"  skipped {count}: {reason}")
