@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from winnow.errors import ExecutionError
 
 NOISY_SPREAD = 1.5  # max/min above this marks a timing as noisy
 
@@ -40,9 +44,22 @@ class Timing:
         return max(self.samples)
 
     @property
+    def spread(self) -> float:
+        """Slowest run over fastest run (1.0 = perfectly steady)."""
+        return self.max / self.min if self.min > 0 else float("inf")
+
+    @property
     def noisy(self) -> bool:
         """True when the slowest run is far from the fastest (a busy machine)."""
         return self.max > NOISY_SPREAD * self.min
+
+    def noise_warning(self) -> str | None:
+        """A plain one-line warning when the timing is noisy, else None."""
+        if not self.noisy:
+            return None
+        return (f"warning: {self.name} timings are noisy: the slowest run ({self.max * 1e3:.3g} ms) "
+                f"is {self.spread:.1f}x the fastest ({self.min * 1e3:.3g} ms); the machine is busy "
+                "or throttling; close other programs or raise --repeats.")
 
     def to_dict(self) -> dict[str, Any]:
         """Milliseconds, for reports."""
@@ -50,15 +67,37 @@ class Timing:
                 "max_ms": self.max * 1e3, "runs": len(self.samples), "noisy": self.noisy}
 
 
+def bench_session_options(threads: int = 0) -> Any:
+    """ORT session options for timing: all graph optimizations, `threads` intra-op threads, and
+    no spin-waiting, so a session's idle threads never steal the cores of the runner timed next
+    (interleaved runs would otherwise measure each other's spinning)."""
+    from winnow.ir.execute import session_options
+
+    options = session_options(threads, optimize=True)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def time_interleaved(runners: Mapping[str, Callable[[], Any]], repeats: int = 20,
-                     warmup: int = 3) -> dict[str, Timing]:
-    """Time each runner `repeats` times, interleaved round by round, after `warmup` rounds."""
+                     warmup: int = 3, desc: str | None = None) -> dict[str, Timing]:
+    """Time each runner `repeats` times, interleaved round by round, after `warmup` rounds.
+
+    Rounds alternate the order (A B C, then C B A) so no runner always follows the same one.
+    `desc` shows a progress bar over the rounds.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, not {repeats}.")
     names = list(runners)
     for _ in range(warmup):
         for name in names:
             runners[name]()
     samples: dict[str, list[float]] = {n: [] for n in names}
-    for round_index in range(repeats):
+    rounds: Any = range(repeats)
+    if desc is not None:
+        from winnow.progress import bar
+
+        rounds = bar(rounds, desc, total=repeats)
+    for round_index in rounds:
         order = names if round_index % 2 == 0 else names[::-1]
         for name in order:
             start = time.perf_counter()
@@ -77,19 +116,81 @@ _RSS_SCRIPT = """
 import json, resource, sys
 import numpy as np, onnxruntime as ort
 so = ort.SessionOptions(); so.intra_op_num_threads = int(sys.argv[2])
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+so.add_session_config_entry("session.intra_op.allow_spinning", "0")
 sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 feeds = dict(np.load(sys.argv[3], allow_pickle=False))
 for _ in range(3):
     sess.run(None, feeds)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+try:  # VmHWM: this process image's own peak (ru_maxrss keeps the parent's across fork+exec)
+    status = open("/proc/self/status").read().split("VmHWM:")[1]
+    peak_kib = float(status.split()[0])
+except (OSError, IndexError, ValueError):
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_rss_mb": peak_kib / 1024}))
 """
 
 
 def peak_rss_mb(model_path: Path, feeds: Mapping[str, np.ndarray], threads: int,
                 scratch: Path) -> float:
-    """Peak resident memory (MiB) of a fresh process that loads and runs the model."""
+    """Peak resident memory (MiB) of a fresh process that loads and runs the model.
+
+    The figure includes the interpreter, numpy and ONNX Runtime themselves (about 50-100 MiB).
+    """
     feeds_path = scratch / f"feeds-{abs(hash(str(model_path)))}.npz"
     np.savez(feeds_path, **feeds)
     proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(model_path), str(threads),
-                           str(feeds_path)], capture_output=True, text=True, check=True)
+                           str(feeds_path)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise ExecutionError(f"measuring the memory of '{model_path}' failed in a fresh process: "
+                             f"{reason}")
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the default thread count of `winnow bench`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or platform's answer elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, OS and the versions that decide the numbers (for result files)."""
+    import onnxruntime
+
+    info: dict[str, Any] = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+                            "available_cpus": available_cpus(), "machine": platform.machine(),
+                            "load_average": _load_average(),
+                            "os": f"{platform.system()} {platform.release()}",
+                            "python": platform.python_version(), "numpy": np.__version__,
+                            "onnxruntime": onnxruntime.__version__}
+    for name in ("torch", "onnx"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:  # pragma: no cover - both are dependencies
+            info[name] = None
+    from winnow import __version__
+
+    info["winnow"] = __version__
+    return info
