@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ from winnow.backends.manifest import (
     param_stats,
     staging,
 )
-from winnow.errors import PipelineError, SourceError
-from winnow.frontend import example_feeds, load
-from winnow.ir.inputs import feeds_for
+from winnow.errors import PipelineError
+from winnow.frontend import load
+from winnow.passes.analysis.calibration import pick_calibration
 from winnow.passes.base import AnalysisPass
 from winnow.passes.instruments import TimingInstrument
 from winnow.passes.manager import PassContext, PassManager, pass_label
@@ -83,40 +83,6 @@ def analysis_passes(passes: str | Sequence[PassSpec | PassBase]) -> PassManager:
                                 "measures (e.g. layer-similarity, das-skip); run rewrites with "
                                 "`winnow compile --pipeline`.")
     return manager
-
-
-def _as_batches(data: Any) -> list[Feeds]:
-    if isinstance(data, Mapping):
-        data = [data]
-    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not all(
-            isinstance(b, Mapping) for b in data):
-        raise SourceError("calibration data must be a feed dict (input name -> array) or a list "
-                          f"of feed dicts; got a {type(data).__name__}.")
-    if not data:
-        raise SourceError("the calibration data is an empty list; give at least one feed dict.")
-    return [{k: np.asarray(v) for k, v in b.items()} for b in data]
-
-
-def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
-                     ) -> tuple[list[Feeds], str]:
-    """The calibration batches and where they came from: explicit, the zoo model's calibration
-    split, the frontend's example feeds, or random feeds (seed 0)."""
-    if calibration is not None:
-        return _as_batches(calibration), "explicit"
-    zoo_name = model.metadata_props.get("winnow.zoo")
-    if isinstance(source, str) and source.startswith(("zoo:", "onnx:")) and zoo_name:
-        from winnow.models_zoo import get
-
-        entry = get(source)
-        try:
-            batches = entry.calibration()
-        except NotImplementedError:
-            batches = []
-        if batches:
-            return _as_batches(batches), f"{entry.source} calibration split"
-    if example_feeds(model) is not None:
-        return [feeds_for(model)], "example inputs"
-    return [feeds_for(model)], "random inputs (seed 0)"
 
 
 def _samples(batches: Sequence[Feeds]) -> int:

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from winnow.errors import SourceError
+from winnow.frontend import example_feeds
 from winnow.ir.execute import run
 from winnow.ir.inputs import feeds_for
 
@@ -21,6 +23,40 @@ def calibration_batches(model: ir.Model, ctx: Any) -> list[dict[str, np.ndarray]
         return [dict(data)]
     batches = [dict(b) for b in data]
     return batches or [feeds_for(model)]
+
+
+def _as_batches(data: Any) -> list[dict[str, np.ndarray]]:
+    if isinstance(data, Mapping):
+        data = [data]
+    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not all(
+            isinstance(b, Mapping) for b in data):
+        raise SourceError("calibration data must be a feed dict (input name -> array) or a list "
+                          f"of feed dicts; got a {type(data).__name__}.")
+    if not data:
+        raise SourceError("the calibration data is an empty list; give at least one feed dict.")
+    return [{k: np.asarray(v) for k, v in b.items()} for b in data]
+
+
+def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
+                     ) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The calibration batches and where they came from: explicit, the zoo model's calibration
+    split, the frontend's example feeds, or random feeds (seed 0)."""
+    if calibration is not None:
+        return _as_batches(calibration), "explicit"
+    zoo_name = model.metadata_props.get("winnow.zoo")
+    if isinstance(source, str) and source.startswith(("zoo:", "onnx:")) and zoo_name:
+        from winnow.models_zoo import get
+
+        entry = get(source)
+        try:
+            batches = entry.calibration()
+        except NotImplementedError:
+            batches = []
+        if batches:
+            return _as_batches(batches), f"{entry.source} calibration split"
+    if example_feeds(model) is not None:
+        return [feeds_for(model)], "example inputs"
+    return [feeds_for(model)], "random inputs (seed 0)"
 
 
 def reference_outputs(model: ir.Model, batches: Sequence[Mapping[str, np.ndarray]]
