@@ -23,17 +23,20 @@ from winnow.backends.manifest import (
     op_histogram,
     param_stats,
 )
-from winnow.errors import ExecutionError, OutputError, PipelineError, WinnowError
+from winnow.errors import ExecutionError, FidelityError, OutputError, PipelineError, WinnowError
+from winnow.evaluate import evaluate_zoo
 from winnow.frontend import example_feeds, load
 from winnow.ir.execute import get_session, run
 from winnow.ir.inputs import feeds_for
 from winnow.passes.instruments import DumpIRInstrument, TimingInstrument, VerifyInstrument
-from winnow.passes.manager import DEFAULT_PIPELINE, PassManager
+from winnow.passes.analysis.calibration import pick_calibration
+from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, pass_label
 from winnow.passes.pipeline import PassSpec, load_pipeline_file
 
 BACKENDS = {"ort": "winnow.backends.ort"}
 
 Pipeline = str | Sequence[PassSpec | PassBase]
+DEFAULT_MAX_DROP = 0.02
 
 
 @dataclasses.dataclass
@@ -107,10 +110,14 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   config: str | Path | None = None, backend: str = "ort", timings: bool = False,
                   dump_ir: str | Path | None = None, verify_each: bool = False,
                   overwrite: bool = False, check: bool = True, example_inputs: Any = None,
-                  dynamic_shapes: Any = None) -> CompileResult:
+                  dynamic_shapes: Any = None, calibration: Any = None, evaluate: bool = False,
+                  max_drop: float = DEFAULT_MAX_DROP, force: bool = False) -> CompileResult:
     """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
 
     `example_inputs`/`dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
+    Lossy passes get `calibration` (default: the zoo model's calibration split, else example
+    inputs). With `evaluate` (and always after a lossy pass) a zoo model is scored on its
+    held-out split; a lossy result whose drop exceeds `max_drop` is refused unless `force`.
     """
     emit = get_backend(backend)
     check_output(Path(out), overwrite)
@@ -131,18 +138,55 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
         with _phase(phases, "reference", "running the source model"):
             feeds = feeds_for(model)
             reference = _run_source(model, feeds)
+    batches, origin = pick_calibration(source, model, calibration)
     with _phase(phases, "passes", "running the pipeline"):
-        model = manager.run(model).model
+        model = manager.run(model, PassContext(calibration=batches)).model
     fidelity = None
     if check:
         with _phase(phases, "check", "checking against the source"):
             fidelity = _fidelity(model, feeds, reference)
+    lossy = [pass_label(p) for p in manager.passes if not getattr(p, "lossless", True)]
+    zoo_name = model.metadata_props.get("winnow.zoo")
+    if zoo_name and (evaluate or lossy):
+        with _phase(phases, "evaluate", f"scoring on the {zoo_name} held-out split"):
+            fidelity = dict(fidelity or {}, heldout=evaluate_zoo(zoo_name, model).to_dict())
+    if lossy:
+        fidelity = dict(fidelity or {}, lossy_passes=lossy, calibration=origin)
+        _enforce_budget(fidelity, max_drop, force)
     name = _source_name(source, model)
     with _phase(phases, "emit", f"writing {out}"):
         artifact = emit(model, out, pipeline_text=manager.text, fidelity=fidelity, source=name,
                         overwrite=overwrite)
     return CompileResult(artifact, name, manager.text, before[0], node_count(model), before[1],
                          param_stats(model), fidelity, timer.records if timer else [], phases)
+
+
+def budget_drop(fidelity: Mapping[str, Any]) -> tuple[float, str] | None:
+    """The drop judged against the budget: the task-metric drop on held-out data when there is
+    one, else 1 - cosine (held-out, or the differential check's)."""
+    heldout = fidelity.get("heldout") or {}
+    if heldout.get("metric_drop") is not None:
+        return float(heldout["metric_drop"]), f"{heldout['metric_name']} drop on held-out data"
+    if heldout.get("cosine") is not None:
+        return 1.0 - float(heldout["cosine"]), "1 - cosine on held-out data"
+    if fidelity.get("min_cosine") is not None:
+        return 1.0 - float(fidelity["min_cosine"]), "1 - cosine on the check inputs"
+    return None
+
+
+def _enforce_budget(fidelity: dict[str, Any], max_drop: float, force: bool) -> None:
+    judged = budget_drop(fidelity)
+    if judged is None:
+        if not force:
+            raise FidelityError("the pipeline has lossy passes but no fidelity could be measured; "
+                                "give a zoo model or check inputs, or pass --force.")
+        return
+    drop, what = judged
+    fidelity["budget"] = {"max_drop": max_drop, "drop": drop, "measure": what, "forced": force}
+    if drop > max_drop and not force:
+        raise FidelityError(f"the result misses the fidelity budget: {what} is {drop:.4f}, above "
+                            f"--max-drop {max_drop}; loosen the pipeline, raise --max-drop, or "
+                            "pass --force to write it anyway.")
 
 
 def _run_source(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
