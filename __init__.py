@@ -17,7 +17,7 @@ from winnow.passes import (
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "compile", "analyze", "Pass", "AnalysisPass", "PassContext", "PassManager",
+__all__ = ["load", "compile", "analyze", "evaluate", "zoo", "Pass", "AnalysisPass", "PassContext", "PassManager",
            "register_pass", "option", "WinnowError", "__version__"]
 
 
@@ -33,3 +33,19 @@ def analyze(source: Any, out: Any, **kwargs: Any) -> Any:
     from winnow.analyzer import analyze_model
 
     return analyze_model(source, out, **kwargs)
+
+
+def evaluate(reference: Any, candidate: Any, data: Any, **kwargs: Any) -> Any:
+    """Fidelity of `candidate` against `reference` on `data`; see `winnow.fidelity.evaluate`."""
+    from winnow.fidelity import evaluate as evaluate_fidelity
+
+    return evaluate_fidelity(reference, candidate, data, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """`winnow.zoo` is the model zoo (`winnow.zoo.get("minilm")`), imported on first use."""
+    if name == "zoo":
+        from winnow import models_zoo
+
+        return models_zoo
+    raise AttributeError(f"module 'winnow' has no attribute {name!r}")

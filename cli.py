@@ -13,6 +13,7 @@ import click
 import numpy as np
 
 from winnow import progress
+from winnow.compiler import DEFAULT_MAX_DROP
 from winnow.errors import SourceError, WinnowError
 
 
@@ -80,17 +81,24 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--dump-ir", default=None, metavar="DIR", help="Write the IR before/after each pass into DIR.")
 @click.option("--verify-each", is_flag=True, help="Verify the model after every pass.")
 @click.option("--no-check", is_flag=True, help="Skip the differential check against the source.")
+@click.option("--eval", "evaluate", is_flag=True,
+              help="Score the result on the zoo model's held-out data (always done after lossy passes).")
+@click.option("--max-drop", default=DEFAULT_MAX_DROP, show_default=True, type=float, metavar="X",
+              help="Fidelity budget for lossy passes: largest task-metric drop (or 1 - cosine).")
+@click.option("--force", is_flag=True, help="Write the result even when it misses the budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--force-overwrite", is_flag=True, help="Replace OUT when it is an earlier artifact.")
 def compile(src: str, out: str, pipeline: str | None, config: str | None, backend: str,
-            timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool,
-            as_json: bool, force_overwrite: bool) -> None:  # noqa: A001 - the command's name
+            timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool, evaluate: bool,
+            max_drop: float, force: bool, as_json: bool,
+            force_overwrite: bool) -> None:  # noqa: A001 - the command's name
     """Optimize SRC (.onnx, HF folder, zoo:NAME) and write a deployable artifact to OUT."""
     from winnow.compiler import compile_model
 
     result = compile_model(src, out, pipeline=pipeline, config=config, backend=backend,
                            timings=timings, dump_ir=dump_ir, verify_each=verify_each,
-                           overwrite=force_overwrite, check=not no_check)
+                           overwrite=force_overwrite, check=not no_check, evaluate=evaluate,
+                           max_drop=max_drop, force=force)
     if as_json:
         _dump(result.to_dict())
         return
@@ -104,6 +112,12 @@ def _print_compile(result: Any, timings: bool) -> None:
              f"params    {params['count']:,} ({_size(params['bytes'])})"]
     if result.fidelity is not None:
         lines.append(f"fidelity  {_fidelity_text(result.fidelity)}")
+        if result.fidelity.get("heldout"):
+            lines.append(f"held-out  {_heldout_text(result.fidelity['heldout'])}")
+        if result.fidelity.get("budget"):
+            b = result.fidelity["budget"]
+            lines.append(f"budget    {b['measure']} {b['drop']:.4f} <= {b['max_drop']}"
+                         + (" (forced)" if b["forced"] and b["drop"] > b["max_drop"] else ""))
     lines.append(f"wrote     {result.artifact.path}/")
     for name, size in result.file_sizes().items():
         lines.append(f"  {name:<34} {_size(size):>10}")
@@ -122,6 +136,16 @@ def _fidelity_text(fid: dict[str, Any]) -> str:
     if err is None:
         return f"not comparable: {fid.get('error', 'no numeric outputs')}"
     return f"max abs error {err:.3g}, min cosine {cos:.6f} vs source ({fid.get('feeds')} inputs)"
+
+
+def _heldout_text(fid: dict[str, Any]) -> str:
+    parts = [f"cosine {fid['cosine']:.5f}"]
+    if fid.get("top1") is not None:
+        parts.append(f"top-1 {fid['top1']:.4f}")
+    if fid.get("metric_name") and fid.get("candidate_metric") is not None:
+        parts.append(f"{fid['metric_name']} {fid['reference_metric']:.4f} -> "
+                     f"{fid['candidate_metric']:.4f}")
+    return ", ".join(parts) + f" ({fid['samples']} held-out samples)"
 
 
 @cli.command()
@@ -302,6 +326,15 @@ def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq
         click.echo(result.table())
     for line in result.warnings:
         click.echo(line, err=True)
+
+
+def _attach_zoo() -> None:
+    from winnow.models_zoo.cli import zoo
+
+    cli.add_command(zoo)
+
+
+_attach_zoo()
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from winnow.backends.manifest import (
     param_stats,
 )
 from winnow.errors import ExecutionError, FidelityError, OutputError, PipelineError, WinnowError
-from winnow.evaluate import evaluate_zoo
+from winnow.fidelity import evaluate_zoo
 from winnow.frontend import example_feeds, load
 from winnow.ir.execute import get_session, run
 from winnow.ir.inputs import feeds_for

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import winnow.progress
 from winnow import models_zoo
 from winnow.benchmark import paired_ratios, time_interleaved
-from winnow.evaluate import evaluate_zoo
+from winnow.fidelity import evaluate_zoo
 from winnow.ir.execute import model_bytes, session_options
 from winnow.ir.regions import find_regions
 from winnow.passes import PassContext, PassManager

@@ -328,7 +328,7 @@ class Row:
 def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequence[int],
             work: Path) -> tuple[list[Row], dict[str, Any]]:
     """Prepare, evaluate and time every variant of one zoo model."""
-    from winnow.evaluate import OUTPUT_KINDS, evaluate
+    from winnow.fidelity import OUTPUT_KINDS, evaluate
 
     zm = models_zoo.get(name)
     variants = prepare(zm, work, threads)

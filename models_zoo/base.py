@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ def first(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
     return next(iter(outputs.values()))
 
 
-class ZooModel:
+class ZooModel(abc.ABC):
     """Base of every zoo entry; subclasses say how to build, feed and score the model."""
 
     kind: str = "onnx-test"
@@ -61,9 +63,9 @@ class ZooModel:
         return f"ZooModel({self.name!r}, kind={self.kind!r})"
 
     # -- data ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def make_split(self, split: str) -> list[Feeds]:
         """Build the feeds of one split (subclasses override)."""
-        raise NotImplementedError
 
     def split(self, split: str) -> list[Feeds]:
         """The feed batches of `split` ('calibration' or 'heldout'), built once per process."""
@@ -86,17 +88,17 @@ class ZooModel:
         return {k: v.copy() for k, v in self.heldout()[0].items()}
 
     # -- model --------------------------------------------------------------------------
+    @abc.abstractmethod
     def builder(self) -> Any:
         """The original model: an nn.Module (eval mode) or the path of an ONNX file."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def reference(self) -> Runner:
         """A runner of the original model: feeds -> outputs (numpy)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def export_ir(self) -> ir.Model:
         """Capture the original model into the IR (subclasses override)."""
-        raise NotImplementedError
 
     def load_ir(self) -> ir.Model:
         """A fresh IR copy of the model with example feeds and its zoo name attached."""
@@ -128,9 +130,9 @@ class ZooModel:
         """Whether trained weights are cached (None for models shipped as files)."""
         return None
 
+    @abc.abstractmethod
     def num_params(self) -> int:
         """Number of weight elements."""
-        raise NotImplementedError
 
     # -- metric -------------------------------------------------------------------------
     def compute_metric(self, outputs: Sequence[Outputs], split: str) -> dict[str, float]:
@@ -177,9 +179,9 @@ class TorchZooModel(ZooModel):
         super().__init__(name)
         self._module: Any = None
 
+    @abc.abstractmethod
     def build_module(self) -> Any:
         """Create the module with its weights (subclasses override)."""
-        raise NotImplementedError
 
     def builder(self) -> Any:
         """The nn.Module in eval mode (built, loaded or trained once per process)."""

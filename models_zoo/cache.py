@@ -100,23 +100,31 @@ def read_info(name: str, key: str) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
+def _train_and_save(name: str, path: Path, module: Any,
+                    train: Callable[[Any], Mapping[str, Any]]) -> None:
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    with step(f"training {name} (once; cached in {path.parent})", after=0.0):
+        info = dict(train(module))
+    info["train_seconds"] = round(time.perf_counter() - start, 1)
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(state, tmp, metadata={k: str(v) for k, v in info.items()})
+    os.replace(tmp, path)
+
+
 def load_or_train(name: str, key: str, module: Any,
                   train: Callable[[Any], Mapping[str, Any]]) -> dict[str, str]:
     """Fill `module` from the cache, training it (then saving atomically) on a miss."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = weights_path(name, key)
-    with _lock(path.parent):
-        if not path.is_file():
-            start = time.perf_counter()
-            with step(f"training {name} (once; cached in {path.parent})", after=0.0):
-                info = dict(train(module))
-            info["train_seconds"] = round(time.perf_counter() - start, 1)
-            state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            save_file(state, tmp, metadata={k: str(v) for k, v in info.items()})
-            os.replace(tmp, path)
+    if not path.is_file():
+        with _lock(path.parent):
+            if not path.is_file():
+                _train_and_save(name, path, module, train)
     module.load_state_dict(load_file(str(path)), strict=True)
     module.eval()
     return read_info(name, key)

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from winnow.errors import FidelityError
-from winnow.evaluate import (
+from winnow.fidelity import (
     Fidelity,
     cosines,
     evaluate,
@@ -141,3 +141,15 @@ def test_ir_models_are_run_with_onnx_runtime():
     fid = evaluate(lambda f: {"y": f["x"] @ w}, model, DATA, output_kind="logits")
     assert fid.cosine == pytest.approx(1.0, abs=1e-6)
     assert fid.max_abs_error < 1e-5 and fid.top1 == 1.0
+
+
+def test_package_level_evaluate_and_zoo():
+    import winnow
+
+    data = [{"x": np.ones((2, 3), np.float32)}]
+    same = winnow.evaluate(lambda f: {"y": f["x"]}, lambda f: {"y": f["x"]}, data)
+    assert same.cosine == pytest.approx(1.0)
+    from winnow import fidelity  # noqa: F401  (importing the module must not shadow the function)
+
+    assert callable(winnow.evaluate)
+    assert winnow.zoo.get("minilm").name == "minilm"

@@ -48,10 +48,7 @@ def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
         from winnow.models_zoo import get
 
         entry = get(source)
-        try:
-            batches = entry.calibration()
-        except NotImplementedError:
-            batches = []
+        batches = entry.calibration()
         if batches:
             return _as_batches(batches), f"{entry.source} calibration split"
     if example_feeds(model) is not None:

@@ -1,4 +1,4 @@
-"""Fidelity of a candidate model against a reference on real data: the one evaluator of lossy steps."""
+"""Fidelity: one evaluator for every lossy change (cosine, top-1, KL, max error, task metric)."""
 
 from __future__ import annotations
 
