@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-PASS_THROUGH_LIMIT = 40  # producer steps searched from the score matmul back to a projection
+from winnow.ir.regions import is_const
+
+PASS_THROUGH_LIMIT = 200  # producer steps searched from the score matmul back to a projection
 
 
 @dataclasses.dataclass
@@ -33,7 +35,16 @@ def _weight(node: ir.Node) -> ir.Value | None:
     if node.op_type not in ("MatMul", "Gemm"):
         return None
     w = node.inputs[1] if len(node.inputs) > 1 else None
-    return w if w is not None and w.const_value is not None else None
+    return w if w is not None and is_const(w) else None
+
+
+def _weight_shape(w: ir.Value) -> tuple | None:
+    if w.const_value is not None:
+        return tuple(w.const_value.shape)
+    producer = w.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return tuple(producer.attributes["value"].as_tensor().shape)
+    return tuple(w.shape) if w.shape is not None else None
 
 
 def _projection_above(value: ir.Value, allowed: set[int]) -> ir.Node | None:
@@ -49,7 +60,7 @@ def _projection_above(value: ir.Value, allowed: set[int]) -> ir.Node | None:
         seen.add(id(node))
         if _weight(node) is not None:
             return node
-        queue.extend(i for i in node.inputs if i is not None and i.const_value is None)
+        queue.extend(i for i in node.inputs if i is not None and not is_const(i))
     return None
 
 
@@ -73,7 +84,7 @@ def _out_features(node: ir.Node | None) -> int | None:
     if node is None:
         return None
     w = _weight(node)
-    shape = w.const_value.shape if w is not None else None
+    shape = _weight_shape(w) if w is not None else None
     if shape is None or len(shape) != 2:
         return None
     trans_b = node.attributes.get("transB")
@@ -99,14 +110,15 @@ def _head_dim(node: ir.Node, allowed: set[int]) -> int | None:
 
 
 def _last_dim(reshape: ir.Node) -> int | None:
+    """Head dim of a [b, s, heads, dim] (or fused-QKV [b, s, 3, heads, dim]) reshape."""
     out_shape = reshape.outputs[0].shape
-    if out_shape is not None and len(out_shape) == 4 and isinstance(out_shape[3], int):
-        return out_shape[3]
+    if out_shape is not None and len(out_shape) in (4, 5) and isinstance(out_shape[-1], int):
+        return out_shape[-1]
     target = reshape.inputs[1]
     if target is not None and target.const_value is not None:
         dims = np.asarray(target.const_value.numpy()).reshape(-1)
-        if dims.size == 4 and dims[3] > 0:
-            return int(dims[3])
+        if dims.size in (4, 5) and dims[-1] > 0:
+            return int(dims[-1])
     return None
 
 
@@ -126,6 +138,8 @@ def find_heads(region: Any) -> AttentionHeads:
             o = _projection_below(context.outputs[0], allowed)
     head_dim = _head_dim(q, allowed) if q is not None else None
     q_out, k_out = _out_features(q), _out_features(k)
+    if q is not None and q is k and q is v and q_out:
+        q_out = k_out = q_out // 3  # one fused QKV projection
     heads = q_out // head_dim if head_dim and q_out else None
     kv_heads = k_out // head_dim if head_dim and k_out else None
     name = lambda node: _weight(node).name if node is not None else None  # noqa: E731
@@ -144,5 +158,5 @@ def _score_matmul(softmax: ir.Node, allowed: set[int]) -> ir.Node | None:
         seen.add(id(node))
         if node.op_type == "MatMul" and _weight(node) is None:
             return node
-        queue.extend(i for i in node.inputs if i is not None and i.const_value is None)
+        queue.extend(i for i in node.inputs if i is not None and not is_const(i))
     return None

@@ -117,7 +117,7 @@ def _common_scope(nodes: list[ir.Node]) -> str | None:
 
 
 def _is_param_node(node: ir.Node) -> bool:
-    return node.op_type in PARAM_OPS and any(v is not None and _is_const(v) for v in node.inputs[1:])
+    return node.op_type in PARAM_OPS and any(v is not None and is_const(v) for v in node.inputs[1:])
 
 
 def _value_descendants(view: GraphView, value: ir.Value) -> set[int]:
@@ -129,7 +129,7 @@ def _value_descendants(view: GraphView, value: ir.Value) -> set[int]:
     return out
 
 
-def _is_const(value: ir.Value) -> bool:
+def is_const(value: ir.Value) -> bool:
     """An initializer, or the output of a Constant/ConstantOfShape fed only by constants."""
     if value.const_value is not None or value.is_initializer():
         return True
@@ -144,7 +144,7 @@ def _branch_is_sese(view: GraphView, branch: set[int], entry: ir.Value, below: s
     for i in branch:
         node = view.nodes[i]
         for v in node.inputs:
-            if v is None or v is entry or _is_const(v):
+            if v is None or v is entry or is_const(v):
                 continue
             producer = v.producer()
             if producer is None:
@@ -164,7 +164,7 @@ def _branch_is_sese(view: GraphView, branch: set[int], entry: ir.Value, below: s
 
 def _residual(view: GraphView, add: ir.Node, idom: dict) -> Region | None:
     a, b = add.inputs[0], add.inputs[1] if len(add.inputs) > 1 else None
-    if a is None or b is None or _is_const(a) or _is_const(b):
+    if a is None or b is None or is_const(a) or is_const(b):
         return None
     ai = view.value_ancestors(a)
     bi = view.value_ancestors(b)
@@ -196,12 +196,29 @@ def _projection_region(view: GraphView, add: ir.Node, idom: dict) -> Region | No
     return _make_region(view, add, entry, branch, identity_skip=False)
 
 
+def _pre_norm(nodes: list[ir.Node], entry: ir.Value) -> list[ir.Node]:
+    """The branch's nodes between the entry and its first weight op, when they normalize
+    (a LayerNormalization-like op, or a decomposed norm such as RMSNorm's ReduceMean chain)."""
+    members = {id(n) for n in nodes}
+    front, queue, seen = [], [entry], set()
+    while queue:
+        for user, _ in queue.pop().uses():
+            if id(user) not in members or id(user) in seen or _is_param_node(user):
+                continue
+            seen.add(id(user))
+            front.append(user)
+            queue.extend(user.outputs)
+    if any(n.op_type in NORM_OPS or n.op_type == "ReduceMean" for n in front):
+        return front
+    return []
+
+
 def _make_region(view: GraphView, add: ir.Node, entry: ir.Value, branch: set[int],
                  identity_skip: bool) -> Region | None:
     nodes = [view.nodes[i] for i in sorted(branch)]
     if not any(_is_param_node(n) for n in nodes):
         return None
-    pre_norm = [n for n in nodes if n.op_type in NORM_OPS and entry in n.inputs]
+    pre_norm = _pre_norm(nodes, entry)
     out = add.outputs[0]
     users = [u for u, _ in out.uses()]
     layout, norm_nodes, exit_value = "plain", [], out

@@ -77,3 +77,26 @@ def test_minilm_post_norm_six_blocks_twelve_heads():
         assert attn.layout == mlp.layout == "post"
         assert attn.exit.producer().op_type == "LayerNormalization"
         assert (attn.heads.num_heads, attn.heads.head_dim, attn.heads.num_kv_heads) == (12, 32, 12)
+
+
+@pytest.mark.slow
+def test_zoo_tiny_gpt_gqa_rmsnorm_pre_norm():
+    regions = find_regions(winnow.load("zoo:tiny-gpt"))
+    assert [b.name for b in regions.blocks] == [f"blocks.{i}" for i in range(4)]
+    attn, mlp = regions.blocks[0].parts
+    assert attn.layout == mlp.layout == "pre"  # RMSNorm exported as a decomposed chain
+    assert any(n.op_type == "ReduceMean" for n in attn.norm_nodes)
+    h = attn.heads
+    assert (h.num_heads, h.head_dim, h.num_kv_heads) == (8, 16, 2)
+
+
+@pytest.mark.slow
+def test_zoo_digits_vit_and_foreign_ppocr_rec():
+    vit = find_regions(winnow.load("zoo:digits-vit"))
+    assert len(vit.blocks) == 4 and vit.blocks[0].parts[0].heads.num_heads == 4
+    rec = find_regions(winnow.load("zoo:ppocr-rec"))
+    assert rec.source == "structure" and len(rec.blocks) == 2
+    attn = rec.blocks[0].parts[0]
+    assert attn.kind == "attention" and attn.layout == "pre"
+    assert attn.heads.q == attn.heads.k == attn.heads.v  # one fused QKV projection
+    assert attn.heads.o and attn.heads.o != attn.heads.q
