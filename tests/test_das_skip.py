@@ -26,60 +26,13 @@ from winnow.passes.analysis.calibration import (
     reference_outputs,
     split_batch,
 )
+from tests.tiny_models import TinyTransformer
 from winnow.passes.analysis.das_skip import DasSkipPass, _Evaluator
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        weights = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    """x + attn(ln1(x)), then x + mlp(ln2(x)) (pre-norm), or the post-norm (BERT) form."""
-
-    def __init__(self, dim: int, heads: int, post: bool) -> None:
-        super().__init__()
-        self.post = post
-        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.skip: set[str] = set()  # torch-side oracle: sub-layers to leave out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.post:
-            if "attn" not in self.skip:
-                x = self.ln1(x + self.attn(x))
-            if "mlp" not in self.skip:
-                x = self.ln2(x + self.mlp(x))
-            return x
-        if "attn" not in self.skip:
-            x = x + self.attn(self.ln1(x))
-        if "mlp" not in self.skip:
-            x = x + self.mlp(self.ln2(x))
-        return x
-
-
-class Tiny(nn.Module):
-    def __init__(self, depth: int = 4, dim: int = 32, heads: int = 4, post: bool = False,
-                 final_norm: bool = True) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, post) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+def Tiny(depth: int = 4, post: bool = False, final_norm: bool = True) -> TinyTransformer:  # noqa: N802
+    """The shared tiny transformer, seeded by the caller."""
+    return TinyTransformer(layers=depth, seed=None, post=post, final_norm=final_norm)
 
 
 def _load(module: nn.Module, seed: int = 0, dynamic: bool = False):

@@ -8,56 +8,12 @@ import torch
 from torch import nn
 
 import winnow
+from tests.tiny_models import TinyTransformer
 from winnow.errors import SourceError, UnsupportedModelError
 from winnow.frontend import example_feeds
 from winnow.ir.execute import run
 
 SCOPES = "pkg.torch.onnx.name_scopes"
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention from Linear layers, matmul and softmax."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        weights = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyTransformer(nn.Module):
-    """Three pre-norm blocks and a final LayerNorm."""
-
-    def __init__(self, dim: int = 32, heads: int = 4, depth: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
 
 
 class TinyCNN(nn.Module):
@@ -146,7 +102,7 @@ def test_cnn_matches_torch():
 
 def test_dynamic_batch_runs_other_sizes():
     torch.manual_seed(0)
-    module = TinyTransformer(depth=2)
+    module = TinyTransformer(layers=2)
     model = winnow.load(module, (torch.randn(2, 5, 32),), dynamic_shapes=({0: "batch"},))
     shape = model.graph.inputs[0].shape
     assert str(shape[0]) == "batch" and shape[1] == 5

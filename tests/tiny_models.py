@@ -16,7 +16,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, self.kv_heads * self.head_dim)
         self.v = nn.Linear(dim, self.kv_heads * self.head_dim)
-        self.o = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -28,32 +28,45 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim**0.5, dim=-1)
-        return self.o((att @ v).transpose(1, 2).reshape(b, s, -1))
+        return self.out((att @ v).transpose(1, 2).reshape(b, s, -1))
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+    """A pre-norm block, x + attn(ln1(x)); x + mlp(ln2(x)), or the post-norm (BERT) form;
+    sub-layers named in `skip` are left out (a torch-side oracle for skipping)."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int | None = None) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, post: bool = False) -> None:
         super().__init__()
+        self.post = post
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, kv_heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.skip: set[str] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        if self.post:
+            if "attn" not in self.skip:
+                x = self.ln1(x + self.attn(x))
+            if "mlp" not in self.skip:
+                x = self.ln2(x + self.mlp(x))
+            return x
+        if "attn" not in self.skip:
+            x = x + self.attn(self.ln1(x))
+        if "mlp" not in self.skip:
+            x = x + self.mlp(self.ln2(x))
+        return x
 
 
 class TinyTransformer(nn.Module):
-    """Pre-norm blocks over [batch, seq, dim] inputs."""
+    """Transformer blocks over [batch, seq, dim] inputs, then a final LayerNorm."""
 
     def __init__(self, dim: int = 32, heads: int = 4, layers: int = 3, kv_heads: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int | None = 0, post: bool = False, final_norm: bool = True) -> None:
         super().__init__()
-        torch.manual_seed(seed)
-        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, post) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -65,6 +78,6 @@ def zero_block_branches(model: TinyTransformer, index: int) -> None:
     """Make block `index` an exact identity by zeroing the output projections of its branches."""
     block = model.blocks[index]
     with torch.no_grad():
-        for linear in (block.attn.o, block.mlp[2]):
+        for linear in (block.attn.out, block.mlp[2]):
             linear.weight.zero_()
             linear.bias.zero_()
