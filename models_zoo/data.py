@@ -65,11 +65,14 @@ def sentences() -> list[str]:
     return [s for s, _ in labelled_sentences()]
 
 
-def sentence_split(split: str, calibration: int = 256, heldout: int = 256) -> list[tuple[str, str]]:
-    """Disjoint (sentence, topic) splits: the first `calibration`, then the next `heldout`."""
+def sentence_split(split: str, calibration: int = 256, heldout: int = 256,
+                   rest_to_calibration: bool = False) -> list[tuple[str, str]]:
+    """Disjoint (sentence, topic) splits: the first `calibration`, then the next `heldout`;
+    with `rest_to_calibration` every sentence after the held-out ones joins calibration too."""
     pairs = list(labelled_sentences())
     if split == "calibration":
-        return pairs[:calibration]
+        extra = pairs[calibration + heldout:] if rest_to_calibration else []
+        return pairs[:calibration] + extra
     if split == "heldout":
         return pairs[calibration:calibration + heldout]
     raise ValueError(f"unknown split '{split}'; use 'calibration' or 'heldout'.")

@@ -48,6 +48,13 @@ def test_unknown_names_through_winnow_load():
         models_zoo.get("hub:minilm")
 
 
+def test_calibration_can_take_every_sentence_not_held_out():
+    held = {s for s, _ in data.sentence_split("heldout")}
+    calib = data.sentence_split("calibration", rest_to_calibration=True)
+    assert len(calib) == len(data.labelled_sentences()) - len(held)
+    assert not held & {s for s, _ in calib}
+
+
 def test_sentence_splits_are_real_disjoint_and_deterministic():
     calib = data.sentence_split("calibration")
     held = data.sentence_split("heldout")

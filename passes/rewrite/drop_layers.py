@@ -42,7 +42,7 @@ class DropLayersPass(Pass):
                                   choices=("identity", "linear"))
         rank: int = option(0, "rank of the linear adapter (0 = full)", min=0)
         ridge: float = option(1e-2, "ridge strength of the adapter fit (relative)", min=0.0)
-        samples: int = option(64, "calibration samples used to fit adapters", min=1)
+        samples: int = option(1024, "calibration samples used to fit adapters", min=1)
 
     def call(self, model: ir.Model) -> PassResult:
         """Drop the chosen regions in place."""
