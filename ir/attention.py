@@ -47,8 +47,8 @@ def _weight_shape(w: ir.Value) -> tuple | None:
     return tuple(w.shape) if w.shape is not None else None
 
 
-def _projection_above(value: ir.Value, allowed: set[int]) -> ir.Node | None:
-    """Breadth-first up the producers of `value` to the nearest weight matmul in the region."""
+def _search_up(value: ir.Value, allowed: set[int], accept) -> ir.Node | None:
+    """Breadth-first up the producers of `value`, inside the region, to the first accepted node."""
     queue, seen = deque([value]), set()
     for _ in range(PASS_THROUGH_LIMIT):
         if not queue:
@@ -58,10 +58,15 @@ def _projection_above(value: ir.Value, allowed: set[int]) -> ir.Node | None:
         if node is None or id(node) in seen or id(node) not in allowed:
             continue
         seen.add(id(node))
-        if _weight(node) is not None:
+        if accept(node):
             return node
         queue.extend(i for i in node.inputs if i is not None and not is_const(i))
     return None
+
+
+def _projection_above(value: ir.Value, allowed: set[int]) -> ir.Node | None:
+    """The nearest weight matmul above `value` in the region."""
+    return _search_up(value, allowed, lambda n: _weight(n) is not None)
 
 
 def _projection_below(value: ir.Value, allowed: set[int]) -> ir.Node | None:
@@ -147,16 +152,6 @@ def find_heads(region: Any) -> AttentionHeads:
 
 
 def _score_matmul(softmax: ir.Node, allowed: set[int]) -> ir.Node | None:
-    queue, seen = deque([softmax.inputs[0]]), set()
-    for _ in range(PASS_THROUGH_LIMIT):
-        if not queue:
-            return None
-        value = queue.popleft()
-        node = value.producer()
-        if node is None or id(node) in seen or id(node) not in allowed:
-            continue
-        seen.add(id(node))
-        if node.op_type == "MatMul" and _weight(node) is None:
-            return node
-        queue.extend(i for i in node.inputs if i is not None and not is_const(i))
-    return None
+    """The activation x activation matmul (Q K^T) feeding the softmax."""
+    return _search_up(softmax.inputs[0], allowed,
+                      lambda n: n.op_type == "MatMul" and _weight(n) is None)
