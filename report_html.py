@@ -251,17 +251,25 @@ def _timings_rows(timings: Mapping[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _regions_or_problem(result: Mapping[str, Any], empty: str) -> tuple[list, str | None]:
+    """An analysis's regions, or the HTML to show instead (its error, or its note)."""
+    if "error" in result:
+        return [], f'<p class="error">{_e(result["error"])}</p>'
+    regions = result.get("regions") or []
+    if not regions:
+        return [], _note(result.get("note", empty))
+    return regions, None
+
+
 def _similarity_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
     parts = ["<h2>Layer similarity</h2>",
              "<p>For each region, the mean over all real tokens (channel vectors per position for "
              "CNN blocks) of cos(X, Y), X the residual stream entering it and Y the stream "
              "leaving it. A cosine near 1 (angular distance near 0) means the region barely "
              "changes the stream: a candidate to drop. Block influence = 1 − cos (ShortGPT).</p>"]
-    if "error" in result:
-        return parts + [f'<p class="error">{_e(result["error"])}</p>']
-    regions = result.get("regions") or []
-    if not regions:
-        return parts + [_note(result.get("note", "no regions were scored"))]
+    regions, problem = _regions_or_problem(result, "no regions were scored")
+    if problem:
+        return parts + [problem]
     parts.append(f"<p class=\"sub\">{_e(result.get('samples', '?'))} calibration samples, regions "
                  f"found from {_e(result.get('source', '?'))}, "
                  f"{_fmt(result.get('seconds'), 2)} s.</p>")
@@ -297,11 +305,9 @@ def _das_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
              "each by reward exp(−loss) and moves the logits of its regions by "
              "lr·(r − b)·p(1 − p). The regions with the highest final logits are the most "
              "skippable.</p>"]
-    if "error" in result:
-        return parts + [f'<p class="error">{_e(result["error"])}</p>']
-    regions = result.get("regions") or []
-    if not regions:
-        return parts + [_note(result.get("note", "no regions were searched"))]
+    regions, problem = _regions_or_problem(result, "no regions were searched")
+    if problem:
+        return parts + [problem]
     selected = result.get("selected") or []
     parts.append(f"<p class=\"sub\">level {_e(result.get('level'))}, k = {_e(result.get('k'))}, "
                  f"{len(result.get('curve', {}).get('reward', []))} steps, loss: "
