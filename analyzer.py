@@ -27,7 +27,7 @@ from winnow.backends.manifest import (
 )
 from winnow.errors import PipelineError
 from winnow.frontend import load
-from winnow.passes.analysis.calibration import pick_calibration
+from winnow.passes.analysis.calibration import pick_calibration, task_options
 from winnow.passes.base import AnalysisPass
 from winnow.passes.instruments import TimingInstrument
 from winnow.passes.manager import PassContext, PassManager, pass_label
@@ -144,7 +144,7 @@ def analyze_model(source: Any, out: str | Path, *,
     mark = time.perf_counter()
     regions = find_regions(model).to_dict()
     timings["regions"] = time.perf_counter() - mark
-    ctx = PassContext(calibration=batches)
+    ctx = PassContext(calibration=batches, options=task_options(source, model))
     manager.run(model, ctx)
     timings["passes"] = {name: seconds for name, seconds, _ in timer.records}
     data: dict[str, Any] = {

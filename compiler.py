@@ -29,7 +29,7 @@ from winnow.frontend import example_feeds, load
 from winnow.ir.execute import get_session, run
 from winnow.ir.inputs import feeds_for
 from winnow.passes.instruments import DumpIRInstrument, TimingInstrument, VerifyInstrument
-from winnow.passes.analysis.calibration import pick_calibration
+from winnow.passes.analysis.calibration import pick_calibration, task_options
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, pass_label
 from winnow.passes.pipeline import PassSpec, load_pipeline_file
 
@@ -140,7 +140,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
             reference = _run_source(model, feeds)
     batches, origin = pick_calibration(source, model, calibration)
     with _phase(phases, "passes", "running the pipeline"):
-        model = manager.run(model, PassContext(calibration=batches)).model
+        ctx = PassContext(calibration=batches, options=task_options(source, model))
+        model = manager.run(model, ctx).model
     fidelity = None
     if check:
         with _phase(phases, "check", "checking against the source"):

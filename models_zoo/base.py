@@ -139,6 +139,11 @@ class ZooModel(abc.ABC):
         """Metric values of `outputs` (one per batch of `split`); subclasses with a metric override."""
         return {}
 
+    def task_loss(self, outputs: Outputs, feeds: Feeds) -> float | None:
+        """A per-batch loss of the task (lower is better) computable from outputs and feeds
+        alone, or None when the model has none (DAS then falls back to fidelity loss)."""
+        return None
+
     def task_metric(self, split: str = "heldout") -> TaskMetric | None:
         """The task metric over `split` as a callable on outputs, or None when there is none."""
         if self.metric_name is None:

@@ -223,6 +223,11 @@ class TinyGPTModel(TorchZooModel):
         """Batch and sequence axes are dynamic (sequence at most max_seq)."""
         return {"input_ids": {0: "batch", 1: "seq"}}
 
+    def task_loss(self, outputs: Outputs, feeds: Feeds) -> float:
+        """Mean next-byte cross-entropy (nats) of one batch: the LM's own training loss."""
+        total, count = perplexity(first(outputs), feeds["input_ids"])
+        return total / count
+
     def compute_metric(self, outputs: Sequence[Outputs], split: str) -> dict[str, float]:
         """exp(mean next-byte cross-entropy) over the split."""
         nll, count = 0.0, 0

@@ -6,6 +6,7 @@ cache), exported and run on its held-out split once per session, whatever the te
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from winnow import models_zoo
 from winnow.fidelity import evaluate_zoo
 from winnow.frontend import EXAMPLE_FEEDS_KEY
 from winnow.models_zoo import digits, tiny_gpt
+from winnow.passes import PassContext
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +122,26 @@ def test_lossless_compile_keeps_the_metric(name, tmp_path):
     fid = evaluate_zoo(name, out)
     assert fid.cosine > 0.9999, fid.summary()
     assert abs(fid.metric_drop) < 1e-3, fid.summary()
+
+
+def test_tiny_gpt_task_loss_is_the_log_perplexity_of_a_batch():
+    gpt = models_zoo.get("tiny-gpt")
+    feeds = gpt.heldout()[0]
+    outputs = gpt.reference()(feeds)
+    loss = gpt.task_loss(outputs, feeds)
+    assert 0.4 < loss < math.log(4.0)
+    total, count = tiny_gpt.perplexity(next(iter(outputs.values())), feeds["input_ids"])
+    assert loss == pytest.approx(total / count)
+    shuffled = {"input_ids": np.roll(feeds["input_ids"], 7, axis=1)}
+    assert gpt.task_loss(outputs, shuffled) > loss + 1.0  # wrong next bytes cost more
+
+
+def test_das_on_tiny_gpt_rewards_the_lm_loss():
+    from winnow.passes.analysis.calibration import task_options
+
+    model = winnow.load("zoo:tiny-gpt")
+    options = task_options("zoo:tiny-gpt", model)
+    assert set(options) == {"task_loss"}
+    ctx = PassContext(calibration=models_zoo.get("tiny-gpt").calibration()[:1], options=options)
+    result = ctx.get_analysis("das-skip", model, steps=5)
+    assert result["loss"] == "task"

@@ -43,17 +43,35 @@ def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
     split, the frontend's example feeds, or random feeds (seed 0)."""
     if calibration is not None:
         return _as_batches(calibration), "explicit"
-    zoo_name = model.metadata_props.get("winnow.zoo")
-    if isinstance(source, str) and source.startswith(("zoo:", "onnx:")) and zoo_name:
-        from winnow.models_zoo import get
-
-        entry = get(source)
+    entry = _zoo_entry(source, model)
+    if entry is not None:
         batches = entry.calibration()
         if batches:
             return _as_batches(batches), f"{entry.source} calibration split"
     if example_feeds(model) is not None:
         return [feeds_for(model)], "example inputs"
     return [feeds_for(model)], "random inputs (seed 0)"
+
+
+def task_options(source: Any, model: ir.Model) -> dict[str, Any]:
+    """Pass-context options a zoo model contributes: its per-batch `task_loss` when it has one
+    (das-skip then rewards the task itself, e.g. an LM's cross-entropy, not output cosine)."""
+    from winnow.models_zoo.base import ZooModel
+
+    entry = _zoo_entry(source, model)
+    if entry is None or type(entry).task_loss is ZooModel.task_loss:
+        return {}
+    return {"task_loss": entry.task_loss}
+
+
+def _zoo_entry(source: Any, model: ir.Model) -> Any:
+    """The zoo entry behind a 'zoo:NAME' / 'onnx:NAME' source, else None."""
+    if not (isinstance(source, str) and source.startswith(("zoo:", "onnx:"))
+            and model.metadata_props.get("winnow.zoo")):
+        return None
+    from winnow.models_zoo import get
+
+    return get(source)
 
 
 def reference_outputs(model: ir.Model, batches: Sequence[Mapping[str, np.ndarray]]
