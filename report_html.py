@@ -290,11 +290,15 @@ def _similarity_section(result: Mapping[str, Any], plots: list[str]) -> list[str
         parts.append("<p>The blocks have no attention / MLP sub-layers (e.g. CNN blocks), so there "
                      "is no per-sub-layer view.</p>")
     parts.append("<h3>Scores</h3>")
+    parts.append("<p><i>linear-adapter cos</i>: cos(Y, X + XW + b) for a ridge adapter fitted on "
+                 "half the samples and scored on the other half; high = a linear adapter can "
+                 "replace the region (drop-layers ranks by it when replacement=linear).</p>")
     parts.append(_table(["region", "kind", "layout", "cos", "block influence", "angular",
-                         "vectors"],
+                         "linear-adapter cos", "vectors"],
                         [[r["name"], r.get("kind"), r.get("layout"), _fmt(r.get("cos"), 5),
                           _fmt(r.get("block_influence"), 5), _fmt(r.get("angular"), 5),
-                          r.get("vectors", "")] for r in regions], numeric=(3, 4, 5, 6)))
+                          _fmt(r.get("linear_cos"), 5), r.get("vectors", "")] for r in regions],
+                        numeric=(3, 4, 5, 6, 7)))
     return parts
 
 
@@ -340,6 +344,9 @@ def _rankings_section(analyses: Mapping[str, Any]) -> list[str]:
         ranking = result.get("ranking") if isinstance(result, Mapping) else None
         if isinstance(ranking, Mapping):
             rows += [[name, level, ", ".join(order)] for level, order in ranking.items() if order]
+            linear = result.get("ranking_linear") or {}
+            rows += [[f"{name} (linear adapter)", level, ", ".join(order)]
+                     for level, order in linear.items() if order]
         elif isinstance(ranking, Sequence) and not isinstance(ranking, str) and ranking:
             rows.append([name, result.get("level", ""), ", ".join(map(str, ranking))])
     if not rows:

@@ -1,8 +1,10 @@
 """Evidence for layer dropping: for each zoo model, k regions removed, chosen by layer-similarity,
 das-skip, the first k, or at random (mean of 5 seeds), replaced by identity or a fitted linear
-adapter; held-out fidelity, task metric, and latency ratio vs the original (ORT, interleaved).
+adapter (selections judged for that replacement); held-out fidelity, task metric, and latency
+ratio vs the original (ORT, interleaved).
 
-    python bench/layer_drop.py [--models minilm,tiny-gpt,digits-vit] [--ks 1,2,3] [--repeats 20]
+    python bench/layer_drop.py [--models minilm,tiny-gpt,digits-vit] [--ks 1,2,3] [--levels ...]
+                               [--repeats 20]
 
 Prints a markdown table and saves it under bench/results/ with the command line.
 """
@@ -25,6 +27,7 @@ from winnow.fidelity import evaluate_zoo
 from winnow.ir.execute import model_bytes, session_options
 from winnow.ir.regions import find_regions
 from winnow.passes import PassContext, PassManager
+from winnow.passes.analysis.calibration import task_options
 
 LEVELS = {"minilm": ("attention", "block"), "tiny-gpt": ("block",), "digits-vit": ("block",)}
 RANDOM_SEEDS = 5
@@ -45,14 +48,14 @@ def score(zm, model):
     return fid.cosine, fid.candidate_metric, fid.metric_name
 
 
-def selections(zm, base_ir, level, k, similarity):
-    """The region choices to compare at one (level, k)."""
+def selections(zm, base_ir, level, k, similarity, replacement):
+    """The region choices to compare at one (level, k), each judged for `replacement`."""
     candidates = [r.name for r in find_regions(base_ir).candidates(level)]
-    ctx = PassContext(calibration=zm.calibration())
-    ctx.get_analysis("das-skip", base_ir, level=level, k=k)
+    ctx = PassContext(calibration=zm.calibration(), options=task_options(f"zoo:{zm.name}", base_ir))
+    das = ctx.get_analysis("das-skip", base_ir, level=level, k=k, replacement=replacement)
+    key = "ranking_linear" if replacement == "linear" else "ranking"
     rng = np.random.default_rng(0)
-    out = {"similarity": similarity["ranking"][level][:k],
-           "das-skip": ctx.analyses["das-skip"]["selected"],
+    out = {"similarity": similarity[key][level][:k], "das-skip": das["selected"],
            "first-k": candidates[:k]}
     out.update({f"random-{s}": list(rng.choice(candidates, size=k, replace=False))
                 for s in range(RANDOM_SEEDS)})
@@ -70,7 +73,7 @@ def latency_ratio(base_ir, model, feeds, repeats, threads):
     return paired_ratios(timings["base"], timings["cand"])["median"]
 
 
-def bench_model(name, ks, repeats, threads):
+def bench_model(name, ks, repeats, threads, levels=None):
     """Rows of the table for one zoo model."""
     zm = models_zoo.get(name)
     base_ir = zm.load_ir()
@@ -79,18 +82,19 @@ def bench_model(name, ks, repeats, threads):
     ref_cos, ref_metric, metric_name = score(zm, base_ir)
     rows = [(name, "-", 0, "original", "-", ref_cos, ref_metric, metric_name, 1.0)]
     feeds = zm.heldout()[0]
-    for level in LEVELS.get(name, ("block",)):
+    for level in levels or LEVELS.get(name, ("block",)):
         for k in ks:
-            choice = selections(zm, base_ir, level, k, similarity)
             for replacement in ("identity", "linear"):
-                results = {}
+                choice = selections(zm, base_ir, level, k, similarity, replacement)
+                results, timed = {}, None
                 for label, regions in winnow.progress.bar(list(choice.items()),
                                                           f"{name} {level} k={k} {replacement}"):
                     model = drop(zm, base_ir, regions, replacement)
-                    results[label] = (regions, *score(zm, model)[:2], model)
-                ratio = latency_ratio(base_ir, results["similarity"][3], feeds, repeats, threads)
+                    results[label] = (regions, *score(zm, model)[:2])
+                    timed = model if label == "similarity" else timed
+                ratio = latency_ratio(base_ir, timed, feeds, repeats, threads)
                 for label in ("similarity", "das-skip", "first-k"):
-                    regions, cos, metric, _ = results[label]
+                    regions, cos, metric = results[label]
                     rows.append((name, level, k, f"{label} ({', '.join(regions)})", replacement,
                                  cos, metric, metric_name, ratio))
                 rand = [results[f"random-{s}"] for s in range(RANDOM_SEEDS)]
@@ -116,13 +120,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,tiny-gpt,digits-vit")
     parser.add_argument("--ks", default="1,2,3")
+    parser.add_argument("--levels", default="", help="e.g. attention,block (default: per model)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, ks, args.repeats, args.threads)
+        levels = [lv for lv in args.levels.split(",") if lv] or None
+        rows += bench_model(name, ks, args.repeats, args.threads, levels)
     text = table(rows)
     print(text)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
@@ -130,7 +136,9 @@ def main(argv=None):
               f"machine: {platform.processor() or platform.machine()}, ORT {ort.__version__}, "
               f"latency ratio = original/candidate median of paired interleaved runs on one "
               f"held-out batch, {args.threads} threads; random = mean over {RANDOM_SEEDS} seeds "
-              "(latency measured on the similarity choice).\n\n")
+              "(latency measured on the similarity choice). Selections are judged for the replacement: "
+              "similarity ranks by cos(X, Y) for identity and by the cross-fitted linear-adapter "
+              "cosine for linear; das-skip gates to the entry or to entry + adapter.\n\n")
     out = Path(__file__).parent / "results" / f"layer-drop-{stamp}.md"
     out.write_text(header + text + "\n")
     print(f"\nsaved {out}")

@@ -13,13 +13,14 @@ for a plain one x + f(x) becomes x. A skip set is then a different feed, not a n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from winnow.ir.regions import Region
+from winnow.ir.linear_adapter import LinearAdapter, adapter_nodes
 
 GATE_PREFIX = "winnow_gate_"
 
@@ -45,13 +46,16 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def gated_copy(model: ir.Model, regions: Sequence[Region]) -> tuple[ir.Model, list[str]]:
+def gated_copy(model: ir.Model, regions: Sequence[Region],
+               adapters: Mapping[str, LinearAdapter] | None = None) -> tuple[ir.Model, list[str]]:
     """A copy of `model` with a gate input on each region's residual branch; returns the gate names.
 
     Regions are looked up in the copy by the names of their entry and exit values, so they may
     come from `find_regions(model)`. Regions may be adjacent (one's exit is the next's entry):
-    the next region then reads the gated stream.
+    the next region then reads the gated stream. With `adapters` (by region name), a closed gate
+    gives `entry + adapter(entry)` instead of `entry`: skipping with the adapter drop-layers fits.
     """
+    adapters = adapters or {}
     copy = model.clone()
     graph = copy.graph
     values = _values_by_name(graph)
@@ -86,10 +90,14 @@ def gated_copy(model: ir.Model, regions: Sequence[Region]) -> tuple[ir.Model, li
             new_nodes.append(node)
             return node.outputs[0]
 
+        skip = entry
+        if regions[i].name in adapters:
+            adapter, skip = adapter_nodes(graph, entry, adapters[regions[i].name], f"{name}/adapter")
+            new_nodes.extend(adapter)
         one = add("Constant", [], "one", value=ir.tensor(np.array(1.0, dtype=dtype.numpy())))
         g = gate if dtype == ir.DataType.FLOAT else add("Cast", [gate], "cast", to=dtype)
         keep = add("Mul", [exit_, g], "keep")
-        rest = add("Mul", [entry, add("Sub", [one, g], "complement")], "rest")
+        rest = add("Mul", [skip, add("Sub", [one, g], "complement")], "rest")
         gated = add("Add", [keep, rest], "out")
         if exit_.type is not None:
             gated.type = exit_.type

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 import winnow
 from tests.graphs import DUPLICATED, model
-from tests.tiny_models import TinyTransformer, zero_block_branches
+from tests.tiny_models import TinyTransformer, linearize_block, scale_block, zero_block_branches
 from winnow.errors import PassConfigError, PassFailedError
 from winnow.ir.execute import run
 from winnow.ir.verify import verify
 from winnow.passes import PassContext, PassManager
-from winnow.passes.rewrite.linear_adapter import fit_adapter
+from winnow.ir.linear_adapter import fit_adapter, fit_region_adapters
+from winnow.ir.gates import gate_feeds, gated_copy
+from winnow.ir.regions import find_regions
+from winnow.passes.analysis.layer_similarity import linear_adapter_cosine
 
 RNG = np.random.default_rng(0)
 CALIBRATION = [{"x": RNG.standard_normal((8, 6, 32)).astype(np.float32)} for _ in range(4)]
@@ -124,3 +129,61 @@ def test_adapter_fit_recovers_a_linear_map_and_rank_limits_it():
     low = fit_adapter(x, y, ridge=1e-6, rank=2)
     assert np.linalg.matrix_rank(low.weight, tol=1e-6) == 2 and low.r2 > 0.999
     assert fit_adapter(x, y, ridge=1e-6, rank=1).r2 < 0.99
+
+
+@pytest.fixture(scope="module")
+def linear_net():
+    """Block 1 changes the stream a lot but almost linearly; block 2 a little, non-linearly."""
+    net = TinyTransformer(layers=4, seed=3)
+    linearize_block(net, 1)
+    scale_block(net, 2, 0.5)
+    return net
+
+
+def test_the_linear_score_ranks_for_the_adapter_and_cos_for_identity(linear_net):
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager("layer-similarity").run(load(linear_net), ctx)
+    result = ctx.analyses["layer-similarity"]
+    scores = {r["name"]: r for r in result["regions"]}
+    assert scores["blocks.1"]["linear_cos"] > 0.998 > scores["blocks.1"]["cos"]
+    assert result["ranking"]["block"][0] == "blocks.2"
+    assert result["ranking_linear"]["block"][0] == "blocks.1"
+
+
+def test_drop_layers_chooses_by_the_replacement_it_will_use(linear_net):
+    errors = {}
+    for replacement, source in itertools.product(("identity", "linear"),
+                                                 ("layer-similarity", "das-skip")):
+        model, ctx = load(linear_net), PassContext(calibration=CALIBRATION)
+        PassManager(f"drop-layers{{count=1,source={source},replacement={replacement}}}").run(model, ctx)
+        dropped = ctx.report["drop-layers"]["dropped"]
+        assert dropped == (["blocks.2"] if replacement == "identity" else ["blocks.1"]), source
+        errors[replacement] = np.abs(output(model) - output(load(linear_net))).mean()
+    assert errors["linear"] < errors["identity"]
+
+
+def test_linear_adapter_cosine_is_cross_fitted():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 8))
+    linear = x + x @ rng.standard_normal((8, 8)) + 1.0
+    assert linear_adapter_cosine(x, linear) == pytest.approx(1.0, abs=1e-4)  # ridge shrinks a little
+    noise = x + 3 * rng.standard_normal((400, 8))  # nothing to learn: out-of-sample cos stays low
+    assert linear_adapter_cosine(x, noise) < 0.5
+    assert np.isnan(linear_adapter_cosine(x[:3], linear[:3]))
+
+
+def test_a_closed_gate_gives_entry_plus_the_adapter(tiny):
+    regions = find_regions(tiny).candidates("block")
+    adapters = fit_region_adapters(tiny, regions, CALIBRATION)
+    gated, gates = gated_copy(tiny, regions, adapters)
+    verify(gated)
+    index = [r.name for r in regions].index("blocks.1")
+    captured = run(tiny, HELDOUT, capture=[regions[index].entry.name])
+    skipped = run(gated, {**HELDOUT, **gate_feeds(len(gates), [index])},
+                  capture=[regions[index].exit.name])
+    entry = captured[regions[index].entry.name]
+    np.testing.assert_allclose(skipped[regions[index].exit.name],
+                               adapters["blocks.1"].apply(entry.reshape(-1, 32)).reshape(entry.shape),
+                               atol=1e-4)
+    opened = run(gated, {**HELDOUT, **gate_feeds(len(gates))})
+    np.testing.assert_allclose(next(iter(opened.values())), output(tiny), atol=1e-6)

@@ -81,3 +81,24 @@ def zero_block_branches(model: TinyTransformer, index: int) -> None:
         for linear in (block.attn.out, block.mlp[2]):
             linear.weight.zero_()
             linear.bias.zero_()
+
+
+def linearize_block(model: TinyTransformer, index: int) -> None:
+    """Make block `index` nearly linear in its input: no attention output, and an MLP whose
+    GELU only sees tiny pre-activations (GELU(z) ~ z/2 there), rescaled to its old size."""
+    block = model.blocks[index]
+    with torch.no_grad():
+        block.attn.out.weight.zero_()
+        block.attn.out.bias.zero_()
+        block.mlp[0].weight.mul_(1e-3)
+        block.mlp[0].bias.zero_()
+        block.mlp[2].weight.mul_(2e3)
+
+
+def scale_block(model: TinyTransformer, index: int, factor: float) -> None:
+    """Scale what block `index` writes to the residual stream (both branches) by `factor`."""
+    block = model.blocks[index]
+    with torch.no_grad():
+        for linear in (block.attn.out, block.mlp[2]):
+            linear.weight.mul_(factor)
+            linear.bias.mul_(factor)

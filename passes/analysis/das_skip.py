@@ -5,10 +5,13 @@ Pre-trained Models" (NeurIPS 2023) search the layers to skip with REINFORCE-styl
 one logit per candidate. Here: p = sigmoid(logit); each step draws `samples_per_step` distinct
 skip sets of k regions without replacement, weighted by p; the reward of a set is
 r = exp(-loss), loss = fidelity loss against the unmodified model on the step's calibration
-batches (or `ctx.options["task_loss"](outputs, feeds)`) plus `cost_weight` x the fraction of
+batches (or `ctx.options["task_loss"](outputs, feeds)`, which the zoo provides for tiny-gpt: its
+next-byte cross-entropy) plus `cost_weight` x the fraction of
 the model's weights still used; with b the step's mean reward, each region i of a set moves by
 `logit_i += lr * (r - b) * p_i * (1 - p_i)`. Logits rise for regions whose skipping hurts least,
-so the highest logits are the most skippable regions.
+so the highest logits are the most skippable regions. With `replacement=linear` a skipped
+region becomes entry + a ridge adapter fitted on the unmodified model (what drop-layers will put
+there), so the search ranks regions by how well they can be *replaced*, not merely removed.
 
 Speed: the model is copied once with a scalar gate on each candidate's residual branch
 (`winnow.ir.gates`), so a skip set is a different feed, not a new model. A skip set whose first
@@ -40,7 +43,9 @@ from winnow.errors import ExecutionError, PassConfigError
 from winnow.ir.execute import model_bytes, session_options
 from winnow.ir.gates import gate_feeds, gated_copy, suffix_model
 from winnow.ir.regions import PARAM_OPS, Region, find_regions
+from winnow.ir.linear_adapter import fit_region_adapters
 from winnow.passes.analysis.calibration import calibration_batches, fidelity_loss, split_batch
+from winnow.passes.analysis.layer_similarity import limit_samples
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
 
@@ -109,6 +114,11 @@ class DasSkipPass(AnalysisPass):
         batch_size: int = option(4, "rows (sequences, images) per mini-batch: calibration "
                                  "batches are split along their first axis; 0 keeps them whole",
                                  min=0)
+        replacement: str = option("identity", "what a skipped region becomes: its entry "
+                                  "(identity) or entry + a ridge-fitted linear adapter, as "
+                                  "drop-layers will replace it", choices=("identity", "linear"))
+        adapter_samples: int = option(256, "calibration samples the linear adapters are "
+                                      "fitted on (replacement=linear)", min=1)
 
     def analyze(self, model: ir.Model) -> dict[str, Any]:
         from winnow.passes.manager import PassContext
@@ -131,8 +141,13 @@ class DasSkipPass(AnalysisPass):
 
         batches = [mb for b in calibration_batches(model, ctx)
                    for mb in split_batch(b, cfg.batch_size, model)]
-        evaluate = _Evaluator(model, regions, batches,
-                              ctx.options.get("task_loss"), cfg.cost_weight)
+        adapters = None
+        if cfg.replacement == "linear":
+            with progress.step(f"fitting linear adapters for {len(regions)} regions"):
+                fit_batches = limit_samples(calibration_batches(model, ctx), cfg.adapter_samples)
+                adapters = fit_region_adapters(model, regions, fit_batches)
+        evaluate = _Evaluator(model, regions, batches, ctx.options.get("task_loss"),
+                              cfg.cost_weight, adapters=adapters)
         rng = np.random.default_rng(cfg.seed)
         logits = np.zeros(len(regions))
         rewards, losses = [], []
@@ -165,6 +180,7 @@ class DasSkipPass(AnalysisPass):
             "selected": ranking[:cfg.k],
             "curve": {"reward": rewards, "loss": losses},
             "loss": "task" if evaluate.task_loss else "fidelity (1 - cosine of outputs)",
+            "replacement": cfg.replacement,
             "calibration_batches": evaluate.num_batches,
             "prefix_reuse": evaluate.prefix_reuse,
             "seconds": time.perf_counter() - start,
@@ -203,8 +219,9 @@ class _Evaluator:
     CACHED_BATCHES = 64
 
     def __init__(self, model: ir.Model, regions: list[Region], batches: list[dict],
-                 task_loss: Any, cost_weight: float, reuse_prefix: bool = True) -> None:
-        self.gated, self.gates = gated_copy(model, regions)
+                 task_loss: Any, cost_weight: float, reuse_prefix: bool = True,
+                 adapters: Mapping[str, Any] | None = None) -> None:
+        self.gated, self.gates = gated_copy(model, regions, adapters)
         needed = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
         for batch in batches:
             missing = [n for n in needed if n not in batch]

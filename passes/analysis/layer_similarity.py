@@ -1,5 +1,6 @@
 """`layer-similarity`: how much each block and sub-layer changes the residual stream
-(cos(X, Y) per token, ShortGPT's block influence 1 - cos, and the angular distance)."""
+(cos(X, Y) per token, ShortGPT's block influence 1 - cos, and the angular distance), and how well
+a closed-form linear adapter stands in for it (`linear_cos`: cos(Y, adapter(X)), cross-fitted)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from winnow.ir.regions import Region, find_regions
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
+from winnow.ir.linear_adapter import fit_adapter
 from winnow.progress import bar
 
 NO_BLOCKS = "no residual blocks were detected, so there is nothing to score"
+LEVELS = ("block", "sublayer", "attention", "mlp")
+MAX_FIT_VECTORS = 8192  # per region, for the linear-adapter score (CNN maps have many positions)
 
 
 def limit_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
@@ -53,31 +57,65 @@ class LayerSimilarityPass(AnalysisPass):
         start = time.perf_counter()
         regions = find_regions(model)
         if not regions.blocks:
-            return {"regions": [], "ranking": {}, "note": NO_BLOCKS}
+            return {"regions": [], "ranking": {}, "ranking_linear": {}, "note": NO_BLOCKS}
         batches = limit_samples(calibration_batches(model, PassContext.current()), self.config.samples)
         scored = score_regions(model, regions.all(), batches)
-        ranking = {level: [r["name"] for r in sorted(
-            (scored[x.name] for x in regions.candidates(level)), key=lambda r: -r["cos"])]
-            for level in ("block", "sublayer", "attention", "mlp")}
-        return {"regions": [scored[r.name] for r in regions.all()], "ranking": ranking,
+        return {"regions": [scored[r.name] for r in regions.all()],
+                "ranking": _rank(regions, scored, "cos"),
+                "ranking_linear": _rank(regions, scored, "linear_cos"),
                 "samples": sum(next(iter(b.values())).shape[0] for b in batches),
                 "source": regions.source, "seconds": time.perf_counter() - start}
 
 
+def _rank(regions: Any, scored: dict[str, dict], key: str) -> dict[str, list[str]]:
+    """Droppable regions per level, most redundant (highest `key`) first."""
+    return {level: [r["name"] for r in sorted((scored[x.name] for x in regions.candidates(level)),
+                                              key=lambda r: -r[key])]
+            for level in LEVELS}
+
+
 def score_regions(model: ir.Model, regions: list[Region], batches: list[dict]) -> dict[str, dict]:
-    """cos / block influence / angular distance per region, averaged over all real tokens."""
+    """cos / block influence / angular distance per region, averaged over all real tokens, and
+    the cross-fitted linear-adapter cosine."""
     pairs = {r.name: (r.entry.name, r.exit.name) for r in regions}
     sums = {name: np.zeros(3) for name in pairs}
-    for chunk in bar(iter_pairs(model, batches, list(set(pairs.values()))), "layer-similarity",
-                     total=len(batches)):
+    kept: dict[tuple, list] = {pair: [] for pair in set(pairs.values())}
+    rng = np.random.default_rng(0)
+    for chunk in bar(iter_pairs(model, batches, list(kept)), "layer-similarity", total=len(batches)):
         for name, pair in pairs.items():
             cos = np.clip(rowwise_cosine(*chunk[pair]), -1.0, 1.0)
             sums[name] += [cos.sum(), (np.arccos(cos) / np.pi).sum(), cos.size]
+        for pair in kept:
+            kept[pair].append(_subsample(rng, *chunk[pair], MAX_FIT_VECTORS // len(batches) + 1))
+    linear = {pair: linear_adapter_cosine(np.concatenate([x for x, _ in v]),
+                                          np.concatenate([y for _, y in v]))
+              for pair, v in kept.items()}
     out = {}
     for r in regions:
         total_cos, total_angle, count = sums[r.name]
         cos = total_cos / max(count, 1)
         out[r.name] = {"name": r.name, "kind": r.kind, "layout": r.layout, "cos": float(cos),
                        "block_influence": float(1.0 - cos),
-                       "angular": float(total_angle / max(count, 1)), "vectors": int(count)}
+                       "angular": float(total_angle / max(count, 1)), "vectors": int(count),
+                       "linear_cos": linear[pairs[r.name]]}
     return out
+
+
+def _subsample(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, rows: int) -> tuple:
+    if len(x) <= rows:
+        return x, y
+    pick = np.sort(rng.choice(len(x), size=rows, replace=False))
+    return x[pick], y[pick]
+
+
+def linear_adapter_cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean cos(Y, adapter(X)) with 2-fold cross-fitting (each half scored by the adapter fitted
+    on the other), so a region is not flattered by an adapter that memorised its samples."""
+    if len(x) < 4:
+        return float("nan")
+    halves = (slice(0, len(x) // 2), slice(len(x) // 2, None))
+    cos = []
+    for fit, test in (halves, halves[::-1]):
+        adapter = fit_adapter(x[fit], y[fit])
+        cos.append(rowwise_cosine(adapter.apply(x[test]), y[test]))
+    return float(np.clip(np.concatenate(cos), -1.0, 1.0).mean())

@@ -15,7 +15,7 @@ from winnow.ir.regions import Region, RegionMap, find_regions
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
-from winnow.passes.rewrite.linear_adapter import fit_adapter, insert_adapter, insert_after_value
+from winnow.ir.linear_adapter import fit_adapter, insert_adapter, insert_after_value
 
 LEVELS = ("block", "sublayer", "attention", "mlp")
 
@@ -86,7 +86,7 @@ class DropLayersPass(Pass):
             raise PassConfigError(
                 f"drop-layers count={self.config.count} is more than the {len(candidates)} "
                 f"droppable {self.config.level} regions: {', '.join(r.name for r in candidates)}.")
-        ranking = _ranking(self.config.source, self.config.level, self.config.count, model, ctx)
+        ranking = _ranking(self.config, model, ctx)
         by_name = {r.name: r for r in candidates}
         return [by_name[n] for n in ranking if n in by_name][: self.config.count]
 
@@ -116,12 +116,15 @@ def _lookup(region_map: RegionMap, name: str) -> Region:
     return region
 
 
-def _ranking(source: str, level: str, count: int, model: ir.Model, ctx: PassContext) -> list[str]:
-    if source == "das-skip":
-        result = ctx.get_analysis("das-skip", model, level=level, k=count)
+def _ranking(cfg: Any, model: ir.Model, ctx: PassContext) -> list[str]:
+    """Candidates, most droppable first, judged for the replacement that will stand in for them."""
+    if cfg.source == "das-skip":
+        result = ctx.get_analysis("das-skip", model, level=cfg.level, k=cfg.count,
+                                  replacement=cfg.replacement)
         return list(result.get("ranking", []))
     result = ctx.get_analysis("layer-similarity", model)
-    return list(result.get("ranking", {}).get(level, []))
+    key = "ranking_linear" if cfg.replacement == "linear" else "ranking"
+    return list(result.get(key, {}).get(cfg.level, []))
 
 
 def _position(model: ir.Model, region: Region) -> int:

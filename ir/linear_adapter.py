@@ -4,6 +4,8 @@ optionally truncated to rank r by SVD (DAS's lightweight skip module, fitted in 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -39,6 +41,15 @@ def fit_adapter(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, rank: int = 0
     return LinearAdapter(weight, bias, r2)
 
 
+def fit_region_adapters(model: ir.Model, regions: Sequence[Any], batches: Sequence[Mapping],
+                        ridge: float = 1e-2) -> dict[str, LinearAdapter]:
+    """One adapter per region, each fitted on the unmodified model's (entry, exit) vectors."""
+    from winnow.ir.activations import collect_pairs
+
+    pairs = collect_pairs(model, batches, [(r.entry.name, r.exit.name) for r in regions])
+    return {r.name: fit_adapter(*pairs[(r.entry.name, r.exit.name)], ridge=ridge) for r in regions}
+
+
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
@@ -54,9 +65,10 @@ def insert_after_value(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -
         graph.insert_before(next(iter(graph)), nodes)
 
 
-def insert_adapter(graph: ir.Graph, entry: ir.Value, adapter: LinearAdapter, name: str) -> ir.Value:
-    """Insert nodes computing `entry + adapter(entry)` (MatMul on the last axis, or a 1x1 Conv for
-    NCHW) right after the entry, and return the new value."""
+def adapter_nodes(graph: ir.Graph, entry: ir.Value, adapter: LinearAdapter, name: str
+                  ) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes computing `entry + adapter(entry)` (MatMul on the last axis, or a 1x1 Conv for
+    NCHW), not yet inserted, and their output; the weights are registered as initializers."""
     dtype = entry.dtype.numpy() if entry.dtype is not None else np.float32
     bias = _initializer(graph, f"{name}.bias", adapter.bias.astype(dtype))
     if entry.shape is not None and len(entry.shape) == 4:
@@ -67,8 +79,14 @@ def insert_adapter(graph: ir.Graph, entry: ir.Value, adapter: LinearAdapter, nam
         matmul = ir.node("MatMul", [entry, weight], name=f"{name}.matmul")
         nodes = [matmul, ir.node("Add", [matmul.outputs[0], bias], name=f"{name}.add_bias")]
     nodes.append(ir.node("Add", [entry, nodes[-1].outputs[0]], name=f"{name}.residual"))
-    insert_after_value(graph, entry, nodes)
     value = nodes[-1].outputs[0]
     value.name = f"{name}.out"
     value.dtype, value.shape = entry.dtype, entry.shape
+    return nodes, value
+
+
+def insert_adapter(graph: ir.Graph, entry: ir.Value, adapter: LinearAdapter, name: str) -> ir.Value:
+    """Insert `entry + adapter(entry)` right after the entry and return the new value."""
+    nodes, value = adapter_nodes(graph, entry, adapter, name)
+    insert_after_value(graph, entry, nodes)
     return value
