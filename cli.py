@@ -264,13 +264,20 @@ def inspect(src: str, as_json: bool) -> None:
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        data = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise SourceError(f"inputs file '{path}' does not exist; give an .npz file.") from None
+    except EOFError:
+        raise SourceError(f"inputs file '{path}' is empty or truncated; write it with "
+                          "numpy.savez.") from None
     except (OSError, ValueError) as exc:
         raise SourceError(f"inputs file '{path}' is not a readable .npz of arrays ({exc}); "
                           "write it with numpy.savez.") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise SourceError(f"inputs file '{path}' holds a single array, not named arrays; write "
+                          "it with numpy.savez(path, input_name=array, ...).")
+    with data:
+        return {k: data[k] for k in data.files}
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:

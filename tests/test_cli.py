@@ -123,6 +123,14 @@ def test_run_errors(tiny_model_path, tmp_path):
     (tmp_path / "bad.npz").write_text("not an npz")
     bad = invoke("run", tmp_path / "out", "--inputs", tmp_path / "bad.npz")
     assert bad.exit_code == 2 and "is not a readable .npz" in bad.stderr
+    (tmp_path / "empty.npz").write_bytes(b"")
+    empty = invoke("run", tmp_path / "out", "--inputs", tmp_path / "empty.npz", "-o", tmp_path / "y.npz")
+    assert empty.exit_code == 2 and "is empty or truncated" in empty.stderr
+    with open(tmp_path / "one.npz", "wb") as f:
+        np.save(f, np.zeros((5, 16), np.float32))
+    single = invoke("run", tmp_path / "out", "--inputs", tmp_path / "one.npz", "-o", tmp_path / "y.npz")
+    assert single.exit_code == 2 and "holds a single array" in single.stderr
+    assert not (tmp_path / "y.npz").exists()
 
 
 @pytest.fixture
