@@ -1,10 +1,10 @@
 """Evidence for layer dropping: for each zoo model, k regions removed, chosen by layer-similarity,
-das-skip, the first k, or at random (mean of 5 seeds), replaced by identity or a fitted linear
-adapter (selections judged for that replacement); held-out fidelity, task metric, and latency
-ratio vs the original (ORT, interleaved).
+das-skip, the first k, or at random (mean of 5 seeds), replaced by identity, a fitted linear
+adapter, or a linear adapter with a context term (selections judged for that replacement);
+held-out fidelity, task metric, and latency ratio vs the original (ORT, interleaved).
 
     python bench/layer_drop.py [--models minilm,tiny-gpt,digits-vit] [--ks 1,2,3] [--levels ...]
-                               [--repeats 20]
+                               [--replacements identity,linear,context] [--repeats 20]
 
 Prints a markdown table and saves it under bench/results/ with the command line.
 """
@@ -31,6 +31,7 @@ from winnow.passes.analysis.calibration import task_options
 
 LEVELS = {"minilm": ("attention", "block"), "tiny-gpt": ("block",), "digits-vit": ("block",)}
 RANDOM_SEEDS = 5
+REPLACEMENTS = ("identity", "linear", "context")
 
 
 def drop(zm, base_ir, regions, replacement):
@@ -52,8 +53,9 @@ def selections(zm, base_ir, level, k, similarity, replacement):
     """The region choices to compare at one (level, k), each judged for `replacement`."""
     candidates = [r.name for r in find_regions(base_ir).candidates(level)]
     ctx = PassContext(calibration=zm.calibration(), options=task_options(f"zoo:{zm.name}", base_ir))
-    das = ctx.get_analysis("das-skip", base_ir, level=level, k=k, replacement=replacement)
-    key = "ranking_linear" if replacement == "linear" else "ranking"
+    das = ctx.get_analysis("das-skip", base_ir, level=level, k=k,
+                           replacement="identity" if replacement == "identity" else "linear")
+    key = "ranking" if replacement == "identity" else "ranking_linear"
     rng = np.random.default_rng(0)
     out = {"similarity": similarity[key][level][:k], "das-skip": das["selected"],
            "first-k": candidates[:k]}
@@ -73,7 +75,7 @@ def latency_ratio(base_ir, model, feeds, repeats, threads):
     return paired_ratios(timings["base"], timings["cand"])["median"]
 
 
-def bench_model(name, ks, repeats, threads, levels=None):
+def bench_model(name, ks, repeats, threads, levels=None, replacements=REPLACEMENTS):
     """Rows of the table for one zoo model."""
     zm = models_zoo.get(name)
     base_ir = zm.load_ir()
@@ -84,7 +86,7 @@ def bench_model(name, ks, repeats, threads, levels=None):
     feeds = zm.heldout()[0]
     for level in levels or LEVELS.get(name, ("block",)):
         for k in ks:
-            for replacement in ("identity", "linear"):
+            for replacement in replacements:
                 choice = selections(zm, base_ir, level, k, similarity, replacement)
                 results, timed = {}, None
                 for label, regions in winnow.progress.bar(list(choice.items()),
@@ -121,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--models", default="minilm,tiny-gpt,digits-vit")
     parser.add_argument("--ks", default="1,2,3")
     parser.add_argument("--levels", default="", help="e.g. attention,block (default: per model)")
+    parser.add_argument("--replacements", default=",".join(REPLACEMENTS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -128,7 +131,8 @@ def main(argv=None):
     rows = []
     for name in args.models.split(","):
         levels = [lv for lv in args.levels.split(",") if lv] or None
-        rows += bench_model(name, ks, args.repeats, args.threads, levels)
+        rows += bench_model(name, ks, args.repeats, args.threads, levels,
+                            tuple(args.replacements.split(",")))
     text = table(rows)
     print(text)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
@@ -138,7 +142,8 @@ def main(argv=None):
               f"held-out batch, {args.threads} threads; random = mean over {RANDOM_SEEDS} seeds "
               "(latency measured on the similarity choice). Selections are judged for the replacement: "
               "similarity ranks by cos(X, Y) for identity and by the cross-fitted linear-adapter "
-              "cosine for linear; das-skip gates to the entry or to entry + adapter.\n\n")
+              "cosine for linear/context; das-skip gates to the entry or to entry + linear adapter. "
+              "context = x W + mean(x) V + b (masked / causal mean over the sequence).\n\n")
     out = Path(__file__).parent / "results" / f"layer-drop-{stamp}.md"
     out.write_text(header + text + "\n")
     print(f"\nsaved {out}")

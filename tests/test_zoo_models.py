@@ -145,3 +145,20 @@ def test_das_on_tiny_gpt_rewards_the_lm_loss():
     ctx = PassContext(calibration=models_zoo.get("tiny-gpt").calibration()[:1], options=options)
     result = ctx.get_analysis("das-skip", model, steps=5)
     assert result["loss"] == "task"
+
+
+def test_context_adapter_on_tiny_gpt_keeps_the_lm_causal():
+    from winnow.ir.execute import run as run_ir
+    from winnow.passes import PassManager
+
+    zm = models_zoo.get("tiny-gpt")
+    model = zm.load_ir()
+    ctx = PassContext(calibration=zm.calibration()[:2])
+    PassManager("drop-layers{regions=[blocks.0],replacement=context}").run(model, ctx)
+    assert any(n.op_type == "CumSum" for n in model.graph)  # a prefix mean, not a global one
+    feeds = zm.heldout()[0]
+    changed = {"input_ids": feeds["input_ids"].copy()}
+    changed["input_ids"][:, -1] = (changed["input_ids"][:, -1] + 1) % 256
+    before, after = (next(iter(run_ir(model, f).values())) for f in (feeds, changed))
+    np.testing.assert_array_equal(before[:, :-1], after[:, :-1])
+    assert not np.array_equal(before[:, -1], after[:, -1])

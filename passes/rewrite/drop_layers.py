@@ -1,21 +1,26 @@
 """`drop-layers`: remove residual blocks or sub-layers (by name, by layer-similarity, or by
-das-skip), replacing each by the identity or a closed-form linear adapter."""
+das-skip), replacing each by the identity, a closed-form linear adapter, or a linear adapter
+with a context term (the mean over the sequence / spatial positions, masked and causal as the
+model is)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from winnow.errors import PassConfigError
-from winnow.ir.activations import collect_pairs
+from winnow.ir.activations import as_vectors, collect_pairs, padding_mask
+from winnow.ir.execute import run
+from winnow.ir.linear_adapter import (ContextSpec, context_of, context_spec, fit_adapter,
+                                      insert_adapter, insert_after_value)
 from winnow.ir.regions import Region, RegionMap, find_regions
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
-from winnow.ir.linear_adapter import fit_adapter, insert_adapter, insert_after_value
 
 LEVELS = ("block", "sublayer", "attention", "mlp")
 
@@ -38,8 +43,9 @@ class DropLayersPass(Pass):
         source: str = option("layer-similarity", "analysis that ranks regions",
                              choices=("layer-similarity", "das-skip"))
         level: str = option("block", "which regions are candidates", choices=LEVELS)
-        replacement: str = option("identity", "what replaces a dropped region",
-                                  choices=("identity", "linear"))
+        replacement: str = option("identity", "what replaces a dropped region: its entry, entry + "
+                                  "x W + b, or entry + x W + mean(x) V + b (context)",
+                                  choices=("identity", "linear", "context"))
         rank: int = option(0, "rank of the linear adapter (0 = full)", min=0)
         ridge: float = option(1e-2, "ridge strength of the adapter fit (relative)", min=0.0)
         samples: int = option(1024, "calibration samples used to fit adapters", min=1)
@@ -58,16 +64,18 @@ class DropLayersPass(Pass):
                                      "regions=[...] or count=N)"}
             return PassResult(model, False)
         fits, replaced = {}, {}
-        batches = self._batches(model, ctx) if self.config.replacement == "linear" else []
+        batches = self._batches(model, ctx) if self.config.replacement != "identity" else []
         # Targets come from the original model; inputs from the model as rewritten so far
         # (regions in network order), so each adapter also corrects the error upstream of it.
         targets = _collect(model, batches, [r.exit.name for r in chosen]) if batches else {}
         for region in sorted(chosen, key=lambda r: _position(model, r)):
             entry = replaced.get(id(region.entry), region.entry)
             if batches:
-                x = _collect(model, batches, [entry.name])[entry.name]
-                fits[region.name] = fit_adapter(x, targets[region.exit.name],
-                                                ridge=self.config.ridge, rank=self.config.rank)
+                spec = (context_spec(model, entry, batches[0])
+                        if self.config.replacement == "context" else None)
+                x, context = _entry_vectors(model, batches, entry.name, spec)
+                fits[region.name] = fit_adapter(x, targets[region.exit.name], self.config.ridge,
+                                                self.config.rank, context, spec)
             replaced[id(region.exit)] = _replace_region(model.graph, region, entry,
                                                         fits.get(region.name))
         RemoveUnusedNodesPass()(model)
@@ -103,6 +111,19 @@ def _collect(model: ir.Model, batches: list[dict], names: list[str]) -> dict[str
     return {n: pairs[(n, n)][0] for n in names}
 
 
+def _entry_vectors(model: ir.Model, batches: list[dict], name: str, spec: ContextSpec | None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vectors of value `name` (padding dropped) and, with `spec`, their context vectors."""
+    xs, contexts = [], []
+    for feeds in batches:
+        value = run(model, feeds, capture=[name])[name]
+        mask = padding_mask(feeds)
+        xs.append(as_vectors(value, mask))
+        if spec is not None:
+            contexts.append(as_vectors(context_of(value, spec, feeds), mask))
+    return np.concatenate(xs), (np.concatenate(contexts) if spec is not None else None)
+
+
 def _lookup(region_map: RegionMap, name: str) -> Region:
     try:
         region = region_map.get(name)
@@ -120,10 +141,10 @@ def _ranking(cfg: Any, model: ir.Model, ctx: PassContext) -> list[str]:
     """Candidates, most droppable first, judged for the replacement that will stand in for them."""
     if cfg.source == "das-skip":
         result = ctx.get_analysis("das-skip", model, level=cfg.level, k=cfg.count,
-                                  replacement=cfg.replacement)
+                                  replacement="identity" if cfg.replacement == "identity" else "linear")
         return list(result.get("ranking", []))
     result = ctx.get_analysis("layer-similarity", model)
-    key = "ranking_linear" if cfg.replacement == "linear" else "ranking"
+    key = "ranking" if cfg.replacement == "identity" else "ranking_linear"
     return list(result.get(key, {}).get(cfg.level, []))
 
 
