@@ -302,6 +302,9 @@ def _similarity_section(result: Mapping[str, Any], plots: list[str]) -> list[str
     return parts
 
 
+_SKIP_AS = {"identity": "its entry (identity)", "linear": "entry + a ridge-fitted linear adapter"}
+
+
 def _das_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
     parts = ["<h2>DAS skip search</h2>",
              "<p>A k-armed bandit (DAS, NeurIPS 2023) with one logit per candidate region: "
@@ -315,7 +318,9 @@ def _das_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
     selected = result.get("selected") or []
     parts.append(f"<p class=\"sub\">level {_e(result.get('level'))}, k = {_e(result.get('k'))}, "
                  f"{len(result.get('curve', {}).get('reward', []))} steps, loss: "
-                 f"{_e(result.get('loss', '?'))}, {_fmt(result.get('seconds'), 2)} s. "
+                 f"{_e(result.get('loss', '?'))}, skipped region becomes: "
+                 f"{_e(_SKIP_AS.get(result.get('replacement', 'identity'), '?'))}, "
+                 f"{_fmt(result.get('seconds'), 2)} s. "
                  f"Selected: <b>{_e(', '.join(selected) or 'none')}</b> (marked * below).</p>")
     curve = result.get("curve") or {}
     if curve.get("reward") or curve.get("loss"):
