@@ -11,6 +11,7 @@ ceiling of the adapter family on held-out sentences:
 3. the same training on the held-out sentences themselves: the in-sample capacity of the family.
 
     python bench/attention_drop_ceiling.py [--layers 1,3] [--epochs 4] [--lr 1e-3]
+    python bench/attention_drop_ceiling.py --pairs      # every pair, drop-layers{replacement=context}
 
 Prints a markdown table and saves it under bench/results/.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import datetime
 import sys
 from pathlib import Path
@@ -138,14 +140,32 @@ def distill(ref, layers, train, train_refs, held, held_refs, epochs, lr, context
     return curve, mean_cosine(cand, train, train_refs), sum(p.numel() for p in params)
 
 
+def all_pairs(zm):
+    """Held-out cosine / spearman of drop-layers{replacement=context} for every attention pair."""
+    lines = ["| attention sub-layers dropped | mean cosine | spearman |", "|---|---|---|"]
+    base = zm.load_ir()
+    for a, b in itertools.combinations(range(6), 2):
+        model = base.clone()
+        names = f"encoder.encoder.layer.{a}.attn,encoder.encoder.layer.{b}.attn"
+        PassManager(f"drop-layers{{regions=[{names}],replacement=context}}").run(
+            model, PassContext(calibration=zm.calibration()))
+        fid = evaluate_zoo(zm, model)
+        lines.append(f"| {a}, {b} | {fid.cosine:.4f} | {fid.candidate_metric:.4f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    """Run the three measurements and print/save the table."""
+    """Run the measurements and print/save the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="1,3", help="attention sub-layers to drop (das-skip's pick)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--pairs", action="store_true", help="instead: every pair with the context adapter")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    if args.pairs:
+        return save(all_pairs(models_zoo.get("minilm")), "attention-pairs", argv)
     layers = [int(i) for i in args.layers.split(",")]
     zm = models_zoo.get("minilm")
     names = [f"encoder.encoder.layer.{i}.attn" for i in layers]
@@ -173,11 +193,15 @@ def main(argv=None):
              "", "| replacement | held-out mean cosine | cosine on its training data | held-out per epoch |",
              "|---|---|---|---|"]
     lines += [f"| {a} | {b:.4f} | {c} | {d} |" for a, b, c, d in rows]
-    text = "\n".join(lines)
+    save("\n".join(lines), "attention-drop-ceiling", argv)
+
+
+def save(text, stem, argv):
+    """Print the table and write it under bench/results/ with the command line."""
     print(text)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
-    out = Path(__file__).parent / "results" / f"attention-drop-ceiling-{stamp}.md"
-    out.write_text(f"# adapter ceiling\n\ncommand: `python bench/attention_drop_ceiling.py "
+    out = Path(__file__).parent / "results" / f"{stem}-{stamp}.md"
+    out.write_text(f"# {stem}\n\ncommand: `python bench/attention_drop_ceiling.py "
                    f"{' '.join(argv or sys.argv[1:])}`\n\n{text}\n")
     print(f"\nsaved {out}")
 
