@@ -49,13 +49,14 @@ def score(zm, model):
     return fid.cosine, fid.candidate_metric, fid.metric_name
 
 
-def selections(zm, base_ir, level, k, similarity, replacement):
-    """The region choices to compare at one (level, k), each judged for `replacement`."""
+def selections(base_ir, level, k, ctx, replacement):
+    """The region choices to compare at one (level, k), each judged for `replacement`; analyses
+    are cached in `ctx` (the linear and context replacements share the das-skip run)."""
     candidates = [r.name for r in find_regions(base_ir).candidates(level)]
-    ctx = PassContext(calibration=zm.calibration(), options=task_options(f"zoo:{zm.name}", base_ir))
     das = ctx.get_analysis("das-skip", base_ir, level=level, k=k,
                            replacement="identity" if replacement == "identity" else "linear")
     key = "ranking" if replacement == "identity" else "ranking_linear"
+    similarity = ctx.get_analysis("layer-similarity", base_ir)
     rng = np.random.default_rng(0)
     out = {"similarity": similarity[key][level][:k], "das-skip": das["selected"],
            "first-k": candidates[:k]}
@@ -79,15 +80,14 @@ def bench_model(name, ks, repeats, threads, levels=None, replacements=REPLACEMEN
     """Rows of the table for one zoo model."""
     zm = models_zoo.get(name)
     base_ir = zm.load_ir()
-    ctx = PassContext(calibration=zm.calibration())
-    similarity = ctx.get_analysis("layer-similarity", base_ir)
+    ctx = PassContext(calibration=zm.calibration(), options=task_options(f"zoo:{zm.name}", base_ir))
     ref_cos, ref_metric, metric_name = score(zm, base_ir)
     rows = [(name, "-", 0, "original", "-", ref_cos, ref_metric, metric_name, 1.0)]
     feeds = zm.heldout()[0]
     for level in levels or LEVELS.get(name, ("block",)):
         for k in ks:
             for replacement in replacements:
-                choice = selections(zm, base_ir, level, k, similarity, replacement)
+                choice = selections(base_ir, level, k, ctx, replacement)
                 results, timed = {}, None
                 for label, regions in winnow.progress.bar(list(choice.items()),
                                                           f"{name} {level} k={k} {replacement}"):
@@ -136,7 +136,8 @@ def main(argv=None):
     text = table(rows)
     print(text)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
-    header = (f"# layer dropping evidence\n\ncommand: `python bench/layer_drop.py {' '.join(argv or sys.argv[1:])}`\n\n"
+    command = " ".join(argv or sys.argv[1:])
+    header = (f"# layer dropping evidence\n\ncommand: `python bench/layer_drop.py {command}`\n\n"
               f"machine: {platform.processor() or platform.machine()}, ORT {ort.__version__}, "
               f"latency ratio = original/candidate median of paired interleaved runs on one "
               f"held-out batch, {args.threads} threads; random = mean over {RANDOM_SEEDS} seeds "

@@ -19,8 +19,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from winnow.ir.regions import Region
 from winnow.ir.linear_adapter import LinearAdapter, adapter_nodes
+from winnow.ir.regions import Region
 
 GATE_PREFIX = "winnow_gate_"
 

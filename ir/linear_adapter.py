@@ -16,6 +16,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from winnow.errors import PassConfigError
+from winnow.ir.activations import collect_pairs
+from winnow.ir.execute import run
+
 MASK_HINT = "attention_mask"
 
 
@@ -72,8 +76,6 @@ def fit_adapter(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, rank: int = 0
 def context_spec(model: ir.Model, value: ir.Value, feeds: Mapping[str, np.ndarray]) -> ContextSpec:
     """How to take the context of `value` in `model`: sequence or spatial mean, the attention
     mask input if there is one, and whether the model is causal (measured on `feeds`)."""
-    from winnow.errors import PassConfigError
-
     rank = len(value.shape) if value.shape is not None else None
     if rank == 4:
         return ContextSpec("spatial")
@@ -88,8 +90,6 @@ def context_spec(model: ir.Model, value: ir.Value, feeds: Mapping[str, np.ndarra
 def is_causal(model: ir.Model, name: str, feeds: Mapping[str, np.ndarray], mask: str | None) -> bool:
     """Whether position t of value `name` ([B, S, ...]) ignores input positions after t: changing
     the last position of every sequence input leaves all earlier positions unchanged."""
-    from winnow.ir.execute import run
-
     base = run(model, feeds, capture=[name])[name]
     if base.ndim < 2 or base.shape[1] < 2:
         return False
@@ -122,8 +122,6 @@ def context_of(array: np.ndarray, spec: ContextSpec, feeds: Mapping[str, np.ndar
 def fit_region_adapters(model: ir.Model, regions: Sequence[Any], batches: Sequence[Mapping],
                         ridge: float = 1e-2) -> dict[str, LinearAdapter]:
     """One adapter per region, each fitted on the unmodified model's (entry, exit) vectors."""
-    from winnow.ir.activations import collect_pairs
-
     pairs = collect_pairs(model, batches, [(r.entry.name, r.exit.name) for r in regions])
     return {r.name: fit_adapter(*pairs[(r.entry.name, r.exit.name)], ridge=ridge) for r in regions}
 

@@ -51,6 +51,9 @@ class Region:
         return out
 
 
+LEVELS = ("block", "sublayer", "attention", "mlp")  # what RegionMap.candidates accepts
+
+
 @dataclasses.dataclass
 class RegionMap:
     """The blocks of a model (each with its sub-layers) and how they were found."""

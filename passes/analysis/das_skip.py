@@ -42,14 +42,13 @@ from winnow import progress
 from winnow.errors import ExecutionError, PassConfigError
 from winnow.ir.execute import model_bytes, session_options
 from winnow.ir.gates import gate_feeds, gated_copy, suffix_model
-from winnow.ir.regions import PARAM_OPS, Region, find_regions
 from winnow.ir.linear_adapter import fit_region_adapters
+from winnow.ir.regions import LEVELS, PARAM_OPS, Region, find_regions
 from winnow.passes.analysis.calibration import calibration_batches, fidelity_loss, split_batch
 from winnow.passes.analysis.layer_similarity import limit_samples
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
 
-LEVELS = ("block", "sublayer", "attention", "mlp")
 
 
 def _weight_count(nodes: Any) -> int:

@@ -12,15 +12,14 @@ import numpy as np
 import onnx_ir as ir
 
 from winnow.ir.activations import iter_pairs, rowwise_cosine
-from winnow.ir.regions import Region, find_regions
+from winnow.ir.linear_adapter import fit_adapter
+from winnow.ir.regions import LEVELS, Region, RegionMap, find_regions
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
-from winnow.ir.linear_adapter import fit_adapter
 from winnow.progress import bar
 
 NO_BLOCKS = "no residual blocks were detected, so there is nothing to score"
-LEVELS = ("block", "sublayer", "attention", "mlp")
 MAX_FIT_VECTORS = 8192  # per region, for the linear-adapter score (CNN maps have many positions)
 
 
@@ -67,7 +66,7 @@ class LayerSimilarityPass(AnalysisPass):
                 "source": regions.source, "seconds": time.perf_counter() - start}
 
 
-def _rank(regions: Any, scored: dict[str, dict], key: str) -> dict[str, list[str]]:
+def _rank(regions: RegionMap, scored: dict[str, dict], key: str) -> dict[str, list[str]]:
     """Droppable regions per level, most redundant (highest `key`) first."""
     return {level: [r["name"] for r in sorted((scored[x.name] for x in regions.candidates(level)),
                                               key=lambda r: -r[key])]

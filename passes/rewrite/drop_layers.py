@@ -13,16 +13,15 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from winnow.errors import PassConfigError
-from winnow.ir.activations import as_vectors, collect_pairs, padding_mask
+from winnow.ir.activations import as_vectors, padding_mask
 from winnow.ir.execute import run
 from winnow.ir.linear_adapter import (ContextSpec, context_of, context_spec, fit_adapter,
                                       insert_adapter, insert_after_value)
-from winnow.ir.regions import Region, RegionMap, find_regions
+from winnow.ir.regions import LEVELS, Region, RegionMap, find_regions
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
 
-LEVELS = ("block", "sublayer", "attention", "mlp")
 
 
 @register_pass
@@ -67,15 +66,17 @@ class DropLayersPass(Pass):
         batches = self._batches(model, ctx) if self.config.replacement != "identity" else []
         # Targets come from the original model; inputs from the model as rewritten so far
         # (regions in network order), so each adapter also corrects the error upstream of it.
-        targets = _collect(model, batches, [r.exit.name for r in chosen]) if batches else {}
-        for region in sorted(chosen, key=lambda r: _position(model, r)):
+        ordered = sorted(chosen, key=lambda r: _position(model, r))
+        targets = _collect(model, batches, [r.exit.name for r in chosen])[0] if batches else {}
+        spec = (context_spec(model, ordered[0].entry, batches[0])
+                if batches and self.config.replacement == "context" else None)
+        for region in ordered:
             entry = replaced.get(id(region.entry), region.entry)
             if batches:
-                spec = (context_spec(model, entry, batches[0])
-                        if self.config.replacement == "context" else None)
-                x, context = _entry_vectors(model, batches, entry.name, spec)
-                fits[region.name] = fit_adapter(x, targets[region.exit.name], self.config.ridge,
-                                                self.config.rank, context, spec)
+                x, context = _collect(model, batches, [entry.name], spec)
+                fits[region.name] = fit_adapter(x[entry.name], targets[region.exit.name],
+                                                self.config.ridge, self.config.rank,
+                                                None if context is None else context[entry.name], spec)
             replaced[id(region.exit)] = _replace_region(model.graph, region, entry,
                                                         fits.get(region.name))
         RemoveUnusedNodesPass()(model)
@@ -105,23 +106,21 @@ class DropLayersPass(Pass):
         return limit_samples(calibration_batches(model, ctx), self.config.samples)
 
 
-def _collect(model: ir.Model, batches: list[dict], names: list[str]) -> dict[str, Any]:
-    """Vectors (padding dropped) of the named values over all batches."""
-    pairs = collect_pairs(model, batches, [(n, n) for n in names])
-    return {n: pairs[(n, n)][0] for n in names}
-
-
-def _entry_vectors(model: ir.Model, batches: list[dict], name: str, spec: ContextSpec | None
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Vectors of value `name` (padding dropped) and, with `spec`, their context vectors."""
-    xs, contexts = [], []
+def _collect(model: ir.Model, batches: list[dict], names: list[str],
+             spec: ContextSpec | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Vectors (padding dropped) of the named values over all batches, and with `spec` the
+    vectors of their context means."""
+    values: dict[str, list] = {n: [] for n in names}
+    contexts: dict[str, list] = {n: [] for n in names}
     for feeds in batches:
-        value = run(model, feeds, capture=[name])[name]
+        captured = run(model, feeds, capture=names)
         mask = padding_mask(feeds)
-        xs.append(as_vectors(value, mask))
-        if spec is not None:
-            contexts.append(as_vectors(context_of(value, spec, feeds), mask))
-    return np.concatenate(xs), (np.concatenate(contexts) if spec is not None else None)
+        for name in names:
+            values[name].append(as_vectors(captured[name], mask))
+            if spec is not None:
+                contexts[name].append(as_vectors(context_of(captured[name], spec, feeds), mask))
+    stacked = {n: np.concatenate(v) for n, v in values.items()}
+    return stacked, ({n: np.concatenate(v) for n, v in contexts.items()} if spec else None)
 
 
 def _lookup(region_map: RegionMap, name: str) -> Region:
