@@ -86,11 +86,13 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--max-drop", default=DEFAULT_MAX_DROP, show_default=True, type=float, metavar="X",
               help="Fidelity budget for lossy passes: largest task-metric drop (or 1 - cosine).")
 @click.option("--force", is_flag=True, help="Write the result even when it misses the budget.")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 2) when a lossless pass changes the outputs, instead of rolling it back.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--force-overwrite", is_flag=True, help="Replace OUT when it is an earlier artifact.")
 def compile(src: str, out: str, pipeline: str | None, config: str | None, backend: str,
             timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool, evaluate: bool,
-            max_drop: float, force: bool, as_json: bool,
+            max_drop: float, force: bool, strict: bool, as_json: bool,
             force_overwrite: bool) -> None:  # noqa: A001 - the command's name
     """Optimize SRC (.onnx, HF folder, zoo:NAME) and write a deployable artifact to OUT."""
     from winnow.compiler import compile_model
@@ -98,7 +100,7 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
     result = compile_model(src, out, pipeline=pipeline, config=config, backend=backend,
                            timings=timings, dump_ir=dump_ir, verify_each=verify_each,
                            overwrite=force_overwrite, check=not no_check, evaluate=evaluate,
-                           max_drop=max_drop, force=force)
+                           max_drop=max_drop, force=force, strict=strict)
     if as_json:
         _dump(result.to_dict())
         return
@@ -112,6 +114,7 @@ def _print_compile(result: Any, timings: bool) -> None:
              f"params    {params['count']:,} ({_size(params['bytes'])})"]
     if result.fidelity is not None:
         lines.append(f"fidelity  {_fidelity_text(result.fidelity)}")
+        lines += [_rollback_text(r) for r in result.fidelity.get("rolled_back") or []]
         if result.fidelity.get("heldout"):
             lines.append(f"held-out  {_heldout_text(result.fidelity['heldout'])}")
         if result.fidelity.get("budget"):
@@ -136,6 +139,13 @@ def _fidelity_text(fid: dict[str, Any]) -> str:
     if err is None:
         return f"not comparable: {fid.get('error', 'no numeric outputs')}"
     return f"max abs error {err:.3g}, min cosine {cos:.6f} vs source ({fid.get('feeds')} inputs)"
+
+
+def _rollback_text(record: dict[str, Any]) -> str:
+    from winnow.passes.instruments import difference_text
+
+    return (f"rollback  lossless pass '{record['pass']}' {difference_text(record)}; "
+            "its change was undone")
 
 
 def _heldout_text(fid: dict[str, Any]) -> str:

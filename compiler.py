@@ -24,11 +24,16 @@ from winnow.backends.manifest import (
     param_stats,
 )
 from winnow.errors import ExecutionError, FidelityError, OutputError, PipelineError, WinnowError
-from winnow.fidelity import evaluate_zoo
+from winnow.fidelity import evaluate_zoo, lossless_mismatch
 from winnow.frontend import example_feeds, load
 from winnow.ir.execute import get_session, run
 from winnow.ir.inputs import feeds_for
-from winnow.passes.instruments import DumpIRInstrument, TimingInstrument, VerifyInstrument
+from winnow.passes.instruments import (
+    DumpIRInstrument,
+    LosslessGuard,
+    TimingInstrument,
+    VerifyInstrument,
+)
 from winnow.passes.analysis.calibration import pick_calibration, task_options
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, pass_label
 from winnow.passes.pipeline import PassSpec, load_pipeline_file
@@ -111,13 +116,16 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   dump_ir: str | Path | None = None, verify_each: bool = False,
                   overwrite: bool = False, check: bool = True, example_inputs: Any = None,
                   dynamic_shapes: Any = None, calibration: Any = None, evaluate: bool = False,
-                  max_drop: float = DEFAULT_MAX_DROP, force: bool = False) -> CompileResult:
+                  max_drop: float = DEFAULT_MAX_DROP, force: bool = False,
+                  strict: bool = False) -> CompileResult:
     """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
 
     `example_inputs`/`dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
     Lossy passes get `calibration` (default: the zoo model's calibration split, else example
     inputs). With `evaluate` (and always after a lossy pass) a zoo model is scored on its
     held-out split; a lossy result whose drop exceeds `max_drop` is refused unless `force`.
+    With `check`, each lossless pass is checked on the check inputs and rolled back when it
+    changed the outputs (recorded in fidelity['rolled_back']); with `strict` that fails instead.
     """
     emit = get_backend(backend)
     check_output(Path(out), overwrite)
@@ -133,19 +141,20 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     with _phase(phases, "load", "loading the model"):
         model = load(source, example_inputs, dynamic_shapes)
     before = (node_count(model), param_stats(model))
-    feeds, reference = None, None
+    feeds, reference, guard = None, None, None
     if check:
         with _phase(phases, "reference", "running the source model"):
             feeds = feeds_for(model)
             reference = _run_source(model, feeds)
+        guard = _lossless_guard(feeds, reference, strict)
     batches, origin = pick_calibration(source, model, calibration)
     with _phase(phases, "passes", "running the pipeline"):
         ctx = PassContext(calibration=batches, options=task_options(source, model))
-        model = manager.run(model, ctx).model
+        model = manager.run(model, ctx, guard=guard).model
     fidelity = None
     if check:
         with _phase(phases, "check", "checking against the source"):
-            fidelity = _fidelity(model, feeds, reference)
+            fidelity = dict(_fidelity(model, feeds, reference), rolled_back=guard.rolled_back)
     lossy = [pass_label(p) for p in manager.passes if not getattr(p, "lossless", True)]
     zoo_name = model.metadata_props.get("winnow.zoo")
     if zoo_name and (evaluate or lossy):
@@ -203,6 +212,14 @@ def _run_source(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, Any]
     except ExecutionError as exc:
         return {"measured": False, "reason": f"the source model does not run on the generated "
                                              f"check inputs: {exc}"}
+
+
+def _lossless_guard(feeds: dict[str, np.ndarray], reference: dict, strict: bool) -> LosslessGuard:
+    """A guard that checks each lossless pass on the check inputs (only that the model still
+    loads when the source does not run on them)."""
+    if reference.get("measured") is False:
+        return LosslessGuard(get_session, lambda ref, got: None, None, strict)
+    return LosslessGuard(lambda m: run(m, feeds), lossless_mismatch, reference, strict)
 
 
 def _fidelity(model: ir.Model, feeds: dict[str, np.ndarray], reference: dict) -> dict[str, Any]:

@@ -47,3 +47,7 @@ class OutputError(WinnowError):
 
 class FidelityError(WinnowError):
     """A lossy result fell below the fidelity budget."""
+
+
+class LosslessPassError(PassFailedError):
+    """A pass that claims to be lossless changed the outputs (raised under --strict)."""

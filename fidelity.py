@@ -78,6 +78,87 @@ class Fidelity:
         return ", ".join(parts)
 
 
+LOSSLESS_TOL = 1e-4
+
+
+def nonfinite_mismatch(ref: np.ndarray, cand: np.ndarray) -> int:
+    """How many entries are NaN, +inf or -inf in one array but not the same in the other."""
+    a, b = np.asarray(ref), np.asarray(cand)
+    if a.dtype.kind != "f" or b.dtype.kind != "f":
+        return 0
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    differs = (np.isnan(a) != np.isnan(b)) | ((np.isinf(a) | np.isinf(b)) & (a != b))
+    return int(np.count_nonzero(differs))
+
+
+def array_agreement(ref: np.ndarray, cand: np.ndarray) -> dict[str, Any]:
+    """Max abs error, cosine and non-finite mismatches of two same-shape numeric arrays.
+
+    Equal entries (NaN with NaN, inf with the same inf) count as no error; a NaN or inf that the
+    other array lacks makes the max abs error inf and the cosine 0. The cosine is taken over the
+    entries finite in both (1 when both are zero there).
+    """
+    a, b = np.asarray(ref, np.float64).ravel(), np.asarray(cand, np.float64).ravel()
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        diff = np.nan_to_num(np.where(same, 0.0, np.abs(a - b)), nan=np.inf)
+    bad = nonfinite_mismatch(a, b)
+    finite = np.isfinite(a) & np.isfinite(b)
+    return {"max_abs_error": float(diff.max()) if diff.size else 0.0,
+            "cosine": 0.0 if bad else _flat_cosine(a[finite], b[finite]), "nonfinite_mismatch": bad}
+
+
+def _flat_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+
+
+def lossless_mismatch(reference: Mapping[str, Any], outputs: Mapping[str, Any],
+                      tol: float = LOSSLESS_TOL) -> dict[str, Any] | None:
+    """None when `outputs` match `reference` (by position) within `tol`, absolute and relative,
+    with NaN and inf at the same places; else the worst max abs error and cosine and which output
+    differs first."""
+    if len(reference) != len(outputs):
+        return {"detail": f"{len(outputs)} outputs instead of {len(reference)}"}
+    errors, cosines, first = [], [], None
+    for (name, ref), got in zip(reference.items(), outputs.values()):
+        problem = _value_mismatch(ref, got, tol, errors, cosines)
+        if problem and first is None:
+            first = f"output '{name}': {problem}"
+    if first is None:
+        return None
+    return {"max_abs_error": max(errors, default=None), "min_cosine": min(cosines, default=None),
+            "detail": first}
+
+
+def _value_mismatch(ref: Any, got: Any, tol: float, errors: list, cosines: list) -> str | None:
+    """Why one output (tensor, sequence or optional) differs, collecting error and cosine."""
+    if ref is None or got is None:
+        return None if ref is None and got is None else "present in one model only"
+    if isinstance(ref, (list, tuple)) or isinstance(got, (list, tuple)):
+        if not isinstance(ref, (list, tuple)) or not isinstance(got, (list, tuple)) \
+                or len(ref) != len(got):
+            return "sequences of different lengths"
+        found = [_value_mismatch(r, g, tol, errors, cosines) for r, g in zip(ref, got)]
+        return next((f for f in found if f), None)
+    a, b = np.asarray(ref), np.asarray(got)
+    if a.shape != b.shape:
+        return f"shape {list(b.shape)} instead of {list(a.shape)}"
+    if a.dtype.kind not in "biuf" or b.dtype.kind not in "biuf":
+        return None if np.array_equal(a, b) else "different values"
+    stats = array_agreement(a, b)
+    errors.append(stats["max_abs_error"])
+    cosines.append(stats["cosine"])
+    with np.errstate(invalid="ignore", over="ignore"):
+        close = np.allclose(b.astype(np.float64), a.astype(np.float64), rtol=tol, atol=tol,
+                            equal_nan=True)
+    if stats["nonfinite_mismatch"]:
+        return f"{stats['nonfinite_mismatch']} NaN/inf entries differ"
+    return None if close else f"max abs error {stats['max_abs_error']:.3g}"
+
+
 def as_runner(model: Any) -> Runner:
     """A feeds -> outputs callable for an ir.Model, an artifact folder or a callable."""
     if isinstance(model, ir.Model):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 
@@ -73,3 +75,63 @@ class VerifyInstrument(Instrument):
 
         if modified:
             verify(model)
+
+
+class LosslessGuard:
+    """Checks the model after each lossless pass; the PassManager rolls back a pass it rejects.
+
+    `run(model)` gives the model's outputs on the check inputs (raising WinnowError when it
+    cannot run); `compare(reference, outputs)` gives None when they match, else a dict saying
+    how they differ (`max_abs_error`, `min_cosine`). The reference is the source's outputs
+    until a lossy pass changes the model (`rebase`). `rolled_back` lists the rejected passes;
+    with `strict`, the first one fails the run.
+    """
+
+    def __init__(self, run: Callable[[ir.Model], Any],
+                 compare: Callable[[Any, Any], dict[str, Any] | None], reference: Any,
+                 strict: bool = False) -> None:
+        self.run, self.compare, self.reference, self.strict = run, compare, reference, strict
+        self.rolled_back: list[dict[str, Any]] = []
+        self._last: dict[str, Any] = {}
+
+    def accept(self, name: str, model: ir.Model) -> bool:
+        """True when the model after pass `name` still matches; else records the rejection."""
+        from winnow.errors import WinnowError
+
+        try:
+            outputs = self.run(model)
+        except WinnowError as exc:
+            problem: dict[str, Any] | None = {"error": str(exc)}
+        else:
+            problem = self.compare(self.reference, outputs)
+        if problem is None:
+            return True
+        self._last = {"pass": name, **problem}
+        if not self.strict:
+            self.rolled_back.append(self._last)
+        return False
+
+    def rebase(self, model: ir.Model) -> None:
+        """Judge later passes against this model (after a lossy pass changed it on purpose)."""
+        from winnow.errors import WinnowError
+
+        try:
+            self.reference = self.run(model)
+        except WinnowError:
+            self.reference = None
+
+    def describe(self, name: str, done: list[str]) -> str:
+        """One sentence naming the rejected pass and how the outputs differ."""
+        return (f"lossless pass '{name}' (passes run before it: {', '.join(done) or 'none'}) "
+                f"{difference_text(self._last)}; drop it from the pipeline or compile without "
+                "--strict to roll it back.")
+
+
+def difference_text(record: dict[str, Any]) -> str:
+    """How a rejected lossless pass changed the model, as a clause ('changed the outputs ...')."""
+    if record.get("error"):
+        return f"left a model ONNX Runtime cannot run ({record['error']})"
+    err, cos = record.get("max_abs_error"), record.get("min_cosine")
+    parts = [f"max abs error {err:.3g}" if err is not None else None,
+             f"min cosine {cos:.6f}" if cos is not None else None, record.get("detail")]
+    return "changed the outputs (" + ", ".join(p for p in parts if p) + ")"

@@ -10,9 +10,9 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes import PassBase, PassResult
 
-from winnow.errors import PassFailedError, PipelineError, WinnowError
-from winnow.passes.base import ALL_ANALYSES, Pass, get_pass_class
-from winnow.passes.instruments import Instrument
+from winnow.errors import LosslessPassError, PassFailedError, PipelineError, WinnowError
+from winnow.passes.base import ALL_ANALYSES, AnalysisPass, Pass, get_pass_class
+from winnow.passes.instruments import Instrument, LosslessGuard
 from winnow.passes.pipeline import PassSpec, format_pipeline, format_value, parse_pipeline
 
 DEFAULT_PIPELINE = "shape-inference,fold-constants,canonicalize,cse,dce"
@@ -118,8 +118,13 @@ class PassManager:
         """The pipeline as text."""
         return describe_pipeline(self.passes)
 
-    def run(self, model: ir.Model, ctx: PassContext | None = None) -> PassResult:
-        """Run every pass on `model` in place; a failure names the pass and those before it."""
+    def run(self, model: ir.Model, ctx: PassContext | None = None,
+            guard: LosslessGuard | None = None) -> PassResult:
+        """Run every pass on `model` in place; a failure names the pass and those before it.
+
+        With a `guard`, the model is checked after every lossless rewrite pass; a pass the
+        guard rejects is rolled back (or, when the guard is strict, fails the run).
+        """
         ctx = ctx or PassContext()
         modified_any = False
         done: list[str] = []
@@ -128,12 +133,21 @@ class PassManager:
                 label = pass_label(p)
                 for inst in self.instruments:
                     inst.before_pass(index, label, model)
+                guarded = (guard is not None and getattr(p, "lossless", True)
+                           and not isinstance(p, AnalysisPass))
+                snapshot = clone_model(model) if guarded else None
                 try:
                     result = p(model)
                 except Exception as exc:  # noqa: BLE001 - re-raised with the pass named
                     raise _pass_failure(label, done, exc) from exc
                 if result.model is not model:
                     model = result.model
+                if guarded and not guard.accept(label, model):
+                    if guard.strict:
+                        raise LosslessPassError(guard.describe(label, done))
+                    model, result = snapshot, PassResult(snapshot, False)
+                elif guard is not None and not guarded and result.modified:
+                    guard.rebase(model)
                 modified_any |= result.modified
                 if result.modified:
                     ctx.invalidate(getattr(p, "preserves", frozenset()))
@@ -144,6 +158,13 @@ class PassManager:
                         raise _pass_failure(label, done, exc) from exc
                 done.append(label)
         return PassResult(model, modified_any)
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """A structural copy of `model` that shares its tensors (weights are not copied)."""
+    copy = model.clone()
+    copy.meta.update(model.meta)
+    return copy
 
 
 def _pass_failure(label: str, done: list[str], exc: Exception) -> PassFailedError:
