@@ -64,3 +64,9 @@ def step(message: str, after: float = 1.0) -> Iterator[None]:
 def bar(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
     """A tqdm progress bar over `items` on stderr (silent when quiet)."""
     return tqdm(items, desc=desc, total=total, disable=_QUIET, file=sys.stderr, leave=False)
+
+
+def counter(desc: str, total: int, initial: int = 0) -> tqdm:
+    """A tqdm bar advanced by hand (`update`, `set_postfix_str`), silent when quiet."""
+    return tqdm(desc=desc, total=total, initial=initial, disable=_QUIET, file=sys.stderr,
+                leave=False)

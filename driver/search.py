@@ -1,0 +1,339 @@
+"""`winnow compile --target`: search pass combinations with Optuna, keep a Pareto front of
+(cost, fidelity drop), measure the finalists on held-out data, emit the cheapest within budget,
+and fall back to the lossless pipeline when nothing lossy fits (never "no model found")."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from winnow import progress
+from winnow.driver.fhash import functional_hash
+from winnow.driver.source import Source, fidelity_drop, resolve
+from winnow.driver.space import Space, build_space, pipeline_text, seed_plans, suggest
+from winnow.driver.study import default_url, open_study, sqlite_path
+from winnow.driver.timing import CandidateTimer
+from winnow.errors import WinnowError
+from winnow.ir.execute import model_bytes
+from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
+
+TARGETS = ("host",)
+OBJECTIVES = ("latency", "size")
+NOISE_MARGIN = 0.03  # a finalist must be at least this much cheaper than the source to win
+
+
+class SearchOptionError(WinnowError, ValueError):
+    """A search option is out of range or names something unknown."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """Settings of one search: target, objective, fidelity budget, trial and time budgets."""
+
+    target: str = "host"
+    objective: str = "latency"
+    max_drop: float = 0.01
+    time_budget: float = 600.0
+    trials: int = 24
+    study: str | None = None
+    finalists: int = 3
+    repeats: int = 8
+    timing_batch: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise SearchOptionError(f"unknown target '{self.target}'; valid targets are: "
+                                    f"{', '.join(TARGETS)}.")
+        if self.objective not in OBJECTIVES:
+            raise SearchOptionError(f"unknown objective '{self.objective}'; valid objectives are: "
+                                    f"{', '.join(OBJECTIVES)} (energy needs the cost model).")
+        if not (isinstance(self.max_drop, (int, float)) and 0.0 <= self.max_drop < 1.0):
+            raise SearchOptionError(f"--max-drop must be in [0, 1), not {self.max_drop}.")
+        if not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+            raise SearchOptionError(f"--time-budget must be positive, not {self.time_budget}.")
+        for name in ("trials", "finalists", "repeats", "timing_batch"):
+            if getattr(self, name) < 1:
+                raise SearchOptionError(f"--{name.replace('_', '-')} must be at least 1, "
+                                        f"not {getattr(self, name)}.")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One evaluated point: its pipeline, cost relative to the source, and fidelity drop."""
+
+    number: int
+    pipeline: str
+    cost: float
+    drop: float
+    cosine: float
+    hash: str
+    cached: bool = False
+    heldout_drop: float | None = None
+    heldout_cosine: float | None = None
+    measured_cost: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (infinite drops as None)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What the search chose and why, with the compile result of the emitted artifact."""
+
+    compile: Any
+    chosen: Candidate
+    front: list[Candidate]
+    trials: int
+    cache_hits: int
+    study: str
+    message: str
+    judged_on: dict[str, str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (the CLI's --json, the manifest's `search` entry)."""
+        return {"chosen": self.chosen.to_dict(), "front": [c.to_dict() for c in self.front],
+                "trials": self.trials, "cache_hits": self.cache_hits,
+                "cache_hit_rate": self.cache_hits / self.trials if self.trials else 0.0,
+                "study": self.study, "message": self.message, "judged_on": self.judged_on,
+                "seconds": self.seconds}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '10m' or '1h'; a SearchOptionError otherwise."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    text = str(text).strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise SearchOptionError(f"--time-budget '{text}' is not a duration; write e.g. 90s, 10m "
+                                "or 1h.") from None
+
+
+def search_compile(source: Any, out: str | Path, options: SearchOptions | None = None, *,
+                   overwrite: bool = False, calibration: Any = None) -> SearchResult:
+    """Search pass combinations for `source`, then compile the chosen one into `out`."""
+    from winnow.backends.manifest import check_output
+    from winnow.compiler import compile_model
+
+    options = options or SearchOptions()
+    start = time.perf_counter()
+    check_output(Path(out), overwrite)
+    with progress.step("loading the model and its data"):
+        src = resolve(source, calibration)
+        base = _lossless(src)
+    runner = _Runner(src, base, options)
+    url = options.study or default_url(out)
+    candidates, hits = runner.run_study(url)
+    finalists = _finalists(candidates, options)
+    chosen, message = runner.choose(finalists)
+    result = compile_model(src.spec, out, pipeline=chosen.pipeline, overwrite=overwrite,
+                           max_drop=options.max_drop,
+                           calibration=None if src.zoo is not None else src.fit)
+    search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
+                          message, src.judged_on, time.perf_counter() - start)
+    _record(Path(out), search, url)
+    return search
+
+
+def _lossless(src: Source) -> ir.Model:
+    model = _clone(model_bytes(src.model))
+    return PassManager(DEFAULT_PIPELINE).run(model, PassContext()).model
+
+
+def _clone(data: bytes) -> ir.Model:
+    return ir.serde.deserialize_model(onnx.load_from_string(data))
+
+
+class _Runner:
+    """Evaluates candidates for one source: applies pipelines, hashes, scores, times."""
+
+    def __init__(self, src: Source, base: ir.Model, options: SearchOptions) -> None:
+        self.src, self.options = src, options
+        self.base_bytes = model_bytes(base)
+        self.space: Space = build_space(base, fitted=not src.in_sample)
+        self.analyses = _shared_analyses(src, base, self.space)
+        self.timer = CandidateTimer(base, src.fit[0], options.timing_batch, options.repeats)
+        self.hash_feeds = src.fit[0]
+        self.cache: dict[str, Candidate] = {}
+
+    def apply(self, pipeline: str) -> ir.Model:
+        """The base model rewritten by the lossy part of `pipeline`."""
+        model = _clone(self.base_bytes)
+        ctx = PassContext(calibration=self.src.fit, options=dict(self.src.options))
+        ctx.analyses.update(self.analyses[0])
+        ctx.analysis_configs.update(self.analyses[1])
+        lossy = pipeline[len(DEFAULT_PIPELINE):].lstrip(",")
+        return PassManager(lossy).run(model, ctx).model if lossy else model
+
+    def evaluate(self, number: int, pipeline: str) -> Candidate:
+        """Score one pipeline (cached by functional hash)."""
+        model = self.apply(pipeline)
+        key = functional_hash(model, self.hash_feeds)
+        if key in self.cache:
+            hit = self.cache[key]
+            return dataclasses.replace(hit, number=number, pipeline=pipeline, cached=True)
+        fid = self.src.score(model, "judge")
+        cost = (self.timer.relative_latency(model) if self.options.objective == "latency"
+                else len(model_bytes(model)) / len(self.base_bytes))
+        cand = Candidate(number, pipeline, cost, fidelity_drop(fid), fid.cosine, key)
+        self.cache[key] = cand
+        return cand
+
+    def run_study(self, url: str) -> tuple[list[Candidate], int]:
+        """Run (or resume) the study until the trial or time budget is spent."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=self.options.seed, n_startup_trials=6,
+                                             multivariate=False)
+        study = open_study(url, self.fingerprint(), ["minimize", "minimize"], sampler)
+        done = _completed(study)
+        for cand in done:
+            self.cache.setdefault(cand.hash, cand)
+        if not done:
+            for plan in seed_plans(self.space):
+                study.enqueue_trial(plan, skip_if_exists=True)
+        hits = sum(c.cached for c in done)
+        remaining = self.options.trials - len(done)
+        bar = progress.counter("search", total=self.options.trials, initial=len(done))
+        deadline = time.perf_counter() + self.options.time_budget
+
+        def objective(trial: Any) -> tuple[float, float]:
+            choices = suggest(trial, self.space)
+            cand = self.evaluate(trial.number, pipeline_text(choices))
+            for key, value in cand.to_dict().items():
+                trial.set_user_attr(key, value)
+            return cand.cost, min(cand.drop, 1e9)
+
+        def update(study: Any, trial: Any) -> None:
+            nonlocal hits
+            hits += bool(trial.user_attrs.get("cached"))
+            bar.update(1)
+            bar.set_postfix_str(_best_text(_completed(study), self.options.max_drop))
+            if time.perf_counter() > deadline:
+                study.stop()
+
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, catch=(WinnowError,), callbacks=[update])
+        bar.close()
+        return _completed(study), hits
+
+    def fingerprint(self) -> str:
+        """Ties a study to this model, objective, target and budget."""
+        import hashlib
+
+        digest = hashlib.sha256(self.base_bytes)
+        digest.update(repr((self.options.objective, self.options.target, self.options.max_drop,
+                            self.space.describe())).encode())
+        return digest.hexdigest()[:16]
+
+    def choose(self, finalists: list[Candidate]) -> tuple[Candidate, str]:
+        """Measure the finalists on held-out data (and time them again); the cheapest within
+        budget wins, else the lossless pipeline with the reason."""
+        winners = []
+        for cand in progress.bar(finalists, "finalists"):
+            model = self.apply(cand.pipeline)
+            fid = self.src.score(model, "heldout")
+            cand.heldout_drop, cand.heldout_cosine = fidelity_drop(fid), fid.cosine
+            cand.measured_cost = (self.timer.relative_latency(model, repeats=3 * self.options.repeats)
+                                  if self.options.objective == "latency" else cand.cost)
+            if (cand.heldout_drop <= self.options.max_drop
+                    and cand.measured_cost < 1.0 - NOISE_MARGIN):
+                winners.append(cand)
+        if winners:
+            best = min(winners, key=lambda c: c.measured_cost)
+            return best, (f"chose trial {best.number}: {self.options.objective} x"
+                          f"{best.measured_cost:.3f} of the source, held-out drop "
+                          f"{best.heldout_drop:.4f} <= {self.options.max_drop}")
+        lossless = Candidate(-1, DEFAULT_PIPELINE, 1.0, 0.0, 1.0, "")
+        why = ("no lossy candidate was measured" if not finalists else
+               f"none of the {len(finalists)} finalists both met --max-drop "
+               f"{self.options.max_drop} on held-out data and was measured at least "
+               f"{NOISE_MARGIN:.0%} cheaper than the source")
+        return lossless, f"kept the lossless pipeline: {why}"
+
+
+def _shared_analyses(src: Source, base: ir.Model, space: Space) -> tuple[dict, dict]:
+    """Analyses computed once on the base model and seeded into every trial's context."""
+    if not space.drop_levels:
+        return {}, {}
+    ctx = PassContext(calibration=src.fit, options=dict(src.options))
+    with progress.step("layer-similarity on the calibration data"):
+        ctx.get_analysis("layer-similarity", _clone(model_bytes(base)))
+    return dict(ctx.analyses), dict(ctx.analysis_configs)
+
+
+def _completed(study: Any) -> list[Candidate]:
+    import optuna
+
+    out = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        if "pipeline" not in attrs:
+            continue
+        drop = attrs.get("drop")
+        out.append(Candidate(trial.number, attrs["pipeline"], float(attrs["cost"]),
+                             float("inf") if drop is None else float(drop),
+                             float(attrs.get("cosine") or 0.0), attrs.get("hash", ""),
+                             bool(attrs.get("cached"))))
+    return out
+
+
+def _best_text(cands: list[Candidate], max_drop: float) -> str:
+    ok = [c for c in cands if c.drop <= max_drop]
+    if not ok:
+        return "no candidate within budget yet"
+    best = min(ok, key=lambda c: c.cost)
+    return f"best cost x{best.cost:.3f} drop {best.drop:.4f}"
+
+
+def pareto_front(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates no other candidate beats on both cost and drop (one per hash), by cost."""
+    unique = {c.hash: c for c in sorted(cands, key=lambda c: c.number, reverse=True)}
+    pool = list(unique.values())
+    front = [c for c in pool if not any(
+        o.cost <= c.cost and o.drop <= c.drop and (o.cost < c.cost or o.drop < c.drop)
+        for o in pool)]
+    return sorted(front, key=lambda c: c.cost)
+
+
+def _finalists(cands: list[Candidate], options: SearchOptions) -> list[Candidate]:
+    """The cheapest distinct candidates within budget on the judging data, cheaper than the
+    source: they are measured for real and on held-out data."""
+    unique = {c.hash: c for c in sorted(cands, key=lambda c: c.number, reverse=True)}
+    ok = [c for c in unique.values() if c.drop <= options.max_drop and c.cost < 1.0
+          and c.pipeline != DEFAULT_PIPELINE]
+    return sorted(ok, key=lambda c: c.cost)[:options.finalists]
+
+
+def _record(out: Path, search: SearchResult, url: str) -> None:
+    """Add the search to the artifact: `search` in manifest.json and the study's SQLite file."""
+    import json
+
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["search"] = search.to_dict()
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default))
+    db = sqlite_path(url)
+    if db is not None and db.exists():
+        shutil.copyfile(db, out / "search.db")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return str(obj)

@@ -1,0 +1,124 @@
+"""A source resolved once: the model and everything the driver judges it with (data splits,
+reference outputs, task metric, task loss), so search, evaluation and emit share one object."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from winnow.fidelity import Fidelity, evaluate, evaluate_zoo
+from winnow.frontend import load
+from winnow.passes.analysis.calibration import pick_calibration, task_options
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Source:
+    """The model plus its fitting data (for lossy passes), the data search trials are judged on,
+    and the held-out data finalists are judged on."""
+
+    spec: Any
+    name: str
+    model: ir.Model
+    fit: list[Feeds]
+    judge: list[Feeds]
+    heldout: list[Feeds]
+    origin: str
+    options: dict[str, Any]
+    zoo: Any = None
+    _references: dict[str, list[dict[str, np.ndarray]]] = dataclasses.field(
+        default_factory=dict, repr=False)
+
+    @property
+    def in_sample(self) -> bool:
+        """True when there is no data to judge on but the data lossy passes fit on."""
+        return self.zoo is None and self.judge == self.fit
+
+    @property
+    def judged_on(self) -> dict[str, str]:
+        """Which data judged the trials and the finalists, in words (for summary and manifest)."""
+        if self.zoo is not None:
+            return {"trials": f"{self.zoo.name} calibration split",
+                    "finalists": f"{self.zoo.name} held-out split"}
+        if self.in_sample:
+            return {"trials": f"the {self.origin} (in-sample: too little data to hold any out)",
+                    "finalists": f"the {self.origin} (in-sample)"}
+        return {"trials": f"the last {len(self.judge)} of the {self.origin} batches (not fitted on)",
+                "finalists": f"the last {len(self.heldout)} of the {self.origin} batches "
+                             "(not fitted on)"}
+
+    def score(self, candidate: Any, split: str) -> Fidelity:
+        """Fidelity of `candidate` against the source on 'judge' or 'heldout' data."""
+        if self.zoo is not None:
+            return evaluate_zoo(self.zoo, candidate,
+                                "calibration" if split == "judge" else "heldout")
+        data = self.judge if split == "judge" else self.heldout
+        if split not in self._references:
+            from winnow.ir.execute import run
+
+            self._references[split] = [run(self.model, feeds) for feeds in data]
+        return evaluate(self._references[split], candidate, data)
+
+
+def fidelity_drop(fid: Fidelity) -> float:
+    """The drop the budget is judged by: the task-metric drop when there is one, else 1 - cosine;
+    NaN or inf anywhere makes it infinite."""
+    drop = fid.metric_drop if fid.metric_drop is not None else 1.0 - fid.cosine
+    if not np.isfinite(drop) or not np.isfinite(fid.cosine) or not np.isfinite(fid.max_abs_error):
+        return float("inf")
+    return float(drop)
+
+
+def resolve(spec: Any, calibration: Any = None) -> Source:
+    """Load `spec` and its data once. Zoo models judge on their calibration and held-out splits;
+    other models split their calibration batches into fitting, judging and held-out parts."""
+    model = load(spec)
+    batches, origin = pick_calibration(spec, model, calibration)
+    name = spec if isinstance(spec, str) else type(spec).__name__
+    options = task_options(spec, model)
+    zoo_name = model.metadata_props.get("winnow.zoo")
+    if zoo_name and isinstance(spec, str) and spec.startswith(("zoo:", "onnx:")):
+        from winnow import models_zoo
+
+        zoo = models_zoo.get(spec)
+        if zoo.split("heldout"):
+            return Source(spec, name, model, batches, [], zoo.split("heldout"), origin, options,
+                          zoo)
+    fit, judge, heldout = split_batches(batches, _dynamic_batch(model))
+    return Source(spec, name, model, fit, judge, heldout, origin, options)
+
+
+def _dynamic_batch(model: ir.Model) -> bool:
+    """True when every input's first dim is symbolic (a batch can be cut into smaller ones)."""
+    shapes = [v.shape for v in model.graph.inputs]
+    return all(s is not None and len(s) > 0 and not isinstance(s[0], int) for s in shapes)
+
+
+def split_batches(batches: Sequence[Mapping[str, np.ndarray]], cut_samples: bool = True
+                  ) -> tuple[list[Feeds], list[Feeds], list[Feeds]]:
+    """Fitting / judging / held-out parts of a list of batches (by batch; a single batch is cut
+    along its first axis when `cut_samples` and it has at least 3 samples, else every part is
+    that one batch, and the judging is in-sample)."""
+    batches = [dict(b) for b in batches]
+    if len(batches) == 1 and cut_samples:
+        batches = _split_samples(batches[0])
+    n = len(batches)
+    if n < 3:
+        return batches, batches, batches
+    cut_fit, cut_judge = max(1, n // 2), max(2, (3 * n) // 4)
+    cut_judge = min(cut_judge, n - 1)
+    return batches[:cut_fit], batches[cut_fit:cut_judge], batches[cut_judge:]
+
+
+def _split_samples(feeds: Feeds) -> list[Feeds]:
+    sizes = {np.shape(v)[0] for v in feeds.values() if np.ndim(v) >= 1}
+    if len(sizes) != 1 or next(iter(sizes)) < 3:
+        return [feeds]
+    n = next(iter(sizes))
+    edges = np.linspace(0, n, min(n, 4) + 1).astype(int)
+    return [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(edges[:-1], edges[1:])]

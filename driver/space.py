@@ -1,0 +1,128 @@
+"""The search space: the moves the registered passes offer, suggested per Optuna trial, and the
+pipeline text a set of choices turns into (lossless clean-up first, then depth, width, fusion,
+numerics, in the order the passes need)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import onnx_ir as ir
+
+from winnow.ir.regions import find_regions
+from winnow.passes.base import registered_passes
+from winnow.passes.config import config_fields
+from winnow.passes.manager import DEFAULT_PIPELINE
+
+REPLACEMENTS = ("identity", "linear", "context")
+RATIOS = (0.0, 0.25, 0.5)
+MAX_DROPPED = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """What can be searched on one model: drop counts per region level, and which width,
+    fusion and quantization passes exist with which modes."""
+
+    drop_levels: dict[str, int]
+    width: tuple[str, ...]
+    fuse: bool
+    quant_modes: tuple[str, ...]
+    replacements: tuple[str, ...] = REPLACEMENTS
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description (for the manifest and the study's attributes)."""
+        return dataclasses.asdict(self)
+
+
+def build_space(model: ir.Model, fitted: bool = True) -> Space:
+    """The moves available on `model` with the passes registered in this process; without
+    `fitted` (no data to judge a fit on but the data it was fitted on) only moves that fit
+    nothing to data: identity drops, fusion, data-free quantization."""
+    passes = registered_passes()
+    regions = find_regions(model)
+    counts = {level: len(regions.candidates(level)) for level in ("block", "attention", "mlp")}
+    levels = {k: min(MAX_DROPPED, n - 1) for k, n in counts.items() if n >= 2}
+    width = tuple(name for name in ("prune-heads", "prune-channels") if name in passes)
+    modes = _quant_modes(passes)
+    if not fitted:
+        modes = tuple(m for m in modes if "static" not in m)
+        return Space(levels, width, "fuse" in passes, modes, ("identity",))
+    return Space(levels, width, "fuse" in passes, modes)
+
+
+def _quant_modes(passes: Mapping[str, Any]) -> tuple[str, ...]:
+    if "quantize" not in passes:
+        return ()
+    for field in config_fields(passes["quantize"].Config):
+        if field["name"] == "mode" and field["choices"]:
+            return tuple(field["choices"])
+    return ()
+
+
+def suggest(trial: Any, space: Space) -> dict[str, Any]:
+    """Choices for one Optuna trial (conditional: a replacement only when something is dropped)."""
+    choices: dict[str, Any] = {}
+    if space.drop_levels:
+        level = trial.suggest_categorical("drop.level", sorted(space.drop_levels))
+        count = trial.suggest_int("drop.count", 0, max(space.drop_levels.values()))
+        count = min(count, space.drop_levels[level])
+        if count:
+            choices["drop"] = {"level": level, "count": count,
+                               "replacement": trial.suggest_categorical("drop.replacement",
+                                                                        space.replacements)}
+    for name in space.width:
+        ratio = trial.suggest_categorical(f"{name}.ratio", RATIOS)
+        if ratio:
+            choices[name] = {"ratio": ratio}
+    if space.fuse and trial.suggest_categorical("fuse", (False, True)):
+        choices["fuse"] = {}
+    if space.quant_modes:
+        mode = trial.suggest_categorical("quantize.mode", ("none", *space.quant_modes))
+        if mode != "none":
+            choices["quantize"] = {"mode": mode}
+    return choices
+
+
+def pipeline_text(choices: Mapping[str, Any]) -> str:
+    """The pipeline that applies `choices` after the lossless default pipeline."""
+    parts = [DEFAULT_PIPELINE]
+    if "drop" in choices:
+        d = choices["drop"]
+        parts.append(f"drop-layers{{count={d['count']},level={d['level']},"
+                     f"replacement={d['replacement']}}}")
+    for name in ("prune-heads", "prune-channels"):
+        if name in choices:
+            parts.append(f"{name}{{ratio={choices[name]['ratio']}}}")
+    if any(k in choices for k in ("drop", "prune-heads", "prune-channels")):
+        parts.append("dce")
+    if "fuse" in choices:
+        parts.append("fuse")
+    if "quantize" in choices:
+        parts.append(f"quantize{{mode={choices['quantize']['mode']}}}")
+    return ",".join(parts)
+
+
+def seed_plans(space: Space) -> list[dict[str, Any]]:
+    """Plans tried first (Optuna enqueued trials): nothing, each single move at its mildest."""
+    base: dict[str, Any] = {}
+    if space.drop_levels:
+        base.update({"drop.level": sorted(space.drop_levels)[0], "drop.count": 0})
+    base.update({f"{name}.ratio": 0.0 for name in space.width})
+    if space.fuse:
+        base["fuse"] = False
+    if space.quant_modes:
+        base["quantize.mode"] = "none"
+    plans = [dict(base)]
+    if space.fuse:
+        plans.append(dict(base, fuse=True))
+    for mode in space.quant_modes:
+        plan = dict(base, **{"quantize.mode": mode})
+        if space.fuse:
+            plan["fuse"] = True
+        plans.append(plan)
+    for level in sorted(space.drop_levels):
+        plans.append(dict(base, **{"drop.level": level, "drop.count": 1,
+                                   "drop.replacement": space.replacements[-1]}))
+    return plans
