@@ -142,3 +142,45 @@ def suffix_model(gated: ir.Model, stream: str) -> ir.Model:
         if not value.uses() and not value.is_graph_output():
             graph.inputs.remove(value)
     return copy
+
+
+HEAD_GATE_PREFIX = "winnow_head_gate_"
+
+
+def head_gated_copy(model: ir.Model, regions: Sequence[Region]) -> tuple[ir.Model, list[str]]:
+    """A copy of `model` with one gate input per attention region on its heads: a float vector
+    of num_heads x head_dim that multiplies the output projection's input (heads flattened,
+    head-major), so a head is masked by zeroing its slice. Returns the gate names in order."""
+    from winnow.ir.attention import _weight
+
+    copy = model.clone()
+    graph = copy.graph
+    names = []
+    for i, region in enumerate(regions):
+        heads = region.heads
+        node = next((n for n in graph if (w := _weight(n)) is not None and w.name == heads.o), None)
+        if node is None:
+            raise KeyError(f"region '{region.name}': no projection reads weight '{heads.o}'")
+        name = f"{HEAD_GATE_PREFIX}{i}"
+        width = heads.num_heads * heads.head_dim
+        gate = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([width]))
+        graph.inputs.append(gate)
+        names.append(name)
+        source = node.inputs[0]
+        mul = ir.node("Mul", [source, gate], name=f"{name}/mul")
+        mul.outputs[0].name = f"{name}/out"
+        mul.outputs[0].type, mul.outputs[0].shape = source.type, source.shape
+        graph.insert_before(node, [mul])
+        node.replace_input_with(0, mul.outputs[0])
+    return copy, names
+
+
+def head_gate_feeds(regions: Sequence[Region], masked: Sequence[tuple[int, int]] = ()
+                    ) -> dict[str, np.ndarray]:
+    """Head-gate feeds for `head_gated_copy`: ones, except zeros for each (region, head) masked."""
+    feeds = {f"{HEAD_GATE_PREFIX}{i}": np.ones(r.heads.num_heads * r.heads.head_dim, np.float32)
+             for i, r in enumerate(regions)}
+    for i, h in masked:
+        d = regions[i].heads.head_dim
+        feeds[f"{HEAD_GATE_PREFIX}{i}"][h * d:(h + 1) * d] = 0.0
+    return feeds

@@ -6,5 +6,6 @@ from winnow.passes.rewrite import (  # noqa: F401
     dce,
     drop_layers,
     fold_constants,
+    prune_heads,
     shape_inference,
 )
