@@ -11,26 +11,44 @@ _CHECKER_LIMIT = 2 * 1024**3 - 1
 
 
 def lint(model: ir.Model) -> list[str]:
-    """Structural problems: values without producers, dangling outputs, cycles, missing inputs."""
-    graph = model.graph
+    """Structural problems: values without producers, dangling outputs, cycles, missing inputs,
+    in the main graph and in every If/Loop/Scan body (which may read enclosing scopes)."""
+    return _lint_graph(model.graph, set())
+
+
+def _lint_graph(graph: ir.Graph, outer: set[int]) -> list[str]:
+    """Problems of one graph; `outer` holds the ids of values its enclosing scopes define."""
     problems: list[str] = []
-    known = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    where = "" if not outer else f" in subgraph '{graph.name}'"
+    known = set(outer) | {id(v) for v in graph.inputs}
+    known |= {id(v) for v in graph.initializers.values()}
     seen_nodes = set()
     for node in graph:
         for value in node.inputs:
-            if value is None:
+            if value is None or id(value) in known:
                 continue
-            if id(value) not in known and value.producer() is None:
-                problems.append(f"node '{node.name}' ({node.op_type}) reads '{value.name}', "
-                                "which has no producer and is not an input or initializer")
-            elif value.producer() is not None and id(value.producer()) not in seen_nodes:
-                problems.append(f"node '{node.name}' ({node.op_type}) reads '{value.name}' before "
-                                "it is produced (cycle or unsorted graph)")
+            if value.producer() is None:
+                problems.append(f"node '{node.name}' ({node.op_type}){where} reads "
+                                f"'{value.name}', which has no producer and is not an input or "
+                                "initializer")
+            elif id(value.producer()) not in seen_nodes:
+                problems.append(f"node '{node.name}' ({node.op_type}){where} reads "
+                                f"'{value.name}' before it is produced (cycle, unsorted graph, "
+                                "or a value from another graph)")
         seen_nodes.add(id(node))
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                problems += _lint_graph(attr.as_graph(), known)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    problems += _lint_graph(sub, known)
         known.update(id(v) for v in node.outputs)
     for out in graph.outputs:
         if id(out) not in known:
-            problems.append(f"graph output '{out.name}' is never produced")
+            problems.append(f"graph output '{out.name}'{where} is never produced")
+    names = [v.name for v in graph.outputs]
+    if len(set(names)) != len(names):
+        problems.append(f"graph{where} has two outputs of one name ({', '.join(names)})")
     return problems
 
 

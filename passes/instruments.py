@@ -111,6 +111,12 @@ class LosslessGuard:
             self.rolled_back.append(self._last)
         return False
 
+    def record_crash(self, name: str, exc: Exception) -> None:
+        """Record that pass `name` raised (the PassManager then rolls it back)."""
+        first = (str(exc).strip().splitlines() or [""])[0]
+        self._last = {"pass": name, "raised": f"{type(exc).__name__}: {first}"}
+        self.rolled_back.append(self._last)
+
     def rebase(self, model: ir.Model) -> None:
         """Judge later passes against this model (after a lossy pass changed it on purpose)."""
         from winnow.errors import WinnowError
@@ -129,6 +135,8 @@ class LosslessGuard:
 
 def difference_text(record: dict[str, Any]) -> str:
     """How a rejected lossless pass changed the model, as a clause ('changed the outputs ...')."""
+    if record.get("raised"):
+        return f"failed ({record['raised']})"
     if record.get("error"):
         return f"left a model ONNX Runtime cannot run ({record['error']})"
     err, cos = record.get("max_abs_error"), record.get("min_cosine")

@@ -123,7 +123,8 @@ class PassManager:
         """Run every pass on `model` in place; a failure names the pass and those before it.
 
         With a `guard`, the model is checked after every lossless rewrite pass; a pass the
-        guard rejects is rolled back (or, when the guard is strict, fails the run).
+        guard rejects, or one that raised, is rolled back (when the guard is strict, it fails
+        the run instead).
         """
         ctx = ctx or PassContext()
         modified_any = False
@@ -133,21 +134,7 @@ class PassManager:
                 label = pass_label(p)
                 for inst in self.instruments:
                     inst.before_pass(index, label, model)
-                guarded = (guard is not None and getattr(p, "lossless", True)
-                           and not isinstance(p, AnalysisPass))
-                snapshot = clone_model(model) if guarded else None
-                try:
-                    result = p(model)
-                except Exception as exc:  # noqa: BLE001 - re-raised with the pass named
-                    raise _pass_failure(label, done, exc) from exc
-                if result.model is not model:
-                    model = result.model
-                if guarded and not guard.accept(label, model):
-                    if guard.strict:
-                        raise LosslessPassError(guard.describe(label, done))
-                    model, result = snapshot, PassResult(snapshot, False)
-                elif guard is not None and not guarded and result.modified:
-                    guard.rebase(model)
+                model, result = _apply(p, label, model, guard, done)
                 modified_any |= result.modified
                 if result.modified:
                     ctx.invalidate(getattr(p, "preserves", frozenset()))
@@ -158,6 +145,30 @@ class PassManager:
                         raise _pass_failure(label, done, exc) from exc
                 done.append(label)
         return PassResult(model, modified_any)
+
+
+def _apply(p: PassBase, label: str, model: ir.Model, guard: LosslessGuard | None,
+           done: list[str]) -> tuple[ir.Model, PassResult]:
+    """Run one pass; under a guard, a lossless rewrite that changed the outputs or raised is
+    rolled back to a copy taken before it (or fails the run when the guard is strict)."""
+    guarded = guard is not None and getattr(p, "lossless", True) and not isinstance(p, AnalysisPass)
+    snapshot = clone_model(model) if guarded else None
+    try:
+        result = p(model)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the pass named
+        if not guarded or guard.strict or isinstance(exc, WinnowError):
+            raise _pass_failure(label, done, exc) from exc
+        guard.record_crash(label, exc)
+        return snapshot, PassResult(snapshot, False)
+    if not guarded:
+        if guard is not None and result.modified:
+            guard.rebase(result.model)
+        return result.model, result
+    if guard.accept(label, result.model):
+        return result.model, result
+    if guard.strict:
+        raise LosslessPassError(guard.describe(label, done))
+    return snapshot, PassResult(snapshot, False)
 
 
 def clone_model(model: ir.Model) -> ir.Model:

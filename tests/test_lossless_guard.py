@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 import winnow
 from winnow.backends.ort import run_artifact
 from winnow.cli import cli
-from winnow.errors import FidelityError, LosslessPassError
+from winnow.errors import FidelityError, LosslessPassError, PassFailedError
 from winnow.fidelity import lossless_mismatch
 from winnow.ir.execute import run
 from winnow.passes import Pass, PassResult, register_pass
@@ -69,6 +69,19 @@ class BreakModelPass(Pass):
         """Rename the first node's op."""
         next(iter(model.graph)).op_type = "NoSuchOp"
         return PassResult(model, True)
+
+
+@register_pass
+class CrashingPass(Pass):
+    """A 'lossless' pass that edits the model half way and then raises."""
+
+    name = "test-crash-half-way"
+    description = "Flips the Adds, then raises."
+
+    def call(self, model: ir.Model) -> PassResult:
+        """Flip the Adds and fail."""
+        _flip_adds(model)
+        raise RuntimeError("boom in the middle of a rewrite")
 
 
 @register_pass
@@ -187,3 +200,16 @@ def test_lossless_mismatch_tolerance_and_nan_places():
     seq = {"s": [np.ones(2), np.zeros(3)]}
     assert lossless_mismatch(seq, {"s": [np.ones(2), np.zeros(3)]}) is None
     assert lossless_mismatch(seq, {"s": [np.ones(2)]}) is not None
+
+
+def test_a_lossless_pass_that_raises_half_way_is_rolled_back(add_model_path, tmp_path):
+    out = tmp_path / "out"
+    result = winnow.compile(add_model_path, out, pipeline="test-crash-half-way,cse")
+    (record,) = result.fidelity["rolled_back"]
+    assert record == {"pass": "test-crash-half-way",
+                      "raised": "RuntimeError: boom in the middle of a rewrite"}
+    np.testing.assert_allclose(run_artifact(out, FEEDS)["y"], _oracle(FEEDS)[0], rtol=1e-6)
+    with pytest.raises(PassFailedError, match="test-crash-half-way.*boom"):
+        winnow.compile(add_model_path, tmp_path / "strict", pipeline="test-crash-half-way",
+                       strict=True)
+    assert not (tmp_path / "strict").exists()

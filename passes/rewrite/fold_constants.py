@@ -19,7 +19,8 @@ _SEQUENCE_OPS = frozenset({"SequenceConstruct", "SplitToSequence", "ConcatFromSe
 
 def _has_sequence_ops_below_opset_13(model: ir.Model) -> bool:
     opset = model.opset_imports.get("", 0)
-    return opset < 13 and any(node.op_type in _SEQUENCE_OPS for node in model.graph)
+    return opset < 13 and any(node.op_type in _SEQUENCE_OPS
+                              for node in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
 @register_pass
