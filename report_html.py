@@ -293,13 +293,25 @@ def _similarity_section(result: Mapping[str, Any], plots: list[str]) -> list[str
     parts.append("<p><i>linear-adapter cos</i>: cos(Y, X + XW + b) for a ridge adapter fitted on "
                  "half the samples and scored on the other half; high = a linear adapter can "
                  "replace the region (drop-layers ranks by it when replacement=linear).</p>")
+    parts.append("<p>A block whose shortcut is a projection (ResNet downsampling) is measured "
+                 "through it: X is the shortcut's output, what is left when its branch is removed "
+                 "(such blocks change shape and are never dropped). A region whose X or Y is NaN, "
+                 "(near) zero or points one way everywhere is not measurable and never ranked.</p>")
     parts.append(_table(["region", "kind", "layout", "cos", "block influence", "angular",
-                         "linear-adapter cos", "vectors"],
+                         "linear-adapter cos", "vectors", "note"],
                         [[r["name"], r.get("kind"), r.get("layout"), _fmt(r.get("cos"), 5),
                           _fmt(r.get("block_influence"), 5), _fmt(r.get("angular"), 5),
-                          _fmt(r.get("linear_cos"), 5), r.get("vectors", "")] for r in regions],
+                          _fmt(r.get("linear_cos"), 5), r.get("vectors", ""), _score_note(r)]
+                         for r in regions],
                         numeric=(3, 4, 5, 6, 7)))
     return parts
+
+
+def _score_note(row: Mapping[str, Any]) -> str:
+    """Why a region has no scores, or that it was measured through its projection shortcut."""
+    if row.get("measurable") is False:
+        return f"not measurable: {row.get('reason', '')}"
+    return "via projection shortcut" if row.get("measured_from") == "shortcut" else ""
 
 
 _SKIP_AS = {"identity": "its entry (identity)", "linear": "entry + a ridge-fitted linear adapter"}

@@ -57,3 +57,56 @@ def rowwise_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     num = np.einsum("ij,ij->i", x, y)
     den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
     return num / np.maximum(den, 1e-12)
+
+
+NEAR_ZERO = 1e-6  # a vector with a smaller L2 norm counts as zero (cosines of it mean nothing)
+MOSTLY = 0.5  # a side is degenerate when more than this fraction of its vectors is (near) zero
+ALIGNED = 1e-7  # |cos| within this of 1 between every vector and the first: one direction
+
+
+def one_direction(a: np.ndarray) -> bool:
+    """Whether every non-zero row of `a` lies on one line (constant vectors, or a model whose
+    channels are all copies of one another): cosines against such a stream are +-1 by construction."""
+    norms = np.linalg.norm(a, axis=1)
+    rows = a[norms >= NEAR_ZERO] / norms[norms >= NEAR_ZERO, None]
+    if len(rows) < 2 or rows.shape[1] < 2:
+        return False
+    return bool(np.all(np.abs(rows @ rows[0]) >= 1.0 - ALIGNED))
+
+
+class Degeneracy:
+    """Watches the (X, Y) vectors of one region over all batches and says why cosines of them
+    would mean nothing: NaN/Inf, (near) zero vectors, or every vector on one line."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.nonfinite = [False, False]
+        self.zeros = [0, 0]
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Fold in one batch's vectors (rows of x and y)."""
+        self.rows += len(x)
+        for side, a in enumerate((x, y)):
+            finite = bool(np.isfinite(a).all())
+            self.nonfinite[side] |= not finite
+            if finite and a.size:
+                self.zeros[side] += int((np.linalg.norm(a, axis=1) < NEAR_ZERO).sum())
+
+    def reason(self, sample: tuple[np.ndarray, np.ndarray] | None = None,
+               names: tuple[str, str] = ("input", "output")) -> str | None:
+        """Why the region is not measurable on this data, or None when it is; `sample` (rows of
+        X and Y, e.g. a subsample) is checked for vectors that all lie on one line."""
+        if self.rows == 0:
+            return "no calibration vectors reached it"
+        for side, name in enumerate(names):
+            if self.nonfinite[side]:
+                return f"its {name} holds NaN or Inf on the calibration data"
+            if self.zeros[side] > MOSTLY * self.rows:
+                share = self.zeros[side] / self.rows
+                return (f"its {name} is (near) zero (norm < {NEAR_ZERO:g}) for {share:.0%} of "
+                        "the calibration vectors")
+            if sample is not None and one_direction(sample[side]):
+                return (f"its {name} points the same way at every position of the calibration "
+                        "data (constant, or all channels alike), so cosines of it are +-1 "
+                        "whatever the region does")
+        return None

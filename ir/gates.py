@@ -123,7 +123,8 @@ def gated_copy(model: ir.Model, regions: Sequence[Region],
 def suffix_model(gated: ir.Model, stream: str) -> ir.Model:
     """The part of a (gated) model after the computed value `stream`, now a graph input.
 
-    Nodes only the removed prefix needed are dropped, and so are graph inputs nothing reads.
+    Nodes only the removed prefix needed are dropped, and so are graph inputs nothing reads
+    (with their initializers, which an IR < 4 model also lists as inputs).
     """
     copy = gated.clone()
     graph = copy.graph
@@ -141,6 +142,8 @@ def suffix_model(gated: ir.Model, stream: str) -> ir.Model:
     for value in list(graph.inputs):
         if not value.uses() and not value.is_graph_output():
             graph.inputs.remove(value)
+            # IR < 4 requires every initializer to be a graph input: drop the pair together.
+            graph.initializers.pop(value.name, None)
     return copy
 
 

@@ -31,6 +31,7 @@ class Region:
     norm_nodes: list[ir.Node]
     identity_skip: bool  # False for projection shortcuts (ResNet downsampling): not droppable
     scope: str | None = None
+    shortcut: ir.Value | None = None  # a projection shortcut's output (the Add's other input)
     heads: Any = None  # winnow.ir.attention.AttentionHeads for attention regions
     parts: list[Region] = dataclasses.field(default_factory=list)
 
@@ -39,11 +40,29 @@ class Region:
         """Whether replacing the region by its entry keeps shapes (identity skip everywhere)."""
         return all(p.identity_skip for p in self.parts) if self.parts else self.identity_skip
 
+    @property
+    def skip(self) -> ir.Value | None:
+        """What is left of the stream when the residual branch is removed: the entry for an
+        identity skip, the projection's output for a projection shortcut (None if unknown)."""
+        return self.entry if self.identity_skip else self.shortcut
+
+    @property
+    def not_droppable_reason(self) -> str | None:
+        """Why the region cannot be dropped (None when it can)."""
+        if self.droppable:
+            return None
+        return ("its shortcut is a projection (the output shape differs from the input), so "
+                "removing it would change shapes")
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able summary."""
         out = {"name": self.name, "kind": self.kind, "layout": self.layout,
                "entry": self.entry.name, "exit": self.exit.name, "nodes": len(self.nodes),
                "droppable": self.droppable, "scope": self.scope}
+        if not self.droppable:
+            out["not_droppable"] = self.not_droppable_reason
+        if self.shortcut is not None:
+            out["shortcut"] = self.shortcut.name
         if self.heads is not None:
             out["heads"] = self.heads.to_dict()
         if self.parts:
@@ -196,7 +215,19 @@ def _projection_region(view: GraphView, add: ir.Node, idom: dict) -> Region | No
     sides = [view.value_ancestors(v) & branch for v in add.inputs]
     if not all(any(_is_param_node(view.nodes[i]) for i in s) for s in sides):
         return None
-    return _make_region(view, add, entry, branch, identity_skip=False)
+    region = _make_region(view, add, entry, branch, identity_skip=False)
+    if region is not None:
+        region.shortcut = _shortcut(view, add, sides)
+    return region
+
+
+def _shortcut(view: GraphView, add: ir.Node, sides: list[set[int]]) -> ir.Value | None:
+    """The Add input on the side with fewer weight ops (ResNet: one 1x1 conv + BN against a
+    three-conv bottleneck); None when both sides weigh the same."""
+    weights = [sum(_is_param_node(view.nodes[i]) for i in s) for s in sides]
+    if weights[0] == weights[1]:
+        return None
+    return add.inputs[0] if weights[0] < weights[1] else add.inputs[1]
 
 
 def _pre_norm(nodes: list[ir.Node], entry: ir.Value) -> list[ir.Node]:

@@ -157,7 +157,9 @@ class DasSkipPass(AnalysisPass):
             batch_ids = [(cursor + j) % evaluate.num_batches for j in range(cfg.batches)]
             cursor += cfg.batches
             step_losses = [evaluate(s, batch_ids) for s in sets]
-            step_rewards = np.exp(-np.array(step_losses))
+            # A NaN/Inf loss (a skip set that breaks the model) earns no reward.
+            with np.errstate(invalid="ignore", over="ignore"):
+                step_rewards = np.nan_to_num(np.exp(-np.array(step_losses)), nan=0.0, posinf=0.0)
             baseline = step_rewards.mean()
             for s, r in zip(sets, step_rewards):
                 for i in s:

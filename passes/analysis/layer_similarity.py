@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from winnow.ir.activations import iter_pairs, rowwise_cosine
+from winnow.ir.activations import Degeneracy, iter_pairs, rowwise_cosine
 from winnow.ir.linear_adapter import fit_adapter
 from winnow.ir.regions import LEVELS, Region, RegionMap, find_regions
 from winnow.passes.base import AnalysisPass, register_pass
@@ -20,6 +20,8 @@ from winnow.passes.manager import PassContext
 from winnow.progress import bar
 
 NO_BLOCKS = "no residual blocks were detected, so there is nothing to score"
+NO_SHORTCUT = ("both sides of its residual Add carry weights alike, so there is no shortcut to "
+               "measure it against")
 MAX_FIT_VECTORS = 8192  # per region, for the linear-adapter score (CNN maps have many positions)
 
 
@@ -59,45 +61,90 @@ class LayerSimilarityPass(AnalysisPass):
             return {"regions": [], "ranking": {}, "ranking_linear": {}, "note": NO_BLOCKS}
         batches = limit_samples(calibration_batches(model, PassContext.current()), self.config.samples)
         scored = score_regions(model, regions.all(), batches)
-        return {"regions": [scored[r.name] for r in regions.all()],
-                "ranking": _rank(regions, scored, "cos"),
-                "ranking_linear": _rank(regions, scored, "linear_cos"),
-                "samples": sum(next(iter(b.values())).shape[0] for b in batches),
-                "source": regions.source, "seconds": time.perf_counter() - start}
+        result = {"regions": [scored[r.name] for r in regions.all()],
+                  "ranking": _rank(regions, scored, "cos"),
+                  "ranking_linear": _rank(regions, scored, "linear_cos"),
+                  "not_measurable": {n: r["reason"] for n, r in scored.items() if not r["measurable"]},
+                  "samples": sum(next(iter(b.values())).shape[0] for b in batches),
+                  "source": regions.source, "seconds": time.perf_counter() - start}
+        if len(result["not_measurable"]) == len(scored):
+            name, reason = next(iter(result["not_measurable"].items()))
+            result["note"] = (f"none of the {len(scored)} regions is measurable on the calibration "
+                              f"data (e.g. {name}: {reason}), so nothing is ranked")
+        return result
 
 
 def _rank(regions: RegionMap, scored: dict[str, dict], key: str) -> dict[str, list[str]]:
-    """Droppable regions per level, most redundant (highest `key`) first."""
-    return {level: [r["name"] for r in sorted((scored[x.name] for x in regions.candidates(level)),
-                                              key=lambda r: -r[key])]
+    """Droppable, measurable regions per level, most redundant (highest `key`) first."""
+    def score(row: dict) -> float:
+        value = row[key]
+        return -value if value is not None and np.isfinite(value) else np.inf
+
+    return {level: [r["name"] for r in sorted((scored[x.name] for x in regions.candidates(level)
+                                               if scored[x.name]["measurable"]), key=score)]
             for level in LEVELS}
 
 
 def score_regions(model: ir.Model, regions: list[Region], batches: list[dict]) -> dict[str, dict]:
     """cos / block influence / angular distance per region, averaged over all real tokens, and
-    the cross-fitted linear-adapter cosine."""
-    pairs = {r.name: (r.entry.name, r.exit.name) for r in regions}
+    the cross-fitted linear-adapter cosine. X is what is left when the residual branch is
+    removed: the entry for an identity skip, the shortcut's output for a projection shortcut
+    (ResNet downsampling), so a projection block is measured through its projection. A region
+    whose X or Y is degenerate on the data (NaN, (near) zero, constant) gets `measurable: False`
+    and a `reason` instead of scores."""
+    pairs = {r.name: (r.skip.name, r.exit.name) for r in regions if r.skip is not None}
+    live = sorted(set(pairs.values()))
     sums = {name: np.zeros(3) for name in pairs}
-    kept: dict[tuple, list] = {pair: [] for pair in set(pairs.values())}
+    watch = {pair: Degeneracy() for pair in live}
+    widths: dict[tuple, tuple[int, int]] = {}
+    kept: dict[tuple, list] = {pair: [] for pair in live}
     rng = np.random.default_rng(0)
-    for chunk in bar(iter_pairs(model, batches, list(kept)), "layer-similarity", total=len(batches)):
+    for chunk in bar(iter_pairs(model, batches, live), "layer-similarity", total=len(batches)):
+        for pair in live:
+            x, y = chunk[pair]
+            if x.shape != y.shape:
+                widths[pair] = (x.shape[-1], y.shape[-1])
+                continue
+            watch[pair].update(x, y)
+            kept[pair].append(_subsample(rng, x, y, MAX_FIT_VECTORS // len(batches) + 1))
         for name, pair in pairs.items():
-            cos = np.clip(rowwise_cosine(*chunk[pair]), -1.0, 1.0)
+            if pair in widths:
+                continue
+            with np.errstate(invalid="ignore"):
+                cos = np.clip(rowwise_cosine(*chunk[pair]), -1.0, 1.0)
             sums[name] += [cos.sum(), (np.arccos(cos) / np.pi).sum(), cos.size]
-        for pair in kept:
-            kept[pair].append(_subsample(rng, *chunk[pair], MAX_FIT_VECTORS // len(batches) + 1))
-    linear = {pair: linear_adapter_cosine(np.concatenate([x for x, _ in v]),
-                                          np.concatenate([y for _, y in v]))
-              for pair, v in kept.items()}
+    stacked = {pair: (np.concatenate([x for x, _ in kept[pair]]),
+                      np.concatenate([y for _, y in kept[pair]])) for pair in live if kept[pair]}
+    problems = {pair: _problem(watch[pair], widths.get(pair), pair, stacked.get(pair))
+                for pair in live}
+    linear = {pair: linear_adapter_cosine(*stacked[pair]) for pair in live if problems[pair] is None}
     out = {}
     for r in regions:
+        pair = pairs.get(r.name)
+        base = {"name": r.name, "kind": r.kind, "layout": r.layout,
+                "measured_from": "entry" if r.identity_skip else "shortcut"}
+        problem = NO_SHORTCUT if pair is None else problems[pair]
+        if problem is not None:
+            out[r.name] = {**base, "measurable": False, "reason": problem, "cos": None,
+                           "block_influence": None, "angular": None, "linear_cos": None,
+                           "vectors": int(sums[r.name][2]) if r.name in sums else 0}
+            continue
         total_cos, total_angle, count = sums[r.name]
         cos = total_cos / max(count, 1)
-        out[r.name] = {"name": r.name, "kind": r.kind, "layout": r.layout, "cos": float(cos),
+        out[r.name] = {**base, "measurable": True, "cos": float(cos),
                        "block_influence": float(1.0 - cos),
                        "angular": float(total_angle / max(count, 1)), "vectors": int(count),
-                       "linear_cos": linear[pairs[r.name]]}
+                       "linear_cos": linear[pair]}
     return out
+
+
+def _problem(watch: Degeneracy, widths: tuple[int, int] | None, pair: tuple,
+             sample: tuple | None) -> str | None:
+    """Why a (skip, exit) pair cannot be scored, or None."""
+    if widths is not None:
+        return (f"its input '{pair[0]}' ({widths[0]} wide) and output '{pair[1]}' ({widths[1]} "
+                "wide) differ in shape")
+    return watch.reason(sample)
 
 
 def _subsample(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, rows: int) -> tuple:

@@ -95,9 +95,19 @@ class DropLayersPass(Pass):
             raise PassConfigError(
                 f"drop-layers count={self.config.count} is more than the {len(candidates)} "
                 f"droppable {self.config.level} regions: {', '.join(r.name for r in candidates)}.")
-        ranking = _ranking(self.config, model, ctx)
+        ranking, unmeasured = _ranking(self.config, model, ctx)
         by_name = {r.name: r for r in candidates}
-        return [by_name[n] for n in ranking if n in by_name][: self.config.count]
+        chosen = [by_name[n] for n in ranking if n in by_name][: self.config.count]
+        if len(chosen) < self.config.count:
+            unmeasured = {n: reason for n, reason in unmeasured.items() if n in by_name}
+            example = next(iter(unmeasured.items()), None)
+            why = f" (e.g. {example[0]}: {example[1]})" if example else ""
+            raise PassConfigError(
+                f"drop-layers count={self.config.count}: {self.config.source} could rank only "
+                f"{len(chosen)} of the {len(candidates)} droppable {self.config.level} regions; "
+                f"{len(unmeasured)} are not measurable on the calibration data{why}. Lower count, "
+                "name regions=[...], or use source=das-skip, which judges the outputs.")
+        return chosen
 
     def _batches(self, model: ir.Model, ctx: PassContext) -> list[dict]:
         from winnow.passes.analysis.calibration import calibration_batches
@@ -136,15 +146,18 @@ def _lookup(region_map: RegionMap, name: str) -> Region:
     return region
 
 
-def _ranking(cfg: Any, model: ir.Model, ctx: PassContext) -> list[str]:
-    """Candidates, most droppable first, judged for the replacement that will stand in for them."""
+def _ranking(cfg: Any, model: ir.Model, ctx: PassContext) -> tuple[list[str], dict[str, str]]:
+    """Candidates, most droppable first, judged for the replacement that will stand in for them;
+    and the regions the analysis could not measure, with the reason."""
     if cfg.source == "das-skip":
         result = ctx.get_analysis("das-skip", model, level=cfg.level, k=cfg.count,
                                   replacement="identity" if cfg.replacement == "identity" else "linear")
-        return list(result.get("ranking", []))
+        return list(result.get("ranking", [])), {}
     result = ctx.get_analysis("layer-similarity", model)
     key = "ranking" if cfg.replacement == "identity" else "ranking_linear"
-    return list(result.get(key, {}).get(cfg.level, []))
+    unmeasured = {r["name"]: r.get("reason", "") for r in result.get("regions", [])
+                  if r.get("measurable") is False}
+    return list(result.get(key, {}).get(cfg.level, [])), unmeasured
 
 
 def _position(model: ir.Model, region: Region) -> int:
