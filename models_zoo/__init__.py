@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import onnx_ir as ir
 
-from winnow.errors import SourceError
+from winnow.errors import SourceError, require_extra
 from winnow.models_zoo.base import OnnxZooModel, TaskMetric, TorchZooModel, ZooModel
 
 __all__ = ["ZooModel", "TorchZooModel", "OnnxZooModel", "TaskMetric", "names", "onnx_names",
-           "get", "load_named"]
+           "get", "load_named", "EXTRA"]
 
 DEFAULT = "minilm"
+EXTRA = "zoo"
+_TORCH = ("torch", "safetensors")
+# name -> (module in winnow.models_zoo, the packages of the `zoo` extra it imports), in display
+# order. A module is imported only when one of its models is asked for, so a missing optional
+# package stops only the models that need it.
+CURATED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "minilm": ("minilm", (*_TORCH, "transformers", "tokenizers", "scipy")),
+    "digits-cnn": ("digits", (*_TORCH, "sklearn")),
+    "digits-vit": ("digits", (*_TORCH, "sklearn")),
+    "tiny-gpt": ("tiny_gpt", _TORCH),
+    "ppocr-det": ("ppocr", ("PIL", "matplotlib", "yaml")),
+    "ppocr-rec": ("ppocr", ("PIL", "matplotlib", "yaml")),
+}
 
 
 @functools.cache
-def _zoo() -> dict[str, ZooModel]:
-    """The curated entries, in display order (built lazily; nothing heavy happens here)."""
-    from winnow.models_zoo import digits, minilm, ppocr, tiny_gpt
+def _module_models(module: str) -> dict[str, ZooModel]:
+    """The entries one zoo module defines (`models()`), by name."""
+    return {m.name: m for m in importlib.import_module(f"winnow.models_zoo.{module}").models()}
 
-    entries = [minilm.MiniLM(), *digits.models(), tiny_gpt.TinyGPTModel(), *ppocr.models()]
-    return {m.name: m for m in entries}
+
+def _curated(name: str) -> ZooModel:
+    """The curated entry `name`, after checking that the packages it imports are installed."""
+    module, packages = CURATED[name]
+    require_extra(f"zoo:{name}", EXTRA, packages)
+    return _module_models(module)[name]
 
 
 @functools.cache
@@ -34,7 +52,7 @@ def _onnx_zoo() -> dict[str, ZooModel]:
 
 def names() -> list[str]:
     """Names of the curated zoo models (`zoo:NAME`)."""
-    return list(_zoo())
+    return list(CURATED)
 
 
 def onnx_names() -> list[str]:
@@ -57,8 +75,8 @@ def get(name: str) -> ZooModel:
         return _onnx_zoo()[bare]
     if prefix not in ("", "zoo"):
         raise SourceError(f"'{name}' is not a zoo name; write 'zoo:NAME' or 'onnx:NAME'.")
-    if bare in _zoo():
-        return _zoo()[bare]
+    if bare in CURATED:
+        return _curated(bare)
     if prefix == "" and bare in _onnx_zoo():
         return _onnx_zoo()[bare]
     raise _unknown("zoo", bare, names())

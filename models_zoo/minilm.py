@@ -156,3 +156,8 @@ class MiniLM(TorchZooModel):
         candidate = np.concatenate([first(o) for o in outputs])
         topics = [t for _, t in data.sentence_split(split, SPLIT_SIZE, SPLIT_SIZE)]
         return embedding_metrics(reference, candidate, topics)
+
+
+def models() -> list[MiniLM]:
+    """The minilm zoo entry."""
+    return [MiniLM()]

@@ -235,3 +235,8 @@ class TinyGPTModel(TorchZooModel):
             total, n = perplexity(first(out), feeds["input_ids"])
             nll, count = nll + total, count + n
         return {"perplexity": math.exp(nll / count), "bits_per_byte": nll / count / math.log(2)}
+
+
+def models() -> list[TinyGPTModel]:
+    """The tiny-gpt zoo entry."""
+    return [TinyGPTModel()]
