@@ -25,7 +25,7 @@ from winnow.backends.manifest import (
     param_stats,
     staging,
 )
-from winnow.errors import PipelineError
+from winnow.errors import PipelineError, require_extra
 from winnow.frontend import load
 from winnow.passes.analysis.calibration import pick_calibration, task_options
 from winnow.passes.base import AnalysisPass
@@ -128,7 +128,8 @@ def analyze_model(source: Any, out: str | Path, *,
     from winnow.ir.regions import find_regions
     from winnow.report_html import render
 
-    check_output(Path(out), overwrite)
+    require_extra("winnow analyze (the plots of report.html)", "report", ("matplotlib",))
+    check_output(Path(out), overwrite, ANALYSIS_FORMAT)
     timer = TimingInstrument()
     manager = analysis_passes(passes)
     manager.instruments.append(timer)
@@ -159,7 +160,7 @@ def analyze_model(source: Any, out: str | Path, *,
         "timings": timings,
     }
     mark = time.perf_counter()
-    with progress.step(f"writing {out}"), staging(out, overwrite) as tmp:
+    with progress.step(f"writing {out}"), staging(out, overwrite, ANALYSIS_FORMAT) as tmp:
         page, plots = render(jsonable(data))
         (tmp / REPORT_FILE).write_text(page, encoding="utf-8")
         timings["report"] = time.perf_counter() - mark

@@ -12,33 +12,56 @@ from typing import Any
 import click
 import numpy as np
 
-from winnow import progress
+from winnow import __version__, progress
 from winnow.compiler import DEFAULT_MAX_DROP
 from winnow.errors import SourceError, WinnowError
 
 
+GLOBAL_FLAGS = ("--debug", "--quiet")
+JSON_KEY = "winnow.json"
+
+
 class _Group(click.Group):
-    """A click group that turns WinnowError into `error: ...` and exit 2."""
+    """A click group that turns WinnowError into `error: ...` and exit 2 (a JSON object under
+    --json), and takes --debug / --quiet before or after the subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Move --debug / --quiet to the front wherever they are written; note --json."""
+        end = args.index("--") if "--" in args else len(args)
+        head = args[:end]
+        ctx.meta[JSON_KEY] = "--json" in head
+        flags = list(dict.fromkeys(a for a in head if a in GLOBAL_FLAGS))
+        rest = [a for a in head if a not in GLOBAL_FLAGS]
+        return super().parse_args(ctx, [*flags, *rest, *args[end:]])
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand, reporting errors as one line (tracebacks with --debug)."""
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
+        except (click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise  # click's main ends a closed pipe (`winnow ... | head`) quietly
+        except click.ClickException as exc:
+            if not ctx.meta.get(JSON_KEY):
+                raise
+            _report(ctx, exc, exc.format_message(), exc.exit_code)
         except WinnowError as exc:
-            _report(ctx, f"error: {exc}")
-            ctx.exit(exc.exit_code)
+            _report(ctx, exc, exc.for_cli(), exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-            _report(ctx, f"internal error: {type(exc).__name__}: {exc} (rerun with --debug "
-                         "for the traceback)")
-            ctx.exit(1)
+            _report(ctx, exc, f"{type(exc).__name__}: {exc} (rerun with --debug for the "
+                              "traceback)", 1, prefix="internal error")
 
 
-def _report(ctx: click.Context, message: str) -> None:
+def _report(ctx: click.Context, exc: BaseException, message: str, code: int,
+            prefix: str = "error") -> None:
+    """Print the error (as {"error": {...}} on stdout under --json) and exit with `code`."""
     if (ctx.obj or {}).get("debug"):
         traceback.print_exc()
-    click.echo(message, err=True)
+    if ctx.meta.get(JSON_KEY):
+        click.echo(json.dumps({"error": {"type": type(exc).__name__, "message": message,
+                                         "internal": prefix != "error", "exit_code": code}}))
+    else:
+        click.echo(f"{prefix}: {message}", err=True)
+    ctx.exit(code)
 
 
 def _dump(obj: Any) -> None:
@@ -58,8 +81,9 @@ def _size(n: int | None) -> str:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.version_option(__version__, "--version", prog_name="winnow", message="%(prog)s %(version)s")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors (also after the subcommand).")
+@click.option("--quiet", is_flag=True, help="No progress output (also after the subcommand).")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """winnow: a model compiler that finds and removes redundancy."""
@@ -295,6 +319,9 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     try:
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
             np.savez(f, **arrays)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(f.name, 0o666 & ~mask)  # a temporary file is 0600; give the usual mode
         os.replace(f.name, path)
     except OSError as exc:
         from winnow.errors import OutputError
@@ -356,7 +383,20 @@ _attach_zoo()
 
 def main() -> None:
     """Entry point of the `winnow` command."""
-    cli(prog_name="winnow")
+    try:
+        cli(prog_name="winnow")
+    except SystemExit:
+        _flush_stdout()
+        raise
+
+
+def _flush_stdout() -> None:
+    """Flush stdout now; a reader that went away (`| head`) ends the command quietly."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

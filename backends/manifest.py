@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from winnow.errors import ModelFormatError, OutputError, SourceError
+from winnow.errors import ModelFormatError, OutputError, OutputExistsError, SourceError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "winnow-artifact"
 MANIFEST_VERSION = 1
+OUTPUT_KINDS = {MANIFEST_FORMAT: "winnow compile artifact", "winnow-analysis": "winnow analyze report"}
 
 
 @dataclasses.dataclass
@@ -125,6 +126,10 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Read and validate the manifest of an artifact folder."""
     folder = Path(folder)
+    if folder.is_file():
+        raise SourceError(f"'{folder}' is a file, not an artifact folder; give the folder "
+                          "`winnow compile` wrote (compile the file first: winnow compile "
+                          f"{folder} -o OUT).")
     if not folder.is_dir():
         raise SourceError(f"artifact folder '{folder}' does not exist; give a folder written by "
                           "`winnow compile`.")
@@ -156,17 +161,18 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
                                    "the artifact was modified or is incomplete, recompile it.")
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Raise OutputError when `out` cannot become a new (or replaced) artifact folder."""
+def check_output(out: Path, overwrite: bool, kind: str = MANIFEST_FORMAT) -> None:
+    """Raise OutputError when `out` cannot become a new (or replaced) output folder of `kind`
+    (a manifest format: a compile artifact replaces only a compile artifact, and so on)."""
     if out.exists() or out.is_symlink():
+        found = _existing_kind(out)
+        if found is not None and found != kind:
+            raise OutputError(f"output folder '{out}' holds a {OUTPUT_KINDS.get(found, found)}, "
+                              f"not a {OUTPUT_KINDS.get(kind, kind)}; choose another path (winnow "
+                              "replaces an output only with one of the same kind).")
         if not overwrite:
-            raise OutputError(f"output folder '{out}' already exists; pass --force-overwrite "
-                              "(overwrite=True) to replace it, or choose another path.")
-        if not out.is_dir() or out.is_symlink():
-            raise OutputError(f"output path '{out}' exists and is not a folder; choose another path.")
-        if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
-            raise OutputError(f"output folder '{out}' is not empty and is not a winnow artifact "
-                              f"(no {MANIFEST_FILE}); winnow only replaces its own output folders.")
+            raise OutputExistsError(out, "an earlier " + OUTPUT_KINDS.get(kind, kind)
+                                    if found else "an empty folder")
     ancestor = Path(os.path.abspath(out)).parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -176,6 +182,24 @@ def check_output(out: Path, overwrite: bool) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"cannot create output folder '{out}': '{ancestor}' is not writable; "
                           "choose a folder you can write to.")
+
+
+def _existing_kind(out: Path) -> str | None:
+    """The manifest format of an existing output folder; None for an empty one; OutputError
+    for anything winnow did not write (a file, a link, a folder without a manifest)."""
+    if not out.is_dir() or out.is_symlink():
+        raise OutputError(f"output path '{out}' exists and is not a folder; choose another path.")
+    if not any(out.iterdir()):
+        return None
+    try:
+        found = json.loads((out / MANIFEST_FILE).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if not isinstance(found, str):
+        raise OutputError(f"output folder '{out}' is not empty and is not a winnow artifact "
+                          f"(no readable {MANIFEST_FILE}); winnow only replaces its own output "
+                          "folders, choose another path.")
+    return found
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -206,10 +230,11 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def staging(out: str | Path, overwrite: bool = False,
+            kind: str = MANIFEST_FORMAT) -> Iterator[Path]:
     """A fresh folder next to `out`; it becomes `out` only when the block completes."""
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, kind)
     target = Path(os.path.abspath(out))
     created: list[Path] = []
     try:

@@ -33,7 +33,7 @@ from winnow.backends.manifest import (
     verify_files,
     write_manifest,
 )
-from winnow.errors import ExecutionError
+from winnow.errors import ExecutionError, runtime_detail
 from winnow.frontend.onnx_file import check_external_data
 from winnow.ir.execute import session_options
 
@@ -155,5 +155,5 @@ def run_artifact(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str,
         outs = session.run(names, dict(feeds))
     except Exception as exc:  # noqa: BLE001
         raise ExecutionError(f"ONNX Runtime failed to run '{artifact.path}': "
-                             f"{str(exc).strip().splitlines()[0]}") from exc
+                             f"{runtime_detail(exc)}.") from exc
     return dict(zip(names, outs))

@@ -18,10 +18,12 @@ class _ZooGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand; a WinnowError becomes `error: ...` and exit code 2."""
+        if ctx.parent is not None:  # under `winnow`: its group reports errors (and --json)
+            return super().invoke(ctx)
         try:
             return super().invoke(ctx)
         except WinnowError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {exc.for_cli()}", err=True)
             ctx.exit(exc.exit_code)
 
 
@@ -47,10 +49,16 @@ def entry_row(model: Any, score: bool = False) -> dict[str, Any]:
 def _rows(include_all: bool, score: bool) -> list[dict[str, Any]]:
     from winnow import models_zoo
 
-    chosen = [models_zoo.get(n) for n in models_zoo.names()]
-    chosen += [models_zoo.get(f"onnx:{n}") for n in models_zoo.onnx_names()
-               if include_all or n.startswith("light_")]
-    return [entry_row(m, score) for m in chosen]
+    rows = []
+    for name in models_zoo.names():
+        try:
+            rows.append(entry_row(models_zoo.get(name), score))
+        except WinnowError as exc:  # a missing extra or model package: listed, with the reason
+            rows.append({"name": f"zoo:{name}", "kind": "-", "params": 0, "metric": None,
+                         "cached": "unavailable", "description": "", "error": exc.for_cli()})
+    chosen = [models_zoo.get(f"onnx:{n}") for n in models_zoo.onnx_names()
+              if include_all or n.startswith("light_")]
+    return rows + [entry_row(m, score) for m in chosen]
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -61,10 +69,27 @@ def _table(rows: list[dict[str, Any]]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header).rstrip()] + [fmt.format(*line).rstrip() for line in lines]
     for r in rows:
+        if "error" in r:
+            out.append(f"{r['name']}: {r['error']}")
         if "score" in r:
             values = ", ".join(f"{k} {v:.4f}" for k, v in r["score"].items())
             out.append(f"{r['name']}: {values}")
     return "\n".join(out)
+
+
+def shape_text(shape: Any) -> str:
+    """A shape as people write it: `[batch, 1, 8, 8]` (`?` for an unknown dim or rank)."""
+    if shape is None:
+        return "?"
+    dims = [str(d) if isinstance(d, int) else (getattr(d, "value", None) or "?") for d in shape]
+    return "[" + ", ".join(dims) + "]"
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @click.group(cls=_ZooGroup)
@@ -101,6 +126,7 @@ def export(name: str, out: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".export-", suffix=".onnx")
         os.close(fd)
         ir.save(model, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write '{path}': {exc.strerror or exc}; choose a writable "
@@ -108,5 +134,6 @@ def export(name: str, out: str) -> None:
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
-    inputs = ", ".join(f"{v.name}{list(v.shape or [])}" for v in model.graph.inputs)
+    inputs = ", ".join(f"{v.name} {shape_text(v.shape)}" for v in model.graph.inputs
+                       if v.name not in model.graph.initializers)  # the ones a caller feeds
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; inputs {inputs})")

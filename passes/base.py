@@ -44,6 +44,7 @@ class Pass(PassBase):
             raise TypeError(f"{type(self).__name__} expects {self.Config.__name__}, "
                             f"got {type(config).__name__}")
         self.config = config
+        self.given_options = tuple(options)  # printed back in pipelines even at their defaults
 
     @property
     def in_place(self) -> bool:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+
+from winnow.errors import OutputError
 
 
 class Instrument:
@@ -46,11 +49,33 @@ class TimingInstrument(Instrument):
         return "\n".join(lines)
 
 
+_DUMP_NAME = re.compile(r"^\d{2,}-[^/]+\.(before|after)\.txt$")
+
+
+def _clear_dump_folder(directory: Path) -> None:
+    """Remove an earlier run's dumps from `directory`; OutputError when it holds other files."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise OutputError(f"the IR dump path '{directory}' is a file, not a folder; give a folder.")
+    entries = list(directory.iterdir())
+    others = [p.name for p in entries if not (p.is_file() and _DUMP_NAME.match(p.name))]
+    if others:
+        raise OutputError(f"the IR dump folder '{directory}' holds files that are not IR dumps "
+                          f"({', '.join(sorted(others)[:3])}); give an empty or new folder.")
+    for path in entries:
+        path.unlink()
+
+
 class DumpIRInstrument(Instrument):
-    """Writes the IR as text before and after each pass: `DIR/NN-name.before.txt`/`.after.txt`."""
+    """Writes the IR as text before and after each pass: `DIR/NN-name.before.txt`/`.after.txt`.
+
+    The dumps of an earlier run in DIR are removed first (two runs never mix); a DIR that holds
+    anything else is refused."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        _clear_dump_folder(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def _write(self, index: int, name: str, stage: str, model: ir.Model) -> None:

@@ -80,14 +80,17 @@ def build_pass(spec: PassSpec) -> Pass:
 def build_pipeline(pipeline: str | Sequence[PassSpec | PassBase]) -> list[PassBase]:
     """Turn pipeline text, specs or pass objects into pass instances (errors name the pass)."""
     items = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
-    passes = []
+    passes: list[PassBase] = []
     for item in items:
-        if isinstance(item, PassSpec):
+        if isinstance(item, str):  # a list may mix pipeline text and pass objects
+            passes += [build_pass(spec) for spec in parse_pipeline(item)]
+        elif isinstance(item, PassSpec):
             passes.append(build_pass(item))
         elif isinstance(item, PassBase):
             passes.append(item)
         else:
-            raise PipelineError(f"pipeline element {item!r} is neither a pass nor a pass spec.")
+            raise PipelineError(f"pipeline element {item!r} is neither a pass, a pass name nor "
+                                "a pass spec.")
     return passes
 
 
@@ -100,9 +103,18 @@ def describe_pipeline(passes: Sequence[PassBase]) -> str:
     """Pipeline text for instantiated passes (foreign onnx-ir passes print as class names)."""
     specs = []
     for p in passes:
-        opts = p.options() if isinstance(p, Pass) else {}
+        opts = _printed_options(p)
         specs.append(PassSpec(pass_label(p), tuple((k, format_value(v)) for k, v in opts.items())))
     return format_pipeline(specs)
+
+
+def _printed_options(p: PassBase) -> dict[str, Any]:
+    """The options to print: every one the user gave (even at its default, in the order given),
+    then the others that differ from their defaults."""
+    if not isinstance(p, Pass):
+        return {}
+    given = [k for k in getattr(p, "given_options", ()) if hasattr(p.config, k)]
+    return {**{k: getattr(p.config, k) for k in given}, **p.options()}
 
 
 class PassManager:
@@ -126,7 +138,7 @@ class PassManager:
         guard rejects, or one that raised, is rolled back (when the guard is strict, it fails
         the run instead).
         """
-        ctx = ctx or PassContext()
+        ctx = ctx or _CURRENT.get() or PassContext()  # a surrounding `with PassContext()`
         modified_any = False
         done: list[str] = []
         with ctx:

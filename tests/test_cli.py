@@ -189,9 +189,10 @@ def test_existing_output_without_force(tiny_model_path, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = invoke("compile", tiny_model_path, "-o", out)
-    assert result.exit_code == 2 and "already exists" in result.stderr
-    assert "--force-overwrite" in result.stderr
+    for extra in ((), ("--force-overwrite",)):  # no advice that the flag would then refuse
+        result = invoke("compile", tiny_model_path, "-o", out, *extra)
+        assert result.exit_code == 2 and "is not a winnow artifact" in result.stderr
+        assert "--force-overwrite" not in result.stderr and "overwrite=True" not in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -216,5 +217,172 @@ def test_python_dash_m_winnow(squeezenet_path, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["files"]["model.ort"] > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and again.stderr.startswith("error: ")
-    assert "already exists" in again.stderr
+    assert again.returncode == 2 and again.stderr == ""  # --json: the error is JSON on stdout
+    assert "already exists" in json.loads(again.stdout)["error"]["message"]
+
+
+def test_existing_artifact_names_the_flag_not_the_python_argument(tiny_model_path, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("compile", tiny_model_path, "-o", out).exit_code == 0
+    again = invoke("compile", tiny_model_path, "-o", out)
+    assert again.exit_code == 2
+    assert again.stderr == (f"error: output folder '{out}' already exists (an earlier winnow "
+                            "compile artifact); pass --force-overwrite to replace it, or choose "
+                            "another path.\n")
+    from winnow.errors import OutputError
+
+    with pytest.raises(OutputError, match=r"pass overwrite=True \(--force-overwrite"):
+        winnow.compile(tiny_model_path, out)
+
+
+def test_existing_file_is_refused_without_advice(tiny_model_path, tmp_path):
+    (tmp_path / "out").write_text("mine")
+    for extra in ((), ("--force-overwrite",)):
+        result = invoke("compile", tiny_model_path, "-o", tmp_path / "out", *extra)
+        assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
+        assert "--force-overwrite" not in result.stderr
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_force_overwrite_replaces_only_an_output_of_the_same_kind(tiny_model_path, tmp_path):
+    report, artifact = tmp_path / "report", tmp_path / "artifact"
+    assert invoke("analyze", tiny_model_path, "-o", report, "--passes",
+                  "layer-similarity").exit_code == 0
+    assert invoke("compile", tiny_model_path, "-o", artifact).exit_code == 0
+    before = sorted(p.name for p in report.iterdir())
+    result = invoke("compile", tiny_model_path, "-o", report, "--force-overwrite")
+    assert result.exit_code == 2
+    assert "holds a winnow analyze report, not a winnow compile artifact" in result.stderr
+    assert sorted(p.name for p in report.iterdir()) == before
+    result = invoke("analyze", tiny_model_path, "-o", artifact, "--force-overwrite")
+    assert result.exit_code == 2
+    assert "holds a winnow compile artifact, not a winnow analyze report" in result.stderr
+    assert (artifact / "model.onnx").is_file()
+
+
+def test_dump_ir_replaces_an_earlier_runs_dumps_and_refuses_other_files(tiny_model_path,
+                                                                       tmp_path):
+    dumps = tmp_path / "ir"
+    first = invoke("compile", tiny_model_path, "-o", tmp_path / "a", "--dump-ir", dumps,
+                   "--pipeline", "cse,dce,fold-constants")
+    assert first.exit_code == 0, first.output
+    assert len(list(dumps.iterdir())) == 6
+    second = invoke("compile", tiny_model_path, "-o", tmp_path / "b", "--dump-ir", dumps,
+                    "--pipeline", "dce")
+    assert second.exit_code == 0, second.output
+    assert sorted(p.name for p in dumps.iterdir()) == ["00-dce.after.txt", "00-dce.before.txt"]
+    (dumps / "notes.md").write_text("mine")
+    third = invoke("compile", tiny_model_path, "-o", tmp_path / "c", "--dump-ir", dumps)
+    assert third.exit_code == 2 and "holds files that are not IR dumps (notes.md)" in third.stderr
+    assert (dumps / "notes.md").read_text() == "mine" and not (tmp_path / "c").exists()
+
+
+def test_debug_and_quiet_after_the_subcommand_and_version(tmp_path):
+    runner = CliRunner()
+    late = runner.invoke(cli, ["compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o"),
+                               "--quiet", "--debug"])
+    assert late.exit_code == 2 and "Traceback" in late.stderr and "does not exist" in late.stderr
+    version = runner.invoke(cli, ["--version"])
+    assert version.exit_code == 0 and version.stdout == f"winnow {winnow.__version__}\n"
+
+
+def test_json_errors_are_a_json_object_with_the_same_exit_code(tmp_path, monkeypatch):
+    result = invoke("compile", tmp_path / "nope.onnx", "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "SourceError" and "does not exist" in error["message"]
+    assert error["exit_code"] == 2 and error["internal"] is False
+    usage = invoke("inspect", "--json")
+    assert usage.exit_code == 2 and json.loads(usage.stdout)["error"]["message"] == (
+        "Missing argument 'SRC'.")
+    import winnow.compiler
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(winnow.compiler, "compile_model", broken)
+    internal = invoke("compile", tmp_path / "x.onnx", "-o", tmp_path / "o", "--json")
+    assert internal.exit_code == 1 and json.loads(internal.stdout)["error"]["internal"] is True
+
+
+def test_a_closed_pipe_ends_quietly(squeezenet_path):
+    proc = subprocess.Popen([sys.executable, "-m", "winnow", "inspect", str(squeezenet_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` that has read enough
+    _, err = proc.communicate(timeout=300)
+    assert err.decode() == "" and proc.returncode == 1
+
+
+def test_bench_on_a_file_says_what_it_is_and_what_bench_expects(tiny_model_path):
+    result = invoke("bench", tiny_model_path)
+    assert result.exit_code == 2
+    assert f"'{tiny_model_path}' is a file, not an artifact folder" in result.stderr
+    assert f"winnow compile {tiny_model_path} -o OUT" in result.stderr
+
+
+def test_run_with_a_wrong_shape_keeps_which_input_and_dimension(tiny_model_path, tmp_path):
+    assert invoke("compile", tiny_model_path, "-o", tmp_path / "out").exit_code == 0
+    np.savez(tmp_path / "in.npz", x=np.zeros((2, 15), np.float32))
+    result = invoke("run", tmp_path / "out", "--inputs", tmp_path / "in.npz")
+    assert result.exit_code == 2
+    assert "input: x" in result.stderr and "index: 1 Got: 15 Expected: 16" in result.stderr
+
+
+def test_run_output_and_zoo_export_have_the_usual_file_mode(tiny_model_path, tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        assert invoke("compile", tiny_model_path, "-o", tmp_path / "out").exit_code == 0
+        np.savez(tmp_path / "in.npz", x=np.zeros((2, 16), np.float32))
+        assert invoke("run", tmp_path / "out", "--inputs", tmp_path / "in.npz", "-o",
+                      tmp_path / "y.npz").exit_code == 0
+        export = invoke("zoo", "export", "onnx:light_squeezenet", "-o", tmp_path / "sq.onnx")
+    finally:
+        os.umask(mask)
+    assert export.exit_code == 0, export.output
+    assert "inputs data_0 [1, 3, 224, 224])" in export.stdout
+    assert (tmp_path / "y.npz").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "sq.onnx").stat().st_mode & 0o777 == 0o644
+
+
+def test_zoo_export_prints_symbolic_dims_by_name():
+    from onnx_ir import Shape, SymbolicDim
+
+    from winnow.models_zoo.cli import shape_text
+
+    assert shape_text(Shape([SymbolicDim("batch"), 1, 8, 8])) == "[batch, 1, 8, 8]"
+    assert shape_text(Shape([None, 3])) == "[?, 3]" and shape_text(None) == "?"
+
+
+def test_pipelines_print_back_every_option_given():
+    from winnow.passes import PassManager
+
+    text = "das-skip{steps=200},drop-layers{count=1,replacement=identity},cse"
+    assert PassManager(text).text == text
+    assert PassManager("canonicalize{max_iterations=10}").text == "canonicalize{max_iterations=10}"
+
+
+def test_pass_manager_honours_a_surrounding_context_and_mixed_lists(tiny_model_path):
+    from winnow.passes import Pass, PassContext, PassManager, PassResult
+    from winnow.passes.base import get_pass_class
+
+    seen = []
+
+    class Probe(Pass):
+        """Records the context it runs under."""
+
+        name = "probe"
+
+        def call(self, model):
+            seen.append(PassContext.current())
+            return PassResult(model, modified=False)
+
+    manager = PassManager(["cse", Probe(), get_pass_class("dce")(), "fold-constants,dce"])
+    assert manager.text == "cse,probe,dce,fold-constants,dce"
+    ctx = PassContext(options={"mine": 1})
+    with ctx:
+        manager.run(winnow.load(tiny_model_path))
+    assert seen == [ctx]
+    manager.run(winnow.load(tiny_model_path))
+    assert seen[1] is not ctx

@@ -66,9 +66,9 @@ def test_out_of_range_option_is_refused():
         PassManager("canonicalize{max_iterations=0}")
 
 
-def test_manager_prints_its_pipeline_with_non_default_options():
+def test_manager_prints_its_pipeline_with_every_option_given():
     assert PassManager("cse,canonicalize{max_iterations=2}").text == "cse,canonicalize{max_iterations=2}"
-    assert PassManager("canonicalize{max_iterations=10}").text == "canonicalize"
+    assert PassManager("canonicalize{max_iterations=10}").text == "canonicalize{max_iterations=10}"
 
 
 def test_yaml_pipeline_equals_text(tmp_path):
