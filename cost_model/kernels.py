@@ -24,6 +24,7 @@ ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "H
 CONV_FOLLOWERS = {"Add", "Mul", "BatchNormalization", "Sum"} | ACTIVATIONS
 MATMUL_FOLLOWERS = {"Add", "Mul", "Div", "BiasGelu"} | ACTIVATIONS
 CHAIN_KINDS = ("elementwise", "quantize")
+INTEGER = {"MatMulInteger", "ConvInteger"}  # ORT's DynamicQuantizeMatMulFusion: DQL + op + Cast + Mul
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Kernel:
     launches: int = 0
     priced: bool = True
     notes: list[str] = field(default_factory=list)
+    tail: int = -1  # the node whose output leaves the kernel
 
     @property
     def bytes(self) -> float:
@@ -64,9 +66,25 @@ def _single_consumer(c: OpCost, users: dict[str, list[int]], graph_outputs: set[
     return readers[0] if len(set(readers)) == 1 else None
 
 
+def _fused_into_consumer(c: OpCost, users: dict[str, list[int]], outputs: set[str],
+                         costs: Sequence[OpCost]) -> int | None:
+    """The MatMul a Transpose (FusedMatMul) or a DynamicQuantizeLinear folds into, if any."""
+    if c.op_type == "Transpose":
+        j = _single_consumer(c, users, outputs)
+        ok = j is not None and costs[j].op_type in ("MatMul", "FusedMatMul")
+        return j if ok else None
+    if c.op_type == "DynamicQuantizeLinear" and c.outputs and c.outputs[0] not in outputs:
+        readers = set(users.get(c.outputs[0], []))
+        j = readers.pop() if len(readers) == 1 else None
+        return j if j is not None and costs[j].op_type in INTEGER else None
+    return None
+
+
 def _fusible(anchor: OpCost, follower: OpCost, absorbed: list[str]) -> bool:
     """Whether ORT folds `follower` into a kernel anchored at `anchor` (already holding `absorbed`)."""
     op = follower.op_type
+    if anchor.op_type in INTEGER:
+        return op in ("Cast", "Mul", "Add") and op not in absorbed
     if anchor.kind == "conv":
         if op in ACTIVATIONS:
             return not any(a in ACTIVATIONS for a in absorbed)
@@ -85,18 +103,16 @@ def group_kernels(costs: Sequence[OpCost], graph_outputs: Sequence[str] = ()) ->
     users = _consumers(costs)
     producers = {name: i for i, c in enumerate(costs) for name in c.outputs}
     outputs = set(graph_outputs)
-    internal = {k: v for k, v in users.items() if k not in outputs}  # graph outputs stay written
+    inner_users = {k: v for k, v in users.items() if k not in outputs}  # outputs stay written
     owner: dict[int, Kernel] = {}
     kernels: list[Kernel] = []
-    pending_transpose: dict[int, int] = {}  # MatMul index -> Transpose index fused into it
+    pending_transpose: dict[int, int] = {}  # MatMul index -> producer fused into it
     for i, c in enumerate(costs):
-        if c.op_type == "Transpose":
-            j = _single_consumer(c, users, outputs)
-            if j is not None and costs[j].kind == "matmul" and costs[j].op_type in ("MatMul",
-                                                                                       "FusedMatMul"):
-                pending_transpose[j] = i
-                continue
-        kernel = _join(c, i, costs, owner, producers, internal)
+        j = _fused_into_consumer(c, users, outputs, costs)
+        if j is not None:
+            pending_transpose[j] = i
+            continue
+        kernel = _join(c, i, costs, owner, producers, inner_users)
         if kernel is None:
             kernel = Kernel(c.name or c.op_type, c.kind, c.dtype)
             kernels.append(kernel)
@@ -104,7 +120,9 @@ def group_kernels(costs: Sequence[OpCost], graph_outputs: Sequence[str] = ()) ->
         owner[i] = kernel
         if i in pending_transpose:
             t = pending_transpose.pop(i)
-            _add(kernel, costs[t], t, launch=False, internal=costs[t].act_read + costs[t].act_write)
+            p = costs[t]
+            internal = p.act_read + p.act_write if p.op_type == "Transpose" else p.act_write
+            _add(kernel, p, t, launch=False, internal=internal, tail=False)
             owner[t] = kernel
     return kernels
 
@@ -112,7 +130,7 @@ def group_kernels(costs: Sequence[OpCost], graph_outputs: Sequence[str] = ()) ->
 def _join(c: OpCost, i: int, costs: Sequence[OpCost], owner: dict[int, Kernel],
           producers: dict[str, int], users: dict[str, list[int]]) -> Kernel | None:
     """Add node `i` to its producer's kernel when ORT fuses it or it extends an elementwise chain."""
-    if c.kind not in CHAIN_KINDS and c.op_type not in ("BatchNormalization", "BiasGelu"):
+    if c.kind not in CHAIN_KINDS and c.op_type not in ("BatchNormalization", "BiasGelu", "Cast"):
         return None
     for name in c.inputs:
         producer = producers.get(name)
@@ -123,7 +141,7 @@ def _join(c: OpCost, i: int, costs: Sequence[OpCost], owner: dict[int, Kernel],
         if len(p.outputs) == 1 and users.get(p.outputs[0]) == [i]:
             anchor = costs[kernel.nodes[0]]
             absorbed = [costs[n].op_type for n in kernel.nodes[1:]]
-            if anchor.kind in ANCHORS and kernel.nodes[-1] == producer and _fusible(anchor, c, absorbed):
+            if anchor.kind in ANCHORS and kernel.tail == producer and _fusible(anchor, c, absorbed):
                 _add(kernel, c, i, launch=False, internal=2.0 * (p.act_write))
                 return kernel
             if kernel.kind in CHAIN_KINDS and c.kind in CHAIN_KINDS:
@@ -132,9 +150,12 @@ def _join(c: OpCost, i: int, costs: Sequence[OpCost], owner: dict[int, Kernel],
     return None
 
 
-def _add(kernel: Kernel, c: OpCost, i: int, launch: bool, internal: float) -> None:
+def _add(kernel: Kernel, c: OpCost, i: int, launch: bool, internal: float,
+         tail: bool = True) -> None:
     """Add a node's work and traffic; `internal` bytes never reach memory inside a fused kernel."""
     kernel.nodes.append(i)
+    if tail:
+        kernel.tail = i
     kernel.flops += c.flops
     kernel.weight_bytes += c.weight_bytes
     kernel.act_bytes += max(0.0, c.act_read + c.act_write - internal)

@@ -1,0 +1,374 @@
+"""Calibration on the real host: micro-benchmarks through ONNX Runtime, timed with benchmark.py,
+fitted into a `host` target profile.
+
+Each micro-benchmark is a small ONNX model that ORT runs as one kernel (GEMMs fp32 and int8,
+convolutions, elementwise, softmax, norms, attention, data movement), timed interleaved with
+an Identity model whose time is the `session.run` overhead. The fit, in order:
+
+1. run overhead = the Identity model's median; dispatch = (chain of N tiny Adds - run) / N;
+2. peak FLOP/s per dtype = the best FLOP/s among that dtype's GEMMs and convs;
+   DRAM and cache bandwidth = the best bytes/s of large and of cache-sized elementwise ops;
+3. per kernel kind, a least-squares line of log(kernel time) on log(roofline time), where the
+   kernel time is the median minus run and dispatch overheads: its slope and intercept are
+   the kind's correction (predict.py). Kinds with too few or too close points keep slope 1
+   and fit the intercept alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from winnow.benchmark import available_cpus, bench_session_options, cpu_model, time_interleaved
+from winnow.cost_model.kernels import group_kernels
+from winnow.cost_model.op_costs import node_costs
+from winnow.cost_model.targets import Correction, Target, load_target, user_dir
+from winnow.errors import OutputError
+
+OPSET = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)]
+CHAIN = 32
+SLOPE_RANGE = (0.5, 1.5)
+_RNG = np.random.default_rng(0)
+
+
+@dataclass
+class Micro:
+    """One micro-benchmark: a name, its model and its feeds."""
+
+    name: str
+    model: onnx.ModelProto
+    feeds: dict[str, np.ndarray]
+
+
+def _f32(shape: tuple[int, ...]) -> np.ndarray:
+    return _RNG.standard_normal(shape).astype(np.float32)
+
+
+def _model(nodes: list, inputs: dict[str, tuple], outputs: list[str],
+           weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    graph = h.make_graph(nodes, "micro",
+                         [h.make_tensor_value_info(n, T.FLOAT, list(s)) for n, s in inputs.items()],
+                         [h.make_tensor_value_info(o, T.FLOAT, None) for o in outputs],
+                         [nh.from_array(v, k) for k, v in (weights or {}).items()])
+    return h.make_model(graph, opset_imports=OPSET, ir_version=9)
+
+
+def _micro(name: str, nodes: list, inputs: dict[str, tuple], outputs: list[str],
+           weights: dict[str, np.ndarray] | None = None) -> Micro:
+    return Micro(name, _model(nodes, inputs, outputs, weights),
+                 {n: _f32(s) for n, s in inputs.items()})
+
+
+def gemm(m: int, k: int, n: int, act: bool = False) -> Micro:
+    """MatMul [m,k]x[k,n] (+ bias + Relu when `act`)."""
+    nodes = [h.make_node("MatMul", ["x", "w"], ["y" if not act else "mm"])]
+    weights = {"w": _f32((k, n))}
+    if act:
+        weights["b"] = _f32((n,))
+        nodes += [h.make_node("Add", ["mm", "b"], ["ab"]), h.make_node("Relu", ["ab"], ["y"])]
+    return _micro(f"gemm-fp32-{m}x{k}x{n}{'-bias-relu' if act else ''}", nodes, {"x": (m, k)},
+                  ["y"], weights)
+
+
+def gemm_int8(m: int, k: int, n: int) -> Micro:
+    """The dynamic-int8 MatMul that onnxruntime.quantization.quantize_dynamic makes of a GEMM."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = gemm(m, k, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        onnx.save(fp32.model, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        model = onnx.load(dst)
+    return Micro(f"gemm-int8-{m}x{k}x{n}", model, fp32.feeds)
+
+
+def batched_matmul(b: int, m: int, k: int, n: int) -> Micro:
+    """Attention-style batched MatMul [b,m,k]x[b,k,n] on two activations."""
+    return _micro(f"bmm-fp32-{b}x{m}x{k}x{n}", [h.make_node("MatMul", ["x", "z"], ["y"])],
+                  {"x": (b, m, k), "z": (b, k, n)}, ["y"])
+
+
+def conv(n: int, c: int, hw: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> Micro:
+    """Conv + bias + Relu (one fused kernel in ORT)."""
+    node = h.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], strides=[stride] * 2,
+                       pads=[k // 2] * 4, group=groups)
+    weights = {"w": _f32((cout, c // groups, k, k)), "b": _f32((cout,))}
+    return _micro(f"conv-{n}x{c}x{hw}x{hw}-{cout}k{k}s{stride}g{groups}",
+                  [node, h.make_node("Relu", ["c"], ["y"])], {"x": (n, c, hw, hw)}, ["y"], weights)
+
+
+def elementwise(size: int, op: str = "Add") -> Micro:
+    """One elementwise op over `size` floats (binary ops take a second activation)."""
+    binary = op in ("Add", "Mul")
+    inputs = {"x": (size,), "z": (size,)} if binary else {"x": (size,)}
+    return _micro(f"{op.lower()}-{size}", [h.make_node(op, list(inputs), ["y"])], inputs, ["y"])
+
+
+def softmax(rows: int, cols: int) -> Micro:
+    """Softmax over the last axis of [rows, cols]."""
+    return _micro(f"softmax-{rows}x{cols}", [h.make_node("Softmax", ["x"], ["y"], axis=-1)],
+                  {"x": (rows, cols)}, ["y"])
+
+
+def layernorm(rows: int, cols: int) -> Micro:
+    """LayerNormalization over the last axis of [rows, cols]."""
+    return _micro(f"layernorm-{rows}x{cols}",
+                  [h.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1)],
+                  {"x": (rows, cols)}, ["y"], {"g": _f32((cols,)), "b": _f32((cols,))})
+
+
+def attention(b: int, s: int, hidden: int, heads: int) -> Micro:
+    """ORT's fused com.microsoft Attention (QKV projection, scores, softmax, context)."""
+    node = h.make_node("Attention", ["x", "w", "bias"], ["y"], domain="com.microsoft",
+                       num_heads=heads)
+    return _micro(f"attention-{b}x{s}x{hidden}h{heads}", [node], {"x": (b, s, hidden)}, ["y"],
+                  {"w": _f32((hidden, 3 * hidden)) * 0.05, "bias": _f32((3 * hidden,))})
+
+
+def transpose(b: int, s: int, heads: int, d: int) -> Micro:
+    """The [b,s,h,d] -> [b,h,s,d] transpose of attention heads."""
+    return _micro(f"transpose-{b}x{s}x{heads}x{d}",
+                  [h.make_node("Transpose", ["x"], ["y"], perm=[0, 2, 1, 3])],
+                  {"x": (b, s, heads, d)}, ["y"])
+
+
+def reduce_mean(rows: int, cols: int) -> Micro:
+    """ReduceMean over the last axis."""
+    return _micro(f"reducemean-{rows}x{cols}",
+                  [h.make_node("ReduceMean", ["x"], ["y"], axes=[-1], keepdims=1)],
+                  {"x": (rows, cols)}, ["y"])
+
+
+def identity() -> Micro:
+    """A one-element Identity: its time is the `session.run` overhead."""
+    return _micro("identity", [h.make_node("Identity", ["x"], ["y"])], {"x": (1,)}, ["y"])
+
+
+def add_chain(length: int = CHAIN) -> Micro:
+    """`length` Adds on 16 floats: their time over the run overhead is the dispatch overhead."""
+    nodes = [h.make_node("Add", ["x" if i == 0 else f"t{i}", "one"],
+                         [f"t{i + 1}" if i < length - 1 else "y"]) for i in range(length)]
+    return _micro(f"add-chain-{length}", nodes, {"x": (16,)}, ["y"], {"one": _f32((16,))})
+
+
+def suite(quick: bool, llc_bytes: float) -> list[Micro]:
+    """The micro-benchmarks: a short list with `quick`, a fuller one otherwise."""
+    big = int(max(4 * llc_bytes / 12, 1 << 20))  # three tensors of 4 bytes, well over the LLC
+    small = int(llc_bytes / 48)
+    items = [identity(), add_chain(),
+             gemm(64, 384, 384), gemm(128, 384, 1536, act=True), gemm(512, 512, 512),
+             gemm(8, 1024, 1024), gemm_int8(128, 384, 1536), gemm_int8(512, 512, 512),
+             batched_matmul(12, 64, 32, 64), conv(1, 32, 56, 64, 3), conv(1, 64, 28, 64, 3, groups=64),
+             elementwise(small), elementwise(big), elementwise(small, "Sigmoid"),
+             softmax(768, 64), layernorm(512, 384), attention(4, 64, 384, 12), transpose(8, 64, 12, 32)]
+    if quick:
+        return items
+    return items + [
+        gemm(1, 384, 384), gemm(32, 256, 1024), gemm(2048, 256, 64), gemm(256, 1536, 384, act=True),
+        gemm_int8(8, 1024, 1024), gemm_int8(64, 384, 384), gemm_int8(256, 1536, 384),
+        batched_matmul(48, 64, 64, 64), batched_matmul(96, 128, 32, 128),
+        conv(1, 16, 112, 32, 1), conv(1, 128, 14, 256, 3, stride=2), conv(4, 3, 64, 16, 3),
+        conv(1, 96, 28, 96, 3, groups=96), conv(8, 32, 16, 32, 3),
+        elementwise(small // 8), elementwise(big // 4, "Relu"), elementwise(small, "Mul"),
+        elementwise(big, "Erf"), softmax(3072, 128), softmax(96, 16), layernorm(64, 384),
+        layernorm(4096, 256), attention(1, 128, 256, 4), attention(8, 32, 384, 12),
+        transpose(1, 128, 4, 64), reduce_mean(4096, 256), reduce_mean(64, 64)]
+
+
+# ---------------------------------------------------------------- measure
+
+
+def _runner(micro: Micro, threads: int) -> Callable[[], Any]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(micro.model.SerializeToString(), bench_session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    feeds = micro.feeds
+    return lambda: session.run(None, feeds)
+
+
+def measure(micros: list[Micro], repeats: int, threads: int) -> dict[str, float]:
+    """Median seconds of each micro-benchmark, all timed interleaved (benchmark.py)."""
+    runners = {m.name: _runner(m, threads) for m in micros}
+    timings = time_interleaved(runners, repeats=repeats, warmup=2, desc="calibrating")
+    return {name: t.median for name, t in timings.items()}
+
+
+# ---------------------------------------------------------------- fit
+
+
+def host_llc_bytes() -> float:
+    """Size of the last-level cache from sysfs (32 MiB when it cannot be read)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1024, "M": 1 << 20}.get(text[-1:], 1)
+        try:
+            sizes.append(float(text.rstrip("KM")) * scale)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else float(32 << 20)
+
+
+def _kernels(micro: Micro):
+    model = ir.serde.deserialize_model(micro.model)
+    costs, _ = node_costs(model)
+    return group_kernels(costs, [v.name for v in model.graph.outputs])
+
+
+def _rate(micros: list[Micro], times: dict[str, float], run: float, dispatch: float,
+          prefix: tuple[str, ...], what: str) -> float | None:
+    best = None
+    for m in micros:
+        if not m.name.startswith(prefix):
+            continue
+        ks = _kernels(m)
+        work = sum(k.flops for k in ks) if what == "flops" else sum(k.bytes for k in ks)
+        t = times[m.name] - run - dispatch * sum(k.launches for k in ks)
+        if t > 0:
+            best = max(best or 0.0, work / t)
+    return best
+
+
+def fit_profile(micros: list[Micro], times: dict[str, float], threads: int,
+                llc_bytes: float) -> dict[str, Any]:
+    """The host profile's figures (as TOML tables) from the measured medians."""
+    run = times["identity"]
+    dispatch = max((times[f"add-chain-{CHAIN}"] - run) / CHAIN, 1e-7)
+    fp32 = _rate(micros, times, run, dispatch, ("gemm-fp32", "conv", "bmm"), "flops") or 1e9
+    int8 = _rate(micros, times, run, dispatch, ("gemm-int8",), "flops") or fp32
+    sized = [m for m in micros if m.name.startswith(("add-", "mul-", "relu-"))
+             and not m.name.startswith("add-chain")]
+    big = [m for m in sized if sum(k.bytes for k in _kernels(m)) > llc_bytes]
+    small = [m for m in sized if m not in big]
+    dram = _rate(big, times, run, dispatch, ("",), "bytes") or 1e10
+    cache = max(_rate(small, times, run, dispatch, ("",), "bytes") or dram, dram)
+    data = {
+        "name": "host",
+        "description": f"this machine ({cpu_model()}, {threads} threads), fitted by winnow cost calibrate",
+        "sources": ["micro-benchmarks through ONNX Runtime on this host (winnow cost calibrate)",
+                    "energy: M. Horowitz, ISSCC 2014 (45 nm), as in the shipped profiles",
+                    "fp16: not measured (ORT's CPU provider has few fp16 kernels): the fp32 rate"],
+        "compute": {"cores": threads, "fp32_gflops_per_core": fp32 / threads / 1e9,
+                    "fp16_gflops_per_core": fp32 / threads / 1e9,
+                    "int8_gops_per_core": int8 / threads / 1e9},
+        "memory": {"dram_gbps": dram / 1e9, "cache_gbps": cache / 1e9,
+                   "llc_kib": llc_bytes / 1024},
+        "overhead": {"dispatch_us": dispatch * 1e6, "run_us": run * 1e6},
+        "energy": dict(load_target("x86-avx2").energy),
+    }
+    from winnow.cost_model.targets import parse_target
+
+    plain = parse_target(data, Path("host.toml"))
+    data["correction"] = fit_corrections(micros, times, plain)
+    return data
+
+
+def _points(micros: list[Micro], times: dict[str, float], target: Target) -> dict[str, list]:
+    from winnow.cost_model.predict import price_kernel
+
+    points: dict[str, list] = {}
+    for m in micros:
+        if m.name in ("identity",) or m.name.startswith("add-chain"):
+            continue
+        model = ir.serde.deserialize_model(m.model)
+        costs, _ = node_costs(model)
+        ks = group_kernels(costs, [v.name for v in model.graph.outputs])
+        priced = [price_kernel(k, costs, target) for k in ks]
+        roof = sum(p.roofline_s for p in priced)
+        launches = sum(k.launches for k in ks)
+        t = times[m.name] - target.run_s - launches * target.dispatch_s
+        t = max(t, 0.05 * times[m.name])
+        kind = max(priced, key=lambda p: p.roofline_s).kernel.kind
+        if roof > 0:
+            points.setdefault(kind, []).append((math.log(roof * 1e6), math.log(t * 1e6)))
+    return points
+
+
+def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    x = np.array([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    if len(pts) >= 3 and np.ptp(x) > 0.5:
+        slope, intercept = np.polyfit(x, y, 1)
+        slope = float(np.clip(slope, *SLOPE_RANGE))
+    else:
+        slope = 1.0
+    return slope, float(np.mean(y - slope * x))
+
+
+def fit_corrections(micros: list[Micro], times: dict[str, float],
+                    target: Target) -> dict[str, dict[str, float]]:
+    """Per kernel kind (and `default` over all), the least-squares slope and log scale."""
+    points = _points(micros, times, target)
+    out = {}
+    for kind, pts in sorted(points.items()):
+        slope, scale = _line(pts)
+        out[kind] = {"slope": round(slope, 4), "log_scale": round(scale, 4), "points": len(pts)}
+    everything = [p for pts in points.values() for p in pts]
+    if everything:
+        slope, scale = _line(everything)
+        out["default"] = {"slope": round(slope, 4), "log_scale": round(scale, 4),
+                          "points": len(everything)}
+    return out
+
+
+# ---------------------------------------------------------------- write
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(round(v, 6))
+    if isinstance(v, list):
+        return "[\n" + "".join(f"  {_toml_value(x)},\n" for x in v) + "]"
+    return str(v)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """TOML text of a profile (flat keys, tables, and `correction.KIND` tables)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for key, table in data.items():
+        if not isinstance(table, dict):
+            continue
+        if key == "correction":
+            for kind, values in table.items():
+                lines += ["", f"[correction.{kind}]"]
+                lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            continue
+        lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def calibrate(quick: bool = False, out: str | Path | None = None, repeats: int | None = None,
+              threads: int | None = None) -> tuple[Path, dict[str, Any], dict[str, float]]:
+    """Run the micro-benchmarks, fit the host profile and write it; returns (path, profile, times)."""
+    threads = threads or available_cpus()
+    llc = host_llc_bytes()
+    micros = suite(quick, llc)
+    times = measure(micros, repeats or (7 if quick else 21), threads)
+    data = fit_profile(micros, times, threads, llc)
+    path = Path(out) if out else user_dir() / "host.toml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".toml.tmp")
+        tmp.write_text(to_toml(data))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the host profile '{path}': {exc.strerror or exc}.") from None
+    return path, data, times
