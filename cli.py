@@ -372,6 +372,69 @@ def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq
         click.echo(line, err=True)
 
 
+class _CostGroup(_Group):
+    """`winnow cost SRC ...` predicts; `winnow cost calibrate ...` fits the host profile."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Route anything that is not a subcommand (or help) to the hidden `model` command."""
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["model", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_CostGroup)
+def cost() -> None:
+    """Predicted latency and energy per kernel: `winnow cost SRC --target T`, `winnow cost calibrate`."""
+
+
+def _shapes(items: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        name, _, size = item.partition("=")
+        try:
+            dims = [int(d) for d in size.lower().split("x")]
+        except ValueError:
+            raise click.BadParameter(f"'{item}' is not NAME=SIZE or NAME=D1xD2x...",
+                                     param_hint="--shape") from None
+        out[name] = dims[0] if len(dims) == 1 and "x" not in size.lower() else dims
+    return out
+
+
+@cost.command(name="model", hidden=True)
+@click.argument("src")
+@click.option("--target", default="host", show_default=True, metavar="T", help="Target profile name or .toml file.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=SIZE", help="A symbolic dim (batch=8) or an input's shape (x=1x3x48x320); repeatable.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=1), help="Kernels to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cost_model_cmd(src: str, target: str, shapes: tuple[str, ...], top: int, as_json: bool) -> None:
+    """Predict SRC's latency and energy on target T: top kernels, roofline vs predicted."""
+    from winnow.cost_model import predict
+
+    report = predict(src, target, _shapes(shapes))
+    if as_json:
+        _dump(report.to_dict())
+    else:
+        click.echo(report.table(top))
+
+
+@cost.command(name="calibrate")
+@click.option("--quick", is_flag=True, help="A short suite (about 2 minutes on a quiet host).")
+@click.option("--out", default=None, metavar="FILE.toml", help="Where to write the profile [default: ~/.cache/winnow/targets/host.toml].")
+@click.option("--repeats", default=None, type=click.IntRange(min=1), metavar="R", help="Timed rounds [7 quick, 21 full].")
+@click.option("--threads", default=None, type=click.IntRange(min=1), metavar="N", help="ORT intra-op threads [the CPUs this process may use].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cost_calibrate(quick: bool, out: str | None, repeats: int | None, threads: int | None,
+                   as_json: bool) -> None:
+    """Time micro-benchmarks through ORT on this host and write the fitted `host` profile."""
+    from winnow.cost_model.calibrate import calibrate, summary
+
+    path, data, times = calibrate(quick=quick, out=out, repeats=repeats, threads=threads)
+    if as_json:
+        _dump({"path": str(path), "profile": data, "median_s": times})
+    else:
+        click.echo(summary(path, data, times))
+
+
 def _attach_zoo() -> None:
     from winnow.models_zoo.cli import zoo
 
