@@ -298,7 +298,7 @@ def _points(micros: list[Micro], times: dict[str, float], target: Target) -> dic
     return points
 
 
-def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+def _line(pts: list[tuple[float, float]]) -> dict[str, float]:
     x = np.array([p[0] for p in pts])
     y = np.array([p[1] for p in pts])
     if len(pts) >= 3 and np.ptp(x) > 0.5:
@@ -306,7 +306,9 @@ def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
         slope = float(np.clip(slope, *SLOPE_RANGE))
     else:
         slope = 1.0
-    return slope, float(np.mean(y - slope * x))
+    return {"slope": round(slope, 4), "log_scale": round(float(np.mean(y - slope * x)), 4),
+            "x_min": round(float(x.min()), 4), "x_max": round(float(x.max()), 4),
+            "points": len(pts)}
 
 
 def fit_corrections(micros: list[Micro], times: dict[str, float],
@@ -315,13 +317,10 @@ def fit_corrections(micros: list[Micro], times: dict[str, float],
     points = _points(micros, times, target)
     out = {}
     for kind, pts in sorted(points.items()):
-        slope, scale = _line(pts)
-        out[kind] = {"slope": round(slope, 4), "log_scale": round(scale, 4), "points": len(pts)}
+        out[kind] = _line(pts)
     everything = [p for pts in points.values() for p in pts]
     if everything:
-        slope, scale = _line(everything)
-        out["default"] = {"slope": round(slope, 4), "log_scale": round(scale, 4),
-                          "points": len(everything)}
+        out["default"] = _line(everything)
     return out
 
 
@@ -372,3 +371,20 @@ def calibrate(quick: bool = False, out: str | Path | None = None, repeats: int |
     except OSError as exc:
         raise OutputError(f"cannot write the host profile '{path}': {exc.strerror or exc}.") from None
     return path, data, times
+
+
+def summary(path: Path, data: dict[str, Any], times: dict[str, float]) -> str:
+    """A printed table: each micro-benchmark's median, then the fitted figures."""
+    lines = [f"{'micro-benchmark':<38} {'median us':>10}"]
+    lines += [f"{name:<38} {t * 1e6:>10.1f}" for name, t in times.items()]
+    c, m, o = data["compute"], data["memory"], data["overhead"]
+    lines += ["", f"peak      fp32 {c['fp32_gflops_per_core']:.1f} GFLOP/s, int8 "
+                  f"{c['int8_gops_per_core']:.1f} GOP/s per core x {c['cores']} threads",
+              f"memory    DRAM {m['dram_gbps']:.1f} GB/s, cache {m['cache_gbps']:.1f} GB/s, "
+              f"LLC {m['llc_kib'] / 1024:.0f} MiB",
+              f"overhead  run {o['run_us']:.1f} us, dispatch {o['dispatch_us']:.2f} us per kernel"]
+    for kind, fit in data.get("correction", {}).items():
+        lines.append(f"correct   {kind:<12} slope {fit['slope']:.3f}  log scale "
+                     f"{fit['log_scale']:+.3f}  ({fit['points']} points)")
+    lines.append(f"wrote     {path}")
+    return "\n".join(lines)

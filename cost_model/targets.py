@@ -40,16 +40,24 @@ def user_dir() -> Path:
 
 @dataclass(frozen=True)
 class Correction:
-    """A fitted correction of one kernel kind: t = exp(log_scale) * roofline_us ** slope."""
+    """A fitted correction of one kernel kind: t = exp(log_scale) * roofline_us ** slope.
+
+    Outside the fitted range of log roofline times [x_min, x_max] the line continues with
+    slope 1 (time proportional to the roofline), so a fit never extrapolates its slope.
+    """
 
     slope: float = 1.0
     log_scale: float = 0.0
+    x_min: float = -math.inf
+    x_max: float = math.inf
 
     def apply(self, roofline_us: float) -> float:
         """The corrected time (us) of a kernel whose roofline time is `roofline_us`."""
         if roofline_us <= 0.0:
             return 0.0
-        return math.exp(self.log_scale + self.slope * math.log(roofline_us))
+        x = math.log(roofline_us)
+        inside = min(max(x, self.x_min), self.x_max)
+        return math.exp(self.log_scale + self.slope * inside + (x - inside))
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,8 @@ def parse_target(data: dict[str, Any], path: Path) -> Target:
     """A Target from a parsed TOML document (TargetError names a missing or bad field)."""
     _check(data, path)
     c, m, o = data["compute"], data["memory"], data["overhead"]
-    corrections = {kind: Correction(float(v.get("slope", 1.0)), float(v.get("log_scale", 0.0)))
+    corrections = {kind: Correction(float(v.get("slope", 1.0)), float(v.get("log_scale", 0.0)),
+                                    float(v.get("x_min", -math.inf)), float(v.get("x_max", math.inf)))
                    for kind, v in (data.get("correction") or {}).items()}
     return Target(
         name=data["name"], description=data.get("description", ""), cores=int(c["cores"]),
