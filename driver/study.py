@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from winnow.errors import WinnowError
+from winnow.errors import WinnowError, require_extra
 
 STUDY_PREFIX = "winnow-"
 
@@ -28,6 +28,7 @@ def sqlite_path(url: str) -> Path | None:
 
 def open_study(url: str, fingerprint: str, directions: list[str], sampler: Any) -> Any:
     """Create or resume the study for `fingerprint`; refuse a storage holding another model's."""
+    require_extra("winnow compile --target (the search)", "search", ("optuna",))
     import optuna
 
     if "://" not in url:
