@@ -24,7 +24,8 @@ from winnow.backends.manifest import (
     param_stats,
 )
 from winnow.errors import ExecutionError, FidelityError, OutputError, PipelineError, WinnowError
-from winnow.fidelity import evaluate_zoo, lossless_mismatch
+from winnow.fidelity import array_agreement, evaluate_zoo, lossless_mismatch
+from winnow.fidelity import evaluate as evaluate_fidelity
 from winnow.frontend import example_feeds, load
 from winnow.ir.execute import get_session, run
 from winnow.ir.inputs import feeds_for
@@ -117,17 +118,21 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   overwrite: bool = False, check: bool = True, example_inputs: Any = None,
                   dynamic_shapes: Any = None, calibration: Any = None, evaluate: bool = False,
                   max_drop: float = DEFAULT_MAX_DROP, force: bool = False,
-                  strict: bool = False) -> CompileResult:
+                  strict: bool = False, judge_data: Any = None) -> CompileResult:
     """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
 
     `example_inputs`/`dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
     Lossy passes get `calibration` (default: the zoo model's calibration split, else example
     inputs). With `evaluate` (and always after a lossy pass) a zoo model is scored on its
     held-out split; a lossy result whose drop exceeds `max_drop` is refused unless `force`.
+    Other models are judged on a held-out part of `calibration` that the passes do not fit on
+    (or on `judge_data` when given, and then all of `calibration` is fitted on); NaN/inf where
+    the source has none, or a changed output count or shape, are refused.
     With `check`, each lossless pass is checked on the check inputs and rolled back when it
     changed the outputs (recorded in fidelity['rolled_back']); with `strict` that fails instead.
     """
     emit = get_backend(backend)
+    check_max_drop(max_drop)
     check_output(Path(out), overwrite)
     timer = TimingInstrument() if timings else None
     instruments = [i for i in (timer, VerifyInstrument() if verify_each else None) if i]
@@ -147,21 +152,31 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
             feeds = feeds_for(model)
             reference = _run_source(model, feeds)
         guard = _lossless_guard(feeds, reference, strict)
+    lossy = [pass_label(p) for p in manager.passes if not getattr(p, "lossless", True)]
     batches, origin = pick_calibration(source, model, calibration)
+    fit, judge, judged_on = _fit_and_judge(source, model, batches, origin)
+    if judge_data is not None:
+        fit, judge = batches, pick_calibration(source, model, judge_data)[0]
+        judged_on = f"{len(judge)} judging batches given apart from the calibration data"
+    judge_reference = [run(model, feeds) for feeds in judge] if lossy else []
     with _phase(phases, "passes", "running the pipeline"):
-        ctx = PassContext(calibration=batches, options=task_options(source, model))
+        ctx = PassContext(calibration=fit, options=task_options(source, model))
         model = manager.run(model, ctx, guard=guard).model
     fidelity = None
     if check:
         with _phase(phases, "check", "checking against the source"):
             fidelity = dict(_fidelity(model, feeds, reference), rolled_back=guard.rolled_back)
-    lossy = [pass_label(p) for p in manager.passes if not getattr(p, "lossless", True)]
     zoo_name = model.metadata_props.get("winnow.zoo")
     if zoo_name and (evaluate or lossy):
         with _phase(phases, "evaluate", f"scoring on the {zoo_name} held-out split"):
             fidelity = dict(fidelity or {}, heldout=evaluate_zoo(zoo_name, model).to_dict())
+    elif lossy and judge:
+        with _phase(phases, "evaluate", f"scoring on {judged_on}"):
+            fidelity = dict(fidelity or {},
+                            heldout=evaluate_fidelity(judge_reference, model, judge).to_dict())
     if lossy:
-        fidelity = dict(fidelity or {}, lossy_passes=lossy, calibration=origin)
+        fidelity = dict(fidelity or {}, lossy_passes=lossy, calibration=origin,
+                        judged_on=judged_on)
         _enforce_budget(fidelity, max_drop, force)
     name = _source_name(source, model)
     with _phase(phases, "emit", f"writing {out}"):
@@ -171,20 +186,63 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                          param_stats(model), fidelity, timer.records if timer else [], phases)
 
 
+def check_max_drop(max_drop: Any) -> None:
+    """Refuse a fidelity budget that is not a number from 0 to 1."""
+    try:
+        value = float(max_drop)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(max_drop, bool) or not 0.0 <= value <= 1.0:
+        raise FidelityError(f"--max-drop (max_drop) must be a number from 0 to 1, the largest "
+                            f"task-metric drop or 1 - cosine to accept; got {max_drop!r}.")
+
+
+def _fit_and_judge(source: Any, model: ir.Model, batches: list[dict[str, np.ndarray]],
+                   origin: str) -> tuple[list, list, str]:
+    """The batches lossy passes fit on, the batches that judge them, and that data in words.
+
+    Zoo models are judged on their own held-out split. Explicit calibration data is split: the
+    passes fit on the first part and are judged on the rest. Otherwise the check inputs judge,
+    and they are what the passes fit on too (in-sample)."""
+    from winnow.driver.source import split_batches
+
+    zoo = model.metadata_props.get("winnow.zoo")
+    if zoo and isinstance(source, str) and source.startswith(("zoo:", "onnx:")):
+        return batches, [], f"the {zoo} held-out split"
+    if origin == "explicit":
+        fit, first, second = split_batches(batches, _batch_axis_dynamic(model))
+        if first is not fit:
+            judge = first + second
+            return fit, judge, (f"{len(judge)} held-out calibration batches (the passes fit on "
+                                f"the other {len(fit)})")
+        return batches, [], ("the check inputs (the calibration data is too small to hold any "
+                             "out)")
+    return batches, [], f"the check inputs (in-sample: the passes fit on the {origin} too)"
+
+
+def _batch_axis_dynamic(model: ir.Model) -> bool:
+    """True when every input's first dim is symbolic (a batch can be cut into smaller ones)."""
+    shapes = [v.shape for v in model.graph.inputs if v.name not in model.graph.initializers]
+    return all(s is not None and len(s) > 0 and not isinstance(s[0], int) for s in shapes)
+
+
 def budget_drop(fidelity: Mapping[str, Any]) -> tuple[float, str] | None:
     """The drop judged against the budget: the task-metric drop on held-out data when there is
     one, else 1 - cosine (held-out, or the differential check's)."""
     heldout = fidelity.get("heldout") or {}
+    data = fidelity.get("judged_on") or "held-out data"
     if heldout.get("metric_drop") is not None:
-        return float(heldout["metric_drop"]), f"{heldout['metric_name']} drop on held-out data"
+        return float(heldout["metric_drop"]), f"{heldout['metric_name']} drop on {data}"
     if heldout.get("cosine") is not None:
-        return 1.0 - float(heldout["cosine"]), "1 - cosine on held-out data"
+        return 1.0 - float(heldout["cosine"]), f"1 - cosine on {data}"
     if fidelity.get("min_cosine") is not None:
-        return 1.0 - float(fidelity["min_cosine"]), "1 - cosine on the check inputs"
+        data = fidelity.get("judged_on") or "the check inputs"
+        return 1.0 - float(fidelity["min_cosine"]), f"1 - cosine on {data}"
     return None
 
 
 def _enforce_budget(fidelity: dict[str, Any], max_drop: float, force: bool) -> None:
+    _refuse_changed_outputs(fidelity)
     judged = budget_drop(fidelity)
     if judged is None:
         if not force:
@@ -192,11 +250,31 @@ def _enforce_budget(fidelity: dict[str, Any], max_drop: float, force: bool) -> N
                                 "give a zoo model or check inputs, or pass --force.")
         return
     drop, what = judged
-    fidelity["budget"] = {"max_drop": max_drop, "drop": drop, "measure": what, "forced": force}
-    if drop > max_drop and not force:
+    nonfinite = int(fidelity.get("nonfinite_mismatch") or 0) + int(
+        (fidelity.get("heldout") or {}).get("nonfinite_mismatch") or 0)
+    fidelity["budget"] = {"max_drop": max_drop, "drop": drop, "measure": what, "forced": force,
+                          "nonfinite_mismatch": nonfinite}
+    if force:
+        return
+    if nonfinite:
+        raise FidelityError(f"the result misses the fidelity budget: its outputs have {nonfinite} "
+                            "NaN/inf entries where the source's do not (or the other way round); "
+                            "loosen the pipeline, or pass --force to write it anyway.")
+    if not drop <= max_drop:
         raise FidelityError(f"the result misses the fidelity budget: {what} is {drop:.4f}, above "
                             f"--max-drop {max_drop}; loosen the pipeline, raise --max-drop, or "
                             "pass --force to write it anyway.")
+
+
+def _refuse_changed_outputs(fidelity: Mapping[str, Any]) -> None:
+    """A lossy result with another output count or shape than its source is never written."""
+    problems = [fidelity["error"]] if fidelity.get("error") else []
+    problems += [f"output '{name}': {o['error']}" for name, o in
+                 (fidelity.get("outputs") or {}).items() if isinstance(o, dict) and o.get("error")]
+    if problems:
+        raise FidelityError(f"the lossy passes changed the model's outputs ({problems[0]}); a "
+                            "result whose outputs differ in number or shape from the source's "
+                            "is not written, even with --force.")
 
 
 def _run_source(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -240,28 +318,21 @@ def compare_outputs(reference: Mapping[str, Any], result: Mapping[str, Any]) -> 
     errors = [o["max_abs_error"] for o in outputs.values() if "max_abs_error" in o]
     cosines = [o["cosine"] for o in outputs.values() if "cosine" in o]
     return {"outputs": outputs, "max_abs_error": max(errors, default=None),
-            "min_cosine": min(cosines, default=None)}
+            "min_cosine": min(cosines, default=None),
+            "nonfinite_mismatch": sum(o.get("nonfinite_mismatch", 0) for o in outputs.values())}
 
 
 def _compare(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    """Max abs error, cosine and NaN/inf mismatches of one output (the cosine is 0 when NaN or
+    inf appear where the source has none)."""
     if ref.shape != got.shape:
         return {"error": f"shape {list(got.shape)} after the passes, {list(ref.shape)} before"}
     if ref.dtype.kind not in "biuf" or got.dtype.kind not in "biuf":
         return {"equal": bool(np.array_equal(ref, got))}
-    a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-    with np.errstate(invalid="ignore", over="ignore"):
-        same = (a == b) | (np.isnan(a) & np.isnan(b))
-        diff = np.nan_to_num(np.where(same, 0.0, np.abs(a - b)), nan=np.inf)
-    finite = np.isfinite(a) & np.isfinite(b)
-    return {"max_abs_error": float(diff.max()) if diff.size else 0.0,
-            "cosine": _cosine(a[finite], b[finite])}
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 or nb == 0.0:
-        return 1.0 if na == nb else 0.0
-    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+    stats = array_agreement(ref, got)
+    if not stats["nonfinite_mismatch"]:
+        del stats["nonfinite_mismatch"]
+    return stats
 
 
 def inspect_model(source: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class OutputFidelity:
     max_abs_error: float
     top1: float | None = None
     kl: float | None = None
+    nonfinite_mismatch: int = 0
 
 
 @dataclasses.dataclass
@@ -49,6 +50,7 @@ class Fidelity:
     candidate_metric: float | None = None
     reference_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     candidate_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    nonfinite_mismatch: int = 0
 
     @property
     def metric_drop(self) -> float | None:
@@ -72,6 +74,8 @@ class Fidelity:
         if self.kl is not None:
             parts.append(f"KL {self.kl:.2e}")
         parts.append(f"max|err| {self.max_abs_error:.2e}")
+        if self.nonfinite_mismatch:
+            parts.append(f"{self.nonfinite_mismatch} NaN/inf entries the reference lacks")
         if self.metric_name and self.candidate_metric is not None:
             ref = "" if self.reference_metric is None else f"{self.reference_metric:.4f} -> "
             parts.append(f"{self.metric_name} {ref}{self.candidate_metric:.4f}")
@@ -192,12 +196,18 @@ def _per_sample(x: np.ndarray) -> np.ndarray:
 
 
 def cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Cosine of each sample's flattened outputs (1 when both are zero, 0 when one is)."""
+    """Cosine of each sample's flattened outputs (1 when both are zero, 0 when one is), over the
+    entries finite in both; 0 for a sample where NaN/inf entries differ between the two."""
     a, b = _per_sample(ref), _per_sample(cand)
+    finite = np.isfinite(a) & np.isfinite(b)
+    with np.errstate(invalid="ignore"):
+        differs = (np.isnan(a) != np.isnan(b)) | ((np.isinf(a) | np.isinf(b)) & (a != b))
+    a, b = np.where(finite, a, 0.0), np.where(finite, b, 0.0)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     dot = np.sum(a * b, axis=1)
     out = dot / np.maximum(na * nb, _EPS)
     out[(na < _EPS) & (nb < _EPS)] = 1.0
+    out[differs.any(axis=1)] = 0.0
     return out
 
 
@@ -243,9 +253,10 @@ def compare_output(name: str, ref: Sequence[np.ndarray], cand: Sequence[np.ndarr
                                 f"but {list(np.shape(r))} in the reference; they cannot be compared.")
     kind = guess_kind(ref[0]) if kind == "auto" else kind
     cos = np.concatenate([cosines(r, c) for r, c in zip(ref, cand)])
-    err = max((float(np.max(np.abs(np.asarray(r, np.float64) - np.asarray(c, np.float64))))
-               if np.size(r) else 0.0) for r, c in zip(ref, cand))
-    result = OutputFidelity(name, kind, float(cos.mean()), err)
+    stats = [array_agreement(r, c) for r, c in zip(ref, cand)]
+    result = OutputFidelity(name, kind, float(cos.mean()),
+                            max(s["max_abs_error"] for s in stats),
+                            nonfinite_mismatch=sum(s["nonfinite_mismatch"] for s in stats))
     if kind in ("logits", "probs"):
         same = np.concatenate([(np.argmax(r, -1) == np.argmax(c, -1)).ravel()
                                for r, c in zip(ref, cand)])
@@ -306,7 +317,8 @@ def evaluate(reference: Any, candidate: Any, data: Sequence[Feeds], metric: Metr
         outputs=per_output, metric_name=name, higher_is_better=higher,
         reference_metric=ref_values.get(name) if name else None,
         candidate_metric=cand_values.get(name) if name else None,
-        reference_metrics=ref_values, candidate_metrics=cand_values)
+        reference_metrics=ref_values, candidate_metrics=cand_values,
+        nonfinite_mismatch=sum(f.nonfinite_mismatch for f in per_output.values()))
 
 
 def evaluate_zoo(zoo_model: Any, candidate: Any, split: str = "heldout",
