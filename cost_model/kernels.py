@@ -138,7 +138,7 @@ def _join(c: OpCost, i: int, costs: Sequence[OpCost], owner: dict[int, Kernel],
             continue
         kernel = owner[producer]
         p = costs[producer]
-        if len(p.outputs) == 1 and users.get(p.outputs[0]) == [i]:
+        if len(p.outputs) == 1 and set(users.get(p.outputs[0], ())) == {i}:
             anchor = costs[kernel.nodes[0]]
             absorbed = [costs[n].op_type for n in kernel.nodes[1:]]
             if anchor.kind in ANCHORS and kernel.tail == producer and _fusible(anchor, c, absorbed):

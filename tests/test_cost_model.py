@@ -1,0 +1,205 @@
+"""Cost model: hand-computed FLOPs and bytes, kernel grouping, monotone prediction, bad input."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from winnow.cli import cli
+from winnow.cost_model import load_target, predict
+from winnow.cost_model.calibrate import _line, to_toml
+from winnow.cost_model.kernels import group_kernels
+from winnow.cost_model.op_costs import node_costs
+from winnow.cost_model.targets import TargetError, parse_target
+
+F = TensorProto.FLOAT
+
+
+def build(nodes, inputs, outputs, weights=None, ms=False) -> ir.Model:
+    """An IR model from onnx.helper parts; `inputs` maps names to shapes (dims may be names)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (weights or {}).items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, F, s)
+                                           for n, s in inputs.items()],
+                              [helper.make_tensor_value_info(o, F, None) for o in outputs], inits)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=opsets, ir_version=9))
+
+
+def only(model: ir.Model, shapes=None):
+    costs, _ = node_costs(model, shapes)
+    return costs
+
+
+def test_matmul_flops_and_bytes_by_hand():
+    model = build([helper.make_node("MatMul", ["a", "w"], ["y"])], {"a": [2, 3]}, ["y"],
+                  {"w": (3, 4)})
+    (c,) = only(model)
+    assert c.flops == 2 * 2 * 3 * 4 == 48
+    assert (c.weight_bytes, c.act_read, c.act_write) == (3 * 4 * 4, 2 * 3 * 4, 2 * 4 * 4)
+    assert c.kind == "matmul" and c.dtype == "fp32" and c.priced
+
+
+def test_symbolic_dims_resolved_from_given_sizes():
+    model = build([helper.make_node("MatMul", ["a", "w"], ["y"])], {"a": ["batch", "seq", 3]},
+                  ["y"], {"w": (3, 4)})
+    (c,) = only(model, {"batch": 8, "seq": 5})
+    assert c.flops == 2 * 8 * 5 * 3 * 4
+    (d,) = only(model, {"a": [2, 7, 3]})
+    assert d.flops == 2 * 2 * 7 * 3 * 4
+
+
+def test_conv_with_groups_strides_dilation_by_hand():
+    # X [1,4,9,9], W [6,2,3,3], groups 2, stride 2, dilation 2, no pads:
+    # effective kernel 5, output 3x3 -> 6*3*3 = 54 outputs, each 2 * (4/2) * 3*3 = 36 FLOPs, + bias
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=2, strides=[2, 2],
+                            dilations=[2, 2], kernel_shape=[3, 3])
+    (c,) = only(build([conv], {"x": [1, 4, 9, 9]}, ["y"], {"w": (6, 2, 3, 3), "b": (6,)}))
+    assert c.flops == 54 * 36 + 54
+    assert c.act_write == 54 * 4 and c.weight_bytes == (6 * 2 * 9 + 6) * 4
+
+
+def test_conv_transpose_and_gemm_by_hand():
+    ct = helper.make_node("ConvTranspose", ["x", "w"], ["y"], kernel_shape=[2, 2], strides=[2, 2])
+    (c,) = only(build([ct], {"x": [1, 2, 3, 3]}, ["y"], {"w": (2, 4, 2, 2)}))
+    assert c.flops == 2 * (2 * 3 * 3) * (4 * 2 * 2)
+    gemm = helper.make_node("Gemm", ["a", "w", "b"], ["y"], transA=1)
+    (g,) = only(build([gemm], {"a": [5, 2]}, ["y"], {"w": (5, 7), "b": (7,)}))
+    assert g.flops == 2 * 2 * 7 * 5 + 2 * 7
+
+
+def test_contrib_ops_get_shapes_and_feed_the_next_op():
+    nodes = [helper.make_node("SkipLayerNormalization", ["x", "s", "g", "be"], ["n"],
+                              domain="com.microsoft"),
+             helper.make_node("MatMul", ["n", "w"], ["y"])]
+    model = build(nodes, {"x": [2, 3, 8], "s": [2, 3, 8]}, ["y"],
+                  {"g": (8,), "be": (8,), "w": (8, 4)}, ms=True)
+    skip, mm = only(model)
+    assert skip.kind == "norm" and skip.priced and skip.act_write == 2 * 3 * 8 * 4
+    assert mm.flops == 2 * 2 * 3 * 8 * 4
+
+
+def test_unknown_op_is_flagged_and_priced_by_bytes_never_zero():
+    node = helper.make_node("MysteryOp", ["x"], ["y"], domain="com.example")
+    model = build([node], {"x": [4, 4]}, ["y"])
+    model.opset_imports["com.example"] = 1
+    (c,) = only(model)
+    assert not c.priced and "MysteryOp" in c.note and c.act_read == 64
+    report = predict(model, "x86-avx2")
+    assert report.unpriced and report.kernels[0].latency_s > 0 and report.kernels[0].bound == "memory"
+
+
+def test_conv_bias_relu_is_one_kernel():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "b"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    model = build(nodes, {"x": [1, 2, 5, 5]}, ["y"], {"w": (4, 2, 3, 3), "b": (1, 4, 1, 1)})
+    costs = only(model)
+    (k,) = group_kernels(costs, ["y"])
+    assert k.kind == "conv" and k.launches == 1 and sorted(k.nodes) == [0, 1, 2]
+    # the intermediate tensors never reach memory: input + output only
+    assert k.act_bytes == (1 * 2 * 5 * 5 + 1 * 4 * 5 * 5) * 4
+
+
+def test_matmul_bias_gelu_one_kernel_but_shared_output_is_not_fused():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["a"]), helper.make_node("Gelu", ["a"], ["y"])]
+    model = build(nodes, {"x": [4, 8]}, ["y"], {"w": (8, 16), "b": (16,)})
+    model.opset_imports[""] = 20
+    (k,) = group_kernels(only(model), ["y"])
+    assert k.kind == "matmul" and k.launches == 1
+    shared = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"]),
+              helper.make_node("Sigmoid", ["m"], ["z"])]
+    kernels = group_kernels(only(build(shared, {"x": [4, 8]}, ["y", "z"], {"w": (8, 16)})),
+                            ["y", "z"])
+    assert len(kernels) == 3
+
+
+def test_elementwise_chain_is_one_kernel_with_a_launch_per_op():
+    nodes = [helper.make_node("Add", ["x", "x"], ["a"]), helper.make_node("Mul", ["a", "a"], ["m"]),
+             helper.make_node("Sigmoid", ["m"], ["y"])]
+    (k,) = group_kernels(only(build(nodes, {"x": [16]}, ["y"])), ["y"])
+    assert k.kind == "elementwise" and k.launches == 3
+
+
+def _target_with_correction(slope: float) -> dict:
+    data = tomllib.loads(to_toml({k: v for k, v in vars_of("x86-avx2").items()}))
+    data["correction"] = {"matmul": {"slope": slope, "log_scale": 1.0, "x_min": 0.0, "x_max": 3.0}}
+    return data
+
+
+def vars_of(name: str) -> dict:
+    return tomllib.loads(open(load_target(name).path, "rb").read().decode())
+
+
+@pytest.mark.parametrize("slope", [0.5, 1.0, 1.4])
+def test_more_matmul_work_never_predicts_less(slope):
+    target = parse_target(_target_with_correction(slope), load_target("x86-avx2").path)
+    times = []
+    for k in (16, 32, 64, 128, 256, 512, 1024, 4096):
+        model = build([helper.make_node("MatMul", ["a", "w"], ["y"])], {"a": [64, k]}, ["y"],
+                      {"w": (k, 64)})
+        times.append(predict(model, target).latency_s)
+    assert all(b >= a for a, b in zip(times, times[1:]))
+    assert times[-1] > times[0]
+
+
+def test_energy_of_a_matmul_by_hand():
+    model = build([helper.make_node("MatMul", ["a", "w"], ["y"])], {"a": [2, 3]}, ["y"],
+                  {"w": (3, 4)})
+    report = predict(model, "x86-avx2")
+    assert math.isclose(report.compute_energy_j, 24 * (3.7 + 0.9) * 1e-12)
+    assert math.isclose(report.memory_energy_j, (24 + 48 + 32) * 12.5 * 1e-12)
+
+
+def test_shipped_targets_load_and_unknown_target_lists_them():
+    for name in ("x86-avx2", "x86-avx512-vnni", "cortex-a76", "cortex-a55"):
+        t = load_target(name)
+        assert t.peak("int8") >= t.peak("fp32") > 0 and t.sources
+    with pytest.raises(TargetError, match="known targets: .*cortex-a55.*x86-avx2"):
+        load_target("no-such-target")
+
+
+def test_target_file_missing_a_field_names_it(tmp_path):
+    data = vars_of("cortex-a76")
+    del data["memory"]["dram_gbps"]
+    path = tmp_path / "broken.toml"
+    path.write_text(to_toml(data))
+    with pytest.raises(TargetError, match="memory.dram_gbps"):
+        load_target(str(path))
+
+
+def test_profile_written_by_calibration_round_trips():
+    data = vars_of("x86-avx2")
+    data["correction"] = {"conv": {"slope": 0.8, "log_scale": 0.25, "x_min": 1.0, "x_max": 4.0}}
+    target = parse_target(tomllib.loads(to_toml(data)), load_target("x86-avx2").path)
+    assert target.correction("conv").slope == 0.8 and target.correction("norm").slope == 1.0
+
+
+def test_correction_fit_recovers_a_known_line():
+    xs = np.linspace(0.0, 5.0, 8)
+    fit = _line([(float(x), 0.7 + 0.9 * float(x)) for x in xs])
+    assert math.isclose(fit["slope"], 0.9, abs_tol=1e-3)
+    assert math.isclose(fit["log_scale"], 0.7, abs_tol=1e-3)
+
+
+def test_cli_cost_prints_kernels_and_fails_cleanly(tmp_path):
+    model = build([helper.make_node("MatMul", ["a", "w"], ["y"])], {"a": ["batch", 3]}, ["y"],
+                  {"w": (3, 4)})
+    path = tmp_path / "m.onnx"
+    ir.save(model, path)
+    ok = CliRunner().invoke(cli, ["--quiet", "cost", str(path), "--target", "cortex-a55",
+                                  "--shape", "batch=8"])
+    assert ok.exit_code == 0, ok.output
+    assert "matmul" in ok.output and "energy" in ok.output
+    bad = CliRunner().invoke(cli, ["--quiet", "cost", str(path), "--target", "nowhere"])
+    assert bad.exit_code == 2 and "known targets" in bad.output
+    wrong = CliRunner().invoke(cli, ["--quiet", "cost", str(path), "--target", "x86-avx2",
+                                     "--shape", "nodim=3"])
+    assert wrong.exit_code == 2 and "nodim" in wrong.output
