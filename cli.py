@@ -139,6 +139,7 @@ def _print_compile(result: Any, timings: bool) -> None:
     if result.fidelity is not None:
         lines.append(f"fidelity  {_fidelity_text(result.fidelity)}")
         lines += [_rollback_text(r) for r in result.fidelity.get("rolled_back") or []]
+        lines += [f"note      {note}" for note in result.fidelity.get("notes") or []]
         if result.fidelity.get("heldout"):
             lines.append(f"held-out  {_heldout_text(result.fidelity['heldout'])}")
         if result.fidelity.get("budget"):

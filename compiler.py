@@ -23,11 +23,18 @@ from winnow.backends.manifest import (
     op_histogram,
     param_stats,
 )
-from winnow.errors import ExecutionError, FidelityError, OutputError, PipelineError, WinnowError
+from winnow.errors import (
+    ExecutionError,
+    FidelityError,
+    OutputError,
+    PipelineError,
+    UnsupportedModelError,
+    WinnowError,
+)
 from winnow.fidelity import array_agreement, evaluate_zoo, lossless_mismatch
 from winnow.fidelity import evaluate as evaluate_fidelity
 from winnow.frontend import example_feeds, load
-from winnow.ir.execute import get_session, run
+from winnow.ir.execute import fit_ir_version, get_session, run, runtime_limits_problem
 from winnow.ir.inputs import feeds_for
 from winnow.passes.instruments import (
     DumpIRInstrument,
@@ -145,6 +152,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     phases: dict[str, float] = {}
     with _phase(phases, "load", "loading the model"):
         model = load(source, example_inputs, dynamic_shapes)
+    notes = [n for n in (fit_ir_version(model),) if n]
     before = (node_count(model), param_stats(model))
     feeds, reference, guard = None, None, None
     if check:
@@ -166,6 +174,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     if check:
         with _phase(phases, "check", "checking against the source"):
             fidelity = dict(_fidelity(model, feeds, reference), rolled_back=guard.rolled_back)
+            if notes:
+                fidelity["notes"] = notes
     zoo_name = model.metadata_props.get("winnow.zoo")
     if zoo_name and (evaluate or lossy):
         with _phase(phases, "evaluate", f"scoring on the {zoo_name} held-out split"):
@@ -279,6 +289,9 @@ def _refuse_changed_outputs(fidelity: Mapping[str, Any]) -> None:
 
 def _run_source(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     """Source outputs, or {"measured": False, "reason": ...} when the check inputs don't suit it."""
+    problem = runtime_limits_problem(model)
+    if problem:
+        raise UnsupportedModelError(f"ONNX Runtime cannot read the source model: {problem}")
     try:
         get_session(model)
     except ExecutionError as exc:

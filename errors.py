@@ -84,12 +84,33 @@ def require_extra(feature: str, extra: str, modules: tuple[str, ...] | list[str]
 
 
 def runtime_detail(exc: BaseException) -> str:
-    """ONNX Runtime's message on one line without its status prefix, keeping every detail line."""
+    """ONNX Runtime's message on one line without its status prefix or C++ source locations
+    (file:line and the function signature), keeping every detail line."""
     import re
 
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", str(exc).strip())
+    text = _drop_cpp_location(text)
     lines = [line.strip().rstrip(".") for line in text.splitlines() if line.strip()]
     return "; ".join(line for line in lines if not line.startswith("Please fix"))
+
+
+def _drop_cpp_location(text: str) -> str:
+    """Remove '/path/file.cc:123 [type] ns::Function(args...) ' prefixes from a C++ message."""
+    import re
+
+    while (match := re.search(r"\S*/\S+\.(?:cc|cpp|cxx|h|hpp):\d+\s*", text)):
+        rest = text[match.end():]
+        call = re.match(r"[^\s(]*(?:\s[^\s(]+)?\(", rest)
+        if call and "::" in call.group(0):
+            depth, end = 0, len(rest)
+            for index in range(call.end() - 1, len(rest)):
+                depth += {"(": 1, ")": -1}.get(rest[index], 0)
+                if depth == 0:
+                    end = index + 1
+                    break
+            rest = rest[end:].lstrip()
+        text = text[:match.start()] + rest
+    return text
 
 
 class LosslessPassError(PassFailedError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -11,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from winnow.errors import ExecutionError
+from winnow.errors import ExecutionError, UnsupportedModelError, runtime_detail
 
 _SESSION_CACHE: OrderedDict[tuple[str, tuple[str, ...]], ort.InferenceSession] = OrderedDict()
 _SESSION_CACHE_SIZE = 8
@@ -67,8 +68,7 @@ def get_session(model: ir.Model, capture: Sequence[str] = (), threads: int = 0,
         session = ort.InferenceSession(data, session_options(threads, optimize),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        raise ExecutionError(
-            f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from exc
+        raise ExecutionError(f"ONNX Runtime cannot load the model: {runtime_detail(exc)}") from exc
     _SESSION_CACHE[key] = session
     if len(_SESSION_CACHE) > _SESSION_CACHE_SIZE:
         _SESSION_CACHE.popitem(last=False)
@@ -88,10 +88,64 @@ def run(model: ir.Model, feeds: Mapping[str, np.ndarray], capture: Sequence[str]
     try:
         outs = session.run(names, {k: v for k, v in feeds.items() if k in expected})
     except Exception as exc:  # noqa: BLE001
-        raise ExecutionError(f"ONNX Runtime failed to run the model: {str(exc).splitlines()[0]}") from exc
+        raise ExecutionError(f"ONNX Runtime failed to run the model: {runtime_detail(exc)}") from exc
     return dict(zip(names, outs))
 
 
 def clear_cache() -> None:
     """Drop every cached ORT session."""
     _SESSION_CACHE.clear()
+
+
+def _loads(ir_version: int, opset: int) -> bool:
+    """Whether ONNX Runtime loads a one-Relu model with this IR version and ai.onnx opset."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)],
+                                   ir_version=ir_version)
+    try:
+        ort.InferenceSession(model.SerializeToString(), session_options(),
+                             providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - any refusal means "not readable"
+        return False
+    return True
+
+
+@functools.cache
+def runtime_limits() -> tuple[int, int]:
+    """The highest IR version and ai.onnx opset the installed ONNX Runtime loads (probed once)."""
+    max_ir = next((v for v in range(onnx.IR_VERSION, 3, -1) if _loads(v, 13)), 3)
+    max_opset = next((v for v in range(onnx.defs.onnx_opset_version(), 7, -1)
+                      if _loads(max_ir, v)), 7)
+    return max_ir, max_opset
+
+
+def fit_ir_version(model: ir.Model) -> str | None:
+    """Lower the model's IR version to the highest ONNX Runtime reads when that is the only
+    thing it cannot read (its ai.onnx opset is one ORT supports); returns a note saying so."""
+    max_ir, max_opset = runtime_limits()
+    if model.ir_version <= max_ir or model.opset_imports.get("", 0) > max_opset:
+        return None
+    before, model.ir_version = model.ir_version, max_ir
+    return (f"lowered the IR version from {before} to {max_ir}, the highest ONNX Runtime "
+            f"{ort.__version__} reads (the model uses opset {model.opset_imports.get('', '-')}, "
+            "which it supports).")
+
+
+def runtime_limits_problem(model: ir.Model) -> str | None:
+    """One sentence when the model's IR version or ai.onnx opset is above what ONNX Runtime
+    reads (after fit_ir_version), else None."""
+    max_ir, max_opset = runtime_limits()
+    opset = model.opset_imports.get("", 0)
+    if model.ir_version <= max_ir and opset <= max_opset:
+        return None
+    parts = []
+    if model.ir_version > max_ir:
+        parts.append(f"IR version {model.ir_version} (ONNX Runtime {ort.__version__} reads IR "
+                     f"versions up to {max_ir})")
+    if opset > max_opset:
+        parts.append(f"ai.onnx opset {opset} (it supports opsets up to {max_opset})")
+    fix = (f"re-export it with opset {max_opset} or lower (onnx.version_converter can convert "
+           "it), or upgrade onnxruntime" if opset > max_opset else "upgrade onnxruntime")
+    return f"the model has {' and '.join(parts)}; {fix}."
