@@ -6,6 +6,8 @@ from winnow.passes.rewrite import (  # noqa: F401
     dce,
     drop_layers,
     fold_constants,
+    fuse,
     prune_heads,
+    quantize,
     shape_inference,
 )

@@ -1,0 +1,121 @@
+"""`fuse`: rewrite transformer subgraphs into ONNX Runtime's fused contrib ops (Attention,
+SkipLayerNormalization, BiasGelu, RotaryEmbedding, ...) with onnxscript's `ort_fusions`.
+
+Lossless by construction and checked: the fused model runs against the original on calibration
+data and replaces it only when every output agrees within `tolerance`; a fusion that changes a
+model's outputs (or that onnxscript fails on) leaves the model as it was, with the reason in the
+report. The weights of each fused Attention (Q, K and V concatenated) are folded into one
+initializer so weight quantizers see a constant.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+import numpy as np
+import onnx_ir as ir
+import onnxscript.optimizer as oso
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from winnow.ir.execute import run
+from winnow.passes.base import Pass, PassResult, register_pass
+from winnow.passes.config import option
+from winnow.passes.manager import PassContext
+
+logger = logging.getLogger(__name__)
+CONTRIB = "com.microsoft"
+
+
+@register_pass
+class FusePass(Pass):
+    """Fuse attention, normalization and activation patterns into ONNX Runtime contrib ops."""
+
+    name = "fuse"
+    description = ("Fuse attention, SkipLayerNorm, BiasGelu, RMSNorm, rotary embeddings into ORT "
+                   "contrib ops (onnxscript ort_fusions); kept only when outputs match.")
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of fuse."""
+
+        tolerance: float = option(1e-4, "largest absolute output difference the fused model may "
+                                  "show against the original on calibration data", min=0.0)
+        samples: int = option(8, "calibration samples the check runs (0 = no check)", min=0)
+
+    def call(self, model: ir.Model) -> PassResult:
+        """Fuse in place when the fused copy passes the check; otherwise leave the model as is."""
+        ctx = PassContext.current()
+        batches = self._batches(model, ctx)
+        trial = model.clone()
+        try:
+            counts = fuse_for_ort(trial)
+        except Exception as exc:  # noqa: BLE001 - onnxscript raises many types on odd graphs
+            return self._skip(model, ctx, f"onnxscript's ort_fusions failed: "
+                              f"{type(exc).__name__}: {exc}")
+        fused = fused_ops(trial)
+        if not fused:
+            ctx.report[self.name] = {"fused": {}, "fusions": {}, "note": "no pattern matched"}
+            return PassResult(model, False)
+        error = max_output_error(model, trial, batches)
+        if error > self.config.tolerance:
+            return self._skip(model, ctx, f"the fused outputs differ by {error:.3g} (more than "
+                              f"tolerance {self.config.tolerance:g}) on calibration data")
+        fuse_for_ort(model)
+        ctx.report[self.name] = {"fused": fused_ops(model), "fusions": counts,
+                                 "max_abs_error": error, "checked_samples": _rows(batches)}
+        return PassResult(model, True)
+
+    def _batches(self, model: ir.Model, ctx: PassContext) -> list[dict[str, np.ndarray]]:
+        from winnow.passes.analysis.calibration import calibration_batches
+        from winnow.passes.analysis.layer_similarity import limit_samples
+
+        if self.config.samples == 0:
+            return []
+        return limit_samples(calibration_batches(model, ctx), self.config.samples)
+
+    def _skip(self, model: ir.Model, ctx: PassContext, reason: str) -> PassResult:
+        logger.warning("fuse left the model unfused: %s", reason)
+        ctx.report[self.name] = {"fused": {}, "fusions": {}, "skipped": reason}
+        return PassResult(model, False)
+
+
+def fuse_for_ort(model: ir.Model) -> dict[str, int]:
+    """Run onnxscript's ORT fusions in place, then fold concatenated constant weights; returns
+    how many times each fusion applied."""
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    _, counts = optimize_for_ort(model)
+    oso.fold_constants(model, should_fold=_concat_of_constants)
+    RemoveUnusedNodesPass()(model)
+    return {k: int(v) for k, v in counts.items() if v}
+
+
+def _concat_of_constants(node: ir.Node) -> bool | None:
+    """Fold a Concat of constants whatever its size (fused QKV weights and biases)."""
+    if node.op_type == "Concat" and node.domain == "" and all(
+            v is not None and v.const_value is not None for v in node.inputs):
+        return True
+    return None
+
+
+def fused_ops(model: ir.Model) -> dict[str, int]:
+    """Contrib-domain (com.microsoft) nodes of the main graph by op type."""
+    return dict(collections.Counter(n.op_type for n in model.graph if n.domain == CONTRIB))
+
+
+def max_output_error(reference: ir.Model, candidate: ir.Model,
+                     batches: list[dict[str, np.ndarray]]) -> float:
+    """Largest absolute difference of any floating output over the batches (0 with none)."""
+    worst = 0.0
+    for feeds in batches:
+        want, got = run(reference, feeds), run(candidate, feeds)
+        for name, r in want.items():
+            if np.issubdtype(np.asarray(r).dtype, np.floating) and np.size(r):
+                diff = np.abs(np.asarray(got[name], np.float64) - np.asarray(r, np.float64))
+                worst = max(worst, float(np.nanmax(diff)) if not np.isnan(diff).all() else 0.0)
+    return worst
+
+
+def _rows(batches: list[dict[str, np.ndarray]]) -> int:
+    return sum(int(next(iter(b.values())).shape[0]) for b in batches if b)

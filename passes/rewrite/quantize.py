@@ -1,0 +1,300 @@
+"""`quantize`: fewer bits with ONNX Runtime's own quantization tools (`onnxruntime.quantization`).
+
+Modes: `int8-dynamic` (quantize_dynamic), `int8-static` (quantize_static, QDQ, calibrated on the
+pass context's calibration batches with MinMax, Entropy or Percentile), `int4-weight`
+(MatMulNBits through ORT's n-bits quantizer) and `fp16` (ORT's float16 converter, IO kept fp32).
+Nodes are left in float by name or by region (a selector that matches nothing is an error), or
+with `exclude=[auto]`: the most sensitive nodes (the `quant-sensitivity` ranking) are excluded
+one at a time until the calibration loss (mean 1 - cosine) is within `budget`. ORT works on
+ModelProto files: the IR is serialized, quantized in a temporary folder and read back in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from winnow.errors import PassConfigError, UnsupportedModelError
+from winnow.passes.base import Pass, PassResult, register_pass
+from winnow.passes.config import option
+from winnow.passes.manager import PassContext
+
+MODES = ("int8-dynamic", "int8-static", "int4-weight", "fp16")
+CALIBRATION = ("minmax", "entropy", "percentile")
+AUTO = "auto"
+# Ops with a constant weight that each mode quantizes (int4 covers MatMul only: MatMulNBits).
+OP_TYPES = {"int8-dynamic": ("MatMul", "Gemm", "Attention"),
+            "int8-static": ("MatMul", "Gemm", "Conv"),
+            "int4-weight": ("MatMul",),
+            "fp16": ("MatMul", "Gemm", "Conv", "Attention")}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize and how (shared by the `quantize` pass and `quant-sensitivity`)."""
+
+    mode: str = "int8-dynamic"
+    per_channel: bool = True
+    calibrate: str = "minmax"
+    block_size: int = 32
+    reduce_range: bool = False
+
+
+@register_pass
+class QuantizePass(Pass):
+    """Quantize weights (and activations) with onnxruntime.quantization, with exclusions."""
+
+    name = "quantize"
+    description = ("int8 dynamic/static (QDQ), int4 weights (MatMulNBits) or fp16 with ORT's "
+                   "quantizers; exclusions by node, region or sensitivity (exclude=[auto]).")
+    lossless = False
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of quantize."""
+
+        mode: str = option("int8-dynamic", "number format", choices=MODES)
+        per_channel: bool = option(True, "int8: one weight scale per output channel")
+        calibrate: str = option("minmax", "int8-static: activation range method",
+                                choices=CALIBRATION)
+        block_size: int = option(32, "int4-weight: weights per scale along the contraction axis",
+                                 choices=(16, 32, 64, 128, 256))
+        reduce_range: bool = option(False, "int8: 7-bit weights (avoids u8s8 overflow without VNNI)")
+        exclude: tuple[str, ...] = option((), "node or region names kept in float; [auto] "
+                                          "excludes the most sensitive nodes until `budget` holds")
+        budget: float = option(0.005, "exclude=[auto]: largest calibration loss (mean 1 - cosine)",
+                               min=0.0, max=1.0)
+        max_excluded: int = option(12, "exclude=[auto]: most nodes it may exclude", min=0)
+        samples: int = option(32, "calibration samples for static ranges and exclude=[auto]",
+                              min=1)
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The quantization settings as a QuantSpec."""
+        c = self.config
+        return QuantSpec(c.mode, c.per_channel, c.calibrate, c.block_size, c.reduce_range)
+
+    def call(self, model: ir.Model) -> PassResult:
+        """Quantize in place; the report says what was quantized and what was kept in float."""
+        ctx = PassContext.current()
+        name_nodes(model)
+        candidates = quantizable_nodes(model, OP_TYPES[self.config.mode])
+        if not candidates:
+            raise UnsupportedModelError(
+                f"quantize: the model has no node mode {self.config.mode} can quantize (ops "
+                f"{', '.join(OP_TYPES[self.config.mode])} with a constant weight).")
+        batches = calibration(model, ctx, self.config.samples)
+        auto = AUTO in self.config.exclude
+        excluded = resolve_selectors(model, [s for s in self.config.exclude if s != AUTO],
+                                     candidates)
+        report: dict[str, Any] = {}
+        if auto:
+            excluded, report = self._auto_exclude(model, ctx, candidates, excluded, batches)
+        include = [n for n in candidates if n not in set(excluded)]
+        quantized = quantize_proto(to_proto(model), self.spec, include, batches)
+        replace_model(model, quantized)
+        mark_quantized(model, include, self.config.mode)
+        ctx.report[self.name] = {"mode": self.config.mode, "quantized": len(include),
+                                 "excluded": list(excluded), **report}
+        return PassResult(model, True)
+
+    def _auto_exclude(self, model: ir.Model, ctx: PassContext, candidates: list[str],
+                      excluded: list[str], batches: list[dict]) -> tuple[list[str], dict]:
+        """Greedy: add the most sensitive remaining node until the gated loss meets the budget."""
+        from winnow.passes.analysis.quant_sensitivity import GatedQuant
+
+        result = ctx.get_analysis("quant-sensitivity", model, modes=(self.config.mode,),
+                                  per_channel=self.config.per_channel,
+                                  samples=self.config.samples)
+        ranking = [n for n in result["ranking"][self.config.mode] if n in candidates]
+        gated = GatedQuant(model, self.spec, candidates, batches)
+        chosen = list(excluded)
+        steps = [{"excluded": list(chosen), "loss": gated.loss(set(candidates) - set(chosen))}]
+        for node in ranking:
+            if steps[-1]["loss"] <= self.config.budget or len(chosen) >= self.config.max_excluded:
+                break
+            if node in chosen:
+                continue
+            chosen.append(node)
+            steps.append({"excluded": list(chosen),
+                          "loss": gated.loss(set(candidates) - set(chosen))})
+        met = steps[-1]["loss"] <= self.config.budget
+        return chosen, {"auto": {"budget": self.config.budget, "met": met, "steps": steps}}
+
+
+def name_nodes(model: ir.Model) -> None:
+    """Give every unnamed main-graph node a unique name (ORT's quantizers select by name)."""
+    used = {n.name for n in model.graph if n.name}
+    for index, node in enumerate(model.graph):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def _constant(value: ir.Value | None) -> bool:
+    return value is not None and (value.const_value is not None or value.is_initializer())
+
+
+def quantizable_nodes(model: ir.Model, op_types: Sequence[str]) -> list[str]:
+    """Names of main-graph nodes of `op_types` whose weight (input 1) is a constant."""
+    return [n.name for n in model.graph
+            if n.op_type in op_types and len(n.inputs) > 1 and _constant(n.inputs[1])]
+
+
+def resolve_selectors(model: ir.Model, selectors: Sequence[str], candidates: list[str]) -> list[str]:
+    """Quantizable node names picked by node or region names; a selector that picks none is an
+    error naming some valid choices."""
+    if not selectors:
+        return []
+    from winnow.ir.regions import find_regions
+
+    regions = {r.name: r for r in find_regions(model).all()}
+    out: list[str] = []
+    for sel in selectors:
+        if sel in candidates:
+            picked = [sel]
+        elif sel in regions:
+            inside = {n.name for n in regions[sel].nodes}
+            picked = [n for n in candidates if n in inside]
+        else:
+            picked = []
+        if not picked:
+            choices = ", ".join([*candidates[:6], *list(regions)[:4]])
+            raise PassConfigError(f"quantize: exclude selector '{sel}' matches no quantizable node "
+                                  f"or region; valid names include: {choices}.")
+        out += [n for n in picked if n not in out]
+    return out
+
+
+def calibration(model: ir.Model, ctx: PassContext, samples: int) -> list[dict[str, np.ndarray]]:
+    """Up to `samples` calibration samples from the pass context (example feeds otherwise)."""
+    from winnow.passes.analysis.calibration import calibration_batches
+    from winnow.passes.analysis.layer_similarity import limit_samples
+
+    return limit_samples(calibration_batches(model, ctx), samples)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a ModelProto with every weight inline."""
+    ir.external_data.load_to_model(model)
+    return ir.serde.serialize_model(model)
+
+
+def replace_model(model: ir.Model, proto: onnx.ModelProto) -> None:
+    """Put the graph (and opsets, functions) of `proto` into `model`, keeping its metadata."""
+    new = ir.serde.deserialize_model(proto)
+    model.graph = new.graph
+    model.ir_version = new.ir_version
+    model.functions.clear()
+    model.functions.update(new.functions)
+
+
+def mark_quantized(model: ir.Model, names: Sequence[str], mode: str) -> None:
+    """Record on the graph, for the cost model, which nodes were quantized to what."""
+    model.metadata_props["winnow.quantize"] = f"{mode}:{len(names)}"
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, batches: Sequence[dict[str, np.ndarray]], inputs: Sequence[str]) -> None:
+        self._batches = [{k: np.asarray(b[k]) for k in inputs if k in b} for b in batches]
+        self._iter = iter(self._batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next batch, None at the end."""
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        """Start again from the first batch."""
+        self._iter = iter(self._batches)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the quantizers' prints and INFO/WARNING logs."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def quantize_proto(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[str],
+                   batches: Sequence[dict[str, np.ndarray]]) -> onnx.ModelProto:
+    """Quantize the named nodes of `proto` with ORT's tool for `spec.mode`; returns the result."""
+    with tempfile.TemporaryDirectory(prefix="winnow-quantize-") as tmp, _quiet():
+        src, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(proto, src)
+        if spec.mode == "int8-dynamic":
+            _dynamic(src, out, spec, include)
+        elif spec.mode == "int8-static":
+            _static(src, out, spec, include, batches, proto)
+        elif spec.mode == "int4-weight":
+            return _int4(proto, spec, include)
+        elif spec.mode == "fp16":
+            return _fp16(proto, include)
+        else:
+            raise PassConfigError(f"quantize: unknown mode '{spec.mode}'; use one of "
+                                  f"{', '.join(MODES)}.")
+        return onnx.load(out)
+
+
+def _dynamic(src: Path, out: Path, spec: QuantSpec, include: Sequence[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, out, op_types_to_quantize=list(OP_TYPES[spec.mode]),
+                     per_channel=spec.per_channel, reduce_range=spec.reduce_range,
+                     weight_type=QuantType.QInt8, nodes_to_quantize=list(include),
+                     extra_options={"MatMulConstBOnly": True})
+
+
+def _static(src: Path, out: Path, spec: QuantSpec, include: Sequence[str],
+            batches: Sequence[dict[str, np.ndarray]], proto: onnx.ModelProto) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[spec.calibrate]
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in inits]
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(batches, inputs)
+    # U8S8: on x86 uint8 activations with int8 weights run the fast kernels (S8S8 is ~2x slower).
+    quantize_static(src, out, reader, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(OP_TYPES[spec.mode]), per_channel=spec.per_channel,
+                    reduce_range=spec.reduce_range, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_quantize=list(include),
+                    calibrate_method=method, extra_options={"MatMulConstBOnly": True})
+
+
+def _int4(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=spec.block_size, is_symmetric=True,
+                                     accuracy_level=4, nodes_to_include=list(include))
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _fp16(proto: onnx.ModelProto, include: Sequence[str]) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    keep = [n.name for n in proto.graph.node
+            if n.op_type in OP_TYPES["fp16"] and n.name not in set(include)]
+    return convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep,
+                                    disable_shape_infer=True)

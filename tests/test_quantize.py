@@ -1,0 +1,136 @@
+"""quantize and quant-sensitivity: every mode differential on a tiny MLP, exclusions, bad input,
+and the gated model that scores one node at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from winnow.errors import PassConfigError, PassFailedError, UnsupportedModelError
+from winnow.ir.execute import run
+from winnow.passes import PassContext, PassManager
+from winnow.passes.analysis.quant_sensitivity import GatedQuant
+from winnow.passes.rewrite.quantize import QuantSpec, quantizable_nodes
+
+D, H = 64, 128
+
+
+def mlp(outlier: float = 1.0) -> ir.Model:
+    """x[b,16,64] -> MatMul(fc1) + b1 -> Relu -> MatMul(fc2) -> y; `outlier` scales one weight
+    row of fc2 (one activation channel then dominates fc2's input range)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((D, H)) / np.sqrt(D)).astype(np.float32)
+    w2 = (rng.standard_normal((H, D)) / np.sqrt(H)).astype(np.float32)
+    w1[:, 0] *= outlier
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.full(H, 0.1, np.float32), "b1")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
+             helper.make_node("Relu", ["h1"], ["h"], name="relu"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16, D])],
+                              initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ir.serde.deserialize_model(proto)
+
+
+def batches(n: int = 4, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, 16, D)).astype(np.float32)} for _ in range(n)]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return float(np.min(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+def quantize(model: ir.Model, pipeline: str) -> PassContext:
+    ctx = PassContext(calibration=batches(2, seed=7))
+    PassManager(pipeline).run(model, ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("mode,op,min_cos", [
+    ("int8-dynamic", "MatMulInteger", 0.995),
+    ("int8-static", "QuantizeLinear", 0.99),
+    ("int4-weight", "MatMulNBits", 0.95),
+    ("fp16", "Cast", 0.9999),
+])
+def test_every_mode_stays_close_to_float_and_changes_the_graph(mode, op, min_cos):
+    model, held = mlp(), batches(seed=3)
+    want = [run(model, f)["y"] for f in held]
+    ctx = quantize(model, f"quantize{{mode={mode}}}")
+    assert op in {n.op_type for n in model.graph}
+    got = [run(model, f)["y"] for f in held]
+    worst = min(cosine(w, g) for w, g in zip(want, got))
+    assert min_cos <= worst < 1.0  # changed, and bounded from above in error
+    assert ctx.report["quantize"]["quantized"] == 2
+
+
+def test_excluding_a_node_by_name_keeps_it_float():
+    model = mlp()
+    ctx = quantize(model, "quantize{exclude=[fc2]}")
+    assert ctx.report["quantize"]["excluded"] == ["fc2"]
+    fc2 = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name == "w2"]
+    assert len(fc2) == 1  # still a float MatMul on the original weight
+    assert "MatMulInteger" in {n.op_type for n in model.graph}
+
+
+def test_a_selector_that_matches_nothing_is_an_error():
+    with pytest.raises(PassFailedError) as err:
+        quantize(mlp(), "quantize{exclude=[fc9]}")
+    assert isinstance(err.value.__cause__, PassConfigError)
+    assert "fc9" in str(err.value) and "fc1" in str(err.value)
+
+
+def test_a_model_with_nothing_to_quantize_is_an_error():
+    model = ir.serde.deserialize_model(helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="r")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    with pytest.raises(PassFailedError) as err:
+        quantize(model, "quantize")
+    assert isinstance(err.value.__cause__, UnsupportedModelError)
+
+
+def test_unknown_mode_is_a_config_error():
+    with pytest.raises(Exception, match="mode"):
+        PassManager("quantize{mode=int3}")
+
+
+def test_gated_model_is_float_when_closed_and_quantized_when_open():
+    model, held = mlp(), batches(2, seed=5)
+    names = quantizable_nodes(model, ("MatMul",))
+    gated = GatedQuant(model, QuantSpec("int8-dynamic"), names, held)
+    assert sorted(gated.gated) == ["fc1", "fc2"]
+    closed = gated._run(held[0], set())["y"]
+    np.testing.assert_allclose(closed, run(model, held[0])["y"], atol=1e-5)
+    ref = mlp()
+    quantize(ref, "quantize")
+    np.testing.assert_allclose(gated._run(held[0], {"fc1", "fc2"})["y"],
+                               run(ref, held[0])["y"], atol=1e-4)
+    assert 0 < gated.loss({"fc1"}) < gated.loss({"fc1", "fc2"}) + 1e-6
+
+
+def test_sensitivity_ranks_the_node_with_an_outlier_channel_first():
+    model = mlp(outlier=40.0)
+    ctx = PassContext(calibration=batches(2, seed=7))
+    result = ctx.get_analysis("quant-sensitivity", model, samples=8)
+    scores = result["modes"]["int8-dynamic"]["nodes"]
+    assert result["ranking"]["int8-dynamic"][0] == "fc2"
+    assert scores[0]["loss"] > 3 * scores[1]["loss"]
+    fc2 = next(a for a in result["activations"] if a["node"] == "fc2")
+    assert fc2["outlier_channels"] >= 1 and fc2["max_over_p99_9"] > 1.0
+
+
+def test_auto_exclusion_meets_the_budget_by_excluding_the_sensitive_node():
+    model = mlp(outlier=40.0)
+    ctx = quantize(model, "quantize{exclude=[auto],budget=0.0005,samples=8}")
+    auto = ctx.report["quantize"]["auto"]
+    assert auto["met"] and ctx.report["quantize"]["excluded"][0] == "fc2"
+    assert auto["steps"][-1]["loss"] <= 0.0005 < auto["steps"][0]["loss"]
