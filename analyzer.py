@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +113,26 @@ def _model_info(model: ir.Model) -> dict[str, Any]:
             "ops": op_histogram(model)}
 
 
+def suggest_compile(source: str, analyses: dict[str, Any]) -> str | None:
+    """The `winnow compile` command that applies what the analyses found: drop das-skip's
+    selected regions (with its replacement), else layer-similarity's top-ranked block; None
+    when nothing was ranked."""
+    das = analyses.get("das-skip") if isinstance(analyses.get("das-skip"), dict) else {}
+    similarity = analyses.get("layer-similarity")
+    similarity = similarity if isinstance(similarity, dict) else {}
+    regions, replacement = list(das.get("selected") or []), das.get("replacement", "identity")
+    if not regions:
+        regions = (similarity.get("ranking") or {}).get("block", [])[:1]
+        replacement = "identity"
+    if not regions:
+        return None
+    options = f"regions=[{','.join(regions)}]"
+    if replacement != "identity":
+        options += f",replacement={replacement}"
+    return (f"winnow compile {shlex.quote(source)} -o OUT "
+            f"--pipeline {shlex.quote(f'drop-layers{{{options}}}')}")
+
+
 def analyze_model(source: Any, out: str | Path, *,
                   passes: str | Sequence[PassSpec | PassBase] = DEFAULT_ANALYSES,
                   calibration: Any = None, overwrite: bool = False, example_inputs: Any = None,
@@ -159,6 +180,7 @@ def analyze_model(source: Any, out: str | Path, *,
         "analyses": {pass_label(p): ctx.analyses.get(pass_label(p)) for p in manager.passes},
         "timings": timings,
     }
+    data["next"] = suggest_compile(data["source"], data["analyses"])
     mark = time.perf_counter()
     with progress.step(f"writing {out}"), staging(out, overwrite, ANALYSIS_FORMAT) as tmp:
         page, plots = render(jsonable(data))

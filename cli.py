@@ -136,6 +136,7 @@ def _print_compile(result: Any, timings: bool) -> None:
     lines = [f"source    {result.source}", f"pipeline  {result.pipeline}",
              f"nodes     {result.nodes_before} -> {result.nodes_after}",
              f"params    {params['count']:,} ({_size(params['bytes'])})"]
+    lines += _pass_lines(getattr(result, "passes", None) or [])
     if result.fidelity is not None:
         lines.append(f"fidelity  {_fidelity_text(result.fidelity)}")
         lines += [_rollback_text(r) for r in result.fidelity.get("rolled_back") or []]
@@ -144,8 +145,10 @@ def _print_compile(result: Any, timings: bool) -> None:
             lines.append(f"held-out  {_heldout_text(result.fidelity['heldout'])}")
         if result.fidelity.get("budget"):
             b = result.fidelity["budget"]
-            lines.append(f"budget    {b['measure']} {b['drop']:.4f} <= {b['max_drop']}"
-                         + (" (forced)" if b["forced"] and b["drop"] > b["max_drop"] else ""))
+            over = b["drop"] > b["max_drop"]
+            lines.append(f"budget    {b['measure']} {b['drop']:.4f} "
+                         f"{'exceeds' if over else '<='} {b['max_drop']}"
+                         + (" (forced)" if b["forced"] and over else ""))
     lines.append(f"wrote     {result.artifact.path}/")
     for name, size in result.file_sizes().items():
         lines.append(f"  {name:<34} {_size(size):>10}")
@@ -155,6 +158,25 @@ def _print_compile(result: Any, timings: bool) -> None:
     if timings:
         lines += ["", result.timing_table()]
     click.echo("\n".join(lines))
+
+
+def _pass_lines(passes: list[dict[str, Any]]) -> list[str]:
+    """One line per lossy pass saying what it did, and which passes --verify-each checked."""
+    lines = []
+    for p in passes:
+        if p.get("lossless", True):
+            continue
+        report = p.get("report") if isinstance(p.get("report"), dict) else {}
+        nodes = p.get("nodes") or {}
+        what = report.get("summary") or report.get("note") or (
+            f"changed the model ({nodes.get('before')} -> {nodes.get('after')} nodes)"
+            if p.get("modified") else "changed nothing")
+        lines.append(f"lossy     {p['name']}: {what}")
+    checked = [p["name"] for p in passes if str(p.get("verified", "")).startswith("passed")]
+    if any("verified" in p for p in passes):
+        lines.append(f"verified  after {', '.join(checked) or 'no pass (none changed the model)'}"
+                     " (checker, shape inference, lint)")
+    return lines
 
 
 def _fidelity_text(fid: dict[str, Any]) -> str:
@@ -221,9 +243,16 @@ def _print_analysis(result: Any, top: int = 3) -> None:
             lines.append(f"  {res['note']}")
             continue
         lines += _ranking_lines(res, top)
+        unmeasured = res.get("not_measurable") or {}
+        if unmeasured:
+            name, reason = next(iter(unmeasured.items()))
+            lines.append(f"  {'unmeasured':<10} {len(unmeasured)} region(s), never ranked "
+                         f"(e.g. {name}: {reason})")
     lines.append(f"wrote     {result.path}/")
     for name, size in result.file_sizes().items():
         lines.append(f"  {name:<16} {_size(size):>10}")
+    if data.get("next"):
+        lines.append(f"apply     {data['next']}")
     click.echo("\n".join(lines))
 
 

@@ -39,6 +39,7 @@ from winnow.ir.inputs import feeds_for
 from winnow.passes.instruments import (
     DumpIRInstrument,
     LosslessGuard,
+    RecordInstrument,
     TimingInstrument,
     VerifyInstrument,
 )
@@ -66,6 +67,7 @@ class CompileResult:
     fidelity: dict[str, Any] | None
     timings: list[tuple[str, float, bool]]
     phases: dict[str, float]
+    passes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # see pass_entries
 
     def timing_table(self) -> str:
         """The per-pass timing table (empty records unless compiled with timings=True)."""
@@ -84,7 +86,7 @@ class CompileResult:
             "nodes": {"before": self.nodes_before, "after": self.nodes_after},
             "params": {"before": self.params_before, "after": self.params_after},
             "files": self.file_sizes(), "ort_format": self.artifact.manifest.get("ort_format"),
-            "fidelity": self.fidelity, "phases": self.phases,
+            "fidelity": self.fidelity, "phases": self.phases, "passes": self.passes,
             "timings": [{"pass": n, "seconds": s, "modified": m} for n, s, m in self.timings],
         }
 
@@ -142,7 +144,9 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     check_max_drop(max_drop)
     check_output(Path(out), overwrite)
     timer = TimingInstrument() if timings else None
-    instruments = [i for i in (timer, VerifyInstrument() if verify_each else None) if i]
+    verifier = VerifyInstrument() if verify_each else None
+    recorder = RecordInstrument()
+    instruments = [i for i in (timer, verifier, recorder) if i]
     manager = PassManager(resolve_pipeline(pipeline, config), instruments)
     if dump_ir is not None:
         if Path(dump_ir).resolve().is_relative_to(Path(out).resolve()):
@@ -189,11 +193,35 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                         judged_on=judged_on)
         _enforce_budget(fidelity, max_drop, force)
     name = _source_name(source, model)
+    passes = pass_entries(manager.passes, recorder, verifier, guard)
     with _phase(phases, "emit", f"writing {out}"):
         artifact = emit(model, out, pipeline_text=manager.text, fidelity=fidelity, source=name,
-                        overwrite=overwrite)
+                        overwrite=overwrite, passes=passes)
     return CompileResult(artifact, name, manager.text, before[0], node_count(model), before[1],
-                         param_stats(model), fidelity, timer.records if timer else [], phases)
+                         param_stats(model), fidelity, timer.records if timer else [], phases,
+                         passes)
+
+
+def pass_entries(passes: Sequence[PassBase], recorder: RecordInstrument,
+                 verifier: VerifyInstrument | None, guard: Any = None) -> list[dict[str, Any]]:
+    """One manifest entry per pass run: name, every option, lossless, modified, seconds, node
+    counts, its report; `verified` with --verify-each; `rolled_back` when the guard undid it."""
+    from winnow.passes.config import config_fields
+
+    rolled = {r.get("pass") for r in getattr(guard, "rolled_back", None) or []}
+    entries = []
+    for p, record in zip(passes, recorder.records):
+        options = ({f["name"]: getattr(p.config, f["name"]) for f in config_fields(p.Config)}
+                   if hasattr(p, "config") and hasattr(p, "Config") else {})
+        entry = {**record, "options": options, "lossless": getattr(p, "lossless", True)}
+        if verifier is not None:
+            entry["verified"] = ("passed (checker, shape inference, lint)"
+                                 if record["index"] in verifier.verified
+                                 else "not needed (the pass changed nothing)")
+        if record["name"] in rolled:
+            entry["rolled_back"] = True
+        entries.append(entry)
+    return entries
 
 
 def check_max_drop(max_drop: Any) -> None:

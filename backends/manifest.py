@@ -119,7 +119,7 @@ def jsonable(obj: Any) -> Any:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Write `manifest.json` (strict JSON, sorted keys) into `folder`."""
-    text = json.dumps(jsonable(manifest), indent=2, sort_keys=True, allow_nan=False)
+    text = json.dumps(jsonable(manifest), indent=2, sort_keys=True, allow_nan=False, default=str)
     (folder / MANIFEST_FILE).write_text(text + "\n")
 
 

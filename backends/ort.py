@@ -52,8 +52,10 @@ logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
 
 def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
          fidelity: dict[str, Any] | None = None, source: str | None = None,
-         overwrite: bool = False, external_data: bool | None = None) -> Artifact:
-    """Write the ORT artifact folder `out_dir` atomically and return what was written."""
+         overwrite: bool = False, external_data: bool | None = None,
+         passes: list[dict[str, Any]] | None = None) -> Artifact:
+    """Write the ORT artifact folder `out_dir` atomically and return what was written; `passes`
+    (what each pass did, with its report) goes into the manifest."""
     with staging(out_dir, overwrite) as tmp:
         names = write_model(model, tmp, external_data)
         ort_format = convert_to_ort(tmp / MODEL_FILE)
@@ -64,6 +66,7 @@ def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
             "backend": "ort",
             "source": source if source is not None else model.metadata_props.get("winnow.source"),
             "pipeline": pipeline_text,
+            "passes": passes or [],
             **_versions(),
             "ir_version": model.ir_version,
             "opset_imports": dict(model.opset_imports),

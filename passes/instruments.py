@@ -92,7 +92,11 @@ class DumpIRInstrument(Instrument):
 
 
 class VerifyInstrument(Instrument):
-    """Verifies the model (checker, shape inference, lint) after every pass that changed it."""
+    """Verifies the model (checker, shape inference, lint) after every pass that changed it;
+    `verified` lists the indices of the passes whose result passed."""
+
+    def __init__(self) -> None:
+        self.verified: list[int] = []
 
     def after_pass(self, index: int, name: str, model: ir.Model, modified: bool) -> None:
         """Raise VerificationError when the pass left an invalid model."""
@@ -100,6 +104,39 @@ class VerifyInstrument(Instrument):
 
         if modified:
             verify(model)
+            self.verified.append(index)
+
+
+class RecordInstrument(Instrument):
+    """What each pass did, for the manifest: seconds, whether it changed the model, node counts
+    before and after, and the report it wrote into the pass context (`ctx.report[name]`)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._start, self._nodes, self._report = 0.0, 0, None
+
+    def before_pass(self, index: int, name: str, model: ir.Model) -> None:
+        """Note the clock, the node count and the report the pass would overwrite."""
+        from winnow.passes.manager import PassContext
+
+        self._report = PassContext.current().report.get(name)
+        self._nodes = _node_count(model)
+        self._start = time.perf_counter()
+
+    def after_pass(self, index: int, name: str, model: ir.Model, modified: bool) -> None:
+        """Record the pass (its report only when it wrote one in this run)."""
+        from winnow.passes.manager import PassContext
+
+        seconds = time.perf_counter() - self._start
+        report = PassContext.current().report.get(name)
+        self.records.append({"index": index, "name": name, "modified": modified,
+                             "seconds": seconds,
+                             "nodes": {"before": self._nodes, "after": _node_count(model)},
+                             "report": report if report is not self._report else None})
+
+
+def _node_count(model: ir.Model) -> int:
+    return sum(len(graph) for graph in model.graphs())
 
 
 class LosslessGuard:

@@ -24,6 +24,9 @@ from winnow.passes.manager import PassContext
 
 
 
+REPLACED_BY = {"identity": "identity", "linear": "linear adapters", "context": "context adapters"}
+
+
 @register_pass
 class DropLayersPass(Pass):
     """Remove whole residual regions; lossy, so its fidelity is judged by the evaluator."""
@@ -80,10 +83,23 @@ class DropLayersPass(Pass):
             replaced[id(region.exit)] = _replace_region(model.graph, region, entry,
                                                         fits.get(region.name))
         RemoveUnusedNodesPass()(model)
-        ctx.report[self.name] = {"dropped": [r.name for r in chosen],
+        names = [r.name for r in chosen]
+        ctx.report[self.name] = {"dropped": names, "count": len(names),
                                  "replacement": self.config.replacement,
-                                 "adapter_r2": {n: f.r2 for n, f in fits.items()}}
+                                 "chosen_by": self._chosen_by(),
+                                 "adapter_r2": {n: f.r2 for n, f in fits.items()},
+                                 "summary": f"removed {', '.join(names)} "
+                                            f"({REPLACED_BY[self.config.replacement]})"}
         return PassResult(model, True)
+
+    def _chosen_by(self) -> str:
+        if self.config.regions:
+            return "named in the regions option"
+        if self.config.source == "das-skip":
+            return f"das-skip ranking (top {self.config.count}, level {self.config.level})"
+        key = "cos" if self.config.replacement == "identity" else "linear_cos"
+        return (f"layer-similarity ranking by {key} (top {self.config.count}, level "
+                f"{self.config.level})")
 
     def _choose(self, model: ir.Model, region_map: RegionMap, ctx: PassContext) -> list[Region]:
         candidates = region_map.candidates(self.config.level)
