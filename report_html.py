@@ -236,7 +236,8 @@ def _region_rows(blocks: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     for block in blocks:
         for region in [block, *block.get("parts", [])]:
             rows.append([region["name"], region["kind"], region["layout"], region.get("nodes", ""),
-                         "yes" if region.get("droppable") else "no",
+                         "yes" if region.get("droppable") else
+                         f"no: {region.get('not_droppable') or 'shape changes'}",
                          _heads_text(region.get("heads"))])
     return rows
 

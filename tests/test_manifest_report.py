@@ -126,3 +126,17 @@ def test_suggestion_from_layer_similarity_alone_or_nothing():
                                                      "--pipeline 'drop-layers{regions=[a.1,a.2],"
                                                      "replacement=linear}'")
     assert suggest_compile("m.onnx", {"layer-similarity": {"ranking": {"block": []}}}) is None
+
+
+def test_analyze_of_degenerate_activations_names_the_reason_and_suggests_nothing(tmp_path):
+    path = tmp_path / "zeroed.onnx"
+    onnx.save(tiny_resnet(scale=0.0), path)
+    result = invoke("analyze", path, "-o", tmp_path / "report", "--passes", "layer-similarity")
+    assert result.exit_code == 0, result.output
+    assert "none of the 3 regions is measurable on the calibration data" in result.stdout
+    assert "(near) zero" in result.stdout and "apply" not in result.stdout
+    data = json.loads((tmp_path / "report" / "analysis.json").read_text())
+    assert data["next"] is None
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "not measurable: its input is (near) zero" in page
+    assert "no: its shortcut is a projection" in page
