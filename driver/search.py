@@ -21,7 +21,7 @@ from winnow.driver.source import Source, fidelity_drop, resolve
 from winnow.driver.space import Space, build_space, pipeline_text, seed_plans, suggest
 from winnow.driver.study import default_url, open_study, sqlite_path
 from winnow.driver.timing import CandidateTimer
-from winnow.errors import WinnowError
+from winnow.errors import WinnowError, require_extra
 from winnow.ir.execute import model_bytes
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
 
@@ -129,6 +129,7 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     from winnow.backends.manifest import check_output
     from winnow.compiler import compile_model
 
+    require_extra("winnow compile --target (the search)", "search", ("optuna",))
     options = options or SearchOptions()
     start = time.perf_counter()
     check_output(Path(out), overwrite)
@@ -269,11 +270,13 @@ class _Runner:
 
 def _shared_analyses(src: Source, base: ir.Model, space: Space) -> tuple[dict, dict]:
     """Analyses computed once on the base model and seeded into every trial's context."""
-    if not space.drop_levels:
-        return {}, {}
     ctx = PassContext(calibration=src.fit, options=dict(src.options))
-    with progress.step("layer-similarity on the calibration data"):
-        ctx.get_analysis("layer-similarity", _clone(model_bytes(base)))
+    wanted = (["layer-similarity"] if space.drop_levels else []) + (
+        ["head-importance"] if "prune-heads" in space.width else [])
+    model = _clone(model_bytes(base))
+    for name in wanted:
+        with progress.step(f"{name} on the calibration data"):
+            ctx.get_analysis(name, model)
     return dict(ctx.analyses), dict(ctx.analysis_configs)
 
 

@@ -30,6 +30,7 @@ class Space:
     fuse: bool
     quant_modes: tuple[str, ...]
     replacements: tuple[str, ...] = REPLACEMENTS
+    quant_auto_exclude: bool = False
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for the manifest and the study's attributes)."""
@@ -46,10 +47,15 @@ def build_space(model: ir.Model, fitted: bool = True) -> Space:
     levels = {k: min(MAX_DROPPED, n - 1) for k, n in counts.items() if n >= 2}
     width = tuple(name for name in ("prune-heads", "prune-channels") if name in passes)
     modes = _quant_modes(passes)
+    auto = fitted and "exclude" in _option_names(passes.get("quantize"))
     if not fitted:
         modes = tuple(m for m in modes if "static" not in m)
-        return Space(levels, width, "fuse" in passes, modes, ("identity",))
-    return Space(levels, width, "fuse" in passes, modes)
+        return Space(levels, width, "fuse" in passes, modes, ("identity",), auto)
+    return Space(levels, width, "fuse" in passes, modes, REPLACEMENTS, auto)
+
+
+def _option_names(cls: Any) -> set[str]:
+    return {f["name"] for f in config_fields(cls.Config)} if cls is not None else set()
 
 
 def _quant_modes(passes: Mapping[str, Any]) -> tuple[str, ...]:
@@ -82,6 +88,9 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
         mode = trial.suggest_categorical("quantize.mode", ("none", *space.quant_modes))
         if mode != "none":
             choices["quantize"] = {"mode": mode}
+            if mode.startswith("int8") and space.quant_auto_exclude:
+                choices["quantize"]["exclude"] = trial.suggest_categorical(
+                    "quantize.exclude", ("none", "auto"))
     return choices
 
 
@@ -94,13 +103,18 @@ def pipeline_text(choices: Mapping[str, Any]) -> str:
                      f"replacement={d['replacement']}}}")
     for name in ("prune-heads", "prune-channels"):
         if name in choices:
-            parts.append(f"{name}{{ratio={choices[name]['ratio']}}}")
+            # Head scores are measured once on the source; after a drop the regions changed, so
+            # the cheap output-norm proxy ranks heads instead of re-measuring every trial.
+            source = ",source=proxy" if name == "prune-heads" and "drop" in choices else ""
+            parts.append(f"{name}{{ratio={choices[name]['ratio']}{source}}}")
     if any(k in choices for k in ("drop", "prune-heads", "prune-channels")):
         parts.append("dce")
     if "fuse" in choices:
         parts.append("fuse")
     if "quantize" in choices:
-        parts.append(f"quantize{{mode={choices['quantize']['mode']}}}")
+        q = choices["quantize"]
+        exclude = ",exclude=[auto]" if q.get("exclude") == "auto" else ""
+        parts.append(f"quantize{{mode={q['mode']}{exclude}}}")
     return ",".join(parts)
 
 
