@@ -95,6 +95,19 @@ def gemm_int8(m: int, k: int, n: int) -> Micro:
     return Micro(f"gemm-int8-{m}x{k}x{n}", model, fp32.feeds)
 
 
+def conv_int8(n: int, c: int, hw: int, cout: int, k: int) -> Micro:
+    """The ConvInteger model that quantize_dynamic makes of a convolution."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = conv(n, c, hw, cout, k)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        onnx.save(fp32.model, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QUInt8)
+        model = onnx.load(dst)
+    return Micro(f"conv-int8-{n}x{c}x{hw}x{hw}-{cout}k{k}", model, fp32.feeds)
+
+
 def batched_matmul(b: int, m: int, k: int, n: int) -> Micro:
     """Attention-style batched MatMul [b,m,k]x[b,k,n] on two activations."""
     return _micro(f"bmm-fp32-{b}x{m}x{k}x{n}", [h.make_node("MatMul", ["x", "z"], ["y"])],
@@ -172,6 +185,7 @@ def suite(quick: bool, llc_bytes: float) -> list[Micro]:
              gemm(64, 384, 384), gemm(128, 384, 1536, act=True), gemm(512, 512, 512),
              gemm(8, 1024, 1024), gemm_int8(128, 384, 1536), gemm_int8(512, 512, 512),
              batched_matmul(12, 64, 32, 64), conv(1, 32, 56, 64, 3), conv(1, 64, 28, 64, 3, groups=64),
+             conv_int8(1, 32, 28, 64, 3),
              elementwise(small), elementwise(big), elementwise(small, "Sigmoid"),
              softmax(768, 64), layernorm(512, 384), attention(4, 64, 384, 12), transpose(8, 64, 12, 32)]
     if quick:
@@ -179,6 +193,7 @@ def suite(quick: bool, llc_bytes: float) -> list[Micro]:
     return items + [
         gemm(1, 384, 384), gemm(32, 256, 1024), gemm(2048, 256, 64), gemm(256, 1536, 384, act=True),
         gemm_int8(8, 1024, 1024), gemm_int8(64, 384, 384), gemm_int8(256, 1536, 384),
+        conv_int8(8, 16, 16, 32, 3), conv_int8(1, 64, 14, 128, 3),
         batched_matmul(48, 64, 64, 64), batched_matmul(96, 128, 32, 128),
         conv(1, 16, 112, 32, 1), conv(1, 128, 14, 256, 3, stride=2), conv(4, 3, 64, 16, 3),
         conv(1, 96, 28, 96, 3, groups=96), conv(8, 32, 16, 32, 3),
@@ -248,7 +263,8 @@ def fit_profile(micros: list[Micro], times: dict[str, float], threads: int,
     """The host profile's figures (as TOML tables) from the measured medians."""
     run = times["identity"]
     dispatch = max((times[f"add-chain-{CHAIN}"] - run) / CHAIN, 1e-7)
-    fp32 = _rate(micros, times, run, dispatch, ("gemm-fp32", "conv", "bmm"), "flops") or 1e9
+    fp32 = _rate(micros, times, run, dispatch, ("gemm-fp32", "conv-1", "conv-4", "conv-8", "bmm"),
+                 "flops") or 1e9
     int8 = _rate(micros, times, run, dispatch, ("gemm-int8",), "flops") or fp32
     sized = [m for m in micros if m.name.startswith(("add-", "mul-", "relu-"))
              and not m.name.startswith("add-chain")]
@@ -292,7 +308,8 @@ def _points(micros: list[Micro], times: dict[str, float], target: Target) -> dic
         launches = sum(k.launches for k in ks)
         t = times[m.name] - target.run_s - launches * target.dispatch_s
         t = max(t, 0.05 * times[m.name])
-        kind = max(priced, key=lambda p: p.roofline_s).kernel.kind
+        main = max(priced, key=lambda p: p.roofline_s).kernel
+        kind = main.kind if main.dtype in ("fp32", "int") else f"{main.kind}-{main.dtype}"
         if roof > 0:
             points.setdefault(kind, []).append((math.log(roof * 1e6), math.log(t * 1e6)))
     return points

@@ -136,7 +136,7 @@ def price_kernel(kernel: Kernel, nodes: Sequence[OpCost], target: Target) -> Ker
     in_cache = kernel.bytes <= target.llc_bytes
     memory_s = kernel.bytes / (target.cache_bps if in_cache else target.dram_bps)
     roof = max(compute_s, memory_s)
-    corrected = target.correction(kernel.kind).apply(roof * 1e6) * 1e-6
+    corrected = target.correction(kernel.kind, kernel.dtype).apply(roof * 1e6) * 1e-6
     latency = kernel.launches * target.dispatch_s + corrected
     energy = sum(compute_pj(nodes[i], target) for i in kernel.nodes)
     energy_mem = memory_pj(kernel.bytes, in_cache, target)

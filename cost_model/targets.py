@@ -84,9 +84,11 @@ class Target:
         rate = self.peak_per_core.get(key, self.peak_per_core["fp32"])
         return rate * self.cores * (0.5 if dtype == "fp64" else 1.0)
 
-    def correction(self, kind: str) -> Correction:
-        """The fitted correction of a kernel kind (the `default` one, else the identity)."""
-        return self.corrections.get(kind) or self.corrections.get("default") or Correction()
+    def correction(self, kind: str, dtype: str = "fp32") -> Correction:
+        """The fitted correction of a kernel kind and dtype (`matmul-int8`), else of the kind,
+        else the `default` one, else the identity."""
+        return (self.corrections.get(f"{kind}-{dtype}") or self.corrections.get(kind)
+                or self.corrections.get("default") or Correction())
 
 
 def known_targets() -> dict[str, Path]:

@@ -1,0 +1,221 @@
+"""How well the cost model predicts measured latency: zoo models x variants x input sizes.
+
+Each model is compiled lossless (the default pipeline), with `drop-layers{count=1}`, and
+quantized to dynamic int8 (onnxruntime.quantization.quantize_dynamic on the lossless model);
+each variant is predicted (`winnow.cost_model.predict`) and measured (benchmark.py:
+interleaved rounds, medians; the variants of one model and size are timed together) at
+several batch / sequence sizes. Printed: Kendall tau and Spearman between predicted and
+measured latency, MAPE, the share within +-10% and +-25%, how often the faster of two
+variants of the same model is picked, and every variant off by more than 2x with the report's
+reasons (unpriced ops, assumed dims).
+
+    .venv/bin/python bench/cost_accuracy.py --target host --out bench/results/cost-accuracy
+    .venv/bin/python bench/cost_accuracy.py --quick --target host --out /tmp/cost-quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from winnow.benchmark import available_cpus, bench_session_options, machine_info, time_interleaved
+from winnow.cost_model import predict
+from winnow.cost_model.op_costs import resolve_dims
+from winnow.errors import WinnowError
+
+# model -> input sizes (symbolic dims, or full input shapes)
+SIZES: dict[str, list[dict[str, Any]]] = {
+    "minilm": [{"batch": 1, "seq": 32}, {"batch": 1, "seq": 128}, {"batch": 8, "seq": 32},
+               {"batch": 8, "seq": 128}],
+    "tiny-gpt": [{"batch": 1, "seq": 32}, {"batch": 1, "seq": 128}, {"batch": 4, "seq": 64},
+                 {"batch": 8, "seq": 128}],
+    "digits-vit": [{"batch": 1}, {"batch": 32}, {"batch": 256}],
+    "digits-cnn": [{"batch": 1}, {"batch": 32}, {"batch": 256}],
+    "ppocr-rec": [{"x": [1, 3, 48, 320]}, {"x": [4, 3, 48, 320]}],
+    "ppocr-det": [{"x": [1, 3, 320, 320]}, {"x": [1, 3, 640, 640]}],
+}
+QUICK_SIZES: dict[str, list[dict[str, Any]]] = {
+    "digits-cnn": [{"batch": 1}, {"batch": 64}],
+    "digits-vit": [{"batch": 1}, {"batch": 64}],
+    "tiny-gpt": [{"batch": 1, "seq": 32}, {"batch": 4, "seq": 64}],
+}
+TRANSFORMS = ("lossless", "drop1", "int8")
+DROP_PIPELINE = "fold-constants,drop-layers{count=1},dce"
+
+
+def variants(name: str, work: Path) -> dict[str, Path]:
+    """ONNX files of the model's variants (a variant whose pass does not apply is left out)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from winnow.compiler import compile_model
+
+    out: dict[str, Path] = {}
+    lossless = compile_model(f"zoo:{name}", work / f"{name}-lossless", overwrite=True, check=False)
+    out["lossless"] = Path(lossless.artifact.path) / "model.onnx"
+    try:
+        drop = compile_model(f"zoo:{name}", work / f"{name}-drop1", pipeline=DROP_PIPELINE,
+                             overwrite=True, check=False, force=True)
+        out["drop1"] = Path(drop.artifact.path) / "model.onnx"
+    except WinnowError as exc:
+        print(f"  {name}: drop-layers does not apply ({exc})", file=sys.stderr)
+    int8, plain = work / f"{name}-int8.onnx", work / f"{name}-plain.onnx"
+    proto = onnx.load(out["lossless"])
+    del proto.graph.value_info[:]  # stale shapes trip the quantizer's own shape inference
+    onnx.save(proto, plain)
+    quantize_dynamic(plain, int8, weight_type=QuantType.QInt8)
+    out["int8"] = int8
+    return out
+
+
+def feeds(model: ir.Model, size: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Random feeds of the concrete shapes the cost model uses for `size`."""
+    shapes, _ = resolve_dims(model, size)
+    rng = np.random.default_rng(0)
+    out = {}
+    for value in model.graph.inputs:
+        if value.name not in shapes:
+            continue
+        dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.float32
+        shape = shapes[value.name]
+        if np.issubdtype(dtype, np.floating):
+            out[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in value.name.lower():
+            out[value.name] = np.ones(shape, dtype)
+        else:
+            out[value.name] = rng.integers(0, 100, shape).astype(dtype)
+    return out
+
+
+def measure_group(models: dict[str, ir.Model], paths: dict[str, Path], size: dict[str, Any],
+                  repeats: int, threads: int) -> dict[str, float]:
+    """Median latency (s) of each variant at one size, timed interleaved."""
+    import onnxruntime as ort
+
+    runners = {}
+    for label, path in paths.items():
+        session = ort.InferenceSession(str(path), bench_session_options(threads),
+                                       providers=["CPUExecutionProvider"])
+        batch = feeds(models[label], size)
+        runners[label] = (lambda s=session, f=batch: s.run(None, f))
+    timings = time_interleaved(runners, repeats=repeats, warmup=3)
+    return {label: t.median for label, t in timings.items()}
+
+
+def run(sizes: dict[str, list[dict[str, Any]]], target: str, repeats: int, threads: int,
+        work: Path) -> list[dict[str, Any]]:
+    """Predict and measure every variant; one row per (model, transform, size)."""
+    rows = []
+    for name, model_sizes in sizes.items():
+        print(f"{name}: building variants", file=sys.stderr)
+        paths = variants(name, work)
+        models = {label: ir.load(path) for label, path in paths.items()}
+        for size in model_sizes:
+            measured = measure_group(models, paths, size, repeats, threads)
+            for label, model in models.items():
+                report = predict(model, target, size)
+                rows.append({"model": name, "transform": label, "size": size,
+                             "predicted_s": report.latency_s, "measured_s": measured[label],
+                             "roofline_s": report.roofline_s, "kernels": len(report.kernels),
+                             "unpriced": len(report.unpriced), "unpriced_examples": report.unpriced[:3],
+                             "assumed_dims": report.assumed_dims})
+                print(f"  {label:<9} {json.dumps(size):<28} predicted {report.latency_s * 1e3:9.3f} ms"
+                      f"  measured {measured[label] * 1e3:9.3f} ms", file=sys.stderr)
+    return rows
+
+
+def metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank agreement, error shares and same-model pair choices over all rows."""
+    from scipy import stats
+
+    pred = np.array([r["predicted_s"] for r in rows])
+    meas = np.array([r["measured_s"] for r in rows])
+    err = np.abs(pred - meas) / meas
+    pairs = right = 0
+    for a, b in itertools.combinations(rows, 2):
+        if a["model"] != b["model"] or a["measured_s"] == b["measured_s"]:
+            continue
+        pairs += 1
+        right += (a["predicted_s"] < b["predicted_s"]) == (a["measured_s"] < b["measured_s"])
+    return {"variants": len(rows), "kendall_tau": float(stats.kendalltau(pred, meas).statistic),
+            "spearman": float(stats.spearmanr(pred, meas).statistic),
+            "mape": float(np.mean(err)), "within_10": float(np.mean(err <= 0.10)),
+            "within_25": float(np.mean(err <= 0.25)), "pairs": pairs,
+            "pairs_right": right / pairs if pairs else math.nan,
+            "off_2x": [_off(r) for r in rows
+                       if max(r["predicted_s"], r["measured_s"]) > 2 * min(r["predicted_s"], r["measured_s"])]}
+
+
+def _off(row: dict[str, Any]) -> dict[str, Any]:
+    why = []
+    if row["unpriced"]:
+        why.append(f"{row['unpriced']} nodes priced by bytes only (e.g. {row['unpriced_examples'][0]})")
+    if row["assumed_dims"]:
+        why.append(f"assumed dims {row['assumed_dims']}")
+    return {"model": row["model"], "transform": row["transform"], "size": row["size"],
+            "ratio": row["predicted_s"] / row["measured_s"],
+            "why": "; ".join(why) or "no flag in the report: the model mispredicts this variant"}
+
+
+def markdown(rows: list[dict[str, Any]], m: dict[str, Any], target: str) -> str:
+    """The results as a markdown table plus the summary figures."""
+    lines = [f"# cost model accuracy (target {target})", "",
+             f"- variants {m['variants']}; Kendall tau {m['kendall_tau']:.3f}; Spearman "
+             f"{m['spearman']:.3f}; MAPE {m['mape'] * 100:.1f}%",
+             f"- within 10% {m['within_10'] * 100:.0f}%, within 25% {m['within_25'] * 100:.0f}%; "
+             f"faster of a same-model pair picked {m['pairs_right'] * 100:.0f}% of {m['pairs']}",
+             f"- off by more than 2x: {len(m['off_2x'])}", "",
+             "| model | variant | size | predicted ms | measured ms | ratio | unpriced |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['transform']} | {json.dumps(r['size'])} | "
+                     f"{r['predicted_s'] * 1e3:.3f} | {r['measured_s'] * 1e3:.3f} | "
+                     f"{r['predicted_s'] / r['measured_s']:.2f} | {r['unpriced']} |")
+    if m["off_2x"]:
+        lines += ["", "## off by more than 2x", ""]
+        lines += [f"- {o['model']} {o['transform']} {json.dumps(o['size'])}: x{o['ratio']:.2f}; "
+                  f"{o['why']}" for o in m["off_2x"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: predict and measure the variants, print and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="host", help="target profile (name or .toml)")
+    parser.add_argument("--quick", action="store_true", help="three small models, two sizes each")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the models")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds [5 quick, 15]")
+    parser.add_argument("--threads", type=int, default=None, help="ORT threads [all available]")
+    parser.add_argument("--out", default=None, help="folder for cost_accuracy.json and .md")
+    args = parser.parse_args(argv)
+    sizes = dict(QUICK_SIZES if args.quick else SIZES)
+    if args.models:
+        sizes = {k: v for k, v in SIZES.items() if k in args.models.split(",")}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run(sizes, args.target, args.repeats or (5 if args.quick else 15),
+                   args.threads or available_cpus(), Path(tmp))
+    m = metrics(rows)
+    text = markdown(rows, m, args.target)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cost_accuracy.json").write_text(json.dumps(
+            {"target": args.target, "machine": machine_info(), "metrics": m, "rows": rows},
+            indent=2, default=str))
+        (out / "cost_accuracy.md").write_text(text)
+        print(f"wrote {out}/cost_accuracy.json and cost_accuracy.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
