@@ -197,6 +197,8 @@ class _HeadRewriter:
                 raise self.fail(node, "reads the heads in a layout other than flattened query heads")
             slice_projection(self.graph, node, _channels(self.keep["q"], self.hd), "in")
             return
+        if node.op_type in ("Shape", "Size"):
+            return  # a shape read at run time follows the pruned data by itself
         out = node.outputs[0]
         rank_out = self._rank(out, node)
         op = node.op_type
@@ -304,7 +306,7 @@ class _HeadRewriter:
         """A copy of a shared shape Concat that only `node` reads (the original is left alone)."""
         if len(concat.outputs[0].uses()) == 1:
             return concat
-        copy = ir.node("Concat", list(concat.inputs), {"axis": 0}, name=f"{concat.name}.pruned")
+        copy = ir.node("Concat", list(concat.inputs), {"axis": 0}, name=f"{concat.name}.for.{node.name}")
         copy.outputs[0].dtype, copy.outputs[0].shape = concat.outputs[0].dtype, concat.outputs[0].shape
         self.graph.insert_after(concat, copy)
         node.replace_input_with(index, copy.outputs[0])

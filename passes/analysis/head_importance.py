@@ -46,6 +46,23 @@ def spearman(a, b) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
+def by_length(batches: list[dict]) -> list[dict]:
+    """The batches merged into one, rows sorted by attention-mask length, so that mini-batches
+    trimmed of trailing padding carry little of it (unchanged without a mask or when shapes differ)."""
+    keys = set(batches[0]) if batches else set()
+    if len(batches) < 1 or any(set(b) != keys for b in batches) or "attention_mask" not in keys:
+        return batches
+    arrays = {k: [np.asarray(b[k]) for b in batches] for k in keys}
+    if any(a.ndim == 0 or a.shape[1:] != arrays[k][0].shape[1:] for k in keys for a in arrays[k]):
+        return batches
+    merged = {k: np.concatenate(v) for k, v in arrays.items()}
+    mask = merged["attention_mask"]
+    if mask.ndim != 2 or any(v.shape[0] != mask.shape[0] for v in merged.values()):
+        return batches
+    order = np.argsort(mask.sum(axis=1), kind="stable")
+    return [{k: v[order] for k, v in merged.items()}]
+
+
 def output_weight(region: Region) -> np.ndarray:
     """The output projection as [num_heads * head_dim, model_dim]."""
     node = weight_node(region, region.heads.o)
@@ -149,7 +166,7 @@ class HeadImportancePass(AnalysisPass):
         if not regions:
             return {"layers": [], "heads": {}, "note": NO_HEADS}
         cfg = self.config
-        whole = limit_samples(calibration_batches(model, ctx), cfg.samples)
+        whole = by_length(limit_samples(calibration_batches(model, ctx), cfg.samples))
         batches = [mb for b in whole for mb in split_batch(b, cfg.batch_size, model)]
         proxy = head_proxy(model, regions, batches)
         task_loss = ctx.options.get("task_loss")

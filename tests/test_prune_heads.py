@@ -1,0 +1,120 @@
+"""prune-heads on the tiny transformer: the OTO oracle (removing a head = zeroing it), GQA, refit,
+and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import winnow
+from tests.graphs import DUPLICATED, model
+from tests.tiny_models import TinyTransformer
+from winnow.errors import PassConfigError, PassFailedError
+from winnow.ir.execute import run
+from winnow.ir.regions import find_regions
+from winnow.ir.verify import verify
+from winnow.passes import PassContext, PassManager
+
+RNG = np.random.default_rng(0)
+CALIBRATION = [{"x": RNG.standard_normal((16, 6, 32)).astype(np.float32)} for _ in range(4)]
+HELDOUT = np.random.default_rng(1).standard_normal((16, 6, 32)).astype(np.float32)
+
+
+def load(net):
+    return winnow.load(net, (torch.randn(2, 6, 32),), dynamic_shapes=({0: "batch"},))
+
+
+def zeroed_output(net, removed):
+    """Oracle: the torch model with the removed heads' output-projection columns zeroed."""
+    saved = [b.attn.out.weight.detach().clone() for b in net.blocks]
+    with torch.no_grad():
+        for name in removed:
+            block, head = int(name.split(".")[1]), int(name.rsplit("head", 1)[1])
+            d = net.blocks[block].attn.head_dim
+            net.blocks[block].attn.out.weight[:, head * d:(head + 1) * d] = 0.0
+        out = net(torch.from_numpy(HELDOUT)).numpy()
+        for b, w in zip(net.blocks, saved):
+            b.attn.out.weight.copy_(w)
+    return out
+
+
+def prune(net, pipeline):
+    m, ctx = load(net), PassContext(calibration=CALIBRATION)
+    PassManager(pipeline).run(m, ctx)
+    verify(m)
+    return m, ctx.report["prune-heads"]
+
+
+CASES = {
+    "pre-norm": (dict(), "prune-heads{heads=[blocks.0.attn.head1,blocks.1.attn.head0,"
+                         "blocks.1.attn.head3]}"),
+    "post-norm": (dict(post=True), "prune-heads{ratio=0.5,source=proxy}"),
+    "gqa-within": (dict(kv_heads=2), "prune-heads{heads=[blocks.0.attn.head1,blocks.0.attn.head2,"
+                                     "blocks.1.attn.head0,blocks.1.attn.head3]}"),
+    "gqa-groups": (dict(kv_heads=2), "prune-heads{ratio=0.5,gqa=groups,source=random,seed=3}"),
+    "global": (dict(heads=8), "prune-heads{ratio=0.5,scope=global}"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pruning_equals_zeroing_the_heads(case):
+    kwargs, pipeline = CASES[case]
+    net = TinyTransformer(layers=2, seed=2, **kwargs)
+    m, report = prune(net, pipeline)
+    assert report["removed"]
+    out = next(iter(run(m, {"x": HELDOUT}).values()))
+    assert np.abs(out - zeroed_output(net, report["removed"])).max() < 1e-4
+    heads = {r.name: r.heads for r in find_regions(m).sublayers() if r.kind == "attention"}
+    for layer, kept in report["kept"].items():  # the graph really shrank
+        assert heads[layer].num_heads == kept and heads[layer].num_heads % heads[layer].num_kv_heads == 0
+        q = m.graph.initializers[heads[layer].q].const_value
+        assert q.shape[-1] == kept * heads[layer].head_dim
+    if case == "gqa-groups":
+        assert set(report["kept_kv"].values()) == {1}
+    if case == "global":
+        assert len(report["removed"]) == 8 and min(report["kept"].values()) >= 1
+
+
+def test_refit_lowers_the_heldout_error():
+    net = TinyTransformer(layers=2, seed=2)
+    reference = zeroed_output(net, [])
+    errors = {}
+    for refit in ("false", "true"):
+        m, report = prune(net, f"prune-heads{{ratio=0.5,source=random,refit={refit}}}")
+        errors[refit] = np.abs(next(iter(run(m, {"x": HELDOUT}).values())) - reference).mean()
+    assert 0 < report["refit_r2"]["blocks.0.attn"] <= 1
+    assert errors["true"] < 0.8 * errors["false"]
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
+def test_ratio_outside_zero_one_is_refused(ratio):
+    with pytest.raises(PassConfigError, match="ratio"):
+        PassManager(f"prune-heads{{ratio={ratio}}}")
+
+
+def test_unknown_head_lists_the_valid_ones():
+    with pytest.raises(PassFailedError, match="no head named 'blocks.0.attn.head9'.*blocks.0.attn.head0"):
+        prune(TinyTransformer(layers=2), "prune-heads{heads=[blocks.0.attn.head9]}")
+
+
+def test_every_head_of_a_layer_is_refused_and_nothing_is_rewritten():
+    net = TinyTransformer(layers=2)
+    m = load(net)
+    before = next(iter(run(m, {"x": HELDOUT}).values()))
+    names = ",".join(f"blocks.1.attn.head{i}" for i in range(4))
+    with pytest.raises(PassFailedError, match="every head of 'blocks.1.attn'.*drop-layers"):
+        PassManager(f"prune-heads{{heads=[blocks.0.attn.head0,{names}]}}").run(
+            m, PassContext(calibration=CALIBRATION))
+    np.testing.assert_array_equal(next(iter(run(m, {"x": HELDOUT}).values())), before)
+
+
+def test_uneven_gqa_selection_is_refused():
+    with pytest.raises(PassFailedError, match="same number from each of its 2 KV groups"):
+        prune(TinyTransformer(layers=2, kv_heads=2), "prune-heads{heads=[blocks.0.attn.head0]}")
+
+
+def test_model_without_attention_is_left_alone():
+    ctx = PassContext()
+    result = PassManager("prune-heads{ratio=0.5}").run(model(DUPLICATED), ctx)
+    assert not result.modified and "nothing was rewritten" in ctx.report["prune-heads"]["note"]
