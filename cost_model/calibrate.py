@@ -8,10 +8,10 @@ an Identity model whose time is the `session.run` overhead. The fit, in order:
 1. run overhead = the Identity model's median; dispatch = (chain of N tiny Adds - run) / N;
 2. peak FLOP/s per dtype = the best FLOP/s among that dtype's GEMMs and convs;
    DRAM and cache bandwidth = the best bytes/s of large and of cache-sized elementwise ops;
-3. per kernel kind, a least-squares line of log(kernel time) on log(roofline time), where the
-   kernel time is the median minus run and dispatch overheads: its slope and intercept are
-   the kind's correction (predict.py). Kinds with too few or too close points keep slope 1
-   and fit the intercept alone.
+3. per kernel kind, t = overhead + scale * roofline fitted by least squares on log time
+   (kernel time = the median minus run and dispatch overheads): a grid over the overhead,
+   the scale by the median ratio for each, the pair with the smallest squared log error.
+   A kind with one point keeps overhead 0.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from winnow.errors import OutputError
 
 OPSET = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)]
 CHAIN = 32
-SLOPE_RANGE = (0.5, 1.5)
+OVERHEAD_GRID = 64
 _RNG = np.random.default_rng(0)
 
 
@@ -180,7 +180,7 @@ def add_chain(length: int = CHAIN) -> Micro:
 def suite(quick: bool, llc_bytes: float) -> list[Micro]:
     """The micro-benchmarks: a short list with `quick`, a fuller one otherwise."""
     big = int(max(4 * llc_bytes / 12, 1 << 20))  # three tensors of 4 bytes, well over the LLC
-    small = int(llc_bytes / 48)
+    small = int(min(llc_bytes / 48, 1 << 18))  # 3 MB of traffic: inside any LLC
     items = [identity(), add_chain(),
              gemm(64, 384, 384), gemm(128, 384, 1536, act=True), gemm(512, 512, 512),
              gemm(8, 1024, 1024), gemm_int8(128, 384, 1536), gemm_int8(512, 512, 512),
@@ -311,26 +311,28 @@ def _points(micros: list[Micro], times: dict[str, float], target: Target) -> dic
         main = max(priced, key=lambda p: p.roofline_s).kernel
         kind = main.kind if main.dtype in ("fp32", "int") else f"{main.kind}-{main.dtype}"
         if roof > 0:
-            points.setdefault(kind, []).append((math.log(roof * 1e6), math.log(t * 1e6)))
+            points.setdefault(kind, []).append((roof * 1e6, t * 1e6))
     return points
 
 
 def _line(pts: list[tuple[float, float]]) -> dict[str, float]:
-    x = np.array([p[0] for p in pts])
-    y = np.array([p[1] for p in pts])
-    if len(pts) >= 3 and np.ptp(x) > 0.5:
-        slope, intercept = np.polyfit(x, y, 1)
-        slope = float(np.clip(slope, *SLOPE_RANGE))
-    else:
-        slope = 1.0
-    return {"slope": round(slope, 4), "log_scale": round(float(np.mean(y - slope * x)), 4),
-            "x_min": round(float(x.min()), 4), "x_max": round(float(x.max()), 4),
-            "points": len(pts)}
+    """overhead_us >= 0 and scale >= 0 of t = overhead + scale * roof, least squares on log t."""
+    roof = np.array([p[0] for p in pts])
+    t = np.array([p[1] for p in pts])
+    grid = [0.0] if len(pts) < 2 else np.linspace(0.0, 0.95 * t.min(), OVERHEAD_GRID)
+    best = (math.inf, 0.0, 1.0)
+    for a in grid:
+        b = max(float(np.median((t - a) / roof)), 1e-9)
+        err = float(np.sum((np.log(a + b * roof) - np.log(t)) ** 2))
+        if err < best[0]:
+            best = (err, float(a), b)
+    return {"overhead_us": round(best[1], 4), "scale": round(best[2], 6), "points": len(pts),
+            "rms_log_error": round(math.sqrt(best[0] / len(pts)), 4)}
 
 
 def fit_corrections(micros: list[Micro], times: dict[str, float],
                     target: Target) -> dict[str, dict[str, float]]:
-    """Per kernel kind (and `default` over all), the least-squares slope and log scale."""
+    """Per kernel kind (and `default` over all), the fitted overhead and scale."""
     points = _points(micros, times, target)
     out = {}
     for kind, pts in sorted(points.items()):
@@ -401,7 +403,8 @@ def summary(path: Path, data: dict[str, Any], times: dict[str, float]) -> str:
               f"LLC {m['llc_kib'] / 1024:.0f} MiB",
               f"overhead  run {o['run_us']:.1f} us, dispatch {o['dispatch_us']:.2f} us per kernel"]
     for kind, fit in data.get("correction", {}).items():
-        lines.append(f"correct   {kind:<12} slope {fit['slope']:.3f}  log scale "
-                     f"{fit['log_scale']:+.3f}  ({fit['points']} points)")
+        lines.append(f"correct   {kind:<12} overhead {fit['overhead_us']:8.1f} us  scale "
+                     f"{fit['scale']:7.3f}  ({fit['points']} points, rms log error "
+                     f"{fit['rms_log_error']:.3f})")
     lines.append(f"wrote     {path}")
     return "\n".join(lines)

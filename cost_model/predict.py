@@ -4,12 +4,12 @@ Per kernel (see kernels.py), the roofline time is `max(flops / peak[dtype], byte
 with the bandwidth of the last-level cache when the kernel's bytes fit in it and of DRAM
 otherwise. A learned correction per kernel kind turns it into time:
 
-    t = launches * dispatch + exp(log_scale[kind]) * roofline_us ** slope[kind]
+    t = launches * dispatch + overhead[kind] + scale[kind] * roofline
 
-`log_scale` and `slope` come from a least-squares line fitted on log time against log roofline
-time over the micro-benchmarks of that kind (calibrate.py); the shipped profiles have none
-(slope 1, scale 1: the plain roofline). The model total adds one `run` overhead (a
-`session.run` call). The slope is kept positive, so more work never predicts less time.
+`overhead` and `scale` are fitted by least squares on log time over the micro-benchmarks of
+that kind (calibrate.py; `matmul-int8` and `conv-int8` apart from fp32); the shipped profiles
+have none (overhead 0, scale 1: the plain roofline). The model total adds one `run` overhead
+(a `session.run` call). Both are >= 0, so more work never predicts less time.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ an energy table and the fitted per-kernel-kind corrections."""
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,24 +39,21 @@ def user_dir() -> Path:
 
 @dataclass(frozen=True)
 class Correction:
-    """A fitted correction of one kernel kind: t = exp(log_scale) * roofline_us ** slope.
+    """A fitted correction of one kernel kind: t_us = overhead_us + scale * roofline_us.
 
-    Outside the fitted range of log roofline times [x_min, x_max] the line continues with
-    slope 1 (time proportional to the roofline), so a fit never extrapolates its slope.
+    `overhead_us` is what a kernel of that kind costs beyond its launch even when tiny
+    (splitting the work over threads, setup); `scale` is 1 / the efficiency reached against
+    the roofline. Both are >= 0, so more work never predicts less time.
     """
 
-    slope: float = 1.0
-    log_scale: float = 0.0
-    x_min: float = -math.inf
-    x_max: float = math.inf
+    overhead_us: float = 0.0
+    scale: float = 1.0
 
     def apply(self, roofline_us: float) -> float:
         """The corrected time (us) of a kernel whose roofline time is `roofline_us`."""
         if roofline_us <= 0.0:
             return 0.0
-        x = math.log(roofline_us)
-        inside = min(max(x, self.x_min), self.x_max)
-        return math.exp(self.log_scale + self.slope * inside + (x - inside))
+        return self.overhead_us + self.scale * roofline_us
 
 
 @dataclass(frozen=True)
@@ -125,8 +121,8 @@ def parse_target(data: dict[str, Any], path: Path) -> Target:
     """A Target from a parsed TOML document (TargetError names a missing or bad field)."""
     _check(data, path)
     c, m, o = data["compute"], data["memory"], data["overhead"]
-    corrections = {kind: Correction(float(v.get("slope", 1.0)), float(v.get("log_scale", 0.0)),
-                                    float(v.get("x_min", -math.inf)), float(v.get("x_max", math.inf)))
+    corrections = {kind: Correction(max(0.0, float(v.get("overhead_us", 0.0))),
+                                    max(1e-3, float(v.get("scale", 1.0))))
                    for kind, v in (data.get("correction") or {}).items()}
     return Target(
         name=data["name"], description=data.get("description", ""), cores=int(c["cores"]),

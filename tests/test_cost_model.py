@@ -128,9 +128,9 @@ def test_elementwise_chain_is_one_kernel_with_a_launch_per_op():
     assert k.kind == "elementwise" and k.launches == 3
 
 
-def _target_with_correction(slope: float) -> dict:
+def _target_with_correction(overhead: float, scale: float) -> dict:
     data = tomllib.loads(to_toml({k: v for k, v in vars_of("x86-avx2").items()}))
-    data["correction"] = {"matmul": {"slope": slope, "log_scale": 1.0, "x_min": 0.0, "x_max": 3.0}}
+    data["correction"] = {"matmul": {"overhead_us": overhead, "scale": scale}}
     return data
 
 
@@ -138,9 +138,9 @@ def vars_of(name: str) -> dict:
     return tomllib.loads(open(load_target(name).path, "rb").read().decode())
 
 
-@pytest.mark.parametrize("slope", [0.5, 1.0, 1.4])
-def test_more_matmul_work_never_predicts_less(slope):
-    target = parse_target(_target_with_correction(slope), load_target("x86-avx2").path)
+@pytest.mark.parametrize("overhead,scale", [(0.0, 1.0), (30.0, 2.5), (5.0, -1.0)])
+def test_more_matmul_work_never_predicts_less(overhead, scale):
+    target = parse_target(_target_with_correction(overhead, scale), load_target("x86-avx2").path)
     times = []
     for k in (16, 32, 64, 128, 256, 512, 1024, 4096):
         model = build([helper.make_node("MatMul", ["a", "w"], ["y"])], {"a": [64, k]}, ["y"],
@@ -177,16 +177,18 @@ def test_target_file_missing_a_field_names_it(tmp_path):
 
 def test_profile_written_by_calibration_round_trips():
     data = vars_of("x86-avx2")
-    data["correction"] = {"conv": {"slope": 0.8, "log_scale": 0.25, "x_min": 1.0, "x_max": 4.0}}
+    data["correction"] = {"conv": {"overhead_us": 12.5, "scale": 1.75},
+                          "conv-int8": {"overhead_us": 40.0, "scale": 6.0}}
     target = parse_target(tomllib.loads(to_toml(data)), load_target("x86-avx2").path)
-    assert target.correction("conv").slope == 0.8 and target.correction("norm").slope == 1.0
+    assert target.correction("conv").scale == 1.75 and target.correction("norm").scale == 1.0
+    assert target.correction("conv", "int8").overhead_us == 40.0
 
 
 def test_correction_fit_recovers_a_known_line():
-    xs = np.linspace(0.0, 5.0, 8)
-    fit = _line([(float(x), 0.7 + 0.9 * float(x)) for x in xs])
-    assert math.isclose(fit["slope"], 0.9, abs_tol=1e-3)
-    assert math.isclose(fit["log_scale"], 0.7, abs_tol=1e-3)
+    roofs = np.geomspace(1.0, 5000.0, 9)
+    fit = _line([(float(r), 12.0 + 2.5 * float(r)) for r in roofs])
+    assert math.isclose(fit["scale"], 2.5, rel_tol=0.02)
+    assert math.isclose(fit["overhead_us"], 12.0, rel_tol=0.1)
 
 
 def test_cli_cost_prints_kernels_and_fails_cleanly(tmp_path):
