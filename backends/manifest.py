@@ -196,7 +196,7 @@ def _existing_kind(out: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         found = None
     if not isinstance(found, str):
-        raise OutputError(f"output folder '{out}' is not empty and is not a winnow artifact "
+        raise OutputError(f"output folder '{out}' already exists and is not a winnow artifact "
                           f"(no readable {MANIFEST_FILE}); winnow only replaces its own output "
                           "folders, choose another path.")
     return found
