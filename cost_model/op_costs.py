@@ -22,6 +22,7 @@ from winnow.errors import WinnowError
 MS = "com.microsoft"
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 64  # other symbolic dims, as `winnow bench` fills them
+BIG_TENSOR = 1024  # initializers above this many bytes are left out of shape inference
 
 Shape = tuple[int, ...]
 
@@ -184,25 +185,69 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, tuple[Shape | None, int]]:
         previous = out.get(vi.name)
         if previous is None or previous[0] is None:
             out[vi.name] = (shape, tt.elem_type)
+    for init in graph.initializer:
+        if init.name not in out or out[init.name][0] is None:
+            out[init.name] = (tuple(int(d) for d in init.dims), init.data_type)
     return out
 
 
-def infer_shapes(model: ir.Model, shapes: Mapping[str, Shape]) -> dict[str, tuple[Shape | None, int]]:
-    """Concrete (shape, elem type) of every value, by ONNX shape inference on the given inputs."""
-    from onnx_ir.passes.common import _c_api_utils
+def _inference_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto for shape inference, its large initializers turned into inputs.
 
-    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
-        _set_input_shapes(proto, shapes)
+    Small initializers (shape constants, slice bounds) stay initializers only, so ONNX's data
+    propagation can read them (an initializer that is also an input could be overridden and is
+    not treated as a constant). The model is restored as it was, initializer order included.
+    """
+    graph = model.graph
+    order = list(graph.initializers.values())
+    big = [v for v in order if v.const_value is None or v.const_value.nbytes > BIG_TENSOR]
+    saved = {v.name: v.const_value for v in big}
+    added = []
+    try:
+        for v in big:
+            if v.const_value is not None:
+                v.shape = v.shape or ir.Shape(v.const_value.shape)
+                v.dtype = v.dtype or v.const_value.dtype
+            graph.initializers.pop(v.name)
+            v.const_value = None
+            if v not in graph.inputs:
+                graph.inputs.append(v)
+                added.append(v)
+        return ir.serde.serialize_model(model)
+    finally:
+        for v in added:
+            graph.inputs.remove(v)
+        for v in big:
+            v.const_value = saved[v.name]
+        graph.initializers.clear()
+        for v in order:
+            graph.initializers[v.name] = v
+
+
+def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
                                                  data_prop=True)
-
-    try:
-        inferred = _c_api_utils.call_onnx_api(infer, model)
     except Exception:  # noqa: BLE001 - onnx raises several types; fall back to our own rules
-        proto = ir.serde.serialize_model(model)
-        _set_input_shapes(proto, shapes)
-        inferred = proto
+        return proto
+
+
+def infer_shapes(model: ir.Model, shapes: Mapping[str, Shape]) -> dict[str, tuple[Shape | None, int]]:
+    """Concrete (shape, elem type) of every value, by ONNX shape inference on the given inputs.
+
+    Where a shape depends on computed shape data (a Slice whose end is a Shape), the small
+    integer tensors are evaluated with numpy (shape_values.py), written into the proto as
+    constants, and inference runs once more.
+    """
+    from winnow.cost_model.shape_values import fold_shape_values
+
+    proto = _inference_proto(model)
+    _set_input_shapes(proto, shapes)
+    inferred = _infer(proto)
     types = _value_types(inferred)
+    if any(shape is None for shape, _ in types.values()) and fold_shape_values(proto, types):
+        inferred = _infer(proto)
+        types = _value_types(inferred)
     for value in model.graph.initializers.values():
         if value.name not in types or types[value.name][0] is None:
             cv = value.const_value
