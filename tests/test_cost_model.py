@@ -205,3 +205,16 @@ def test_cli_cost_prints_kernels_and_fails_cleanly(tmp_path):
     wrong = CliRunner().invoke(cli, ["--quiet", "cost", str(path), "--target", "x86-avx2",
                                      "--shape", "nodim=3"])
     assert wrong.exit_code == 2 and "nodim" in wrong.output
+
+
+def test_shapes_computed_from_shape_ops_are_folded():
+    # position table sliced to the sequence length: the Slice end comes from Shape(x)
+    nodes = [helper.make_node("Shape", ["x"], ["len"], start=1, end=2),
+             helper.make_node("Slice", ["table", "zero", "len", "zero"], ["pos"]),
+             helper.make_node("Add", ["x", "pos"], ["y"])]
+    zero = numpy_helper.from_array(np.array([0], np.int64), "zero")
+    model = build(nodes, {"x": ["batch", "seq", 4]}, ["y"], {"table": (128, 4)})
+    model.graph.initializers["zero"] = ir.Value(name="zero", const_value=ir.serde.deserialize_tensor(zero))
+    costs = only(model, {"batch": 2, "seq": 16})
+    add = costs[-1]
+    assert add.priced and add.flops == 2 * 16 * 4
