@@ -58,6 +58,7 @@ def quantize(model: ir.Model, pipeline: str) -> PassContext:
     ("int8-dynamic", "MatMulInteger", 0.995),
     ("int8-static", "QuantizeLinear", 0.99),
     ("int4-weight", "MatMulNBits", 0.95),
+    ("int8-weight", "MatMulNBits", 0.999),
     ("fp16", "Cast", 0.9999),
 ])
 def test_every_mode_stays_close_to_float_and_changes_the_graph(mode, op, min_cos):

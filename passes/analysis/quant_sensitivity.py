@@ -48,7 +48,7 @@ class QuantSensitivityPass(AnalysisPass):
 
         modes: tuple[str, ...] = option(("int8-dynamic",), "quantize modes to measure")
         per_channel: bool = option(True, "int8: one weight scale per output channel")
-        samples: int = option(16, "calibration samples each node is scored on", min=1)
+        samples: int = option(8, "calibration samples each node is scored on", min=1)
 
         def __post_init__(self) -> None:
             bad = [m for m in self.modes if m not in MODES]

@@ -1,8 +1,10 @@
 """`quantize`: fewer bits with ONNX Runtime's own quantization tools (`onnxruntime.quantization`).
 
 Modes: `int8-dynamic` (quantize_dynamic), `int8-static` (quantize_static, QDQ, calibrated on the
-pass context's calibration batches with MinMax, Entropy or Percentile), `int4-weight`
-(MatMulNBits through ORT's n-bits quantizer) and `fp16` (ORT's float16 converter, IO kept fp32).
+pass context's calibration batches with MinMax, Entropy or Percentile), `int4-weight` and
+`int8-weight` (MatMulNBits through ORT's n-bits quantizer: blockwise weights, activations
+quantized per block at run time, accuracy_level 4) and `fp16` (ORT's float16 converter, IO kept
+fp32).
 Nodes are left in float by name or by region (a selector that matches nothing is an error), or
 with `exclude=[auto]`: the most sensitive nodes (the `quant-sensitivity` ranking) are excluded
 one at a time until the calibration loss (mean 1 - cosine) is within `budget`. ORT works on
@@ -29,13 +31,14 @@ from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
 
-MODES = ("int8-dynamic", "int8-static", "int4-weight", "fp16")
+MODES = ("int8-dynamic", "int8-static", "int4-weight", "int8-weight", "fp16")
 CALIBRATION = ("minmax", "entropy", "percentile")
 AUTO = "auto"
 # Ops with a constant weight that each mode quantizes (int4 covers MatMul only: MatMulNBits).
 OP_TYPES = {"int8-dynamic": ("MatMul", "Gemm", "Attention"),
             "int8-static": ("MatMul", "Gemm", "Conv"),
             "int4-weight": ("MatMul",),
+            "int8-weight": ("MatMul",),
             "fp16": ("MatMul", "Gemm", "Conv", "Attention")}
 
 
@@ -67,7 +70,8 @@ class QuantizePass(Pass):
         per_channel: bool = option(True, "int8: one weight scale per output channel")
         calibrate: str = option("minmax", "int8-static: activation range method",
                                 choices=CALIBRATION)
-        block_size: int = option(32, "int4-weight: weights per scale along the contraction axis",
+        block_size: int = option(32, "int4/int8-weight: weights per scale along the contraction "
+                                 "axis (ORT pads a last partial block)",
                                  choices=(16, 32, 64, 128, 256))
         reduce_range: bool = option(False, "int8: 7-bit weights (avoids u8s8 overflow without VNNI)")
         exclude: tuple[str, ...] = option((), "node or region names kept in float; [auto] "
@@ -114,8 +118,7 @@ class QuantizePass(Pass):
         from winnow.passes.analysis.quant_sensitivity import GatedQuant
 
         result = ctx.get_analysis("quant-sensitivity", model, modes=(self.config.mode,),
-                                  per_channel=self.config.per_channel,
-                                  samples=self.config.samples)
+                                  per_channel=self.config.per_channel)
         ranking = [n for n in result["ranking"][self.config.mode] if n in candidates]
         gated = GatedQuant(model, self.spec, candidates, batches)
         chosen = list(excluded)
@@ -245,8 +248,8 @@ def quantize_proto(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[st
             _dynamic(src, out, spec, include)
         elif spec.mode == "int8-static":
             _static(src, out, spec, include, batches, proto)
-        elif spec.mode == "int4-weight":
-            return _int4(proto, spec, include)
+        elif spec.mode in ("int4-weight", "int8-weight"):
+            return _nbits(proto, spec, include)
         elif spec.mode == "fp16":
             return _fp16(proto, include)
         else:
@@ -282,10 +285,11 @@ def _static(src: Path, out: Path, spec: QuantSpec, include: Sequence[str],
                     calibrate_method=method, extra_options={"MatMulConstBOnly": True})
 
 
-def _int4(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[str]) -> onnx.ModelProto:
+def _nbits(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[str]) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=spec.block_size, is_symmetric=True,
+    bits = 4 if spec.mode == "int4-weight" else 8
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=spec.block_size, is_symmetric=True,
                                      accuracy_level=4, nodes_to_include=list(include))
     quantizer.process()
     return quantizer.model.model
