@@ -430,3 +430,84 @@ def set_projection(graph: ir.Graph, node: ir.Node, weight: np.ndarray, bias: np.
         if o is out:
             graph.outputs[k] = add.outputs[0]
     graph.insert_after(node, [add])
+
+
+@dataclasses.dataclass
+class MlpChannels:
+    """The intermediate channels of an MLP sub-layer: the projections that write them (up / gate),
+    the one that reads them (down), the elementwise constants on the way, and their count."""
+
+    region: Region
+    ups: list[ir.Node]
+    down: ir.Node
+    width: int
+    consts: list[tuple[ir.Node, int]]  # elementwise inputs sliced with the channels
+    values: list[ir.Value]  # values carrying the channels on their last axis
+
+
+def _param_nodes(region: Region) -> list[ir.Node]:
+    return [n for n in region.nodes if _weight(n) is not None]
+
+
+def mlp_channels(region: Region) -> MlpChannels:
+    """Trace an MLP's intermediate channels from its down projection back to its up projections."""
+    params = _param_nodes(region)
+    if len(params) < 2:
+        raise UnsupportedModelError(f"'{region.name}' has no up and down projection to prune.")
+    down = params[-1]
+    allowed = {id(n) for n in region.nodes}
+    ups, consts, values, seen = [], [], [], set()
+    queue = [down.inputs[0]]
+    while queue:
+        value = queue.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        values.append(value)
+        node = value.producer()
+        if node is None or id(node) not in allowed:
+            raise UnsupportedModelError(f"'{region.name}': the input of the down projection does "
+                                        "not come from projections inside the MLP.")
+        if _weight(node) is not None:
+            ups.append(node)
+            continue
+        if node.op_type not in ELEMENTWISE or node.op_type == "Softmax":
+            raise UnsupportedModelError(f"'{region.name}': {node.op_type} node '{node.name}' sits "
+                                        "between the projections; only elementwise ops can.")
+        for i, v in enumerate(node.inputs):
+            if v is None:
+                continue
+            if const_array(v) is not None:
+                consts.append((node, i))
+            else:
+                queue.append(v)
+    width = down.inputs[0].shape[-1] if down.inputs[0].shape is not None else None
+    if not isinstance(width, int):
+        raise UnsupportedModelError(f"'{region.name}': the intermediate width is not static.")
+    return MlpChannels(region, ups, down, width, consts, values)
+
+
+def mlp_regions(regions: RegionMap) -> list[Region]:
+    """MLP sub-layers of a transformer (with an up and a down projection)."""
+    return [r for r in regions.sublayers() if r.kind == "mlp" and len(_param_nodes(r)) >= 2]
+
+
+def prune_channels(graph: ir.Graph, mlp: MlpChannels, keep: Sequence[int]) -> None:
+    """Keep only the intermediate channels `keep` of an MLP, in place."""
+    keep = np.asarray(sorted(keep), dtype=np.int64)
+    if keep.size == 0:
+        raise UnsupportedModelError(f"pruning would leave '{mlp.region.name}' without channels.")
+    for node in mlp.ups:
+        slice_projection(graph, node, keep, "out")
+    for node, index in mlp.consts:
+        array = const_array(node.inputs[index])
+        if array.ndim >= 1 and array.shape[-1] == mlp.width:
+            set_const_input(graph, node, index, np.take(array, keep, axis=-1))
+        elif array.size != 1 and (array.ndim == 0 or array.shape[-1] != 1):
+            raise UnsupportedModelError(f"'{mlp.region.name}': constant '{node.inputs[index].name}'"
+                                        " does not broadcast over the channels.")
+    slice_projection(graph, mlp.down, keep, "in")
+    for value in mlp.values + [n.outputs[0] for n in mlp.ups]:
+        if value.shape is not None:
+            value.shape = ir.Shape([*list(value.shape)[:-1], int(keep.size)])
+    mlp.width = int(keep.size)

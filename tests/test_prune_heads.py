@@ -21,8 +21,25 @@ CALIBRATION = [{"x": RNG.standard_normal((16, 6, 32)).astype(np.float32)} for _ 
 HELDOUT = np.random.default_rng(1).standard_normal((16, 6, 32)).astype(np.float32)
 
 
+_EXPORTED = {}
+
+
 def load(net):
-    return winnow.load(net, (torch.randn(2, 6, 32),), dynamic_shapes=({0: "batch"},))
+    """The exported IR of `net` (exported once per net, then cloned)."""
+    if id(net) not in _EXPORTED:
+        _EXPORTED[id(net)] = (net, winnow.load(net, (torch.randn(2, 6, 32),),
+                                               dynamic_shapes=({0: "batch"},)))
+    return _EXPORTED[id(net)][1].clone()
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return TinyTransformer(layers=2)
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    return TinyTransformer(layers=2, kv_heads=2)
 
 
 def zeroed_output(net, removed):
@@ -57,10 +74,21 @@ CASES = {
 }
 
 
+_NETS: dict = {}
+
+
+def get_net(**kwargs):
+    """One TinyTransformer(layers=2, seed=2, **kwargs) per module (so it is exported once)."""
+    key = repr(sorted(kwargs.items()))
+    if key not in _NETS:
+        _NETS[key] = TinyTransformer(layers=2, seed=2, **kwargs)
+    return _NETS[key]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_pruning_equals_zeroing_the_heads(case):
     kwargs, pipeline = CASES[case]
-    net = TinyTransformer(layers=2, seed=2, **kwargs)
+    net = get_net(**kwargs)
     m, report = prune(net, pipeline)
     assert report["removed"]
     out = next(iter(run(m, {"x": HELDOUT}).values()))
@@ -77,7 +105,7 @@ def test_pruning_equals_zeroing_the_heads(case):
 
 
 def test_refit_lowers_the_heldout_error():
-    net = TinyTransformer(layers=2, seed=2)
+    net = get_net()
     reference = zeroed_output(net, [])
     errors = {}
     for refit in ("false", "true"):
@@ -93,14 +121,13 @@ def test_ratio_outside_zero_one_is_refused(ratio):
         PassManager(f"prune-heads{{ratio={ratio}}}")
 
 
-def test_unknown_head_lists_the_valid_ones():
+def test_unknown_head_lists_the_valid_ones(plain):
     with pytest.raises(PassFailedError, match="no head named 'blocks.0.attn.head9'.*blocks.0.attn.head0"):
-        prune(TinyTransformer(layers=2), "prune-heads{heads=[blocks.0.attn.head9]}")
+        prune(plain, "prune-heads{heads=[blocks.0.attn.head9]}")
 
 
-def test_every_head_of_a_layer_is_refused_and_nothing_is_rewritten():
-    net = TinyTransformer(layers=2)
-    m = load(net)
+def test_every_head_of_a_layer_is_refused_and_nothing_is_rewritten(plain):
+    m = load(plain)
     before = next(iter(run(m, {"x": HELDOUT}).values()))
     names = ",".join(f"blocks.1.attn.head{i}" for i in range(4))
     with pytest.raises(PassFailedError, match="every head of 'blocks.1.attn'.*drop-layers"):
@@ -109,9 +136,9 @@ def test_every_head_of_a_layer_is_refused_and_nothing_is_rewritten():
     np.testing.assert_array_equal(next(iter(run(m, {"x": HELDOUT}).values())), before)
 
 
-def test_uneven_gqa_selection_is_refused():
+def test_uneven_gqa_selection_is_refused(gqa):
     with pytest.raises(PassFailedError, match="same number from each of its 2 KV groups"):
-        prune(TinyTransformer(layers=2, kv_heads=2), "prune-heads{heads=[blocks.0.attn.head0]}")
+        prune(gqa, "prune-heads{heads=[blocks.0.attn.head0]}")
 
 
 def test_model_without_attention_is_left_alone():

@@ -1,0 +1,123 @@
+"""`prune-channels`: remove MLP intermediate channels structurally (the up / gate projections'
+output columns and biases, the down projection's input rows), the lowest `channel-importance`
+scores first, in every MLP or the named ones; `round_to` keeps the kept width a multiple of 8 or
+16; optionally refit each down projection in closed form on calibration activations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from winnow.errors import PassConfigError
+from winnow.ir.pruning import MlpChannels, projection_output, prune_channels, refit_linear, \
+    set_projection
+from winnow.passes.analysis.channel_importance import traced_mlps
+from winnow.passes.base import Pass, PassResult, register_pass
+from winnow.passes.config import option
+from winnow.passes.manager import PassContext
+from winnow.passes.rewrite.prune_heads import _vectors, check_ratio
+
+
+def kept_width(width: int, ratio: float, round_to: int) -> int:
+    """Channels kept when `ratio` of `width` go, rounded up to a multiple of `round_to`."""
+    keep = max(1, width - round(ratio * width))
+    keep = -(-keep // round_to) * round_to
+    return min(keep, width)
+
+
+@register_pass
+class PruneChannelsPass(Pass):
+    """Remove MLP intermediate channels structurally; lossy, judged by the evaluator."""
+
+    name = "prune-channels"
+    description = ("remove MLP intermediate channels (lowest channel-importance first), slicing "
+                   "up/gate and down projections; round_to 8/16; optional down-projection refit")
+    lossless = False
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of prune-channels."""
+
+        ratio: float = option(0.0, "fraction of each MLP's intermediate channels to remove, in "
+                              "[0, 1)", min=0.0)
+        regions: tuple[str, ...] = option((), "MLP sub-layers to prune (default: every one)")
+        source: str = option("activation", "what ranks channels: channel-importance's activation "
+                             "or weight score, or random", choices=("activation", "weight", "random"))
+        seed: int = option(0, "seed of source=random")
+        round_to: int = option(1, "keep a multiple of this many channels", choices=(1, 8, 16))
+        refit: bool = option(False, "refit each down projection by ridge least squares on "
+                             "calibration activations")
+        samples: int = option(256, "calibration samples for the refit", min=1)
+        ridge: float = option(1e-3, "ridge strength of the refit (relative)", min=0.0)
+
+        def __post_init__(self) -> None:
+            check_ratio(self.ratio)
+
+    def call(self, model: ir.Model) -> PassResult:
+        """Remove the lowest-scored channels of the chosen MLPs in place."""
+        ctx = PassContext.current()
+        mlps, notes = traced_mlps(model)
+        mlps = self._chosen(mlps)
+        if not mlps or self.config.ratio == 0.0:
+            ctx.report[self.name] = {"pruned": {}, "note": "; ".join(notes) or (
+                "no MLP channels were asked for (give ratio>0)" if mlps else
+                "no MLP with traceable channels was found; nothing was rewritten")}
+            return PassResult(model, False)
+        scores = self._scores(model, mlps, ctx)
+        keeps = {}
+        for mlp in mlps:
+            count = kept_width(mlp.width, self.config.ratio, self.config.round_to)
+            keeps[mlp.region.name] = np.sort(np.argsort(-scores[mlp.region.name],
+                                                        kind="stable")[:count])
+        batches = self._batches(model, ctx) if self.config.refit else []
+        targets = _vectors(model, batches, [projection_output(m.down).name for m in mlps]) \
+            if batches else {}
+        report = {"pruned": {m.region.name: [m.width, int(keeps[m.region.name].size)] for m in mlps}}
+        for mlp in mlps:
+            prune_channels(model.graph, mlp, keeps[mlp.region.name])
+        RemoveUnusedNodesPass()(model)
+        if batches:
+            report["refit_r2"] = {m.region.name: _refit_down(model, m, targets, batches,
+                                                             self.config.ridge) for m in mlps}
+        ctx.report[self.name] = report
+        return PassResult(model, True)
+
+    def _chosen(self, mlps: list[MlpChannels]) -> list[MlpChannels]:
+        if not self.config.regions:
+            return mlps
+        by_name = {m.region.name: m for m in mlps}
+        for name in self.config.regions:
+            if name not in by_name:
+                raise PassConfigError(f"prune-channels: there is no prunable MLP named '{name}'; "
+                                      f"they are: {', '.join(by_name)}.")
+        return [by_name[n] for n in self.config.regions]
+
+    def _scores(self, model: ir.Model, mlps: list[MlpChannels], ctx: PassContext
+                ) -> dict[str, np.ndarray]:
+        if self.config.source == "random":
+            rng = np.random.default_rng(self.config.seed)
+            return {m.region.name: rng.random(m.width) for m in mlps}
+        result = ctx.get_analysis("channel-importance", model, score=self.config.source)
+        return {layer["region"]: np.asarray(layer["scores"]) for layer in result["layers"]}
+
+    def _batches(self, model: ir.Model, ctx: PassContext) -> list[dict]:
+        from winnow.passes.analysis.calibration import calibration_batches
+        from winnow.passes.analysis.layer_similarity import limit_samples
+
+        return limit_samples(calibration_batches(model, ctx), self.config.samples)
+
+
+def _refit_down(model: ir.Model, mlp: MlpChannels, targets: dict[str, np.ndarray],
+                batches: list[dict], ridge: float) -> float:
+    """Refit one down projection on the pruned model's activations (earlier MLPs already
+    refitted, so each fit also absorbs the error before it); returns the fit's R^2."""
+    x_name = mlp.down.inputs[0].name
+    y = targets[projection_output(mlp.down).name]
+    x = _vectors(model, batches, [x_name])[x_name]
+    weight, bias = refit_linear(x, y, ridge)
+    resid = y - x @ weight - bias
+    set_projection(model.graph, mlp.down, weight, bias)
+    return 1.0 - float((resid**2).sum() / max(((y - y.mean(0))**2).sum(), 1e-12))
