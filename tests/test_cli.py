@@ -146,7 +146,7 @@ BAD_INPUTS = {
     "text-file": (lambda p: ["compile", p["text"]], "is not a readable ONNX model"),
     "escaping-data": (lambda p: ["compile", p["escaping"]], "outside the model's folder"),
     "unknown-pass": (lambda p: ["compile", p["tiny"], "--pipeline", "cse,nope"],
-                     "unknown pass 'nope'; registered passes are: canonicalize, cse, "),
+                     "unknown pass 'nope'; registered passes are: canonicalize, "),
     "bad-value": (lambda p: ["compile", p["tiny"], "--pipeline", "cse{size_limit=abc}"],
                   "option 'size_limit' expects int; got 'abc'"),
     "bad-option": (lambda p: ["compile", p["tiny"], "--pipeline", "cse{nope=1}"],
