@@ -164,12 +164,18 @@ def gated_proto(original: onnx.ModelProto, quantized: onnx.ModelProto,
     return q, gated
 
 
+def _constant_value(value: ir.Value) -> bool:
+    return value.const_value is not None or value.is_initializer()
+
+
 def activation_stats(model: ir.Model, names: Sequence[str],
                      batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
     """Per node input: max |x|, its 99.9th percentile, their ratio, and the channels whose max is
     OUTLIER_FACTOR times the median channel's (padding tokens left out)."""
     by_name = {n.name: n for n in model.graph}
-    inputs = {n: by_name[n].inputs[0].name for n in names if by_name[n].inputs[0] is not None}
+    inputs = {n: by_name[n].inputs[0].name for n in names
+              if by_name[n].inputs[0] is not None and by_name[n].op_type != "Gather"
+              and not _constant_value(by_name[n].inputs[0])}
     wanted = sorted(set(inputs.values()))
     vectors: dict[str, list[np.ndarray]] = {v: [] for v in wanted}
     for feeds in batches:

@@ -35,7 +35,7 @@ MODES = ("int8-dynamic", "int8-static", "int4-weight", "int8-weight", "fp16")
 CALIBRATION = ("minmax", "entropy", "percentile")
 AUTO = "auto"
 # Ops with a constant weight that each mode quantizes (int4 covers MatMul only: MatMulNBits).
-OP_TYPES = {"int8-dynamic": ("MatMul", "Gemm", "Attention"),
+OP_TYPES = {"int8-dynamic": ("MatMul", "Gemm", "Attention", "Gather"),
             "int8-static": ("MatMul", "Gemm", "Conv"),
             "int4-weight": ("MatMul",),
             "int8-weight": ("MatMul",),
@@ -151,10 +151,27 @@ def _constant(value: ir.Value | None) -> bool:
     return value is not None and (value.const_value is not None or value.is_initializer())
 
 
+def weight_index(op_type: str) -> int:
+    """Which input holds the weight: the table of a Gather (embeddings), else input 1."""
+    return 0 if op_type == "Gather" else 1
+
+
 def quantizable_nodes(model: ir.Model, op_types: Sequence[str]) -> list[str]:
-    """Names of main-graph nodes of `op_types` whose weight (input 1) is a constant."""
-    return [n.name for n in model.graph
-            if n.op_type in op_types and len(n.inputs) > 1 and _constant(n.inputs[1])]
+    """Names of main-graph nodes of `op_types` whose weight is a constant (a Gather's table only
+    when it is a matrix of at least 4096 entries: embeddings, not shape bookkeeping)."""
+    out = []
+    for n in model.graph:
+        if n.op_type not in op_types or len(n.inputs) < 2:
+            continue
+        w = n.inputs[weight_index(n.op_type)]
+        if not _constant(w):
+            continue
+        if n.op_type == "Gather" and (w.shape is None or len(w.shape) != 2
+                                      or not all(isinstance(d, int) for d in w.shape)
+                                      or w.shape[0] * w.shape[1] < 4096):
+            continue
+        out.append(n.name)
+    return out
 
 
 def resolve_selectors(model: ir.Model, selectors: Sequence[str], candidates: list[str]) -> list[str]:
