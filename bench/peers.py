@@ -7,6 +7,11 @@ round-robin, the order reversed every round):
 - ORT fp32          the model as winnow's frontend captures it, saved as ONNX, all graph
                     optimizations on: the reference of every ratio and of fidelity
 - ORT dyn int8      onnxruntime.quantization.quantize_dynamic (after quant_pre_process)
+- ORT dyn int8 pc   the same with per_channel=True: the strongest one-liner on MiniLM
+- ORT dyn int8 pc rr  per_channel=True, reduce_range=True (7-bit weights, what ORT's docs
+                    suggest on CPUs without VNNI)
+- ORT dyn int8 MatMul  per_channel=True, MatMul only with constant B (MatMulConstBOnly), the
+                    embeddings left in float
 - ORT QDQ int8      quantize_static, QDQ format, per-channel weights, MinMax calibration on
                     the zoo's calibration split
 - ORT transformers  onnxruntime.transformers.optimizer.optimize_model where a model type
@@ -56,7 +61,17 @@ from winnow.benchmark import (
 )
 
 DEFAULT_MODELS = ("minilm", "digits-cnn", "digits-vit", "tiny-gpt", "ppocr-det", "ppocr-rec")
-VARIANTS = ("torch eager", "ORT fp32", "ORT dyn int8", "ORT QDQ int8", "ORT transformers")
+VARIANTS = ("torch eager", "ORT fp32", "ORT dyn int8", "ORT dyn int8 pc", "ORT dyn int8 pc rr",
+            "ORT dyn int8 MatMul", "ORT QDQ int8", "ORT transformers")
+# Further quantize_dynamic settings a careful user would try: (variant, keyword options, note).
+DYNAMIC_SETTINGS = (
+    ("ORT dyn int8 pc", {"per_channel": True}, "per-channel int8 weights"),
+    ("ORT dyn int8 pc rr", {"per_channel": True, "reduce_range": True},
+     "per-channel 7-bit weights (reduce_range)"),
+    ("ORT dyn int8 MatMul", {"per_channel": True, "op_types_to_quantize": ["MatMul"],
+                             "extra_options": {"MatMulConstBOnly": True}},
+     "per-channel, MatMul with constant B only"),
+)
 REFERENCE = "ORT fp32"
 MAX_BATCH = {"ppocr-det": 2}  # 320x480 pages: batch 8 would take minutes on 2 cores
 EXTRA_METRICS = {"minilm": ("retrieval_agreement", "topic_top1"), "ppocr-rec": ("char_accuracy",)}
@@ -249,6 +264,14 @@ def prepare(zm: Any, work: Path, threads: int) -> list[Variant]:
         quantize_dynamic(str(pre), str(dyn.path))
         dyn.run = ort_runner(dyn.path, threads)
         dyn.notes.append(f"int8 weights, {pre_note}")
+
+    for label, options, note in DYNAMIC_SETTINGS:
+        variant = variants[label]
+        with attempt(variant, f"{zm.name}: quantize_dynamic ({note})"):
+            variant.path = work / f"dynamic-{label.split()[-1]}-{len(options)}.onnx"
+            quantize_dynamic(str(pre), str(variant.path), **options)
+            variant.run = ort_runner(variant.path, threads)
+            variant.notes.append(f"{note}, {pre_note}")
 
     qdq = variants["ORT QDQ int8"]
     with attempt(qdq, f"{zm.name}: quantize_static (calibrating on "
