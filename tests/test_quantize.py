@@ -135,3 +135,33 @@ def test_auto_exclusion_meets_the_budget_by_excluding_the_sensitive_node():
     auto = ctx.report["quantize"]["auto"]
     assert auto["met"] and ctx.report["quantize"]["excluded"][0] == "fc2"
     assert auto["steps"][-1]["loss"] <= 0.0005 < auto["steps"][0]["loss"]
+
+
+def test_smoothing_is_lossless_in_float_and_tames_the_outlier_channel():
+    model, held = mlp(outlier=40.0), batches(2, seed=3)
+    want = [run(model, f)["y"] for f in held]
+    ctx = quantize(model, "smooth-activations{alpha=0.5}")
+    report = ctx.report["smooth-activations"]
+    assert report["smoothed"] == 2 and report["inserted_mul"] == 2
+    for f, w in zip(held, want):
+        np.testing.assert_allclose(run(model, f)["y"], w, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_folds_into_a_layernorm_that_feeds_only_matmuls():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((D, D)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.ones(D, np.float32), "g"),
+             numpy_helper.from_array(np.zeros(D, np.float32), "b"),
+             numpy_helper.from_array(w, "w")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w"], ["y"], name="fc")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16, D])], initializer=inits),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model, held = ir.serde.deserialize_model(proto), batches(1, seed=3)
+    want = run(model, held[0])["y"]
+    ctx = quantize(model, "smooth-activations")
+    assert ctx.report["smooth-activations"]["folded_into_norm"] == 1
+    assert [n.op_type for n in model.graph] == ["LayerNormalization", "MatMul"]
+    np.testing.assert_allclose(run(model, held[0])["y"], want, rtol=1e-4, atol=1e-4)

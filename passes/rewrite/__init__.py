@@ -7,7 +7,9 @@ from winnow.passes.rewrite import (  # noqa: F401
     drop_layers,
     fold_constants,
     fuse,
+    prune_channels,
     prune_heads,
     quantize,
     shape_inference,
+    smooth_activations,
 )
