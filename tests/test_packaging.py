@@ -184,3 +184,25 @@ def test_core_installs_alone_in_a_fresh_venv_and_compiles_an_onnx_file(tmp_path,
     zoo = subprocess.run([winnow, "compile", "zoo:digits-cnn", "-o", str(tmp_path / "zoo")],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert zoo.returncode == 2 and "needs the extra winnow[zoo]" in zoo.stderr, zoo.stderr
+
+
+CORE_CODE = ("ir", "passes", "backends", "cost_model", "driver", "compiler.py", "fidelity.py",
+             "benchmark.py", "bench_artifacts.py", "cli.py", "errors.py", "progress.py",
+             "analyzer.py", "frontend/__init__.py", "frontend/onnx_file.py")
+
+
+def test_core_code_never_imports_an_optional_package():
+    """Not even lazily: a pass, the IR, a backend or the driver must run on the core alone
+    (the zoo, the torch / Hugging Face frontends and the report's plots are the extras' code)."""
+    import ast
+
+    found = []
+    for entry in CORE_CODE:
+        path = ROOT / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{file.relative_to(ROOT)}: {n}" for n in names
+                          if n.split(".")[0] in OPTIONAL_MODULES and n.split(".")[0] != "optuna"]
+    assert found == []

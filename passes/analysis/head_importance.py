@@ -38,12 +38,18 @@ NO_HEADS = ("no attention layer with recognisable heads (head count, head dim an
 
 def spearman(a, b) -> float | None:
     """Spearman rank correlation, None when undefined (fewer than 3 values or a constant)."""
-    from scipy.stats import spearmanr
-
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    return float(spearmanr(a, b).statistic)
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])  # numpy: scipy is not in the core
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks of `x` with ties given their average rank (what scipy's spearmanr uses)."""
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="mergesort")] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
 
 
 def by_length(batches: list[dict]) -> list[dict]:
