@@ -356,6 +356,45 @@ def _das_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
     return parts
 
 
+def sensitivity_plot(nodes: Sequence[Mapping[str, Any]], title: str) -> str:
+    """Bars of the fidelity loss each node causes when it alone is quantized (log scale)."""
+    names = [n["node"] for n in nodes]
+    loss = [max(_number(n.get("loss")), 1e-9) for n in nodes]
+    fig = _figure(_bar_width(len(nodes)), 3.6)
+    ax = fig.subplots()
+    ax.bar(range(len(nodes)), loss, color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_ylabel("1 − cosine, only this node quantized")
+    ax.set_title(title, fontsize=10)
+    _xticks(ax, names)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def _sensitivity_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
+    parts = ["<h2>Quantization sensitivity</h2>",
+             "<p>Each quantizable node quantized alone (all others float), scored on "
+             f"{_e(result.get('samples', '?'))} calibration samples by mean 1 − cosine of the "
+             "outputs; most sensitive first. Activation statistics explain it: max |x| over its "
+             "99.9th percentile, and channels whose max is 6× the median channel's.</p>"]
+    stats = {a["node"]: a for a in result.get("activations", [])}
+    for mode, data in (result.get("modes") or {}).items():
+        nodes = data.get("nodes") or []
+        if not nodes:
+            parts.append(_note(f"{mode}: {data.get('note', 'no quantizable node')}"))
+            continue
+        parts.append(f"<h3>{_e(mode)}</h3><p class=\"sub\">all quantized: loss "
+                     f"{_fmt(data.get('all_quantized_loss'), 5)}</p>")
+        parts.append(_img(sensitivity_plot(nodes, f"{mode}: loss per node"), f"{mode} sensitivity"))
+        plots.append(f"quant-sensitivity-{mode}")
+        rows = [[n["node"], n.get("op_type", ""), _fmt(n.get("loss"), 6),
+                 _fmt(stats.get(n["node"], {}).get("max_over_p99_9"), 2),
+                 stats.get(n["node"], {}).get("outlier_channels", "–")] for n in nodes]
+        parts.append(_table(["node", "op", "loss", "max / p99.9", "outlier channels"], rows,
+                            numeric=(2, 3, 4)))
+    return parts
+
+
 def _rankings_section(analyses: Mapping[str, Any]) -> list[str]:
     rows = []
     for name, result in analyses.items():
@@ -403,6 +442,8 @@ def render(data: Mapping[str, Any]) -> tuple[str, list[str]]:
             parts += _similarity_section(result, plots)
         elif name == "das-skip":
             parts += _das_section(result, plots)
+        elif name == "quant-sensitivity":
+            parts += _sensitivity_section(result, plots)
         else:
             parts += [f"<h2>{_e(name)}</h2>",
                       f"<pre>{_e(json.dumps(result, indent=2, default=str)[:20000])}</pre>"]

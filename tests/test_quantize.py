@@ -165,3 +165,14 @@ def test_smoothing_folds_into_a_layernorm_that_feeds_only_matmuls():
     assert ctx.report["smooth-activations"]["folded_into_norm"] == 1
     assert [n.op_type for n in model.graph] == ["LayerNormalization", "MatMul"]
     np.testing.assert_allclose(run(model, held[0])["y"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_report_draws_the_sensitivity_section():
+    from winnow.report_html import render
+
+    model = mlp(outlier=40.0)
+    ctx = PassContext(calibration=batches(1, seed=7))
+    result = ctx.get_analysis("quant-sensitivity", model, samples=4)
+    page, plots = render({"analyses": {"quant-sensitivity": result}})
+    assert "Quantization sensitivity" in page and "fc2" in page
+    assert plots == ["quant-sensitivity-int8-dynamic"]
