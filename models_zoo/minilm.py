@@ -154,7 +154,8 @@ class MiniLM(TorchZooModel):
         """Embedding fidelity against the original model, plus same-topic retrieval."""
         reference = np.concatenate([first(o) for o in self.reference_outputs(split)])
         candidate = np.concatenate([first(o) for o in outputs])
-        topics = [t for _, t in data.sentence_split(split, SPLIT_SIZE, SPLIT_SIZE)]
+        topics = [t for _, t in data.sentence_split(split, SPLIT_SIZE, SPLIT_SIZE,
+                                                    rest_to_calibration=True)]
         return embedding_metrics(reference, candidate, topics)
 
 

@@ -181,3 +181,14 @@ def test_killed_search_leaves_no_artifact_and_resumes(redundant_model, tmp_path)
     search = json.loads(done.stdout)["search"]
     assert search["trials"] == 8 and _complete_trials(db) == 8
     assert (out / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_minilm_metric_on_the_calibration_split_compares_like_with_like():
+    from winnow import models_zoo
+    from winnow.fidelity import evaluate_zoo
+
+    zm = models_zoo.get("minilm")
+    fid = evaluate_zoo(zm, zm.load_ir(), "calibration")  # the source against its own reference
+    assert fid.samples == sum(b["input_ids"].shape[0] for b in zm.calibration())
+    assert fid.candidate_metrics["topic_top1"] == pytest.approx(fid.reference_metrics["topic_top1"])
