@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import math
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -55,6 +56,7 @@ DROP_PIPELINE = "fold-constants,drop-layers{count=1},dce"
 
 def variants(name: str, work: Path) -> dict[str, Path]:
     """ONNX files of the model's variants (a variant whose pass does not apply is left out)."""
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from winnow.compiler import compile_model
@@ -69,12 +71,29 @@ def variants(name: str, work: Path) -> dict[str, Path]:
     except WinnowError as exc:
         print(f"  {name}: drop-layers does not apply ({exc})", file=sys.stderr)
     int8, plain = work / f"{name}-int8.onnx", work / f"{name}-plain.onnx"
-    proto = onnx.load(out["lossless"])
-    del proto.graph.value_info[:]  # stale shapes trip the quantizer's own shape inference
+    model = ir.load(out["lossless"])
+    # the quantizer wants weights as initializers, and stale shapes trip its shape inference
+    LiftConstantsToInitializersPass(size_limit=0)(model)
+    proto = ir.serde.serialize_model(model)
+    del proto.graph.value_info[:]
     onnx.save(proto, plain)
-    quantize_dynamic(plain, int8, weight_type=QuantType.QInt8)
-    out["int8"] = int8
-    return out
+    try:
+        quantize_dynamic(plain, int8, weight_type=QuantType.QInt8)
+        out["int8"] = int8
+    except Exception as exc:  # noqa: BLE001 - the quantizer raises several types
+        print(f"  {name}: ORT dynamic int8 quantization failed ({exc})", file=sys.stderr)
+    return {label: _keep(path, work / f"{name}--{label}.onnx") for label, path in out.items()}
+
+
+def _keep(path: Path, dest: Path) -> Path:
+    shutil.copyfile(path, dest)
+    return dest
+
+
+def saved_variants(name: str, folder: Path) -> dict[str, Path]:
+    """Variants written earlier with --save-variants (files MODEL--TRANSFORM.onnx)."""
+    return {label: folder / f"{name}--{label}.onnx" for label in TRANSFORMS
+            if (folder / f"{name}--{label}.onnx").is_file()}
 
 
 def feeds(model: ir.Model, size: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -112,12 +131,14 @@ def measure_group(models: dict[str, ir.Model], paths: dict[str, Path], size: dic
 
 
 def run(sizes: dict[str, list[dict[str, Any]]], target: str, repeats: int, threads: int,
-        work: Path) -> list[dict[str, Any]]:
+        work: Path, saved: Path | None = None) -> list[dict[str, Any]]:
     """Predict and measure every variant; one row per (model, transform, size)."""
     rows = []
     for name, model_sizes in sizes.items():
-        print(f"{name}: building variants", file=sys.stderr)
-        paths = variants(name, work)
+        print(f"{name}: {'loading' if saved else 'building'} variants", file=sys.stderr)
+        paths = saved_variants(name, saved) if saved else variants(name, work)
+        if not paths:
+            continue
         models = {label: ir.load(path) for label, path in paths.items()}
         for size in model_sizes:
             measured = measure_group(models, paths, size, repeats, threads)
@@ -196,13 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds [5 quick, 15]")
     parser.add_argument("--threads", type=int, default=None, help="ORT threads [all available]")
     parser.add_argument("--out", default=None, help="folder for cost_accuracy.json and .md")
+    parser.add_argument("--save-variants", default=None, metavar="DIR",
+                        help="keep the variant ONNX files in DIR (to measure them on another host)")
+    parser.add_argument("--variants", default=None, metavar="DIR",
+                        help="measure the variants saved in DIR instead of building them")
     args = parser.parse_args(argv)
     sizes = dict(QUICK_SIZES if args.quick else SIZES)
     if args.models:
         sizes = {k: v for k, v in SIZES.items() if k in args.models.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.save_variants or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         rows = run(sizes, args.target, args.repeats or (5 if args.quick else 15),
-                   args.threads or available_cpus(), Path(tmp))
+                   args.threads or available_cpus(), work,
+                   Path(args.variants) if args.variants else None)
     m = metrics(rows)
     text = markdown(rows, m, args.target)
     print(text)
