@@ -107,20 +107,40 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--no-check", is_flag=True, help="Skip the differential check against the source.")
 @click.option("--eval", "evaluate", is_flag=True,
               help="Score the result on the zoo model's held-out data (always done after lossy passes).")
-@click.option("--max-drop", default=DEFAULT_MAX_DROP, show_default=True, type=float, metavar="X",
-              help="Fidelity budget for lossy passes: largest task-metric drop (or 1 - cosine).")
+@click.option("--max-drop", default=None, type=float, metavar="X",
+              help="Fidelity budget for lossy passes: largest task-metric drop (or 1 - cosine); "
+                   f"default {DEFAULT_MAX_DROP}, or 0.01 with --target.")
 @click.option("--force", is_flag=True, help="Write the result even when it misses the budget.")
 @click.option("--strict", is_flag=True,
               help="Fail (exit 2) when a lossless pass changes the outputs, instead of rolling it back.")
+@click.option("--target", default=None, metavar="T",
+              help="Search pass combinations for target T ('host') instead of running one pipeline.")
+@click.option("--objective", default="latency", show_default=True, metavar="NAME",
+              help="What the search minimises: latency or size.")
+@click.option("--time-budget", default="10m", show_default=True, metavar="DURATION",
+              help="Search time budget, e.g. 90s, 10m, 1h.")
+@click.option("--trials", default=24, show_default=True, type=int, metavar="N",
+              help="Search trials (a resumed search counts the trials already done).")
+@click.option("--study", default=None, metavar="URL",
+              help="Optuna storage URL of the search (default: sqlite file OUT.search.db).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--force-overwrite", is_flag=True, help="Replace OUT when it is an earlier artifact.")
 def compile(src: str, out: str, pipeline: str | None, config: str | None, backend: str,
             timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool, evaluate: bool,
-            max_drop: float, force: bool, strict: bool, as_json: bool,
+            max_drop: float | None, force: bool, strict: bool, target: str | None,
+            objective: str, time_budget: str, trials: int, study: str | None, as_json: bool,
             force_overwrite: bool) -> None:  # noqa: A001 - the command's name
-    """Optimize SRC (.onnx, HF folder, zoo:NAME) and write a deployable artifact to OUT."""
+    """Optimize SRC (.onnx, HF folder, zoo:NAME) and write a deployable artifact to OUT.
+
+    With --target, search drop/prune/fuse/quantize combinations within --max-drop and emit the
+    cheapest that holds the budget on held-out data (the lossless pipeline when none does)."""
     from winnow.compiler import compile_model
 
+    if target is not None:
+        _compile_search(src, out, pipeline or config, target, objective, time_budget, trials,
+                        study, max_drop, force_overwrite, as_json)
+        return
+    max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     result = compile_model(src, out, pipeline=pipeline, config=config, backend=backend,
                            timings=timings, dump_ir=dump_ir, verify_each=verify_each,
                            overwrite=force_overwrite, check=not no_check, evaluate=evaluate,
@@ -129,6 +149,40 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
         _dump(result.to_dict())
         return
     _print_compile(result, timings)
+
+
+def _compile_search(src: str, out: str, pipeline: str | None, target: str, objective: str,
+                    time_budget: str, trials: int, study: str | None, max_drop: float | None,
+                    overwrite: bool, as_json: bool) -> None:
+    from winnow.driver import SearchOptions, search_compile
+    from winnow.driver.search import SearchOptionError, parse_duration
+
+    if pipeline is not None:
+        raise SearchOptionError("--target searches the pipeline itself; drop --pipeline/--config, "
+                                "or drop --target to run the pipeline you give.")
+    options = SearchOptions(target=target, objective=objective, trials=trials, study=study,
+                            time_budget=parse_duration(time_budget),
+                            max_drop=0.01 if max_drop is None else max_drop)
+    search = search_compile(src, out, options, overwrite=overwrite)
+    if as_json:
+        _dump(dict(search.compile.to_dict(), search=search.to_dict()))
+        return
+    _print_compile(search.compile, False)
+    click.echo("\n".join(_search_lines(search)))
+
+
+def _search_lines(search: Any) -> list[str]:
+    lines = ["", f"search    {search.trials} trials in {search.seconds:.0f} s, functional-hash "
+                 f"cache hits {search.cache_hits} ({search.study})",
+             f"judged    trials on {search.judged_on['trials']}; finalists on "
+             f"{search.judged_on['finalists']}",
+             "pareto front (cost relative to the source; drop on the judging data):"]
+    for cand in search.front:
+        held = ("" if cand.heldout_drop is None else
+                f"  held-out drop {cand.heldout_drop:.4f}, measured x{cand.measured_cost:.3f}")
+        lines.append(f"  x{cand.cost:.3f}  drop {cand.drop:.4f}  {cand.pipeline}{held}")
+    lines.append(search.message)
+    return lines
 
 
 def _print_compile(result: Any, timings: bool) -> None:
