@@ -123,17 +123,17 @@ def gemm_int8(m: int, k: int, n: int) -> Micro:
     return Micro(f"gemm-int8-{m}x{k}x{n}", model, fp32.feeds)
 
 
-def conv_int8(n: int, c: int, hw: int, cout: int, k: int) -> Micro:
+def conv_int8(n: int, c: int, hw: int, cout: int, k: int, groups: int = 1) -> Micro:
     """The ConvInteger model that quantize_dynamic makes of a convolution."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    fp32 = conv(n, c, hw, cout, k)
+    fp32 = conv(n, c, hw, cout, k, groups=groups)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         onnx.save(fp32.model, src)
         quantize_dynamic(src, dst, weight_type=QuantType.QUInt8)
         model = onnx.load(dst)
-    return Micro(f"conv-int8-{n}x{c}x{hw}x{hw}-{cout}k{k}", model, fp32.feeds)
+    return Micro(f"conv-int8-{n}x{c}x{hw}x{hw}-{cout}k{k}g{groups}", model, fp32.feeds)
 
 
 def batched_matmul(b: int, m: int, k: int, n: int) -> Micro:
@@ -213,7 +213,9 @@ def suite(quick: bool, llc_bytes: float) -> list[Micro]:
              gemm(64, 384, 384), gemm(128, 384, 1536, act=True), gemm(512, 512, 512),
              gemm(8, 1024, 1024), gemm_int8(128, 384, 1536), gemm_int8(512, 512, 512),
              batched_matmul(12, 64, 32, 64), conv(1, 32, 56, 64, 3), conv(1, 64, 28, 64, 3, groups=64),
-             conv_int8(1, 32, 28, 64, 3),
+             conv_int8(1, 32, 28, 64, 3), conv_int8(1, 64, 28, 64, 3, groups=64),
+             gemm(1, 64, 64), elementwise(1024), layernorm(17, 64), softmax(68, 17),
+             batched_matmul(1024, 17, 16, 17), conv(1, 16, 8, 16, 3), conv(1, 32, 16, 32, 3, groups=32),
              elementwise(small), elementwise(big), elementwise(small, "Sigmoid"),
              softmax(768, 64), layernorm(512, 384), attention(4, 64, 384, 12), transpose(8, 64, 12, 32)]
     if not quick:
@@ -228,6 +230,8 @@ def _full_extra(small: int, big: int) -> list[Micro]:
         gemm(1, 384, 384), gemm(32, 256, 1024), gemm(2048, 256, 64), gemm(256, 1536, 384, act=True),
         gemm_int8(8, 1024, 1024), gemm_int8(64, 384, 384), gemm_int8(256, 1536, 384),
         conv_int8(8, 16, 16, 32, 3), conv_int8(1, 64, 14, 128, 3),
+        conv_int8(1, 96, 56, 96, 3, groups=96), conv(1, 96, 56, 96, 3, groups=96),
+        batched_matmul(256, 17, 17, 16), gemm(4352, 64, 64), gemm(4352, 64, 256, act=True),
         batched_matmul(48, 64, 64, 64), batched_matmul(96, 128, 32, 128),
         conv(1, 16, 112, 32, 1), conv(1, 128, 14, 256, 3, stride=2), conv(4, 3, 64, 16, 3),
         conv(1, 96, 28, 96, 3, groups=96), conv(8, 32, 16, 32, 3),

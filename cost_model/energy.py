@@ -5,7 +5,7 @@ from __future__ import annotations
 from winnow.cost_model.op_costs import OpCost
 from winnow.cost_model.targets import Target
 
-MAC_KINDS = ("matmul", "conv", "attention")
+MAC_KINDS = ("matmul", "bmm", "conv", "dwconv", "attention")
 # dtype -> (multiply key, accumulate key) in a target's energy table
 _MAC = {"fp32": ("fp32_mult", "fp32_add"), "fp16": ("fp16_mult", "fp16_add"),
         "int8": ("int8_mult", "int32_add"), "int4": ("int8_mult", "int32_add"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from winnow.cost_model.op_costs import OpCost
 
-ANCHORS = ("conv", "matmul")
+ANCHORS = ("conv", "dwconv", "matmul", "bmm")
 ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish",
                "Gelu", "FastGelu", "QuickGelu", "Elu", "Softplus"}
 CONV_FOLLOWERS = {"Add", "Mul", "BatchNormalization", "Sum"} | ACTIVATIONS
@@ -85,11 +85,11 @@ def _fusible(anchor: OpCost, follower: OpCost, absorbed: list[str]) -> bool:
     op = follower.op_type
     if anchor.op_type in INTEGER:
         return op in ("Cast", "Mul", "Add") and op not in absorbed
-    if anchor.kind == "conv":
+    if anchor.kind in ("conv", "dwconv"):
         if op in ACTIVATIONS:
             return not any(a in ACTIVATIONS for a in absorbed)
         return op in CONV_FOLLOWERS and not any(a in ACTIVATIONS for a in absorbed)
-    if anchor.kind == "matmul":
+    if anchor.kind in ("matmul", "bmm"):
         if op in ACTIVATIONS or op == "BiasGelu":
             return not any(a in ACTIVATIONS or a == "BiasGelu" for a in absorbed)
         if op in ("Mul", "Div"):  # scale by a scalar constant (MatMulScaleFusion)

@@ -428,7 +428,7 @@ def _flops(node: ir.Node, kind: str, per_elem: float | None, ins: list, outs: li
 
 
 def _compute_dtype(kind: str, node: ir.Node, elems: list[int]) -> str:
-    if kind in ("matmul", "conv") and node.op_type in ("MatMulInteger", "QLinearMatMul",
+    if kind in ("matmul", "conv", "bmm", "dwconv") and node.op_type in ("MatMulInteger", "QLinearMatMul",
                                                        "DynamicQuantizeMatMul", "ConvInteger",
                                                        "QLinearConv", "MatMulIntegerToFloat"):
         return "int8"
@@ -453,6 +453,18 @@ def node_costs(model: ir.Model,
     return costs, defaulted
 
 
+def _subkind(node: ir.Node, kind: str, in_names: list[str], ins: list, consts: set[str]) -> str:
+    """`dwconv` for grouped convolutions, `bmm` for MatMuls of two activations with batch dims:
+    ORT runs both far from the GEMM rate, so they get corrections of their own."""
+    if kind == "conv" and _attr(node, "group", 1) > 1:
+        return "dwconv"
+    if (kind == "matmul" and node.op_type in ("MatMul", "FusedMatMul", "MatMulInteger")
+            and len(in_names) > 1 and in_names[1] not in consts
+            and ins[1] is not None and len(ins[1]) > 2):
+        return "bmm"
+    return kind
+
+
 def _price(node: ir.Node, types: dict, consts: set[str]) -> OpCost:
     in_names = [v.name if v is not None else "" for v in node.inputs]
     out_names = [v.name for v in node.outputs]
@@ -460,6 +472,7 @@ def _price(node: ir.Node, types: dict, consts: set[str]) -> OpCost:
     elems = [types.get(n, (None, 0))[1] for n in in_names if n]
     kind, per_elem = _classify(node)
     outs = [types.get(n, (None, 0))[0] for n in out_names]
+    kind = _subkind(node, kind, in_names, ins, consts)
     note = ""
     if outs and outs[0] is None and kind not in ("free",):
         guess = _contrib_shape(node, ins)
@@ -485,7 +498,7 @@ def _price(node: ir.Node, types: dict, consts: set[str]) -> OpCost:
         w_bytes_out += _numel(shape) * _elem_size(types.get(name, (None, 0))[1])
     if kind == "view":
         a_bytes = w_bytes_out = w_bytes = 0.0  # ORT aliases the input buffer: no copy
-    flops = _flops(node, kind, per_elem, ins, outs)
+    flops = _flops(node, {"dwconv": "conv", "bmm": "matmul"}.get(kind, kind), per_elem, ins, outs)
     missing = [n for n, s in zip(in_names, ins) if n and s is None] + \
               [n for n, s in zip(out_names, outs) if s is None]
     priced = kind != "unknown" and not (missing and kind not in ("view",))

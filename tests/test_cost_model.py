@@ -64,6 +64,7 @@ def test_conv_with_groups_strides_dilation_by_hand():
     (c,) = only(build([conv], {"x": [1, 4, 9, 9]}, ["y"], {"w": (6, 2, 3, 3), "b": (6,)}))
     assert c.flops == 54 * 36 + 54
     assert c.act_write == 54 * 4 and c.weight_bytes == (6 * 2 * 9 + 6) * 4
+    assert c.kind == "dwconv"  # grouped: priced with its own correction
 
 
 def test_conv_transpose_and_gemm_by_hand():
