@@ -141,9 +141,9 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     candidates, hits = runner.run_study(url)
     finalists = _finalists(candidates, options)
     chosen, message = runner.choose(finalists)
+    data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
     result = compile_model(src.spec, out, pipeline=chosen.pipeline, overwrite=overwrite,
-                           max_drop=options.max_drop,
-                           calibration=None if src.zoo is not None else src.fit)
+                           max_drop=options.max_drop, **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.perf_counter() - start)
     _record(Path(out), search, url)

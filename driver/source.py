@@ -15,6 +15,7 @@ from winnow.frontend import load
 from winnow.passes.analysis.calibration import pick_calibration, task_options
 
 Feeds = dict[str, np.ndarray]
+JUDGE_SAMPLES = 256  # calibration samples a zoo model's search trials are judged on
 
 
 @dataclasses.dataclass
@@ -43,8 +44,10 @@ class Source:
     def judged_on(self) -> dict[str, str]:
         """Which data judged the trials and the finalists, in words (for summary and manifest)."""
         if self.zoo is not None:
-            return {"trials": f"{self.zoo.name} calibration split",
-                    "finalists": f"{self.zoo.name} held-out split"}
+            return {"trials": f"1 - mean output cosine on {sum(_rows(b) for b in self.judge)} "
+                              f"samples of the {self.zoo.name} calibration split",
+                    "finalists": f"the {self.zoo.name} held-out split "
+                                 f"({self.zoo.metric_name or 'cosine'})"}
         if self.in_sample:
             return {"trials": f"the {self.origin} (in-sample: too little data to hold any out)",
                     "finalists": f"the {self.origin} (in-sample)"}
@@ -53,10 +56,10 @@ class Source:
                              "(not fitted on)"}
 
     def score(self, candidate: Any, split: str) -> Fidelity:
-        """Fidelity of `candidate` against the source on 'judge' or 'heldout' data."""
-        if self.zoo is not None:
-            return evaluate_zoo(self.zoo, candidate,
-                                "calibration" if split == "judge" else "heldout")
+        """Fidelity of `candidate` against the source on 'judge' or 'heldout' data (a zoo model's
+        held-out split is scored with its task metric; trials are judged by output cosine)."""
+        if self.zoo is not None and split == "heldout":
+            return evaluate_zoo(self.zoo, candidate, "heldout")
         data = self.judge if split == "judge" else self.heldout
         if split not in self._references:
             from winnow.ir.execute import run
@@ -87,10 +90,26 @@ def resolve(spec: Any, calibration: Any = None) -> Source:
 
         zoo = models_zoo.get(spec)
         if zoo.split("heldout"):
-            return Source(spec, name, model, batches, [], zoo.split("heldout"), origin, options,
-                          zoo)
+            judge = _first_samples(batches, JUDGE_SAMPLES)
+            return Source(spec, name, model, batches, judge, zoo.split("heldout"), origin,
+                          options, zoo)
     fit, judge, heldout = split_batches(batches, _dynamic_batch(model))
     return Source(spec, name, model, fit, judge, heldout, origin, options)
+
+
+def _rows(feeds: Mapping[str, np.ndarray]) -> int:
+    return int(np.shape(next(iter(feeds.values())))[0]) if feeds else 0
+
+
+def _first_samples(batches: Sequence[Feeds], limit: int) -> list[Feeds]:
+    """Whole batches from the start until `limit` samples (at least one batch)."""
+    out, total = [], 0
+    for batch in batches:
+        if out and total >= limit:
+            break
+        out.append(batch)
+        total += _rows(batch)
+    return out
 
 
 def _dynamic_batch(model: ir.Model) -> bool:
