@@ -34,12 +34,12 @@ def load(net):
 
 @pytest.fixture(scope="module")
 def plain():
-    return TinyTransformer(layers=2)
+    return get_net()
 
 
 @pytest.fixture(scope="module")
 def gqa():
-    return TinyTransformer(layers=2, kv_heads=2)
+    return get_net(kv_heads=2)
 
 
 def zeroed_output(net, removed):
