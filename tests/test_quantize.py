@@ -176,3 +176,19 @@ def test_the_report_draws_the_sensitivity_section():
     page, plots = render({"analyses": {"quant-sensitivity": result}})
     assert "Quantization sensitivity" in page and "fc2" in page
     assert plots == ["quant-sensitivity-int8-dynamic"]
+
+
+def test_split_outliers_is_lossless_in_float_and_rescues_int8():
+    model, held = mlp(outlier=40.0), batches(2, seed=3)
+    want = [run(model, f)["y"] for f in held]
+    plain = mlp(outlier=40.0)
+    quantize(plain, "quantize")
+    ctx = quantize(model, "split-outliers")
+    assert ctx.report["split-outliers"]["split"] == {"h": [0]}
+    for f, w in zip(held, want):
+        np.testing.assert_allclose(run(model, f)["y"], w, rtol=1e-4, atol=1e-4)
+    ctx = quantize(model, "quantize")
+    assert ctx.report["quantize"]["quantized"] == 2  # the float outlier path is not a candidate
+    split_cos = min(cosine(w, run(model, f)["y"]) for f, w in zip(held, want))
+    plain_cos = min(cosine(w, run(plain, f)["y"]) for f, w in zip(held, want))
+    assert 1 - split_cos < 0.5 * (1 - plain_cos)

@@ -12,4 +12,5 @@ from winnow.passes.rewrite import (  # noqa: F401
     quantize,
     shape_inference,
     smooth_activations,
+    split_outliers,
 )

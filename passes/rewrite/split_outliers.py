@@ -1,0 +1,107 @@
+"""`split-outliers`: LLM.int8()-style mixed-precision decomposition (Dettmers et al. 2022) of the
+MatMuls whose input has outlier channels, so a later int8 quantization keeps every MatMul in int8.
+
+For an activation X read by MatMuls with constant weights W, the channels whose calibration max
+|x| is `factor` times the median channel's are the outliers O. Then
+`X W = (X * m) W' + X[:, O] W[O, :]` where m zeroes O and W' has O's rows zeroed: the big
+MatMul no longer sees the outliers (its per-tensor int8 range is set by the ordinary channels)
+and the few outlier channels go through a small float MatMul (named `*.outliers`, which
+`quantize` leaves in float). Lossless in exact arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from winnow.passes.base import Pass, PassResult, register_pass
+from winnow.passes.config import option
+from winnow.passes.manager import PassContext
+from winnow.passes.rewrite.smooth_activations import (_first, _set_weight, _weight, channel_maxima,
+                                                      matmul_groups)
+
+OUTLIER_SUFFIX = ".outliers"
+
+
+@register_pass
+class SplitOutliersPass(Pass):
+    """Route outlier input channels of MatMuls through a small float MatMul."""
+
+    name = "split-outliers"
+    description = ("LLM.int8() decomposition: input channels with outlier ranges go through a "
+                   "small float MatMul so the main MatMul quantizes without them.")
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of split-outliers."""
+
+        factor: float = option(6.0, "an outlier channel's max |x| is this many times the median "
+                               "channel's", min=1.0)
+        max_channels: int = option(16, "most outlier channels split off one activation", min=1)
+        samples: int = option(32, "calibration samples the channel maxima come from", min=1)
+
+    def call(self, model: ir.Model) -> PassResult:
+        """Split every activation with outlier channels, in place."""
+        from winnow.passes.rewrite.quantize import calibration
+
+        ctx = PassContext.current()
+        groups = matmul_groups(model)
+        groups = {k: v for k, v in groups.items()
+                  if not any(n.name.endswith(OUTLIER_SUFFIX) for n in v)}
+        amax = channel_maxima(model, list(groups), calibration(model, ctx, self.config.samples))
+        split = {}
+        for name, nodes in groups.items():
+            a = amax[name]
+            outliers = np.flatnonzero(a > self.config.factor * max(float(np.median(a)), 1e-12))
+            if 0 < len(outliers):
+                outliers = outliers[np.argsort(-a[outliers])][: self.config.max_channels]
+                _split(model.graph, nodes, np.sort(outliers))
+                split[name] = [int(i) for i in np.sort(outliers)]
+        ctx.report[self.name] = {"activations": len(split),
+                                 "channels": sum(len(v) for v in split.values()), "split": split}
+        return PassResult(model, bool(split))
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array), shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    graph.register_initializer(value)
+    return value
+
+
+def _split(graph: ir.Graph, nodes: list[ir.Node], outliers: np.ndarray) -> None:
+    """Rewrite the MatMuls reading one activation: masked main path plus a float outlier path."""
+    x = nodes[0].inputs[0]
+    keep = np.ones(_weight(nodes[0]).shape[0], np.float32)
+    keep[outliers] = 0.0
+    mask = _const(graph, f"{x.name}.inlier_mask", keep)
+    index = _const(graph, f"{x.name}.outlier_index", outliers.astype(np.int64))
+    masked = ir.node("Mul", [x, mask], name=f"{x.name}.inliers")
+    picked = ir.node("Gather", [x, index], {"axis": -1}, name=f"{x.name}.outlier_columns")
+    masked.outputs[0].name, picked.outputs[0].name = f"{x.name}.inliers", f"{x.name}.outlier_columns"
+    masked.outputs[0].type = picked.outputs[0].type = x.type
+    graph.insert_before(_first(graph, nodes), [masked, picked])
+    for node in nodes:
+        w = _weight(node)
+        rows = _const(graph, f"{node.inputs[1].name}.outlier_rows", w[outliers].copy())
+        main = w.copy()
+        main[outliers] = 0.0
+        _set_weight(node, main)
+        node.replace_input_with(0, masked.outputs[0])
+        y = node.outputs[0]
+        side = ir.node("MatMul", [picked.outputs[0], rows], name=f"{node.name}{OUTLIER_SUFFIX}")
+        total = ir.node("Add", [y, side.outputs[0]], name=f"{node.name}.with_outliers")
+        side.outputs[0].name = f"{y.name}.outliers"
+        total.outputs[0].type, total.outputs[0].shape = y.type, y.shape
+        uses = [u for u in y.uses() if u.node is not total]
+        outputs = [i for i, v in enumerate(graph.outputs) if v is y]
+        graph.insert_after(node, [side, total])
+        for use in uses:
+            use.node.replace_input_with(use.idx, total.outputs[0])
+        name = y.name
+        y.name = f"{name}.inliers"
+        total.outputs[0].name = name
+        for i in outputs:
+            graph.outputs[i] = total.outputs[0]
