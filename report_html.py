@@ -395,6 +395,73 @@ def _sensitivity_section(result: Mapping[str, Any], plots: list[str]) -> list[st
     return parts
 
 
+def head_heatmap(layers: Sequence[Mapping[str, Any]], key: str, title: str) -> str:
+    """Layers x heads heatmap of one per-head score (`entropy`, `importance` or `proxy`)."""
+    width = max(len(layer[key]) for layer in layers)
+    grid = [[*layer[key], *([float("nan")] * (width - len(layer[key])))] for layer in layers]
+    fig = _figure(min(2.5 + 0.5 * width, 14.0), 1.2 + 0.35 * len(layers))
+    ax = fig.subplots()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax)
+    ax.set_yticks(range(len(layers)), [layer["region"] for layer in layers], fontsize=8)
+    ax.set_xlabel("head")
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def _heads_section(name: str, result: Mapping[str, Any], plots: list[str]) -> list[str]:
+    layers = result.get("layers") or []
+    parts = [f"<h2>{_e(name)}</h2>"]
+    if not layers:
+        return parts + [_note(result.get("note", "no attention heads were scored"))]
+    keys = [("entropy", "normalised entropy (1 = uniform over visible keys)")] \
+        if name == "head-entropy" else \
+        [(k, t) for k, t in (("importance", f"loss when the head alone is masked "
+                                             f"({result.get('loss', '')})"),
+                             ("proxy", "norm of the head's contribution through the output "
+                                       "projection")) if k in layers[0]]
+    for key, title in keys:
+        parts.append(_img(head_heatmap(layers, key, title), f"{name} {key}"))
+        plots.append(f"{name}-{key}")
+    rho = result.get("spearman") or {}
+    if rho:
+        parts.append(f"<p>Spearman vs masked-head loss: entropy "
+                     f"{_fmt(rho.get('entropy_vs_importance'), 3)}, proxy "
+                     f"{_fmt(rho.get('proxy_vs_importance'), 3)}.</p>")
+    if result.get("note"):
+        parts.append(_note(result["note"]))
+    return parts
+
+
+def channel_histogram(layers: Sequence[Mapping[str, Any]]) -> str:
+    """Histogram of log10 channel scores, one outline per MLP."""
+    fig = _figure(8.0, 3.6)
+    ax = fig.subplots()
+    for layer in layers:
+        scores = [math.log10(max(v, 1e-12)) for v in layer["scores"]]
+        ax.hist(scores, bins=40, histtype="step", label=layer["region"])
+    ax.set_xlabel("log10 channel score")
+    ax.set_ylabel("channels")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _channels_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
+    layers = result.get("layers") or []
+    parts = ["<h2>channel-importance</h2>"]
+    if not layers:
+        return parts + [_note(result.get("note", "no MLP channels were scored"))]
+    parts.append(f"<p>Score per MLP intermediate channel ({_e(result.get('score', ''))}): "
+                 "||activation|| × ||down-projection row||, the norm of what the channel adds "
+                 "to the MLP output; the lowest go first.</p>")
+    parts.append(_img(channel_histogram(layers), "channel score histogram"))
+    plots.append("channel-importance")
+    rows = [[layer["region"], layer["width"], _fmt(min(layer["scores"]), 4),
+             _fmt(sorted(layer["scores"])[len(layer["scores"]) // 2], 4),
+             _fmt(max(layer["scores"]), 4)] for layer in layers]
+    return parts + [_table(["MLP", "channels", "min", "median", "max"], rows, numeric=(1, 2, 3, 4))]
+
+
 def _rankings_section(analyses: Mapping[str, Any]) -> list[str]:
     rows = []
     for name, result in analyses.items():
@@ -444,6 +511,10 @@ def render(data: Mapping[str, Any]) -> tuple[str, list[str]]:
             parts += _das_section(result, plots)
         elif name == "quant-sensitivity":
             parts += _sensitivity_section(result, plots)
+        elif name in ("head-entropy", "head-importance"):
+            parts += _heads_section(name, result, plots)
+        elif name == "channel-importance":
+            parts += _channels_section(result, plots)
         else:
             parts += [f"<h2>{_e(name)}</h2>",
                       f"<pre>{_e(json.dumps(result, indent=2, default=str)[:20000])}</pre>"]
