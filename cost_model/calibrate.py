@@ -214,6 +214,7 @@ def suite(quick: bool, llc_bytes: float) -> list[Micro]:
              gemm(8, 1024, 1024), gemm_int8(128, 384, 1536), gemm_int8(512, 512, 512),
              batched_matmul(12, 64, 32, 64), conv(1, 32, 56, 64, 3), conv(1, 64, 28, 64, 3, groups=64),
              conv_int8(1, 32, 28, 64, 3), conv_int8(1, 64, 28, 64, 3, groups=64),
+             conv_int8(32, 32, 8, 64, 3), conv_int8(8, 64, 28, 64, 3),
              gemm(1, 64, 64), elementwise(1024), layernorm(17, 64), softmax(68, 17),
              batched_matmul(1024, 17, 16, 17), conv(1, 16, 8, 16, 3), conv(1, 32, 16, 32, 3, groups=32),
              elementwise(small), elementwise(big), elementwise(small, "Sigmoid"),
