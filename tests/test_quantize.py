@@ -192,3 +192,18 @@ def test_split_outliers_is_lossless_in_float_and_rescues_int8():
     split_cos = min(cosine(w, run(model, f)["y"]) for f, w in zip(held, want))
     plain_cos = min(cosine(w, run(plain, f)["y"]) for f, w in zip(held, want))
     assert 1 - split_cos < 0.5 * (1 - plain_cos)
+
+
+@pytest.mark.slow
+def test_digits_vit_int8_with_split_outliers_stays_close_on_held_out_data():
+    from winnow import models_zoo
+    from winnow.fidelity import evaluate_zoo
+
+    zm = models_zoo.get("digits-vit")
+    model = zm.load_ir()
+    ctx = PassContext(calibration=zm.calibration())
+    PassManager("split-outliers,quantize{mode=int8-dynamic}").run(model, ctx)
+    assert ctx.report["quantize"]["quantized"] >= 16
+    fidelity = evaluate_zoo(zm, model)
+    assert 0.999 <= fidelity.cosine < 1.0
+    assert fidelity.metric_drop is not None and fidelity.metric_drop <= 0.01

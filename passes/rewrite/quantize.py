@@ -258,6 +258,12 @@ def _quiet() -> Iterator[None]:
 def quantize_proto(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[str],
                    batches: Sequence[dict[str, np.ndarray]]) -> onnx.ModelProto:
     """Quantize the named nodes of `proto` with ORT's tool for `spec.mode`; returns the result."""
+    clean = onnx.ModelProto()
+    clean.CopyFrom(proto)
+    # ORT's quantizers re-run ONNX shape inference strictly; a stale intermediate annotation from
+    # the exporter (digits-vit: 64 vs 10) makes them fail, so they get the graph without any.
+    del clean.graph.value_info[:]
+    proto = clean
     with tempfile.TemporaryDirectory(prefix="winnow-quantize-") as tmp, _quiet():
         src, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(proto, src)
