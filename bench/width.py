@@ -160,9 +160,11 @@ def target_table(rows):
 
 
 TARGET_PIPELINES = (
-    "prune-heads{ratio=0.25,refit=true},prune-channels{ratio=0.25,refit=true,round_to=16}",
-    "prune-heads{ratio=0.5,refit=true},prune-channels{ratio=0.5,refit=true,round_to=16}",
-    "prune-channels{ratio=0.5,refit=true,round_to=16}",
+    "fuse",
+    "prune-channels{ratio=0.5,refit=true,round_to=16},fuse",
+    "prune-heads{ratio=0.25,refit=true},prune-channels{ratio=0.25,refit=true,round_to=16},fuse",
+    "prune-heads{ratio=0.25,refit=true},prune-channels{ratio=0.5,refit=true,round_to=16},fuse",
+    "prune-heads{ratio=0.5,refit=true},prune-channels{ratio=0.5,refit=true,round_to=16},fuse",
 )
 
 
@@ -177,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--target", action="store_true", help="also the minilm b1/b8 target rows")
+    parser.add_argument("--pipelines", default="", help="target pipelines separated by ';' "
+                        "(default: the built-in list)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -191,7 +195,8 @@ def main(argv=None):
         notes += n
     text = table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
     if args.target:
-        text += "\n\n" + target_table(target_rows(TARGET_PIPELINES, args.repeats, args.threads))
+        pipelines = [p for p in args.pipelines.split(";") if p] or TARGET_PIPELINES
+        text += "\n\n" + target_table(target_rows(pipelines, args.repeats, args.threads))
     print(text)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
     command = " ".join(argv or sys.argv[1:])

@@ -145,3 +145,29 @@ def test_model_without_attention_is_left_alone():
     ctx = PassContext()
     result = PassManager("prune-heads{ratio=0.5}").run(model(DUPLICATED), ctx)
     assert not result.modified and "nothing was rewritten" in ctx.report["prune-heads"]["note"]
+
+
+@pytest.mark.slow
+def test_pruned_digits_vit_equals_zeroing_and_fuses_as_fully_as_the_original():
+    from winnow import models_zoo
+    from winnow.ir.pruning import const_array, prunable_attention, set_const_input, weight_node
+
+    zm = models_zoo.get("digits-vit")
+    base = zm.load_ir()
+    pruned, ctx = base.clone(), PassContext(calibration=zm.calibration())
+    PassManager("prune-heads{ratio=0.5,source=proxy}").run(pruned, ctx)
+    verify(pruned)
+    removed = set(ctx.report["prune-heads"]["removed"])
+    zeroed = base.clone()  # oracle: the removed heads' rows of each O projection set to 0
+    for region in prunable_attention(find_regions(zeroed)):
+        node, d = weight_node(region, region.heads.o), region.heads.head_dim
+        w = const_array(node.inputs[1]).copy()
+        for h in range(region.heads.num_heads):
+            if f"{region.name}.head{h}" in removed:
+                w[h * d:(h + 1) * d] = 0.0
+        set_const_input(zeroed.graph, node, 1, w)
+    data = zm.heldout()[0]
+    assert np.abs(run(pruned, data)["logits"] - run(zeroed, data)["logits"]).max() < 1e-4
+    PassManager("fuse").run(pruned, ctx)
+    assert ctx.report["fuse"]["fused"].get("Attention") == 4
+    assert ctx.report["fuse"]["fused"].get("SkipLayerNormalization") == 8
