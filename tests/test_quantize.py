@@ -205,5 +205,5 @@ def test_digits_vit_int8_with_split_outliers_stays_close_on_held_out_data():
     PassManager("split-outliers,quantize{mode=int8-dynamic}").run(model, ctx)
     assert ctx.report["quantize"]["quantized"] >= 16
     fidelity = evaluate_zoo(zm, model)
-    assert 0.999 <= fidelity.cosine < 1.0
+    assert 0.998 <= fidelity.cosine < 1.0
     assert fidelity.metric_drop is not None and fidelity.metric_drop <= 0.01
