@@ -76,6 +76,10 @@ class PruneChannelsPass(Pass):
         targets = _vectors(model, batches, [projection_output(m.down).name for m in mlps]) \
             if batches else {}
         report = {"pruned": {m.region.name: [m.width, int(keeps[m.region.name].size)] for m in mlps}}
+        copy = model.clone()  # rehearsed on a copy: a failure leaves the model untouched
+        trial = {m.region.name: m for m in traced_mlps(copy)[0]}
+        for name, keep in keeps.items():
+            prune_channels(copy.graph, trial[name], keep)
         for mlp in mlps:
             prune_channels(model.graph, mlp, keeps[mlp.region.name])
         RemoveUnusedNodesPass()(model)

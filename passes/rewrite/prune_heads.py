@@ -90,6 +90,7 @@ class PruneHeadsPass(Pass):
                               for h in range(p.heads.num_heads) if h not in p.keep_q],
                   "kept": {p.region.name: len(p.keep_q) for p in plans},
                   "kept_kv": {p.region.name: len(p.keep_kv) for p in plans}}
+        rehearse(model, plans)  # a failure is raised before the model is touched
         for plan in plans:
             prune_heads(model.graph, plan)
         RemoveUnusedNodesPass()(model)
@@ -215,6 +216,15 @@ def plan_layer(region: Region, order: list[int], count: int, gqa: str,
         raise PassConfigError(f"prune-heads would empty a KV group of '{region.name}'; use "
                               "gqa=groups to remove whole groups.")
     return HeadPlan(region, [q for q in range(n) if q not in drop], list(range(kv)))
+
+
+def rehearse(model: ir.Model, plans: list[HeadPlan]) -> None:
+    """Apply the plans to a copy first, so an unsupported pattern in any layer raises before the
+    model itself is edited (nothing is left half-rewritten)."""
+    trial = model.clone()
+    regions = {r.name: r for r in prunable_attention(find_regions(trial))}
+    for plan in plans:
+        prune_heads(trial.graph, HeadPlan(regions[plan.region.name], plan.keep_q, plan.keep_kv))
 
 
 def _targets(model: ir.Model, plans: list[HeadPlan], batches: list[dict]) -> dict[str, np.ndarray]:
