@@ -44,6 +44,24 @@ def fresh_context(zm, base, shared=None):
     return ctx
 
 
+_SHARED: dict = {}
+PARTIAL: list[Path] = []  # a file each finished row is appended to, so a long run shows progress
+
+
+def emit(line: str) -> None:
+    """Append one finished table line to the partial-results file (when there is one)."""
+    for path in PARTIAL:
+        with path.open("a") as f:
+            f.write(line + "\n")
+
+
+def shared_context(zm, base):
+    """One context per model whose analyses every variant reuses (head-importance runs once)."""
+    if zm.name not in _SHARED:
+        _SHARED[zm.name] = fresh_context(zm, base)
+    return _SHARED[zm.name]
+
+
 def pruned(zm, base, shared, pipeline):
     """A copy of `base` run through `pipeline` (analyses taken from `shared`)."""
     model = base.clone()
@@ -88,6 +106,7 @@ def rows_for(zm, base, shared, kind, ratio, sources, seeds, repeats, threads, fe
         speed = latency_ratio(base, timed, feeds, repeats, threads)
         for row in rows[-len(sources) - 1:]:
             row.append(speed)
+            emit(table([row]).splitlines()[-1])
     return rows
 
 
@@ -95,7 +114,7 @@ def bench_model(name, kinds, ratios, seeds, repeats, threads):
     """All rows of one zoo model, and the Spearman line of its head scores."""
     zm = models_zoo.get(name)
     base = zm.load_ir()
-    shared = fresh_context(zm, base)
+    shared = shared_context(zm, base)
     cos, metric, metric_name = score(zm, base)
     rows = [[name, "-", 0.0, "original", False, cos, metric, metric_name, 1.0]]
     notes = []
@@ -127,7 +146,7 @@ def target_rows(pipelines, repeats, threads):
     """minilm with heads + channels pruned: held-out cosine and latency ratio at b1 and b8, s64."""
     zm = models_zoo.get("minilm")
     base = zm.load_ir()
-    shared = fresh_context(zm, base)
+    shared = shared_context(zm, base)
     held = zm.heldout()[0]
     rows = []
     for pipeline in pipelines:
@@ -136,6 +155,7 @@ def target_rows(pipelines, repeats, threads):
         speed = [latency_ratio(base, model, {k: v[:b] for k, v in held.items()}, repeats, threads)
                  for b in (1, 8)]
         rows.append((pipeline, cos, metric, *speed))
+        emit(target_table(rows[-1:]).splitlines()[-1])
     return rows
 
 
@@ -184,6 +204,9 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    PARTIAL.append(Path(args.out) / f"width-{stamp}.partial.md")
+    PARTIAL[0].parent.mkdir(parents=True, exist_ok=True)
     heads = [m for m in args.models.split(",") if m]
     channels = [m for m in args.channel_models.split(",") if m]
     rows, notes = [], []
@@ -198,7 +221,7 @@ def main(argv=None):
         pipelines = [p for p in args.pipelines.split(";") if p] or TARGET_PIPELINES
         text += "\n\n" + target_table(target_rows(pipelines, args.repeats, args.threads))
     print(text)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    PARTIAL[0].unlink(missing_ok=True)
     command = " ".join(argv or sys.argv[1:])
     header = (f"# width pruning evidence\n\ncommand: `python bench/width.py {command}`\n\n"
               f"machine: {platform.processor() or platform.machine()}, ORT {ort.__version__}, "
