@@ -16,10 +16,12 @@ an Identity model whose time is the `session.run` overhead. The fit, in order:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,18 @@ def gemm(m: int, k: int, n: int, act: bool = False) -> Micro:
                   ["y"], weights)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Hide the quantizer's advice to pre-process (logged on the root logger for every model)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def gemm_int8(m: int, k: int, n: int) -> Micro:
     """The dynamic-int8 MatMul that onnxruntime.quantization.quantize_dynamic makes of a GEMM."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -118,7 +132,8 @@ def gemm_int8(m: int, k: int, n: int) -> Micro:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         onnx.save(fp32.model, src)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        with _quiet_root_logger():
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         model = onnx.load(dst)
     return Micro(f"gemm-int8-{m}x{k}x{n}", model, fp32.feeds)
 
@@ -131,7 +146,8 @@ def conv_int8(n: int, c: int, hw: int, cout: int, k: int, groups: int = 1) -> Mi
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         onnx.save(fp32.model, src)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)  # the default, as models get
+        with _quiet_root_logger():  # QInt8 weights: the default, as the bench's models get
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         model = onnx.load(dst)
     return Micro(f"conv-int8-{n}x{c}x{hw}x{hw}-{cout}k{k}g{groups}", model, fp32.feeds)
 
