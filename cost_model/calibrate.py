@@ -36,7 +36,7 @@ from onnx import numpy_helper as nh
 from winnow.benchmark import available_cpus, bench_session_options, cpu_model, time_interleaved
 from winnow.cost_model.kernels import group_kernels
 from winnow.cost_model.op_costs import node_costs
-from winnow.cost_model.targets import Correction, Target, load_target, user_dir
+from winnow.cost_model.targets import Target, load_target, user_dir
 from winnow.errors import OutputError
 
 OPSET = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)]
