@@ -50,6 +50,7 @@ PIPELINES = (
     "fuse",
     "quantize{mode=int8-dynamic}",
     "split-outliers,quantize{mode=int8-dynamic}",
+    "split-outliers{factor=8},quantize{mode=int8-dynamic}",
     "split-outliers{factor=4},quantize{mode=int8-dynamic}",
     "fuse,quantize{mode=int8-dynamic}",
     "quantize{mode=int8-dynamic,exclude=[auto],budget=0.004}",
@@ -60,7 +61,7 @@ PIPELINES = (
     "quantize{mode=int4-weight,block_size=32}",
     "quantize{mode=fp16}",
 )
-QUICK = PIPELINES[1:4]
+QUICK = PIPELINES[1:5]
 
 
 def ort_peers(zm: Any, work: Path, threads: int) -> list[Variant]:

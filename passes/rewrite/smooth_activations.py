@@ -102,12 +102,14 @@ def matmul_groups(model: ir.Model) -> dict[str, list[ir.Node]]:
     return groups
 
 
-def channel_maxima(model: ir.Model, names: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
-    """Per-channel max |x| of each named value over the batches (padding tokens left out)."""
+def channel_maxima(model: ir.Model, names: list[str], batches: list[dict],
+                   skip_padding: bool = True) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of each named value over the batches (padding tokens left out unless
+    `skip_padding` is False: a dynamic int8 range is taken over padding tokens too)."""
     out: dict[str, np.ndarray] = {}
     for feeds in batches:
         captured = run(model, feeds, capture=names)
-        mask = padding_mask(feeds)
+        mask = padding_mask(feeds) if skip_padding else None
         for name in names:
             m = np.abs(as_vectors(captured[name], mask)).max(axis=0)
             out[name] = m if name not in out else np.maximum(out[name], m)

@@ -50,7 +50,10 @@ class SplitOutliersPass(Pass):
         groups = matmul_groups(model)
         groups = {k: v for k, v in groups.items()
                   if not any(n.name.endswith(OUTLIER_SUFFIX) for n in v)}
-        amax = channel_maxima(model, list(groups), calibration(model, ctx, self.config.samples))
+        # Padding tokens count: int8-dynamic takes its range over the whole tensor, and in
+        # MiniLM the padding positions carry outliers of their own.
+        amax = channel_maxima(model, list(groups), calibration(model, ctx, self.config.samples),
+                              skip_padding=False)
         split = {}
         for name, nodes in groups.items():
             a = amax[name]
