@@ -42,7 +42,7 @@ class PruneChannelsPass(Pass):
         """Options of prune-channels."""
 
         ratio: float = option(0.0, "fraction of each MLP's intermediate channels to remove, in "
-                              "[0, 1)", min=0.0)
+                              "[0, 1)")
         regions: tuple[str, ...] = option((), "MLP sub-layers to prune (default: every one)")
         source: str = option("activation", "what ranks channels: channel-importance's activation "
                              "or weight score, or random", choices=("activation", "weight", "random"))
@@ -54,7 +54,7 @@ class PruneChannelsPass(Pass):
         ridge: float = option(1e-3, "ridge strength of the refit (relative)", min=0.0)
 
         def __post_init__(self) -> None:
-            check_ratio(self.ratio)
+            check_ratio(self.ratio, "prune-channels")
 
     def call(self, model: ir.Model) -> PassResult:
         """Remove the lowest-scored channels of the chosen MLPs in place."""

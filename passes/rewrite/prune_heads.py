@@ -29,10 +29,10 @@ from winnow.passes.manager import PassContext
 SOURCES = ("importance", "proxy", "entropy", "random")
 
 
-def check_ratio(ratio: float) -> None:
+def check_ratio(ratio: float, pass_name: str) -> None:
     """Ratios are fractions removed, in [0, 1): removing everything is not pruning."""
     if not 0.0 <= ratio < 1.0:
-        raise PassConfigError(f"option 'ratio' must be in [0, 1); got {ratio!r}.")
+        raise PassConfigError(f"pass '{pass_name}' option 'ratio' must be in [0, 1); got {ratio!r}.")
 
 
 @register_pass
@@ -50,7 +50,7 @@ class PruneHeadsPass(Pass):
 
         heads: tuple[str, ...] = option((), "names of heads to remove ('<attention region>."
                                         "head<i>'); overrides ratio")
-        ratio: float = option(0.0, "fraction of query heads to remove, in [0, 1)", min=0.0)
+        ratio: float = option(0.0, "fraction of query heads to remove, in [0, 1)")
         scope: str = option("layer", "apply ratio in every layer or over all heads at once",
                             choices=("layer", "global"))
         source: str = option("importance", "what ranks heads: masked-head loss, its output-norm "
@@ -64,7 +64,7 @@ class PruneHeadsPass(Pass):
         ridge: float = option(1e-3, "ridge strength of the refit (relative)", min=0.0)
 
         def __post_init__(self) -> None:
-            check_ratio(self.ratio)
+            check_ratio(self.ratio, "prune-heads")
 
     def call(self, model: ir.Model) -> PassResult:
         """Remove the chosen heads in place."""
