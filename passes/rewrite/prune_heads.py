@@ -60,7 +60,7 @@ class PruneHeadsPass(Pass):
                           "KV groups", choices=("within", "groups"))
         refit: bool = option(False, "refit each output projection by ridge least squares on "
                              "calibration activations")
-        samples: int = option(256, "calibration samples for the refit and the scores", min=1)
+        samples: int = option(256, "calibration samples for the refit", min=1)
         ridge: float = option(1e-3, "ridge strength of the refit (relative)", min=0.0)
 
         def __post_init__(self) -> None:
