@@ -207,3 +207,19 @@ def test_digits_vit_int8_with_split_outliers_stays_close_on_held_out_data():
     fidelity = evaluate_zoo(zm, model)
     assert 0.998 <= fidelity.cosine < 1.0
     assert fidelity.metric_drop is not None and fidelity.metric_drop <= 0.01
+
+
+def test_split_outliers_after_gelu_adds_no_pass_over_the_activation():
+    proto = ir.serde.serialize_model(mlp(outlier=40.0))
+    for node in proto.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Gelu"
+    proto.opset_import[0].version = 20
+    model, held = ir.serde.deserialize_model(proto), batches(2, seed=3)
+    want = [run(model, f)["y"] for f in held]
+    ctx = quantize(model, "split-outliers")
+    assert ctx.report["split-outliers"]["split"] == {"h": [0]}
+    ops = [n.op_type for n in model.graph]
+    assert "Mul" not in ops and "Gather" not in ops and ops.count("Gelu") == 2
+    for f, w in zip(held, want):
+        np.testing.assert_allclose(run(model, f)["y"], w, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,9 @@ For an activation X read by MatMuls with constant weights W, the channels whose 
 `X W = (X * m) W' + X[:, O] W[O, :]` where m zeroes O and W' has O's rows zeroed: the big
 MatMul no longer sees the outliers (its per-tensor int8 range is set by the ordinary channels)
 and the few outlier channels go through a small float MatMul (named `*.outliers`, which
-`quantize` leaves in float). Lossless in exact arithmetic.
+`quantize` leaves in float). When X = Gelu(h W1 + b1) the mask costs nothing: the outlier
+channels' bias becomes -1e4 (Gelu gives exactly 0) and Gelu(h W1[:, O] + b1[O]) is computed
+beside it. Lossless in exact arithmetic.
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ class SplitOutliersPass(Pass):
         amax = channel_maxima(model, list(groups), calibration(model, ctx, self.config.samples),
                               skip_padding=False)
         split = {}
-        for name, nodes in groups.items():
+        # GELU outputs first: their fold reads the MatMul before it, which a split of that
+        # MatMul's own input would rewrite.
+        order = sorted(groups.items(), key=lambda kv: _producer_op(kv[1][0].inputs[0]) != "Gelu")
+        for name, nodes in order:
             a = amax[name]
             outliers = np.flatnonzero(a > self.config.factor * max(float(np.median(a)), 1e-12))
             if 0 < len(outliers):
@@ -65,6 +70,11 @@ class SplitOutliersPass(Pass):
         ctx.report[self.name] = {"activations": len(split),
                                  "channels": sum(len(v) for v in split.values()), "split": split}
         return PassResult(model, bool(split))
+
+
+def _producer_op(value: ir.Value) -> str | None:
+    node = value.producer()
+    return None if node is None else node.op_type
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -77,24 +87,30 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 def _split(graph: ir.Graph, nodes: list[ir.Node], outliers: np.ndarray) -> None:
     """Rewrite the MatMuls reading one activation: masked main path plus a float outlier path."""
     x = nodes[0].inputs[0]
-    keep = np.ones(_weight(nodes[0]).shape[0], np.float32)
-    keep[outliers] = 0.0
-    mask = _const(graph, f"{x.name}.inlier_mask", keep)
-    index = _const(graph, f"{x.name}.outlier_index", outliers.astype(np.int64))
-    masked = ir.node("Mul", [x, mask], name=f"{x.name}.inliers")
-    picked = ir.node("Gather", [x, index], {"axis": -1}, name=f"{x.name}.outlier_columns")
-    masked.outputs[0].name, picked.outputs[0].name = f"{x.name}.inliers", f"{x.name}.outlier_columns"
-    masked.outputs[0].type = picked.outputs[0].type = x.type
-    graph.insert_before(_first(graph, nodes), [masked, picked])
+    folded = _fold_through_gelu(graph, x, nodes, outliers)
+    if folded is not None:
+        inliers, columns = x, folded
+    else:
+        keep = np.ones(_weight(nodes[0]).shape[0], np.float32)
+        keep[outliers] = 0.0
+        mask = _const(graph, f"{x.name}.inlier_mask", keep)
+        index = _const(graph, f"{x.name}.outlier_index", outliers.astype(np.int64))
+        masked = ir.node("Mul", [x, mask], name=f"{x.name}.inliers")
+        picked = ir.node("Gather", [x, index], {"axis": -1}, name=f"{x.name}.outlier_columns")
+        masked.outputs[0].name = f"{x.name}.inliers"
+        picked.outputs[0].name = f"{x.name}.outlier_columns"
+        masked.outputs[0].type = picked.outputs[0].type = x.type
+        graph.insert_before(_first(graph, nodes), [masked, picked])
+        inliers, columns = masked.outputs[0], picked.outputs[0]
     for node in nodes:
         w = _weight(node)
         rows = _const(graph, f"{node.inputs[1].name}.outlier_rows", w[outliers].copy())
         main = w.copy()
         main[outliers] = 0.0
         _set_weight(node, main)
-        node.replace_input_with(0, masked.outputs[0])
+        node.replace_input_with(0, inliers)
         y = node.outputs[0]
-        side = ir.node("MatMul", [picked.outputs[0], rows], name=f"{node.name}{OUTLIER_SUFFIX}")
+        side = ir.node("MatMul", [columns, rows], name=f"{node.name}{OUTLIER_SUFFIX}")
         total = ir.node("Add", [y, side.outputs[0]], name=f"{node.name}.with_outliers")
         side.outputs[0].name = f"{y.name}.outliers"
         total.outputs[0].type, total.outputs[0].shape = y.type, y.shape
@@ -108,3 +124,42 @@ def _split(graph: ir.Graph, nodes: list[ir.Node], outliers: np.ndarray) -> None:
         total.outputs[0].name = name
         for i in outputs:
             graph.outputs[i] = total.outputs[0]
+
+
+def _fold_through_gelu(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node],
+                       outliers: np.ndarray) -> ir.Value | None:
+    """When x = Gelu(h W1 + b1) feeds only `nodes`, silence the outlier channels inside it (their
+    bias becomes -1e4, so Gelu gives exactly 0 and the int8 MatMul producing them is unchanged)
+    and recompute them beside it in float: Gelu(h W1[:, O] + b1[O]). No pass over x is added.
+    Returns the outlier columns, or None when the pattern is not there."""
+    gelu = x.producer()
+    if gelu is None or gelu.op_type != "Gelu" or x.is_graph_output() or \
+            {id(u.node) for u in x.uses()} != {id(n) for n in nodes}:
+        return None
+    add = gelu.inputs[0].producer() if gelu.inputs[0] is not None else None
+    if add is None or add.op_type != "Add" or len(gelu.inputs[0].uses()) != 1:
+        return None
+    for m_index in (0, 1):
+        matmul, bias = add.inputs[m_index].producer(), add.inputs[1 - m_index]
+        if (matmul is not None and matmul.op_type == "MatMul" and bias.const_value is not None
+                and matmul.inputs[1].const_value is not None and len(add.inputs[m_index].uses()) == 1
+                and bias.const_value.shape == (matmul.inputs[1].const_value.shape[-1],)):
+            break
+    else:
+        return None
+    b = np.asarray(bias.const_value.numpy(), np.float32)
+    w1 = np.asarray(matmul.inputs[1].const_value.numpy(), np.float32)
+    silenced = b.copy()
+    silenced[outliers] = -1e4
+    add.replace_input_with(1 - m_index, _const(graph, f"{bias.name}.silenced", silenced))
+    cols = ir.node("MatMul", [matmul.inputs[0], _const(graph, f"{x.name}.outlier_w",
+                                                        w1[:, outliers].copy())],
+                   name=f"{x.name}.outlier_matmul{OUTLIER_SUFFIX}")
+    shifted = ir.node("Add", [cols.outputs[0], _const(graph, f"{x.name}.outlier_b",
+                                                      b[outliers].copy())])
+    act = ir.node("Gelu", [shifted.outputs[0]], dict(gelu.attributes.items()) or None,
+                  domain=gelu.domain, name=f"{x.name}.outlier_gelu")
+    act.outputs[0].name = f"{x.name}.outlier_columns"
+    act.outputs[0].type = x.type
+    graph.insert_after(gelu, [cols, shifted, act])
+    return act.outputs[0]
