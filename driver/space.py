@@ -31,6 +31,7 @@ class Space:
     quant_modes: tuple[str, ...]
     replacements: tuple[str, ...] = REPLACEMENTS
     quant_auto_exclude: bool = False
+    split_outliers: bool = False
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for the manifest and the study's attributes)."""
@@ -48,10 +49,11 @@ def build_space(model: ir.Model, fitted: bool = True) -> Space:
     width = tuple(name for name in ("prune-heads", "prune-channels") if name in passes)
     modes = _quant_modes(passes)
     auto = fitted and "exclude" in _option_names(passes.get("quantize"))
+    split = fitted and "split-outliers" in passes
     if not fitted:
         modes = tuple(m for m in modes if "static" not in m)
-        return Space(levels, width, "fuse" in passes, modes, ("identity",), auto)
-    return Space(levels, width, "fuse" in passes, modes, REPLACEMENTS, auto)
+        return Space(levels, width, "fuse" in passes, modes, ("identity",), auto, split)
+    return Space(levels, width, "fuse" in passes, modes, REPLACEMENTS, auto, split)
 
 
 def _option_names(cls: Any) -> set[str]:
@@ -91,6 +93,9 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
             if mode.startswith("int8") and space.quant_auto_exclude:
                 choices["quantize"]["exclude"] = trial.suggest_categorical(
                     "quantize.exclude", ("none", "auto"))
+            if mode == "int8-dynamic" and space.split_outliers:
+                choices["quantize"]["outliers"] = trial.suggest_categorical(
+                    "quantize.outliers", ("float", "int8"))
     return choices
 
 
@@ -114,6 +119,8 @@ def pipeline_text(choices: Mapping[str, Any]) -> str:
     if "quantize" in choices:
         q = choices["quantize"]
         exclude = ",exclude=[auto]" if q.get("exclude") == "auto" else ""
+        if q.get("outliers") == "float":
+            parts.append("split-outliers")
         parts.append(f"quantize{{mode={q['mode']}{exclude}}}")
     return ",".join(parts)
 
@@ -129,14 +136,23 @@ def seed_plans(space: Space) -> list[dict[str, Any]]:
     if space.quant_modes:
         base["quantize.mode"] = "none"
     plans = [dict(base)]
-    if space.fuse:
-        plans.append(dict(base, fuse=True))
+    quant = []
     for mode in space.quant_modes:
         plan = dict(base, **{"quantize.mode": mode})
-        if space.fuse:
-            plan["fuse"] = True
-        plans.append(plan)
+        if mode.startswith("int8") and space.quant_auto_exclude:
+            plan["quantize.exclude"] = "none"
+        if mode == "int8-dynamic" and space.split_outliers:
+            quant.append(dict(plan, **{"quantize.outliers": "float"}))
+            plan["quantize.outliers"] = "int8"
+        quant.append(plan)
+    # Most promising first (the time budget may end the seeds): int8 dynamic, then one drop per
+    # level, fusion, and the other number formats.
+    dynamic = [p for p in quant if p["quantize.mode"] == "int8-dynamic"]
+    plans += dynamic
     for level in sorted(space.drop_levels):
         plans.append(dict(base, **{"drop.level": level, "drop.count": 1,
                                    "drop.replacement": space.replacements[-1]}))
+    if space.fuse:
+        plans.append(dict(base, fuse=True))
+    plans += [p for p in quant if p not in dynamic]
     return plans
