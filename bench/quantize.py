@@ -117,6 +117,16 @@ def winnow_variant(zm: Any, pipeline: str, work: Path, threads: int, ctx_cache: 
     return v
 
 
+def artifact_variant(folder: Path, threads: int) -> Variant:
+    """A compiled winnow artifact (e.g. from `winnow compile --target`), named by its pipeline."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    v = Variant(f"winnow artifact {folder.name}: {manifest.get('pipeline', '?')}")
+    with attempt(v, f"artifact {folder}"):
+        v.path = folder / "model.onnx"
+        v.run = ort_runner(v.path, threads)
+    return v
+
+
 def _restore_sensitivity(ctx: Any, cache: dict, zm: Any) -> None:
     """Put the int8-dynamic sensitivity back into the context (a rewrite drops it): computed
     once per model, shared by every exclude=[auto] variant."""
@@ -148,7 +158,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
 
 
 def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, warmup: int,
-            batches: Sequence[int], work: Path) -> tuple[list[dict], dict]:
+            batches: Sequence[int], work: Path, artifacts: Sequence[Path] = ()
+            ) -> tuple[list[dict], dict]:
     """Build, score and time every variant of one zoo model."""
     from winnow.fidelity import OUTPUT_KINDS, cosines, evaluate
 
@@ -156,6 +167,7 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
     ctx_cache: dict = {}
     variants = ort_peers(zm, work, threads)
     variants += [winnow_variant(zm, p, work, threads, ctx_cache) for p in pipelines]
+    variants += [artifact_variant(Path(a), threads) for a in artifacts]
     heldout = zm.heldout()
     metric = zm.task_metric("heldout")
     kind = zm.output_kind if zm.output_kind in OUTPUT_KINDS else "values"
@@ -215,14 +227,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8", help="batch sizes to time")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
     p.add_argument("--quick", action="store_true", help=f"only the first {len(QUICK)} pipelines")
-    p.add_argument("--pipelines", default=None, help="';'-separated winnow pipelines instead")
+    p.add_argument("--pipelines", default=None,
+                   help="';'-separated winnow pipelines instead ('none': only peers and artifacts)")
+    p.add_argument("--artifacts", default="",
+                   help="','-separated compiled artifact folders of the model to time beside them")
     p.add_argument("--out", default=None, help="result file (default bench/results/quantize-<time>.md)")
     args = p.parse_args(argv)
     args.model_names = [m for m in args.models.split(",") if m]
     args.batch_sizes = [int(b) for b in args.batches.split(",") if b]
     args.threads = args.threads or available_cpus()
-    args.pipeline_list = (args.pipelines.split(";") if args.pipelines else
-                          list(QUICK if args.quick else PIPELINES))
+    args.pipeline_list = ([] if args.pipelines == "none" else args.pipelines.split(";")
+                          if args.pipelines else list(QUICK if args.quick else PIPELINES))
+    args.artifact_list = [Path(a) for a in args.artifacts.split(",") if a]
     return args
 
 
@@ -241,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             work = Path(scratch) / name
             work.mkdir()
             rows, info = measure(name, args.pipeline_list, args.threads, args.repeats,
-                                 args.warmup, args.batch_sizes, work)
+                                 args.warmup, args.batch_sizes, work, args.artifact_list)
             tables.append(markdown(name, rows, info, args.batch_sizes))
             data[name] = {"rows": rows, "info": info}
     m = machine
