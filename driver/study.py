@@ -34,6 +34,13 @@ def open_study(url: str, fingerprint: str, directions: list[str], sampler: Any) 
     if "://" not in url:
         raise StudyError(f"the study URL '{url}' is not a database URL; write e.g. "
                          "'sqlite:///search.db' or 'postgresql://user@host/db'.")
+    db = sqlite_path(url)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StudyError(f"cannot create the folder of the study file '{db}': "
+                             f"{exc.strerror}.") from exc
     try:
         storage = optuna.storages.RDBStorage(url)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types

@@ -147,6 +147,9 @@ def test_study_of_another_model_is_refused(redundant_model, tmp_path):
     open_study(url, "aaaa", ["minimize", "minimize"], optuna.samplers.RandomSampler())
     with pytest.raises(StudyError, match="another model"):
         open_study(url, "bbbb", ["minimize", "minimize"], optuna.samplers.RandomSampler())
+    nested = tmp_path / "new" / "folder" / "s.db"
+    open_study(f"sqlite:///{nested}", "aaaa", ["minimize"], None)
+    assert nested.exists()
     with pytest.raises(StudyError, match="not a database URL"):
         open_study("search.db", "aaaa", ["minimize"], None)
 
