@@ -182,14 +182,15 @@ def test_peers_script_prints_every_row(tmp_path):
     assert text in proc.stdout
     rows = [line for line in text.splitlines() if line.startswith("| digits-cnn |")]
     variants = [row.split("|")[2].strip() for row in rows]
-    assert variants == ["torch eager", "ORT fp32", "ORT dyn int8", "ORT QDQ int8",
+    assert variants == ["torch eager", "ORT fp32", "ORT dyn int8", "ORT dyn int8 pc",
+                        "ORT dyn int8 pc rr", "ORT dyn int8 MatMul", "ORT QDQ int8",
                         "ORT transformers"]
-    for row in rows[:4]:  # every runnable variant has a latency, a ratio and a metric
+    for row in rows[:-1]:  # every runnable variant has a latency, a ratio and a metric
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[2] != "-" and cells[3].endswith("x") and "accuracy" in cells[7], row
-    assert "n/a: not a transformer" in rows[4]
+    assert "n/a: not a transformer" in rows[-1]
     for needle in ("Command: `python", "--models digits-cnn", "Machine: ", "onnxruntime ",
                    "vs fp32"):
         assert needle in text
     data = json.loads(out.with_suffix(".json").read_text())
-    assert len(data["rows"]) == 5 and data["machine"]["available_cpus"] >= 1
+    assert len(data["rows"]) == 8 and data["machine"]["available_cpus"] >= 1

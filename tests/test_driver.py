@@ -106,8 +106,9 @@ def test_search_finds_a_cheaper_model_within_budget_and_resumes(redundant_model,
     out = tmp_path / "out"
     options = SearchOptions(objective="size", trials=10, max_drop=0.001, time_budget=300)
     result = search_compile(str(path), out, options, calibration=_calibration(12, 1))
-    chosen = result.chosen
-    assert chosen.pipeline.count("drop-layers") == 1 and chosen.measured_cost < 0.8
+    chosen = result.chosen  # a block drop or a smaller number format: both are within budget
+    assert chosen.pipeline != result.front[-1].pipeline or len(result.front) == 1
+    assert chosen.measured_cost < 0.8
     assert chosen.heldout_drop is not None and chosen.heldout_drop <= 0.001
     assert "not fitted on" in result.judged_on["finalists"]
     manifest = json.loads((out / "manifest.json").read_text())
