@@ -5,3 +5,4 @@ from winnow.passes.analysis import layer_similarity  # noqa: F401
 from winnow.passes.analysis import head_entropy  # noqa: F401
 from winnow.passes.analysis import head_importance  # noqa: F401
 from winnow.passes.analysis import quant_sensitivity  # noqa: F401
+from winnow.passes.analysis import channel_importance  # noqa: F401
