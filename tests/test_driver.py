@@ -196,3 +196,22 @@ def test_minilm_metric_on_the_calibration_split_compares_like_with_like():
     fid = evaluate_zoo(zm, zm.load_ir(), "calibration")  # the source against its own reference
     assert fid.samples == sum(b["input_ids"].shape[0] for b in zm.calibration())
     assert fid.candidate_metrics["topic_top1"] == pytest.approx(fid.reference_metrics["topic_top1"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "rpi"], "unknown target 'rpi'"),
+    (["--target", "host", "--max-drop", "1.5"], "--max-drop must be in [0, 1)"),
+    (["--target", "host", "--objective", "joules"], "unknown objective"),
+    (["--target", "host", "--time-budget", "soon"], "is not a duration"),
+    (["--target", "host", "--pipeline", "dce"], "--target searches the pipeline itself")])
+def test_search_cli_errors_are_one_sentence_and_write_nothing(tiny_model_path, tmp_path, args,
+                                                              message):
+    from click.testing import CliRunner
+
+    from winnow.cli import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["compile", str(tiny_model_path), "-o", str(out), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not (tmp_path / "out.search.db").exists()
