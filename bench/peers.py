@@ -73,6 +73,7 @@ DYNAMIC_SETTINGS = (
      "per-channel, MatMul with constant B only"),
 )
 REFERENCE = "ORT fp32"
+WINNOW = "winnow --target host"
 MAX_BATCH = {"ppocr-det": 2}  # 320x480 pages: batch 8 would take minutes on 2 cores
 EXTRA_METRICS = {"minilm": ("retrieval_agreement", "topic_top1"), "ppocr-rec": ("char_accuracy",)}
 # Static QDQ quantizes only the compute-heavy ops: with ORT's default op list the additive
@@ -348,13 +349,33 @@ class Row:
     notes: list[str]
 
 
+def winnow_variant(zm: Any, work: Path, threads: int, options: Any) -> Variant:
+    """winnow's own row: `winnow compile zoo:NAME --target host` (the search at its budget)."""
+    from winnow.driver import search_compile
+
+    v = Variant(WINNOW)
+    with attempt(v, f"{zm.name}: winnow compile --target host"):
+        start = time.perf_counter()
+        result = search_compile(f"zoo:{zm.name}", work / "winnow", options)
+        v.path = work / "winnow" / "model.onnx"
+        v.run = ort_runner(v.path, threads)
+        pipeline = result.chosen.pipeline.split("dce,", 1)[-1] if "," in result.chosen.pipeline \
+            else result.chosen.pipeline
+        v.notes += [f"compiled in {time.perf_counter() - start:.0f} s ({result.trials} trials)",
+                    f"chose {pipeline}"]
+    return v
+
+
 def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequence[int],
-            work: Path) -> tuple[list[Row], dict[str, Any]]:
-    """Prepare, evaluate and time every variant of one zoo model."""
+            work: Path, winnow: Any = None) -> tuple[list[Row], dict[str, Any]]:
+    """Prepare, evaluate and time every variant of one zoo model (and winnow's row when
+    `winnow` holds search options)."""
     from winnow.fidelity import OUTPUT_KINDS, evaluate
 
     zm = models_zoo.get(name)
     variants = prepare(zm, work, threads)
+    if winnow is not None:
+        variants.append(winnow_variant(zm, work, threads, winnow))
     heldout = zm.heldout()
     metric = zm.task_metric("heldout")
     kind = zm.output_kind if zm.output_kind in OUTPUT_KINDS else "values"
@@ -496,6 +517,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated batch sizes to time (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="result file (default: bench/results/peers-<date>.md; a .json beside it)")
+    p.add_argument("--winnow-budget", default=None, metavar="DURATION",
+                   help="add winnow's row: `winnow compile --target host` with this search time "
+                        "budget per model (e.g. 5m); its compile time is in the notes")
+    p.add_argument("--winnow-trials", type=int, default=16, help="search trials per model")
     args = p.parse_args(argv)
     args.model_names = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -507,6 +532,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown zoo model(s) {', '.join(unknown)}; available: "
                 f"{', '.join(models_zoo.names())}")
     return args
+
+
+def _search_options(args: argparse.Namespace) -> Any:
+    if args.winnow_budget is None:
+        return None
+    from winnow.driver import SearchOptions
+    from winnow.driver.search import parse_duration
+
+    return SearchOptions(time_budget=parse_duration(args.winnow_budget), trials=args.winnow_trials)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -530,7 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # ORT's symbolic shape inference drops temporary files into the working folder.
             with contextlib.chdir(work):
                 model_rows, infos[name] = measure(name, args.threads, args.repeats,
-                                                  args.warmup, args.batch_sizes, work)
+                                                  args.warmup, args.batch_sizes, work,
+                                                  _search_options(args))
             rows += model_rows
     seconds = time.perf_counter() - start
     text = report(rows, infos, args, command, machine, started, seconds)
