@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import sys
 import threading
 import time
@@ -70,3 +72,15 @@ def counter(desc: str, total: int, initial: int = 0) -> tqdm:
     """A tqdm bar advanced by hand (`update`, `set_postfix_str`), silent when quiet."""
     return tqdm(desc=desc, total=total, initial=initial, disable=_QUIET, file=sys.stderr,
                 leave=False)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence other libraries' chatter (stdout prints, INFO/WARNING logs) inside the block."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)

@@ -37,9 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import io
 import json
-import logging
 import shlex
 import sys
 import tempfile
@@ -129,16 +127,7 @@ def attempt(variant: Variant, message: str) -> Iterator[None]:
         variant.run = None
 
 
-@contextlib.contextmanager
-def quiet_output() -> Iterator[None]:
-    """Hide the chatter of the quantization and fusion tools (stdout prints, INFO/WARNING logs)."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logging.disable(previous)
+quiet_output = progress.quiet_libraries
 
 
 def ort_runner(path: Path, threads: int) -> Callable[[Feeds], Outputs]:

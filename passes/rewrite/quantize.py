@@ -13,11 +13,8 @@ ModelProto files: the IR is serialized, quantized in a temporary folder and read
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from winnow.errors import PassConfigError, UnsupportedModelError
+from winnow.progress import quiet_libraries
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
@@ -243,18 +241,6 @@ class _Reader:
         self._iter = iter(self._batches)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the quantizers' prints and INFO/WARNING logs."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logging.disable(previous)
-
-
 def quantize_proto(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[str],
                    batches: Sequence[dict[str, np.ndarray]]) -> onnx.ModelProto:
     """Quantize the named nodes of `proto` with ORT's tool for `spec.mode`; returns the result."""
@@ -264,7 +250,7 @@ def quantize_proto(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[st
     # the exporter (digits-vit: 64 vs 10) makes them fail, so they get the graph without any.
     del clean.graph.value_info[:]
     proto = clean
-    with tempfile.TemporaryDirectory(prefix="winnow-quantize-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="winnow-quantize-") as tmp, quiet_libraries():
         src, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(proto, src)
         if spec.mode == "int8-dynamic":
