@@ -33,6 +33,11 @@ class PassConfigError(WinnowError, ValueError):
     """A pass was built with a bad config value; the message names the field."""
 
 
+class PassRegistrationError(WinnowError, ValueError):
+    """A pass cannot be registered: a bad name, a Config without defaults, a name already taken,
+    or a `winnow.passes` plugin entry point that fails to load; the message names its origin."""
+
+
 class PassFailedError(WinnowError):
     """A pass raised while running; the message names it and the passes before it."""
 
