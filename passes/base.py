@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib.metadata
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 from onnx_ir.passes import PassBase, PassResult
 
-from winnow.errors import PipelineError
+from winnow.errors import PassRegistrationError, PipelineError
 from winnow.passes.config import EmptyConfig, build_config, config_fields
+from winnow.passes.pipeline import PASS_NAME
 
 __all__ = ["Pass", "AnalysisPass", "PassResult", "register_pass", "get_pass_class",
-           "registered_passes", "ENTRY_POINT_GROUP", "ALL_ANALYSES"]
+           "registered_passes", "plugin_problems", "ENTRY_POINT_GROUP", "ALL_ANALYSES"]
 
 ENTRY_POINT_GROUP = "winnow.passes"
 ALL_ANALYSES = frozenset({"*"})
@@ -45,6 +47,24 @@ class Pass(PassBase):
                             f"got {type(config).__name__}")
         self.config = config
         self.given_options = tuple(options)  # printed back in pipelines even at their defaults
+
+    @classmethod
+    def check_definition(cls) -> None:
+        """Raise PassRegistrationError when the class cannot be registered: its `name` is not
+        kebab-case, or its `Config` is not a dataclass whose every field has a default."""
+        where = _class_origin(cls)
+        if not isinstance(cls.name, str) or not PASS_NAME.match(cls.name):
+            raise PassRegistrationError(
+                f"pass name {cls.name!r} of {where} must be kebab-case (lowercase words and "
+                "digits joined by '-', e.g. 'dedup-weights').")
+        if not dataclasses.is_dataclass(cls.Config) or not cls.Config.__dataclass_params__.frozen:
+            raise PassRegistrationError(
+                f"{where}.Config must be a frozen dataclass (@dataclass(frozen=True)).")
+        for f in dataclasses.fields(cls.Config):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PassRegistrationError(
+                    f"option '{f.name}' of pass '{cls.name}' ({where}) has no default; declare "
+                    "it with option(default, help) so the pass runs when the option is not given.")
 
     @property
     def in_place(self) -> bool:
@@ -87,19 +107,32 @@ class AnalysisPass(Pass):
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
+_ORIGINS: dict[str, str] = {}  # pass name -> where its class came from (for duplicate messages)
+_PLUGIN_PROBLEMS: dict[str, str] = {}  # entry-point name -> why that plugin was skipped
 _ENTRY_POINTS_LOADED = False
 
 
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: register a pass under its kebab-case `name`."""
-    name = getattr(cls, "name", "")
-    if not name or name != name.lower() or " " in name or "_" in name:
-        raise ValueError(f"pass name {name!r} of {cls.__name__} must be kebab-case")
-    existing = _REGISTRY.get(name)
+def register_pass(cls: type[Pass], *, origin: str | None = None) -> type[Pass]:
+    """Class decorator: register a pass under its kebab-case `name`.
+
+    Raises PassRegistrationError when the class is malformed (`Pass.check_definition`) or the
+    name is taken by another class; `origin` names where the class came from in that message.
+    """
+    origin = origin or _class_origin(cls)
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise PassRegistrationError(f"{origin} is not a subclass of winnow.passes.Pass.")
+    cls.check_definition()
+    existing = _REGISTRY.get(cls.name)
     if existing is not None and existing is not cls:
-        raise ValueError(f"pass name '{name}' is already registered by {existing.__qualname__}")
-    _REGISTRY[name] = cls
+        raise PassRegistrationError(f"pass name '{cls.name}' of {origin} is already registered "
+                                    f"by {_ORIGINS.get(cls.name, _class_origin(existing))}.")
+    _REGISTRY[cls.name] = cls
+    _ORIGINS.setdefault(cls.name, origin)
     return cls
+
+
+def _class_origin(cls: Any) -> str:
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
 
 
 def _load_builtin_and_plugins() -> None:
@@ -111,9 +144,42 @@ def _load_builtin_and_plugins() -> None:
         return
     _ENTRY_POINTS_LOADED = True
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()
-        if isinstance(obj, type) and issubclass(obj, Pass):
-            register_pass(obj)
+        problem = _load_plugin(ep)
+        if problem:
+            _PLUGIN_PROBLEMS[ep.name] = problem
+
+
+def entry_point_origin(ep: importlib.metadata.EntryPoint) -> str:
+    """'entry point 'NAME = module:Class' of distribution 'DIST VERSION'' for messages."""
+    dist = getattr(ep, "dist", None)
+    where = f"distribution '{dist.name} {dist.version}'" if dist is not None else "an unknown distribution"
+    return f"entry point '{ep.name} = {ep.value}' (group {ENTRY_POINT_GROUP}) of {where}"
+
+
+def _load_plugin(ep: importlib.metadata.EntryPoint) -> str | None:
+    """Import and register one plugin; the sentence saying why it was skipped, or None."""
+    origin = entry_point_origin(ep)
+    dist = getattr(ep, "dist", None)
+    fix = f"fix or uninstall '{dist.name}'" if dist is not None else "fix or uninstall it"
+    try:
+        cls = ep.load()
+    except Exception as exc:  # noqa: BLE001 - any import-time failure of foreign code
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        return f"{origin} failed to import ({type(exc).__name__}: {detail}); {fix}."
+    try:
+        if isinstance(cls, type) and issubclass(cls, Pass) and cls.name != ep.name:
+            raise PassRegistrationError(
+                f"it names pass '{ep.name}' but {_class_origin(cls)} is named '{cls.name}'.")
+        register_pass(cls, origin=origin)
+    except PassRegistrationError as exc:
+        return f"{origin} was skipped: {str(exc).rstrip('.')}; {fix}."
+    return None
+
+
+def plugin_problems() -> list[str]:
+    """One sentence per `winnow.passes` plugin that could not be registered (the rest are)."""
+    _load_builtin_and_plugins()
+    return list(_PLUGIN_PROBLEMS.values())
 
 
 def registered_passes() -> dict[str, type[Pass]]:
@@ -123,9 +189,14 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 
 def get_pass_class(name: str) -> type[Pass]:
-    """The pass class registered under `name`, or a PipelineError listing valid names."""
+    """The pass class registered under `name`; a PipelineError listing valid names, or the
+    plugin's PassRegistrationError when the plugin that declares `name` failed to load."""
     passes = registered_passes()
-    if name not in passes:
-        raise PipelineError(
-            f"unknown pass '{name}'; registered passes are: {', '.join(passes)}.")
-    return passes[name]
+    if name in passes:
+        return passes[name]
+    if name in _PLUGIN_PROBLEMS:
+        raise PassRegistrationError(f"pass '{name}' is unavailable: {_PLUGIN_PROBLEMS[name]}")
+    skipped = (f" ({len(_PLUGIN_PROBLEMS)} plugin(s) failed to load; `winnow passes` lists why)"
+               if _PLUGIN_PROBLEMS else "")
+    raise PipelineError(f"unknown pass '{name}'; registered passes are: {', '.join(passes)}"
+                        f"{skipped}.")

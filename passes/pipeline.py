@@ -11,7 +11,7 @@ import yaml
 
 from winnow.errors import PipelineError, SourceError
 
-_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+PASS_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")  # what a pass name must match
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -75,7 +75,7 @@ def _parse_element(part: str, whole: str) -> PassSpec:
         raise PipelineError(f"empty pass name in pipeline '{whole}' (check for a doubled comma).")
     name, _, rest = part.partition("{")
     name = name.strip()
-    if not _NAME.match(name):
+    if not PASS_NAME.match(name):
         raise PipelineError(f"'{name}' in pipeline '{whole}' is not a kebab-case pass name.")
     if not rest:
         return PassSpec(name)
