@@ -335,11 +335,18 @@ def _ranking_lines(res: dict[str, Any], top: int) -> list[str]:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def passes(as_json: bool) -> None:
-    """List every registered pass with its options."""
-    from winnow.passes import registered_passes
+@click.option("--markdown", is_flag=True, help="Print the pass reference as a Markdown table.")
+def passes(as_json: bool, markdown: bool) -> None:
+    """List every registered pass with its options (plugins that fail to load: warnings)."""
+    from winnow.passes import plugin_problems, registered_passes
     from winnow.passes.config import config_fields
+    from winnow.passes.reference import markdown_table
 
+    for problem in plugin_problems():
+        click.echo(f"warning: {problem}", err=True)
+    if markdown:
+        click.echo(markdown_table(registered_passes()), nl=False)
+        return
     info = [{"name": name, "description": cls.description, "lossless": cls.lossless,
              "fields": config_fields(cls.Config)} for name, cls in registered_passes().items()]
     if as_json:

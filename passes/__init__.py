@@ -6,6 +6,7 @@ from winnow.passes.base import (
     Pass,
     PassResult,
     get_pass_class,
+    plugin_problems,
     register_pass,
     registered_passes,
 )
@@ -13,6 +14,6 @@ from winnow.passes.config import option
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
 from winnow.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 
-__all__ = ["ALL_ANALYSES", "AnalysisPass", "Pass", "PassResult", "get_pass_class", "register_pass",
-           "registered_passes", "option", "DEFAULT_PIPELINE", "PassContext", "PassManager",
+__all__ = ["ALL_ANALYSES", "AnalysisPass", "Pass", "PassResult", "get_pass_class", "plugin_problems",
+           "register_pass", "registered_passes", "option", "DEFAULT_PIPELINE", "PassContext", "PassManager",
            "PassSpec", "format_pipeline", "parse_pipeline"]
