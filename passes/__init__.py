@@ -16,4 +16,13 @@ from winnow.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 
 __all__ = ["ALL_ANALYSES", "AnalysisPass", "Pass", "PassResult", "get_pass_class", "plugin_problems",
            "register_pass", "registered_passes", "option", "DEFAULT_PIPELINE", "PassContext", "PassManager",
-           "PassSpec", "format_pipeline", "parse_pipeline"]
+           "PassSpec", "format_pipeline", "parse_pipeline", "RulePass"]
+
+
+def __getattr__(name: str):
+    """`RulePass` is imported on first use (it imports onnxscript's rewriter)."""
+    if name == "RulePass":
+        from winnow.passes.rule_pass import RulePass
+
+        return RulePass
+    raise AttributeError(f"module 'winnow.passes' has no attribute {name!r}")
