@@ -13,12 +13,13 @@ import numpy as np
 from winnow.benchmark import (
     Timing,
     available_cpus,
-    bench_session_options,
     paired_ratios,
     peak_rss_mb,
     time_interleaved,
+    timing_session,
 )
 from winnow.errors import ExecutionError, SourceError, UnsupportedModelError
+from winnow.ir.user_inputs import UserInputs
 
 DEFAULT_SEQ = 64  # symbolic non-batch dims of random feeds when --seq is not given
 INT_HIGH = 100  # random integer inputs (token ids, indices) are drawn from [0, INT_HIGH)
@@ -97,9 +98,13 @@ def zoo_feeds(name: str, specs: Sequence[Spec], batch: int = 1,
 
 
 def build_feeds(manifest: Mapping[str, Any], batch: int = 1, seq: int | None = None,
-                random: bool = False) -> tuple[dict[str, np.ndarray], str]:
-    """Feeds for an artifact and a description: zoo held-out data when the source is zoo:NAME."""
+                random: bool = False, user_inputs: UserInputs | None = None
+                ) -> tuple[dict[str, np.ndarray], str]:
+    """Feeds for an artifact and a description: the inputs the user gave (--input-shapes /
+    --example-inputs), else zoo held-out data when the source is zoo:NAME, else random data."""
     specs = manifest.get("inputs") or []
+    if user_inputs is not None:
+        return user_inputs.feeds(specs, FEED_SEED), user_inputs.origin
     source = str(manifest.get("source") or "")
     if source.startswith("zoo:") and not random:
         return zoo_feeds(source[4:], specs, batch, seq), f"{source} held-out data"
@@ -108,16 +113,14 @@ def build_feeds(manifest: Mapping[str, Any], batch: int = 1, seq: int | None = N
 
 
 def open_session(model_path: Path, threads: int) -> Any:
-    """An ORT CPU session: all graph optimizations, `threads` intra-op threads, no spin-waiting."""
+    """The timing session (benchmark.timing_session) of an artifact's model, its external data checked."""
     import onnx
-    import onnxruntime as ort
 
     from winnow.frontend.onnx_file import check_external_data
 
     check_external_data(onnx.load(str(model_path), load_external_data=False), model_path.parent)
     try:
-        return ort.InferenceSession(str(model_path), bench_session_options(threads),
-                                    providers=["CPUExecutionProvider"])
+        return timing_session(model_path, threads)
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         raise ExecutionError(f"ONNX Runtime cannot load '{model_path}': "
                              f"{str(exc).strip().splitlines()[0]}") from None
@@ -216,11 +219,13 @@ class BenchResult:
 
 def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int | None = None,
           batch: int = 1, seq: int | None = None, repeats: int = 20, warmup: int = 5,
-          random: bool = False, memory: bool = True) -> BenchResult:
+          random: bool = False, memory: bool = True,
+          user_inputs: UserInputs | None = None) -> BenchResult:
     """Time `artifact` (and `other`, interleaved A B A B ...) on the same feeds.
 
     Feeds come from A's manifest: the zoo's held-out data for `zoo:NAME` sources (unless
-    `random`), random data shaped by the input specs otherwise. Peak RSS is measured
+    `random`), random data shaped by the input specs otherwise; `user_inputs` (--input-shapes /
+    --example-inputs) replace both, and `batch`/`seq` then do not apply. Peak RSS is measured
     afterwards, each artifact in a fresh process.
     """
     for name, value in (("batch", batch), ("repeats", repeats)):
@@ -230,7 +235,7 @@ def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int
     benches = [_open("A", artifact, threads)]
     if other is not None:
         benches.append(_open("B", other, threads))
-    feeds, description = build_feeds(benches[0].manifest, batch, seq, random)
+    feeds, description = build_feeds(benches[0].manifest, batch, seq, random, user_inputs)
     for b in benches[1:]:
         _check_inputs(b, feeds, benches[0])
     outputs = [b.run(feeds) for b in benches]  # fails early, with a clear message
@@ -257,7 +262,8 @@ def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int
         ratio = {**r, "pairs": repeats, "speedup": speed["median"]}
         agreement = _agreement(benches, outputs)
     warnings = [w for w in (timings[b.label].noise_warning() for b in benches) if w]
-    settings = {"threads": threads, "batch": batch, "seq": _seq_used(feeds, benches[0].manifest),
+    settings = {"threads": threads, "batch": batch if user_inputs is None else None,
+                "seq": _seq_used(feeds, benches[0].manifest),
                 "repeats": repeats, "warmup": warmup, "feeds": description,
                 "graph_optimization": "all", "spin_wait": False}
     inputs = [{"name": k, "dtype": v.dtype.name, "shape": list(v.shape)} for k, v in feeds.items()]

@@ -78,6 +78,47 @@ def bench_session_options(threads: int = 0) -> Any:
     return options
 
 
+def first_samples(feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """The first `batch` samples of a batch of feeds (every input sliced on its first axis)."""
+    return {k: (v[:batch] if np.ndim(v) >= 1 else v) for k, v in feeds.items()}
+
+
+def timing_session(model: Any, threads: int | None = None) -> Any:
+    """The ORT CPU session every winnow timer uses (`winnow bench`, the driver, the bench scripts):
+    `bench_session_options`, `threads` intra-op threads (default: the CPUs this process may use).
+
+    `model` is an ir.Model, an onnx.ModelProto, ONNX bytes or a path to a .onnx/.ort file.
+    """
+    import onnxruntime as ort
+
+    from winnow.ir.execute import model_bytes
+
+    if isinstance(model, (str, Path)):
+        source: Any = str(model)
+    else:
+        source = model if isinstance(model, bytes) else model_bytes(model)
+    options = bench_session_options(available_cpus() if threads is None else threads)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def session_runner(session: Any, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
+    """A no-argument runner of `session` on the feeds it takes (extra feeds are left out)."""
+    names = {i.name for i in session.get_inputs()}
+    own = {k: v for k, v in feeds.items() if k in names}
+    return lambda: session.run(None, own)
+
+
+def latency_ratio(base: Any, candidate: Any, feeds: Mapping[str, np.ndarray], repeats: int = 20,
+                  warmup: int = 3, threads: int | None = None) -> dict[str, float]:
+    """Speed-up of `candidate` over `base` (median, min, max of base/candidate per round), both in
+    `timing_session`s on the same feeds, timed interleaved: the same measurement as `winnow bench
+    A --vs B` makes on two artifacts."""
+    runners = {"base": session_runner(timing_session(base, threads), feeds),
+               "cand": session_runner(timing_session(candidate, threads), feeds)}
+    timings = time_interleaved(runners, repeats=repeats, warmup=warmup)
+    return paired_ratios(timings["base"], timings["cand"])
+
+
 def time_interleaved(runners: Mapping[str, Callable[[], Any]], repeats: int = 20,
                      warmup: int = 3, desc: str | None = None) -> dict[str, Timing]:
     """Time each runner `repeats` times, interleaved round by round, after `warmup` rounds.

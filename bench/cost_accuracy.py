@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from winnow.benchmark import available_cpus, bench_session_options, machine_info, time_interleaved
+from winnow.benchmark import available_cpus, machine_info, time_interleaved, timing_session
 from winnow.cost_model import predict
 from winnow.cost_model.op_costs import resolve_dims
 from winnow.errors import WinnowError
@@ -118,12 +118,9 @@ def feeds(model: ir.Model, size: dict[str, Any]) -> dict[str, np.ndarray]:
 def measure_group(models: dict[str, ir.Model], paths: dict[str, Path], size: dict[str, Any],
                   repeats: int, threads: int) -> dict[str, float]:
     """Median latency (s) of each variant at one size, timed interleaved."""
-    import onnxruntime as ort
-
     runners = {}
     for label, path in paths.items():
-        session = ort.InferenceSession(str(path), bench_session_options(threads),
-                                       providers=["CPUExecutionProvider"])
+        session = timing_session(path, threads)
         batch = feeds(models[label], size)
         runners[label] = (lambda s=session, f=batch: s.run(None, f))
     timings = time_interleaved(runners, repeats=repeats, warmup=3)

@@ -5,6 +5,10 @@ held-out fidelity, task metric, and latency ratio vs the original (ORT, interlea
 
     python bench/layer_drop.py [--models minilm,tiny-gpt,digits-vit] [--ks 1,2,3] [--levels ...]
                                [--replacements identity,linear,context] [--repeats 20]
+                               [--batch 1] [--threads N]
+
+Latency is timed exactly as `winnow bench A --vs B` times two artifacts (benchmark.latency_ratio:
+the same session options, interleaved rounds, median of paired ratios), at batch 1 by default.
 
 Prints a markdown table and saves it, with the command line, under --out (default: a new
 temporary folder; `--out bench/results` keeps it with the repository). Progress (tqdm) on stderr.
@@ -26,9 +30,8 @@ import onnxruntime as ort
 
 import winnow.progress
 from winnow import models_zoo
-from winnow.benchmark import paired_ratios, time_interleaved
+from winnow.benchmark import available_cpus, first_samples, latency_ratio
 from winnow.fidelity import evaluate_zoo
-from winnow.ir.execute import model_bytes, session_options
 from winnow.ir.regions import find_regions
 from winnow.passes import PassContext, PassManager
 from winnow.passes.analysis.calibration import task_options
@@ -69,25 +72,14 @@ def selections(base_ir, level, k, ctx, replacement):
     return out
 
 
-def latency_ratio(base_ir, model, feeds, repeats, threads):
-    """Median paired latency ratio original/candidate on one held-out batch."""
-    sessions = {}
-    for name, m in (("base", base_ir), ("cand", model)):
-        sessions[name] = ort.InferenceSession(model_bytes(m), session_options(threads, True),
-                                              providers=["CPUExecutionProvider"])
-    timings = time_interleaved({n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()},
-                               repeats=repeats)
-    return paired_ratios(timings["base"], timings["cand"])["median"]
-
-
-def bench_model(name, ks, repeats, threads, levels=None, replacements=REPLACEMENTS):
+def bench_model(name, ks, repeats, threads, levels=None, replacements=REPLACEMENTS, batch=1):
     """Rows of the table for one zoo model."""
     zm = models_zoo.get(name)
     base_ir = zm.load_ir()
     ctx = PassContext(calibration=zm.calibration(), options=task_options(f"zoo:{zm.name}", base_ir))
     ref_cos, ref_metric, metric_name = score(zm, base_ir)
     rows = [(name, "-", 0, "original", "-", ref_cos, ref_metric, metric_name, 1.0)]
-    feeds = zm.heldout()[0]
+    feeds = first_samples(zm.heldout()[0], batch)
     configs = [(level, k, replacement) for level in levels or LEVELS.get(name, ("block",))
                for k in ks for replacement in replacements]
     overall = winnow.progress.counter(f"{name}: level x k x replacement", len(configs))
@@ -100,7 +92,7 @@ def bench_model(name, ks, repeats, threads, levels=None, replacements=REPLACEMEN
             model = drop(zm, base_ir, regions, replacement)
             results[label] = (regions, *score(zm, model)[:2])
             timed = model if label == "similarity" else timed
-        ratio = latency_ratio(base_ir, timed, feeds, repeats, threads)
+        ratio = latency_ratio(base_ir, timed, feeds, repeats, threads=threads)["median"]
         for label in ("similarity", "das-skip", "first-k"):
             regions, cos, metric = results[label]
             rows.append((name, level, k, f"{label} ({', '.join(regions)})", replacement,
@@ -133,7 +125,10 @@ def main(argv=None):
     parser.add_argument("--levels", default="", help="e.g. attention,block (default: per model)")
     parser.add_argument("--replacements", default=",".join(REPLACEMENTS))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ORT intra-op threads (default: the CPUs this process may use)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="held-out samples per timed run (default 1, as `winnow bench`)")
     parser.add_argument("--out", default=None,
                         help="folder for the results file (default: a new temporary folder)")
     args = parser.parse_args(argv)
@@ -143,7 +138,7 @@ def main(argv=None):
     for name in args.models.split(","):
         levels = [lv for lv in args.levels.split(",") if lv] or None
         rows += bench_model(name, ks, args.repeats, args.threads, levels,
-                            tuple(args.replacements.split(",")))
+                            tuple(args.replacements.split(",")), args.batch)
     text = table(rows)
     print(text)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
@@ -151,7 +146,8 @@ def main(argv=None):
     header = (f"# layer dropping evidence\n\ncommand: `python bench/layer_drop.py {command}`\n\n"
               f"machine: {platform.processor() or platform.machine()}, ORT {ort.__version__}, "
               f"latency ratio = original/candidate median of paired interleaved runs on one "
-              f"held-out batch, {args.threads} threads; random = mean over {RANDOM_SEEDS} seeds "
+              f"held-out batch of {args.batch} in benchmark.timing_session (the sessions `winnow bench` times), "
+              f"{args.threads or available_cpus()} threads; random = mean over {RANDOM_SEEDS} seeds "
               "(latency measured on the similarity choice). Selections are judged for the replacement: "
               "similarity ranks by cos(X, Y) for identity and by the cross-fitted linear-adapter "
               "cosine for linear/context; das-skip gates to the entry or to entry + linear adapter. "

@@ -52,10 +52,10 @@ from winnow import models_zoo, progress
 from winnow.benchmark import (
     Timing,
     available_cpus,
-    bench_session_options,
     machine_info,
     paired_ratios,
     time_interleaved,
+    timing_session,
 )
 
 DEFAULT_MODELS = ("minilm", "digits-cnn", "digits-vit", "tiny-gpt", "ppocr-det", "ppocr-rec")
@@ -131,11 +131,8 @@ quiet_output = progress.quiet_libraries
 
 
 def ort_runner(path: Path, threads: int) -> Callable[[Feeds], Outputs]:
-    """An ORT CPU session (all graph optimizations, `threads` threads, no spinning) as a runner."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), bench_session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    """The timing session (benchmark.timing_session) of a model file as a runner of named outputs."""
+    session = timing_session(path, threads)
     names = [o.name for o in session.get_outputs()]
     inputs = {i.name for i in session.get_inputs()}
 

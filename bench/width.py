@@ -24,9 +24,8 @@ import onnxruntime as ort
 
 import winnow.progress
 from winnow import models_zoo
-from winnow.benchmark import paired_ratios, time_interleaved
+from winnow.benchmark import available_cpus, latency_ratio
 from winnow.fidelity import evaluate_zoo
-from winnow.ir.execute import model_bytes, session_options
 from winnow.passes import PassContext, PassManager
 from winnow.passes.analysis.calibration import task_options
 
@@ -75,14 +74,9 @@ def score(zm, model):
     return fid.cosine, fid.candidate_metric, fid.metric_name
 
 
-def latency_ratio(base, model, feeds, repeats, threads):
-    """Median paired latency ratio unpruned/pruned on one batch."""
-    sessions = {n: ort.InferenceSession(model_bytes(m), session_options(threads, True),
-                                        providers=["CPUExecutionProvider"])
-                for n, m in (("base", base), ("cand", model))}
-    timings = time_interleaved({n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()},
-                               repeats=repeats)
-    return paired_ratios(timings["base"], timings["cand"])["median"]
+def speedup(base, model, feeds, repeats, threads):
+    """Median paired latency ratio unpruned/pruned on one batch (benchmark.latency_ratio)."""
+    return latency_ratio(base, model, feeds, repeats, threads=threads)["median"]
 
 
 def rows_for(zm, base, shared, kind, ratio, sources, seeds, repeats, threads, feeds):
@@ -103,7 +97,7 @@ def rows_for(zm, base, shared, kind, ratio, sources, seeds, repeats, threads, fe
                      float(np.mean([r[0] for r in rand])),
                      None if rand[0][1] is None else float(np.mean([r[1] for r in rand])),
                      rand[0][2]])
-        speed = latency_ratio(base, timed, feeds, repeats, threads)
+        speed = speedup(base, timed, feeds, repeats, threads)
         for row in rows[-len(sources) - 1:]:
             row.append(speed)
             emit(table([row]).splitlines()[-1])
@@ -152,7 +146,7 @@ def target_rows(pipelines, repeats, threads):
     for pipeline in pipelines:
         model = pruned(zm, base, shared, pipeline)
         cos, metric, _ = score(zm, model)
-        speed = [latency_ratio(base, model, {k: v[:b] for k, v in held.items()}, repeats, threads)
+        speed = [speedup(base, model, {k: v[:b] for k, v in held.items()}, repeats, threads)
                  for b in (1, 8)]
         rows.append((pipeline, cos, metric, *speed))
         emit(target_table(rows[-1:]).splitlines()[-1])
@@ -197,7 +191,8 @@ def main(argv=None):
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ORT intra-op threads (default: the CPUs this process may use)")
     parser.add_argument("--target", action="store_true", help="also the minilm b1/b8 target rows")
     parser.add_argument("--pipelines", default="", help="target pipelines separated by ';' "
                         "(default: the built-in list)")
@@ -225,8 +220,9 @@ def main(argv=None):
     command = " ".join(argv or sys.argv[1:])
     header = (f"# width pruning evidence\n\ncommand: `python bench/width.py {command}`\n\n"
               f"machine: {platform.processor() or platform.machine()}, ORT {ort.__version__}, "
-              f"{args.threads} threads; latency ratio = unpruned/pruned median of paired "
-              "interleaved runs on one held-out batch (per-layer ratios give every source the "
+              f"{args.threads or available_cpus()} threads (benchmark.timing_session, as "
+              "`winnow bench`); latency ratio = unpruned/pruned median of paired interleaved "
+              "runs on one held-out batch (per-layer ratios give every source the "
               "same shapes, so latency is measured once per ratio and refit setting); random = "
               f"mean over {args.seeds} seeds; heads by entropy = highest entropy removed first.\n\n")
     out_dir = Path(args.out)

@@ -194,3 +194,34 @@ def test_peers_script_prints_every_row(tmp_path):
         assert needle in text
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["rows"]) == 8 and data["machine"]["available_cpus"] >= 1
+
+
+def _layer_drop_script():
+    """bench/layer_drop.py as a module (bench scripts are not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("layer_drop", REPO / "bench" / "layer_drop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_layer_drop_script_and_winnow_bench_agree_on_one_drop(tmp_path):
+    """bench/layer_drop.py's latency column and `winnow bench` measure the same drop alike (the
+    script once reported 2.43x where `winnow bench` measured 1.26x: its sessions spun-waited)."""
+    script = _layer_drop_script()
+    rows = script.bench_model("digits-vit", [1], repeats=40, threads=None, levels=["block"],
+                              replacements=("linear",), batch=1)
+    row = next(r for r in rows if r[3].startswith("similarity"))
+    region, script_ratio = row[3].split("(")[1].rstrip(")"), row[-1]
+    base, dropped = tmp_path / "base", tmp_path / "dropped"
+    compile_model("zoo:digits-vit", base)
+    assert invoke("compile", "zoo:digits-vit", "-o", dropped, "--max-drop", "1", "--pipeline",
+                  f"drop-layers{{regions=[{region}],replacement=linear}}").exit_code == 0
+    result = invoke("bench", dropped, "--vs", base, "--repeats", 40, "--no-rss", "--json")
+    assert result.exit_code == 0, result.output
+    bench_ratio = json.loads(result.stdout)["ratio"]["speedup"]
+    # One block of four with its adapter: neither harness can see more than 4/3 beyond noise.
+    assert script_ratio < 1.6 and bench_ratio < 1.6, (script_ratio, bench_ratio)
+    assert 1 / 1.3 < script_ratio / bench_ratio < 1.3, (script_ratio, bench_ratio)
