@@ -28,6 +28,7 @@ from winnow.backends.manifest import (
 )
 from winnow.errors import PipelineError, require_extra
 from winnow.frontend import load
+from winnow.ir.user_inputs import UserInputs
 from winnow.passes.analysis.calibration import pick_calibration, task_options
 from winnow.passes.base import AnalysisPass
 from winnow.passes.instruments import TimingInstrument
@@ -136,13 +137,16 @@ def suggest_compile(source: str, analyses: dict[str, Any]) -> str | None:
 def analyze_model(source: Any, out: str | Path, *,
                   passes: str | Sequence[PassSpec | PassBase] = DEFAULT_ANALYSES,
                   calibration: Any = None, overwrite: bool = False, example_inputs: Any = None,
-                  dynamic_shapes: Any = None) -> AnalysisResult:
+                  dynamic_shapes: Any = None, user_inputs: UserInputs | None = None
+                  ) -> AnalysisResult:
     """Load `source`, run the analysis passes and write analysis.json + report.html to `out`.
 
     Calibration data: `calibration` (a feed dict or a list of them) when given, else the zoo
     model's calibration split for 'zoo:NAME' / 'onnx:NAME', else the frontend's example feeds
-    (random feeds when there are none). `example_inputs`/`dynamic_shapes` go to `winnow.load`
-    (needed for an nn.Module source). `out` is written atomically: on any failure nothing is left.
+    (random feeds when there are none); `user_inputs` (--input-shapes / --example-inputs) come
+    before the zoo's split and the frontend's feeds. `example_inputs`/`dynamic_shapes` go to
+    `winnow.load` (needed for an nn.Module source). `out` is written atomically: on any failure
+    nothing is left.
     """
     from winnow import __version__
     from winnow.backends.manifest import check_output
@@ -158,6 +162,7 @@ def analyze_model(source: Any, out: str | Path, *,
     start = time.perf_counter()
     with progress.step("loading the model"):
         model = load(source, example_inputs, dynamic_shapes)
+        given = user_inputs.attach(model) if user_inputs is not None else None
     timings["load"] = time.perf_counter() - start
     mark = time.perf_counter()
     with progress.step("preparing calibration data"):
@@ -175,7 +180,8 @@ def analyze_model(source: Any, out: str | Path, *,
         "source": _source_name(source, model),
         "passes": manager.text,
         "model": _model_info(model),
-        "calibration": {"source": origin, "batches": len(batches), "samples": _samples(batches)},
+        "calibration": {"source": origin, "batches": len(batches), "samples": _samples(batches),
+                        **({"shapes": given["shapes"]} if given else {})},
         "regions": regions,
         "analyses": {pass_label(p): ctx.analyses.get(pass_label(p)) for p in manager.passes},
         "timings": timings,

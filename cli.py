@@ -14,7 +14,7 @@ import numpy as np
 
 from winnow import __version__, progress
 from winnow.compiler import DEFAULT_MAX_DROP
-from winnow.errors import SourceError, WinnowError
+from winnow.errors import WinnowError
 
 
 GLOBAL_FLAGS = ("--debug", "--quiet")
@@ -80,6 +80,24 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+INPUT_SHAPES_HELP = ("Shapes of the model's inputs for the check and calibration data, e.g. "
+                     "'input=1,512;state=2,1,128' (random values; dims shared by name carry over).")
+EXAMPLE_INPUTS_HELP = ".npz file with one array per model input (numpy.savez), used instead of random data."
+
+
+def _input_options(func: Any) -> Any:
+    """Add --input-shapes and --example-inputs to a command."""
+    func = click.option("--example-inputs", default=None, metavar="FILE.npz",
+                        help=EXAMPLE_INPUTS_HELP)(func)
+    return click.option("--input-shapes", default=None, metavar="TEXT", help=INPUT_SHAPES_HELP)(func)
+
+
+def _user_inputs(input_shapes: str | None, example_inputs: str | None) -> Any:
+    from winnow.ir.user_inputs import UserInputs
+
+    return UserInputs.from_options(input_shapes, example_inputs)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="winnow", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors (also after the subcommand).")
@@ -125,18 +143,26 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
               help="Optuna storage URL of the search (default: sqlite file OUT.search.db).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--force-overwrite", is_flag=True, help="Replace OUT when it is an earlier artifact.")
+@_input_options
 def compile(src: str, out: str, pipeline: str | None, config: str | None, backend: str,
             timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool, evaluate: bool,
             max_drop: float | None, force: bool, strict: bool, target: str | None,
             objective: str, time_budget: str, trials: int, study: str | None, as_json: bool,
-            force_overwrite: bool) -> None:  # noqa: A001 - the command's name
+            force_overwrite: bool, input_shapes: str | None,
+            example_inputs: str | None) -> None:  # noqa: A001 - the command's name
     """Optimize SRC (.onnx, HF folder, zoo:NAME) and write a deployable artifact to OUT.
 
     With --target, search drop/prune/fuse/quantize combinations within --max-drop and emit the
     cheapest that holds the budget on held-out data (the lossless pipeline when none does)."""
     from winnow.compiler import compile_model
 
+    user_inputs = _user_inputs(input_shapes, example_inputs)
     if target is not None:
+        if user_inputs is not None:
+            from winnow.errors import InputsError
+
+            raise InputsError("--input-shapes and --example-inputs are not used by the --target "
+                              "search; compile with --pipeline to check on them.")
         _compile_search(src, out, pipeline or config, target, objective, time_budget, trials,
                         study, max_drop, force_overwrite, as_json)
         return
@@ -144,7 +170,8 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
     result = compile_model(src, out, pipeline=pipeline, config=config, backend=backend,
                            timings=timings, dump_ir=dump_ir, verify_each=verify_each,
                            overwrite=force_overwrite, check=not no_check, evaluate=evaluate,
-                           max_drop=max_drop, force=force, strict=strict)
+                           max_drop=max_drop, force=force, strict=strict,
+                           user_inputs=user_inputs)
     if as_json:
         _dump(result.to_dict())
         return
@@ -239,7 +266,7 @@ def _fidelity_text(fid: dict[str, Any]) -> str:
     err, cos = fid.get("max_abs_error"), fid.get("min_cosine")
     if err is None:
         return f"not comparable: {fid.get('error', 'no numeric outputs')}"
-    return f"max abs error {err:.3g}, min cosine {cos:.6f} vs source ({fid.get('feeds')} inputs)"
+    return f"max abs error {err:.3g}, min cosine {cos:.6f} vs source (inputs: {fid.get('feeds')})"
 
 
 def _rollback_text(record: dict[str, Any]) -> str:
@@ -266,11 +293,14 @@ def _heldout_text(fid: dict[str, Any]) -> str:
               metavar="TEXT", help="Analysis passes to run (pipeline text).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (analysis.json and the files).")
 @click.option("--force-overwrite", is_flag=True, help="Replace OUT when it is an earlier winnow output.")
-def analyze(src: str, out: str, passes_text: str, as_json: bool, force_overwrite: bool) -> None:
+@_input_options
+def analyze(src: str, out: str, passes_text: str, as_json: bool, force_overwrite: bool,
+            input_shapes: str | None, example_inputs: str | None) -> None:
     """Measure where SRC is redundant; write analysis.json and report.html (plots) to OUT."""
     from winnow.analyzer import analyze_model
 
-    result = analyze_model(src, out, passes=passes_text, overwrite=force_overwrite)
+    result = analyze_model(src, out, passes=passes_text, overwrite=force_overwrite,
+                           user_inputs=_user_inputs(input_shapes, example_inputs))
     if as_json:
         _dump(result.to_dict())
         return
@@ -387,24 +417,6 @@ def inspect(src: str, as_json: bool) -> None:
                        f"{'' if block['droppable'] else '  (not droppable)'}")
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise SourceError(f"inputs file '{path}' does not exist; give an .npz file.") from None
-    except EOFError:
-        raise SourceError(f"inputs file '{path}' is empty or truncated; write it with "
-                          "numpy.savez.") from None
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"inputs file '{path}' is not a readable .npz of arrays ({exc}); "
-                          "write it with numpy.savez.") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise SourceError(f"inputs file '{path}' holds a single array, not named arrays; write "
-                          "it with numpy.savez(path, input_name=array, ...).")
-    with data:
-        return {k: data[k] for k in data.files}
-
-
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -422,13 +434,27 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 @cli.command(name="run")
 @click.argument("artifact")
-@click.option("--inputs", "inputs_path", required=True, metavar="FILE.npz", help=".npz file with one array per input.")
+@click.option("--inputs", "--example-inputs", "inputs_path", default=None, metavar="FILE.npz",
+              help=".npz file with one array per input.")
+@click.option("--input-shapes", default=None, metavar="TEXT",
+              help="Run on random data of these shapes instead, e.g. 'input=1,512;state=2,1,128'.")
 @click.option("-o", "--out", default=None, metavar="OUT.npz", help="Write the outputs to this .npz file.")
-def run_cmd(artifact: str, inputs_path: str, out: str | None) -> None:
-    """Run a compiled artifact on inputs from an .npz file."""
-    from winnow.backends.ort import run_artifact
+def run_cmd(artifact: str, inputs_path: str | None, input_shapes: str | None,
+            out: str | None) -> None:
+    """Run a compiled artifact on inputs from an .npz file (or random data of given shapes)."""
+    from winnow.backends.ort import load_artifact, run_artifact
+    from winnow.errors import InputsError
+    from winnow.ir.user_inputs import load_npz
 
-    outputs = run_artifact(artifact, _load_npz(inputs_path))
+    if inputs_path is None and input_shapes is None:
+        raise InputsError("give the inputs to run on: --inputs FILE.npz, or --input-shapes "
+                          "'name=D1,D2,...' for random data.")
+    if input_shapes is not None:
+        specs = load_artifact(artifact).manifest.get("inputs") or []
+        feeds = _user_inputs(input_shapes, inputs_path).feeds(specs)
+    else:
+        feeds = load_npz(inputs_path, "--inputs")
+    outputs = run_artifact(artifact, feeds)
     for name, value in outputs.items():
         value = np.asarray(value)
         click.echo(f"{name}  {value.dtype}  {list(value.shape)}")
@@ -448,13 +474,18 @@ def run_cmd(artifact: str, inputs_path: str, out: str | None) -> None:
 @click.option("--random-feeds", is_flag=True, help="Random feeds even when the source is a zoo model.")
 @click.option("--no-rss", is_flag=True, help="Skip the peak-memory measurement (a fresh process per artifact).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_input_options
 def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq: int | None,
-          repeats: int, warmup: int, random_feeds: bool, no_rss: bool, as_json: bool) -> None:
-    """Time ARTIFACT (and OTHER_DIR): median/min/max latency, A/B ratio, peak RSS."""
+          repeats: int, warmup: int, random_feeds: bool, no_rss: bool, as_json: bool,
+          input_shapes: str | None, example_inputs: str | None) -> None:
+    """Time ARTIFACT (and OTHER_DIR): median/min/max latency, A/B ratio, peak RSS.
+
+    --input-shapes / --example-inputs replace the feeds --batch and --seq would build."""
     from winnow.bench_artifacts import bench as run_bench
 
     result = run_bench(artifact, other, threads=threads, batch=batch, seq=seq, repeats=repeats,
-                       warmup=warmup, random=random_feeds, memory=not no_rss)
+                       warmup=warmup, random=random_feeds, memory=not no_rss,
+                       user_inputs=_user_inputs(input_shapes, example_inputs))
     if as_json:
         _dump(result.to_dict())
     else:

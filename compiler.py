@@ -33,9 +33,10 @@ from winnow.errors import (
 )
 from winnow.fidelity import array_agreement, evaluate_zoo, lossless_mismatch
 from winnow.fidelity import evaluate as evaluate_fidelity
-from winnow.frontend import example_feeds, load
+from winnow.frontend import load
 from winnow.ir.execute import fit_ir_version, get_session, run, runtime_limits_problem
-from winnow.ir.inputs import feeds_for
+from winnow.ir.inputs import feeds_for, feeds_origin
+from winnow.ir.user_inputs import UserInputs, user_inputs_record
 from winnow.passes.instruments import (
     DumpIRInstrument,
     LosslessGuard,
@@ -128,7 +129,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   overwrite: bool = False, check: bool = True, example_inputs: Any = None,
                   dynamic_shapes: Any = None, calibration: Any = None, evaluate: bool = False,
                   max_drop: float = DEFAULT_MAX_DROP, force: bool = False,
-                  strict: bool = False, judge_data: Any = None) -> CompileResult:
+                  strict: bool = False, judge_data: Any = None,
+                  user_inputs: UserInputs | None = None) -> CompileResult:
     """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
 
     `example_inputs`/`dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
@@ -140,6 +142,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     the source has none, or a changed output count or shape, are refused.
     With `check`, each lossless pass is checked on the check inputs and rolled back when it
     changed the outputs (recorded in fidelity['rolled_back']); with `strict` that fails instead.
+    `user_inputs` (--input-shapes / --example-inputs) are the check inputs and the default
+    calibration data instead of invented ones; fidelity['check_inputs'] records them.
     """
     emit = get_backend(backend)
     check_max_drop(max_drop)
@@ -157,6 +161,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     phases: dict[str, float] = {}
     with _phase(phases, "load", "loading the model"):
         model = load(source, example_inputs, dynamic_shapes)
+        if user_inputs is not None:
+            user_inputs.attach(model)
     notes = [n for n in (fit_ir_version(model),) if n]
     before = (node_count(model), param_stats(model))
     feeds, reference, guard = None, None, None
@@ -330,8 +336,15 @@ def _run_source(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, Any]
     try:
         return run(model, feeds)
     except ExecutionError as exc:
-        return {"measured": False, "reason": f"the source model does not run on the generated "
-                                             f"check inputs: {exc}"}
+        return {"measured": False, "reason": _not_run_reason(model, exc)}
+
+
+def _not_run_reason(model: ir.Model, exc: ExecutionError) -> str:
+    """Why the check could not run, with the way out when winnow invented the inputs."""
+    if user_inputs_record(model) is not None:
+        return f"the source model does not run on the check inputs ({feeds_origin(model)}): {exc}"
+    return (f"the source model does not run on the generated check inputs ({exc}); give inputs "
+            "that fit it with --input-shapes or --example-inputs")
 
 
 def _lossless_guard(model: ir.Model, feeds: dict[str, np.ndarray], reference: dict,
@@ -348,11 +361,13 @@ def _lossless_guard(model: ir.Model, feeds: dict[str, np.ndarray], reference: di
 
 
 def _fidelity(model: ir.Model, feeds: dict[str, np.ndarray], reference: dict) -> dict[str, Any]:
+    given = user_inputs_record(model)
+    extra = {"check_inputs": given} if given is not None else {}
     if reference.get("measured") is False:
-        return reference
+        return {**reference, **extra}
     fidelity = compare_outputs(reference, run(model, feeds))
-    fidelity["feeds"] = "example" if example_feeds(model) is not None else "random (seed 0)"
-    return fidelity
+    fidelity["feeds"] = feeds_origin(model)
+    return {**fidelity, **extra}
 
 
 def compare_outputs(reference: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,10 @@ class OutputExistsError(OutputError):
         return self._sentence("--force-overwrite")
 
 
+class InputsError(WinnowError):
+    """Inputs given for a model (--input-shapes, --example-inputs) are malformed or do not fit it."""
+
+
 class FidelityError(WinnowError):
     """A lossy result fell below the fidelity budget."""
 

@@ -33,3 +33,13 @@ def feeds_for(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
     """The frontend's example feeds when it attached some, otherwise random feeds."""
     feeds = example_feeds(model)
     return dict(feeds) if feeds is not None else random_feeds(model, seed)
+
+
+def feeds_origin(model: ir.Model) -> str:
+    """Where `feeds_for(model)` takes its feeds from, in words."""
+    from winnow.ir.user_inputs import user_inputs_record
+
+    record = user_inputs_record(model)
+    if record is not None:
+        return record["origin"]
+    return "example" if example_feeds(model) is not None else "random (seed 0)"

@@ -11,7 +11,8 @@ import onnx_ir as ir
 from winnow.errors import SourceError
 from winnow.frontend import example_feeds
 from winnow.ir.execute import run
-from winnow.ir.inputs import feeds_for
+from winnow.ir.inputs import feeds_for, feeds_origin
+from winnow.ir.user_inputs import user_inputs_record
 
 
 def calibration_batches(model: ir.Model, ctx: Any) -> list[dict[str, np.ndarray]]:
@@ -39,10 +40,13 @@ def _as_batches(data: Any) -> list[dict[str, np.ndarray]]:
 
 def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
                      ) -> tuple[list[dict[str, np.ndarray]], str]:
-    """The calibration batches and where they came from: explicit, the zoo model's calibration
-    split, the frontend's example feeds, or random feeds (seed 0)."""
+    """The calibration batches and where they came from: explicit, the inputs the user gave
+    (--input-shapes / --example-inputs), the zoo model's calibration split, the frontend's
+    example feeds, or random feeds (seed 0)."""
     if calibration is not None:
         return _as_batches(calibration), "explicit"
+    if user_inputs_record(model) is not None:
+        return [feeds_for(model)], feeds_origin(model)
     entry = _zoo_entry(source, model)
     if entry is not None:
         batches = entry.calibration()
