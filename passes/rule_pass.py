@@ -47,10 +47,10 @@ class RulePass(Pass):
         from winnow.passes.manager import PassContext
 
         rules = named_rules(self.rules)
-        by_rule = dict.fromkeys(rules, 0)
+        by_rule = dict.fromkeys((label for label, _ in rules), 0)
         for _ in range(self.config.max_iterations):
             applied = 0
-            for label, rule in rules.items():
+            for label, rule in rules:
                 count = RewriteRuleSet([rule]).apply_to_model(model)
                 by_rule[label] += count
                 applied += count
@@ -61,8 +61,9 @@ class RulePass(Pass):
         return PassResult(model, modified=total > 0)
 
 
-def named_rules(rules: Sequence[Any]) -> dict[str, RewriteRule]:
-    """The rules as `RewriteRule`s by label; TypeError when empty or holding something else."""
+def named_rules(rules: Sequence[Any]) -> list[tuple[str, RewriteRule]]:
+    """The rules as (label, `RewriteRule`) pairs, label = the rule's name or `rule<index>` (the
+    commuted variants of one rule share its name); TypeError when empty or not rules."""
     flat: list[RewriteRule] = []
     for item in rules:
         if isinstance(item, RewriteRuleSet):
@@ -76,8 +77,4 @@ def named_rules(rules: Sequence[Any]) -> dict[str, RewriteRule]:
                             "RewriteRuleClassBase subclass or RewriteRuleSet")
     if not flat:
         raise TypeError("`rules` is empty; give at least one onnxscript RewriteRule")
-    labels: dict[str, RewriteRule] = {}
-    for index, rule in enumerate(flat):
-        label = rule.name or f"rule{index}"
-        labels[label if label not in labels else f"{label}#{index}"] = rule
-    return labels
+    return [(rule.name or f"rule{index}", rule) for index, rule in enumerate(flat)]
