@@ -7,6 +7,7 @@ from winnow.passes.rewrite import (  # noqa: F401
     drop_layers,
     fold_constants,
     fuse,
+    lmul,
     prune_channels,
     prune_heads,
     quantize,
