@@ -50,6 +50,10 @@ class ExecutionError(WinnowError):
     """ONNX Runtime could not build or run a session for a model."""
 
 
+class TargetError(WinnowError):
+    """A compile target is unknown, or its toolchain (cross compiler, emulator) is missing."""
+
+
 class OutputError(WinnowError):
     """An output folder cannot be written."""
 
