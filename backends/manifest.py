@@ -117,6 +117,28 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def artifact_manifest(model: ir.Model, backend: str, folder: Path, names: list[str], *,
+                      pipeline_text: str, source: str | None, passes: list[dict[str, Any]] | None,
+                      fidelity: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest fields every backend writes: format, backend, source, pipeline, what each
+    pass did, the model's inputs/outputs, node and parameter counts, checksums of `names`."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "backend": backend,
+        "source": source if source is not None else model.metadata_props.get("winnow.source"),
+        "pipeline": pipeline_text,
+        "passes": passes or [],
+        "ir_version": model.ir_version,
+        "opset_imports": dict(model.opset_imports),
+        **io_spec(model),
+        "nodes": node_count(model),
+        "params": param_stats(model),
+        "files": file_entries(folder, names),
+        "fidelity": fidelity,
+    }
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Write `manifest.json` (strict JSON, sorted keys) into `folder`."""
     text = json.dumps(jsonable(manifest), indent=2, sort_keys=True, allow_nan=False, default=str)

@@ -21,12 +21,8 @@ from onnxruntime.tools.convert_onnx_models_to_ort import (
 
 from winnow.backends.manifest import (
     MANIFEST_FILE,
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
     Artifact,
-    file_entries,
-    io_spec,
-    node_count,
+    artifact_manifest,
     param_stats,
     read_manifest,
     staging,
@@ -60,23 +56,9 @@ def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
         names = write_model(model, tmp, external_data)
         ort_format = convert_to_ort(tmp / MODEL_FILE)
         names += ort_format.pop("files")
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "format_version": MANIFEST_VERSION,
-            "backend": "ort",
-            "source": source if source is not None else model.metadata_props.get("winnow.source"),
-            "pipeline": pipeline_text,
-            "passes": passes or [],
-            **_versions(),
-            "ir_version": model.ir_version,
-            "opset_imports": dict(model.opset_imports),
-            **io_spec(model),
-            "nodes": node_count(model),
-            "params": param_stats(model),
-            "files": file_entries(tmp, names),
-            "ort_format": ort_format,
-            "fidelity": fidelity,
-        }
+        manifest = {**artifact_manifest(model, "ort", tmp, names, pipeline_text=pipeline_text,
+                                        source=source, passes=passes, fidelity=fidelity),
+                    **_versions(), "ort_format": ort_format}
         write_manifest(tmp, manifest)
     return Artifact(Path(out_dir), [*names, MANIFEST_FILE], manifest)
 
