@@ -167,6 +167,8 @@ def _load_plugin(ep: importlib.metadata.EntryPoint) -> str | None:
         detail = (str(exc).strip().splitlines() or [""])[0]
         return f"{origin} failed to import ({type(exc).__name__}: {detail}); {fix}."
     try:
+        if isinstance(cls, type) and issubclass(cls, Pass):
+            cls.check_definition()
         if isinstance(cls, type) and issubclass(cls, Pass) and cls.name != ep.name:
             raise PassRegistrationError(
                 f"it names pass '{ep.name}' but {_class_origin(cls)} is named '{cls.name}'.")
