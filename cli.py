@@ -132,7 +132,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--strict", is_flag=True,
               help="Fail (exit 2) when a lossless pass changes the outputs, instead of rolling it back.")
 @click.option("--target", default=None, metavar="T",
-              help="Search pass combinations for target T ('host') instead of running one pipeline.")
+              help="Search pass combinations for target T ('host') instead of running one pipeline; "
+                   "with --backend tvm, the library's target (host, aarch64).")
 @click.option("--objective", default="latency", show_default=True, metavar="NAME",
               help="What the search minimises: latency or size.")
 @click.option("--time-budget", default="10m", show_default=True, metavar="DURATION",
@@ -157,6 +158,9 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
     from winnow.compiler import compile_model
 
     user_inputs = _user_inputs(input_shapes, example_inputs)
+    backend_options = None
+    if backend != "ort":  # --target names the backend's target (TVM: host, aarch64)
+        backend_options, target = ({"target": target} if target is not None else {}), None
     if target is not None:
         if user_inputs is not None:
             from winnow.errors import InputsError
@@ -171,7 +175,7 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
                            timings=timings, dump_ir=dump_ir, verify_each=verify_each,
                            overwrite=force_overwrite, check=not no_check, evaluate=evaluate,
                            max_drop=max_drop, force=force, strict=strict,
-                           user_inputs=user_inputs)
+                           user_inputs=user_inputs, backend_options=backend_options)
     if as_json:
         _dump(result.to_dict())
         return
@@ -442,7 +446,8 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 def run_cmd(artifact: str, inputs_path: str | None, input_shapes: str | None,
             out: str | None) -> None:
     """Run a compiled artifact on inputs from an .npz file (or random data of given shapes)."""
-    from winnow.backends.ort import load_artifact, run_artifact
+    from winnow.backends import run_artifact
+    from winnow.backends.ort import load_artifact
     from winnow.errors import InputsError
     from winnow.ir.user_inputs import load_npz
 

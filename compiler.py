@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import onnx_ir as ir
 from onnx_ir.passes import PassBase
 
 from winnow import progress
+from winnow.backends import BACKENDS, backend_module  # noqa: F401 - BACKENDS: the registry
 from winnow.backends.manifest import (
     Artifact,
     check_output,
@@ -29,7 +29,6 @@ from winnow.errors import (
     OutputError,
     PipelineError,
     UnsupportedModelError,
-    WinnowError,
 )
 from winnow.fidelity import array_agreement, evaluate_zoo, lossless_mismatch
 from winnow.fidelity import evaluate as evaluate_fidelity
@@ -47,8 +46,6 @@ from winnow.passes.instruments import (
 from winnow.passes.analysis.calibration import pick_calibration, split_batch, task_options
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, pass_label
 from winnow.passes.pipeline import PassSpec, load_pipeline_file
-
-BACKENDS = {"ort": "winnow.backends.ort"}
 
 Pipeline = str | Sequence[PassSpec | PassBase]
 DEFAULT_MAX_DROP = 0.02
@@ -95,9 +92,7 @@ class CompileResult:
 
 def get_backend(name: str) -> Callable[..., Artifact]:
     """The `emit` function of a backend, or a WinnowError listing the valid backends."""
-    if name not in BACKENDS:
-        raise WinnowError(f"unknown backend '{name}'; valid backends are: {', '.join(BACKENDS)}.")
-    return importlib.import_module(BACKENDS[name]).emit
+    return backend_module(name).emit
 
 
 def resolve_pipeline(pipeline: Pipeline | None, config: str | Path | None) -> Pipeline:
@@ -130,7 +125,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   dynamic_shapes: Any = None, calibration: Any = None, evaluate: bool = False,
                   max_drop: float = DEFAULT_MAX_DROP, force: bool = False,
                   strict: bool = False, judge_data: Any = None,
-                  user_inputs: UserInputs | None = None) -> CompileResult:
+                  user_inputs: UserInputs | None = None,
+                  backend_options: Mapping[str, Any] | None = None) -> CompileResult:
     """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
 
     `example_inputs`/`dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
@@ -144,6 +140,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     changed the outputs (recorded in fidelity['rolled_back']); with `strict` that fails instead.
     `user_inputs` (--input-shapes / --example-inputs) are the check inputs and the default
     calibration data instead of invented ones; fidelity['check_inputs'] records them.
+    `backend_options` go to the backend's emit (TVM: target, shapes, schedules).
     """
     emit = get_backend(backend)
     check_max_drop(max_drop)
@@ -203,7 +200,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     passes = pass_entries(manager.passes, recorder, verifier, guard)
     with _phase(phases, "emit", f"writing {out}"):
         artifact = emit(model, out, pipeline_text=manager.text, fidelity=fidelity, source=name,
-                        overwrite=overwrite, passes=passes)
+                        overwrite=overwrite, passes=passes, **(backend_options or {}))
     return CompileResult(artifact, name, manager.text, before[0], node_count(model), before[1],
                          param_stats(model), fidelity, timer.records if timer else [], phases,
                          passes)

@@ -1,0 +1,347 @@
+"""TVM backend: ONNX -> Relax -> a native library `model.so` for the host or aarch64 Linux.
+
+The model's symbolic dims are bound to the example (or calibration) feeds' sizes first and
+onnxscript's optimizer folds the shape arithmetic that then becomes constant: TVM's ONNX frontend
+cannot import the exporter's dynamic Reshapes, and fixed shapes let every kernel be tiled for
+its real extents. The cost: the library runs only at those shapes (the manifest lists them).
+The artifact keeps that bound `model.onnx` beside `model.so`, so it can be rebuilt for another
+target (`winnow export --edge --target aarch64`) and checked against ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from winnow.backends.manifest import (
+    MANIFEST_FILE,
+    Artifact,
+    artifact_manifest,
+    read_manifest,
+    staging,
+    verify_files,
+    write_manifest,
+)
+from winnow.errors import (
+    ExecutionError,
+    ModelFormatError,
+    TargetError,
+    UnsupportedModelError,
+    require_extra,
+)
+
+__all__ = ["emit", "load_artifact", "run_artifact", "prepare", "to_relax", "build",
+           "export_library", "resolve_target", "TargetSpec", "TARGETS", "SCHEDULES"]
+
+MODEL_FILE = "model.onnx"
+LIBRARY_FILE = "model.so"
+SCHEDULES = ("winnow", "dlight", "none")  # winnow's rules, TVM's dlight CPU rules, nothing
+FRONTEND_HANDLED = {"If", "Constant"}  # ops TVM's ONNX importer handles outside its converter map
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """A compile target: its name, TVM target dict, LLVM triple and (when cross) the compiler."""
+
+    name: str
+    tvm: dict[str, Any]
+    triple: str
+    compiler: str | None = None
+    package: str | None = None  # the Debian package that provides `compiler`
+
+    @property
+    def runs_here(self) -> bool:
+        """True when the library can be loaded on this machine."""
+        return self.compiler is None
+
+
+AARCH64 = TargetSpec("aarch64", {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                 "mattr": ["+neon"]},
+                     "aarch64-linux-gnu", "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")
+TARGETS = ("host", "aarch64")
+
+
+def _require_tvm() -> None:
+    require_extra("the TVM backend", "tvm", ("tvm",))
+
+
+def resolve_target(name: str) -> TargetSpec:
+    """The target `name` ('host': LLVM for this CPU; 'aarch64': Linux on 64-bit Arm)."""
+    if name == "host":
+        _require_tvm()
+        from tvm.target import codegen
+
+        cpu = codegen.llvm_get_system_cpu()
+        return TargetSpec("host", {"kind": "llvm", "mcpu": cpu}, codegen.llvm_get_system_triple())
+    if name == "aarch64":
+        return AARCH64
+    raise TargetError(f"unknown target '{name}'; valid targets are: {', '.join(TARGETS)}.")
+
+
+def _cross_compiler(target: TargetSpec) -> str | None:
+    """The cross compiler's path, or TargetError naming the package that provides it."""
+    if target.compiler is None:
+        return None
+    path = shutil.which(target.compiler)
+    if path is None:
+        raise TargetError(f"target '{target.name}' needs the cross compiler {target.compiler}, "
+                          f"which is not installed (apt-get install {target.package}).")
+    return path
+
+
+# ---- ONNX -> Relax -------------------------------------------------------------------------
+
+
+def input_dims(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+    """Each real input's concrete shape, taken from `feeds`."""
+    inits = model.graph.initializers
+    shapes = {}
+    for value in model.graph.inputs:
+        if value.name in inits:
+            continue
+        if value.name not in feeds:
+            raise UnsupportedModelError(f"no example shape for input '{value.name}'; give "
+                                        "example inputs or calibration data to bind it.")
+        shapes[value.name] = [int(d) for d in np.shape(feeds[value.name])]
+    return shapes
+
+
+def prepare(model: ir.Model, shapes: Mapping[str, list[int]]) -> ir.Model:
+    """A copy of `model` with every input's shape fixed to `shapes` and the now-constant shape
+    arithmetic folded by onnxscript's optimizer."""
+    import onnxscript
+
+    from winnow.progress import quiet_libraries
+
+    bound = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    for value in bound.graph.inputs:
+        if value.name in shapes:
+            rank = None if value.shape is None else len(value.shape)
+            if rank is not None and rank != len(shapes[value.name]):
+                raise UnsupportedModelError(
+                    f"input '{value.name}' has rank {rank}, the example shape "
+                    f"{shapes[value.name]} rank {len(shapes[value.name])}.")
+            value.shape = ir.Shape(shapes[value.name])
+    for value in bound.graph.outputs:
+        value.shape = None  # re-inferred from the fixed inputs
+    with quiet_libraries():
+        onnxscript.optimizer.optimize(bound)
+    return bound
+
+
+def check_supported(model: ir.Model) -> None:
+    """UnsupportedModelError naming the first op (and its node) TVM's ONNX frontend lacks."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | FRONTEND_HANDLED
+    missing = [node for node in model.graph if node.op_type not in known]
+    if missing:
+        ops = sorted({n.op_type for n in missing})
+        node = missing[0]
+        more = f" (all unsupported ops: {', '.join(ops)})" if len(ops) > 1 else ""
+        raise UnsupportedModelError(
+            f"TVM's ONNX frontend has no converter for op '{node.op_type}' (node "
+            f"'{node.name or '?'}'){more}; compile with --backend ort.")
+
+
+def to_relax(model: ir.Model) -> Any:
+    """The shape-bound model as a Relax IRModule (weights become constants)."""
+    _require_tvm()
+    from tvm.relax.frontend.onnx import from_onnx
+
+    check_supported(model)
+    try:
+        return from_onnx(ir.to_proto(model), dtype_dict=None, keep_params_in_input=False)
+    except Exception as exc:  # noqa: BLE001 - the importer raises many unrelated types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise UnsupportedModelError(f"TVM's ONNX frontend cannot import the model: {reason}; "
+                                    "compile with --backend ort.") from exc
+
+
+# ---- Relax -> library ----------------------------------------------------------------------
+
+
+def _schedule_rules(schedules: str) -> list[Any]:
+    from winnow.backends import tvm_schedules
+
+    if schedules not in SCHEDULES:
+        raise TargetError(f"unknown schedules '{schedules}'; valid: {', '.join(SCHEDULES)}.")
+    return {"winnow": tvm_schedules.winnow_rules, "dlight": tvm_schedules.default_rules,
+            "none": list}[schedules]()
+
+
+def _relax_pipeline(target: Any, rules: list[Any]) -> Any:
+    """TVM's CPU pipeline with `rules` applied to the kernels after legalization and fusion."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir.dlight import ApplyDefaultSchedule
+
+    @tvm.transform.module_pass(opt_level=0, name="WinnowCPUPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            if rules:
+                passes.append(ApplyDefaultSchedule(*rules))
+            passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def build(mod: Any, target: TargetSpec, schedules: str = "winnow") -> Any:
+    """Compile a Relax module for `target` with the given schedules; returns TVM's Executable."""
+    _require_tvm()
+    import tvm
+
+    tvm_target = tvm.target.Target(target.tvm)
+    return tvm.compile(mod, target=tvm_target,
+                       relax_pipeline=_relax_pipeline(tvm_target, _schedule_rules(schedules)))
+
+
+def export_library(executable: Any, path: Path, target: TargetSpec) -> None:
+    """Write the shared library, linked by the target's cross compiler when it has one."""
+    compiler = _cross_compiler(target)
+    if compiler is None:
+        executable.export_library(str(path))
+        return
+    from tvm.support import cc
+
+    executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
+
+
+def compile_library(model: ir.Model, folder: Path, target: TargetSpec,
+                    schedules: str = "winnow") -> dict[str, Any]:
+    """Import the shape-bound `model`, build it and write `model.so` into `folder`; returns the
+    build's description for the manifest."""
+    _cross_compiler(target)  # a missing cross compiler fails before the slow build
+    start = time.perf_counter()
+    executable = build(to_relax(model), target, schedules)
+    export_library(executable, folder / LIBRARY_FILE, target)
+    import tvm
+
+    return {"target": target.name, "target_spec": target.tvm, "triple": target.triple,
+            "schedules": schedules, "tvm_version": tvm.__version__,
+            "build_seconds": round(time.perf_counter() - start, 2), "library": LIBRARY_FILE}
+
+
+# ---- the artifact --------------------------------------------------------------------------
+
+
+def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
+         fidelity: dict[str, Any] | None = None, source: str | None = None,
+         overwrite: bool = False, passes: list[dict[str, Any]] | None = None,
+         target: str = "host", shapes: Mapping[str, list[int]] | None = None,
+         schedules: str = "winnow") -> Artifact:
+    """Write the TVM artifact folder `out_dir` atomically: the shape-bound `model.onnx`, the
+    library `model.so` for `target` and `manifest.json`. `shapes` (input name -> shape) defaults
+    to the shapes of the model's example feeds (zoo: its calibration batch)."""
+    from winnow.backends.ort import write_model
+    from winnow.ir.inputs import feeds_for
+
+    _require_tvm()
+    spec = resolve_target(target)
+    _cross_compiler(spec)
+    bound = prepare(model, shapes if shapes is not None else input_dims(model, feeds_for(model)))
+    with staging(out_dir, overwrite) as tmp:
+        names = write_model(bound, tmp, external_data=False)
+        tvm_info = compile_library(bound, tmp, spec, schedules)
+        names.append(LIBRARY_FILE)
+        manifest = {**artifact_manifest(bound, "tvm", tmp, names, pipeline_text=pipeline_text,
+                                        source=source or model.metadata_props.get("winnow.source"),
+                                        passes=passes, fidelity=fidelity),
+                    **_versions(), "tvm": tvm_info}
+        write_manifest(tmp, manifest)
+    return Artifact(Path(out_dir), [*names, MANIFEST_FILE], manifest)
+
+
+def _versions() -> dict[str, str]:
+    import tvm
+
+    from winnow import __version__
+
+    return {"winnow_version": __version__, "tvm_version": tvm.__version__,
+            "onnx_ir_version": ir.__version__}
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Read a TVM artifact's manifest (checking every file's checksum by default)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("backend") != "tvm":
+        raise ModelFormatError(f"'{path}' is a {manifest.get('backend')} artifact, not a TVM one.")
+    if verify:
+        verify_files(path, manifest)
+    return Artifact(path, [*manifest.get("files", {}), MANIFEST_FILE], manifest)
+
+
+def load_module(path: str | Path, manifest: Mapping[str, Any]) -> Any:
+    """A Relax VM over the artifact's library on this machine's CPU."""
+    _require_tvm()
+    import tvm
+    from tvm import relax
+
+    info = manifest.get("tvm") or {}
+    if info.get("target", "host") != "host":
+        raise ExecutionError(f"'{path}' was built for {info.get('target')} "
+                             f"({info.get('triple')}) and cannot run on this machine; run its "
+                             "edge bundle there (winnow export --edge).")
+    try:
+        library = tvm.runtime.load_module(str(Path(path) / LIBRARY_FILE))
+    except Exception as exc:  # noqa: BLE001 - TVM raises several unrelated types
+        raise ExecutionError(f"TVM cannot load '{Path(path) / LIBRARY_FILE}': "
+                             f"{str(exc).strip().splitlines()[-1]}") from None
+    return relax.VirtualMachine(library, tvm.cpu())
+
+
+def check_feeds(manifest: Mapping[str, Any], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The feeds in input order, or ExecutionError naming a missing, unknown or misshaped one."""
+    specs = manifest.get("inputs") or []
+    names = [s["name"] for s in specs]
+    missing = [n for n in names if n not in feeds]
+    unknown = sorted(set(feeds) - set(names))
+    if missing or unknown:
+        problem = (f"missing input(s) {', '.join(missing)}" if missing
+                   else f"unknown input(s) {', '.join(unknown)}")
+        raise ExecutionError(f"{problem}; the model takes {', '.join(names) or 'no inputs'}.")
+    arrays = []
+    for spec in specs:
+        array = np.ascontiguousarray(feeds[spec["name"]])
+        if list(array.shape) != list(spec["shape"]) or array.dtype.name != spec["dtype"]:
+            raise ExecutionError(
+                f"input '{spec['name']}' is {array.dtype.name} {list(array.shape)}; this TVM "
+                f"library was built for {spec['dtype']} {spec['shape']} (recompile with other "
+                "example shapes to change it).")
+        arrays.append(array)
+    return arrays
+
+
+def vm_outputs(result: Any) -> list[np.ndarray]:
+    """The VM's return value (one tensor or a tuple of them) as numpy arrays."""
+    import tvm
+
+    if isinstance(result, tvm.runtime.Tensor):
+        return [result.numpy()]
+    return [item.numpy() for item in result]
+
+
+def run_artifact(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a TVM artifact's library on this machine; returns outputs by name."""
+    import tvm
+
+    artifact = load_artifact(path)
+    arrays = check_feeds(artifact.manifest, feeds)
+    vm = load_module(artifact.path, artifact.manifest)
+    try:
+        result = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
+    except Exception as exc:  # noqa: BLE001
+        raise ExecutionError(f"TVM failed to run '{artifact.path}': "
+                             f"{str(exc).strip().splitlines()[-1]}.") from None
+    names = [o["name"] for o in artifact.manifest.get("outputs") or []]
+    return dict(zip(names, vm_outputs(result)))

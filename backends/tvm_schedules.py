@@ -1,0 +1,175 @@
+"""winnow's CPU schedule rules for TVM: fixed tiles, vectors and threads for GEMM, elementwise and
+other loop nests (dlight style, no search).
+
+TVM's CPU pipeline schedules nothing by itself and `tvm.s_tir.dlight.cpu` has only GEMV and
+Reduction rules, so every matmul, conv and elementwise kernel runs as one serial scalar loop nest.
+These rules give each kind a fixed schedule instead: `Matmul` (register tiles, vectorized along
+the output's last axis, the epilogue fused into the tile, threads over tiles), `Elementwise`
+(vectorized, threaded) and `OuterParallel` (threads over the outer spatial loops of anything
+else, e.g. convolutions).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
+from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+from tvm.s_tir.dlight.base import get_extent, try_inline_contiguous_spatial
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+__all__ = ["Matmul", "Elementwise", "OuterParallel", "winnow_rules", "default_rules"]
+
+DEFAULT_VECTOR_BITS = 128  # NEON, SSE: when LLVM reports no width for the target
+
+
+def vector_lanes(target: Target, bits: int = 32) -> int:
+    """Lanes of one SIMD register of `target` for elements of `bits` bits."""
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else DEFAULT_VECTOR_BITS) // bits, 2)
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """Split the block's innermost loop into SIMD-wide chunks and vectorize them."""
+    inner = sch.get_loops(block)[-1]
+    extent = get_extent(sch, inner)
+    if isinstance(extent, int) and extent <= 1:
+        return
+    if isinstance(extent, int) and extent <= lanes:
+        sch.vectorize(inner)
+        return
+    sch.vectorize(sch.split(inner, factors=[None, lanes])[1])
+
+
+def _access_vars(block: s_tir.SBlock) -> list[set[tirx.Var]]:
+    """The block iter vars each buffer the block reads is indexed by."""
+    iters = {iv.var for iv in block.iter_vars}
+    return [set().union(*(collect_vars_used_in_prim_expr(r.min) for r in read.region)) & iters
+            for read in block.reads]
+
+
+def _matmul_operands(sch: s_tir.Schedule, info: SBlockInfo) -> bool:
+    """True when the block reads A[..., i, k] and B[..., k, j] (or B[..., j, k]) and writes C[..., i, j]
+    with one reduction axis k, i and j its last two spatial axes."""
+    kinds = info.dom_kind()
+    if len(kinds) < 3 or kinds[-1] != "R" or "R" in kinds[:-1]:
+        return False
+    block = sch.get(info.block_rv)
+    iters = [iv.var for iv in block.iter_vars]
+    i, j, k = iters[-3], iters[-2], iters[-1]
+    reads = [v for v in _access_vars(block)
+             if not v <= set(iters[:-1]) or k in v]  # drop the accumulator read C[..., i, j]
+    operands = [v for v in reads if k in v]
+    if len(operands) != 2:
+        return False
+    first, second = operands
+    return ((i in first and j not in first and j in second and i not in second)
+            or (i in second and j not in second and j in first and i not in first))
+
+
+class Matmul(CPUScheduleRule):
+    """Batched GEMM with an optional elementwise epilogue: `rows` x `vectors` SIMD registers of
+    accumulators per tile, the reduction split by `depth` and unrolled, threads over the tiles."""
+
+    def __init__(self, rows: int = 4, vectors: int = 2, depth: int = 4) -> None:
+        self.rows, self.vectors, self.depth = rows, vectors, depth
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        """The tiled schedule, or None when `func` is not one matmul (+ epilogue)."""
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if not infos or infos[0].is_injective() or len(infos) > 2:
+            return None
+        if len(infos) == 2 and not infos[1].is_injective():
+            return None
+        if not _matmul_operands(sch, infos[0]):
+            return None
+        epilogue = infos[1].block_rv if len(infos) == 2 else None
+        self._tile(sch, infos[0].block_rv, epilogue, vector_lanes(target))
+        return sch
+
+    def _tile(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
+              epilogue: s_tir.schedule.SBlockRV | None, lanes: int) -> None:
+        *batch, i, j, k = sch.get_loops(block)
+        io, ii = sch.split(i, factors=[None, self.rows])
+        jo, ji = sch.split(j, factors=[None, lanes * self.vectors])
+        ko, ki = sch.split(k, factors=[None, self.depth])
+        # j-panels outside the row tiles: one panel of B stays in L1 while every row passes it.
+        sch.reorder(*batch, jo, io, ko, ki, ii, ji)
+        outer = sch.fuse(*batch, jo) if batch else jo
+        sch.parallel(outer)
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, io, preserve_unit_loops=True)
+        if epilogue is not None:
+            sch.reverse_compute_at(epilogue, io, preserve_unit_loops=True)
+            _vectorize_innermost(sch, epilogue, lanes)
+        _vectorize_innermost(sch, accumulator, lanes)
+        sch.vectorize(ji)
+        sch.unroll(ii)
+        sch.unroll(ki)
+        sch.decompose_reduction(block, ko)
+
+
+class Elementwise(CPUScheduleRule):
+    """Loop nests without reductions: inline what inlines, then per remaining block fuse the
+    loops, vectorize SIMD-wide chunks and spread the rest over threads."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        """The vectorized, threaded schedule, or None when `func` has a reduction."""
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(info.is_injective() for info in infos):
+            return None
+        lanes = vector_lanes(target)
+        for info in try_inline_contiguous_spatial(sch, infos):
+            loops = sch.get_loops(info.block_rv)
+            if not loops:
+                continue
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            extent = get_extent(sch, fused)
+            if isinstance(extent, int) and extent < 2 * lanes:
+                continue
+            outer, inner = sch.split(fused, factors=[None, lanes])
+            sch.vectorize(inner)
+            sch.parallel(outer)
+        return sch
+
+
+class OuterParallel(CPUScheduleRule):
+    """The fallback: threads over each block's leading spatial loops, innermost reduction
+    unrolled by the compiler (convolutions, pooling and reductions the other rules leave)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        """A schedule with the outer spatial loops parallel, or None when nothing fits."""
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        changed = False
+        for info in try_inline_contiguous_spatial(sch, infos):
+            leading = len(info.dom_kind()) - len(info.dom_kind().lstrip("S"))
+            loops = sch.get_loops(info.block_rv)
+            if leading == 0 or len(loops) < leading:
+                continue
+            outer = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+            sch.parallel(outer)
+            changed = True
+        return sch if changed else None
+
+
+def winnow_rules() -> list[CPUScheduleRule]:
+    """winnow's rules in the order they are tried (first that applies wins)."""
+    return [Matmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise(), OuterParallel()]
+
+
+def default_rules() -> list[CPUScheduleRule]:
+    """TVM's own CPU rules (`tvm.s_tir.dlight.cpu`): GEMV and Reduction only."""
+    return [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
