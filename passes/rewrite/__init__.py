@@ -1,6 +1,7 @@
 """Built-in rewrite passes; importing this package registers them."""
 
 from winnow.passes.rewrite import (  # noqa: F401
+    bfp,
     canonicalize,
     cse,
     dce,
