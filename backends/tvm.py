@@ -243,22 +243,54 @@ def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
     library `model.so` for `target` and `manifest.json`. `shapes` (input name -> shape) defaults
     to the shapes of the model's example feeds (zoo: its calibration batch)."""
     from winnow.backends.ort import write_model
+    from winnow.frontend import example_feeds
     from winnow.ir.inputs import feeds_for
 
     _require_tvm()
     spec = resolve_target(target)
     _cross_compiler(spec)
-    bound = prepare(model, shapes if shapes is not None else input_dims(model, feeds_for(model)))
+    feeds = feeds_for(model)
+    bound = prepare(model, shapes if shapes is not None else input_dims(model, feeds))
     with staging(out_dir, overwrite) as tmp:
         names = write_model(bound, tmp, external_data=False)
         tvm_info = compile_library(bound, tmp, spec, schedules)
         names.append(LIBRARY_FILE)
+        if spec.runs_here:
+            tvm_info["check"] = check_against_ort(tmp, bound, None if shapes is not None else feeds,
+                                                  "example" if example_feeds(model) else "random")
         manifest = {**artifact_manifest(bound, "tvm", tmp, names, pipeline_text=pipeline_text,
                                         source=source or model.metadata_props.get("winnow.source"),
                                         passes=passes, fidelity=fidelity),
                     **_versions(), "tvm": tvm_info}
         write_manifest(tmp, manifest)
     return Artifact(Path(out_dir), [*names, MANIFEST_FILE], manifest)
+
+
+def check_against_ort(folder: Path, model: ir.Model, feeds: Mapping[str, np.ndarray] | None = None,
+                      described: str = "given") -> dict[str, Any]:
+    """Max abs error and cosine of the library in `folder` against ONNX Runtime running the same
+    shape-bound model, on `feeds` (default: random feeds of the bound shapes)."""
+    import tvm
+
+    from winnow.backends.manifest import io_spec
+    from winnow.ir.execute import run
+    from winnow.ir.inputs import random_feeds
+
+    if feeds is None:
+        feeds, described = random_feeds(model), "random (seed 0)"
+    spec = io_spec(model)
+    arrays = check_feeds(spec, feeds)
+    vm = load_module(folder, {})
+    got = vm_outputs(vm["main"](*[tvm.runtime.tensor(a) for a in arrays]))
+    reference = list(run(model, feeds).values())
+    errors, cosines = [], []
+    for ref, out in zip(reference, got):
+        ref, out = np.asarray(ref, np.float64).ravel(), np.asarray(out, np.float64).ravel()
+        errors.append(float(np.max(np.abs(ref - out), initial=0.0)))
+        norm = np.linalg.norm(ref) * np.linalg.norm(out)
+        cosines.append(float(ref @ out / norm) if norm else float(np.array_equal(ref, out)))
+    return {"vs": "onnxruntime", "feeds": described, "max_abs_error": max(errors, default=0.0),
+            "min_cosine": min(cosines, default=1.0)}
 
 
 def _versions() -> dict[str, str]:
