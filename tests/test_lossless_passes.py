@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tests.graphs import DEAD, DUPLICATED, FOLDABLE, IDENTITY_CHAIN, UNSHAPED, model
+from winnow import testing
 from winnow.ir.execute import run
-from winnow.ir.verify import verify
 from winnow.passes import PassManager
 
 X2 = {"x": np.array([0.5, -1.5], dtype=np.float32)}
@@ -18,14 +18,12 @@ def ops(m) -> list[str]:
 
 
 def run_pass(text: str, pipeline: str, feeds: dict):
-    m = model(text)
-    before = run(m, feeds)
-    result = PassManager(pipeline).run(m)
-    verify(m)
-    after = run(m, feeds)
-    for name in before:
-        np.testing.assert_allclose(after[name], before[name], atol=1e-6)
-    return m, result.modified
+    """Run `pipeline` on the graph `text` (verified after each pass); outputs must not change."""
+    source = model(text)
+    result = testing.run_pass(pipeline, source)
+    testing.assert_valid(result.model)
+    testing.assert_equivalent(source, result.model, feeds, rtol=0, atol=1e-6)
+    return result.model, result.modified
 
 
 def test_fold_constants_folds_the_constant_add():

@@ -9,8 +9,8 @@ import onnx_ir as ir
 import pytest
 
 from tests.graphs import DEAD, FOLDABLE, model
+from winnow import testing
 from winnow.errors import PassFailedError
-from winnow.ir.execute import run
 from winnow.passes import Pass, PassManager, PassResult, base
 from winnow.passes.instruments import DumpIRInstrument, TimingInstrument, VerifyInstrument
 
@@ -64,12 +64,11 @@ def plugin_distribution(tmp_path, monkeypatch):
 
 def test_entry_point_plugin_registers_and_runs(plugin_distribution):
     assert "demo-negate-twice" in base.registered_passes()
-    m = model(DEAD)
-    feeds = {"x": np.array([1.0, -2.0], np.float32)}
-    before = run(m, feeds)
-    PassManager("dce,demo-negate-twice{times=2}").run(m)
-    assert [n.op_type for n in m.graph].count("Neg") == 4
-    np.testing.assert_allclose(list(run(m, feeds).values())[0], list(before.values())[0])
+    source = model(DEAD)
+    result = testing.run_pass("dce,demo-negate-twice{times=2}", source)
+    assert [n.op_type for n in result.model.graph].count("Neg") == 4
+    testing.assert_equivalent(source, result.model, {"x": np.array([1.0, -2.0], np.float32)},
+                              rtol=0, atol=0)
 
 
 def test_timing_instrument_records_every_pass():
