@@ -1,0 +1,131 @@
+"""TVM latency table: TVM with no schedules, with TVM's dlight CPU rules, with winnow's rules, and
+ONNX Runtime, per zoo model, all timed interleaved in one run on the same feeds.
+
+Each model is bound to fixed shapes (batch 1; MiniLM sequence 128), optimized by onnxscript, and
+the same shape-bound ONNX is what ORT runs and what TVM imports, so every column computes the same
+function (max abs error vs ORT is printed). Columns: median ms (min-max), ratio to ORT (median of
+paired per-round ratios), build seconds. Markdown printed and saved under bench/results/.
+
+    python bench/tvm.py [--models digits-cnn,digits-vit,minilm] [--repeats 20] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Run as a script, this file's folder leads sys.path and its name would shadow the tvm package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MODELS = ("digits-cnn", "digits-vit", "minilm")
+VARIANTS = {"TVM no schedules": "none", "TVM dlight (TVM's CPU rules)": "dlight",
+            "TVM winnow rules": "winnow"}
+
+
+def bound_model(name: str, seq: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """The zoo model bound to batch 1 (and `seq` tokens), and random feeds of those shapes."""
+    from winnow.backends import tvm as tvm_backend
+    from winnow.backends.manifest import io_spec
+    from winnow.bench_artifacts import random_feeds
+    from winnow.frontend import load
+
+    model = load(f"zoo:{name}")
+    specs = io_spec(model)["inputs"]
+    shapes = {s["name"]: [d if isinstance(d, int) else (1 if axis == 0 else seq)
+                          for axis, d in enumerate(s["shape"])] for s in specs}
+    bound = tvm_backend.prepare(model, shapes)
+    return bound, random_feeds(io_spec(bound)["inputs"])
+
+
+def tvm_runner(bound: Any, feeds: dict[str, np.ndarray], schedules: str) -> tuple[Any, float]:
+    """A no-argument runner of the TVM build with `schedules`, and its build seconds."""
+    import tvm
+    from tvm import relax
+
+    from winnow.backends import tvm as tvm_backend
+
+    start = time.perf_counter()
+    executable = tvm_backend.build(tvm_backend.to_relax(bound),
+                                   tvm_backend.resolve_target("host"), schedules)
+    seconds = time.perf_counter() - start
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(feeds[v.name]) for v in bound.graph.inputs]
+    main = vm["main"]
+    return (lambda: main(*args)), seconds
+
+
+def max_error(runner: Any, reference: list[np.ndarray]) -> float:
+    """Largest abs difference of the runner's outputs from ORT's."""
+    from winnow.backends.tvm import vm_outputs
+
+    return max(float(np.max(np.abs(o - r))) for o, r in zip(vm_outputs(runner()), reference))
+
+
+def bench_model(name: str, seq: int, repeats: int) -> list[list[str]]:
+    """One table row per variant of zoo model `name`."""
+    from winnow.benchmark import paired_ratios, session_runner, time_interleaved, timing_session
+
+    bound, feeds = bound_model(name, seq)
+    session = timing_session(bound)
+    reference = session.run(None, feeds)
+    runners, builds, errors = {"ORT": session_runner(session, feeds)}, {"ORT": 0.0}, {"ORT": 0.0}
+    for label, schedules in VARIANTS.items():
+        runners[label], builds[label] = tvm_runner(bound, feeds, schedules)
+        errors[label] = max_error(runners[label], reference)
+    shape = " ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+    timings = time_interleaved(runners, repeats=repeats, warmup=2, desc=name)
+    rows = []
+    for label, timing in timings.items():
+        ratio = paired_ratios(timings["ORT"], timing)["median"] if label != "ORT" else 1.0
+        rows.append([name, shape, label, f"{timing.median * 1e3:.2f} ({timing.min * 1e3:.2f}-"
+                     f"{timing.max * 1e3:.2f})", f"{1 / ratio:.2f}x",
+                     f"{builds[label]:.1f}" if label != "ORT" else "-", f"{errors[label]:.1e}"])
+    return rows
+
+
+def markdown(rows: list[list[str]]) -> str:
+    """The table as markdown."""
+    head = ["model", "feeds", "variant", "median ms (min-max)", "time / ORT", "build s",
+            "max abs err vs ORT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse options, time every model, print and save the table."""
+    from winnow.benchmark import machine_info
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--seq", type=int, default=128, help="MiniLM's sequence length")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, args.seq, args.repeats)
+    info = machine_info()
+    text = (f"# TVM vs ORT ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)\n\n"
+            f"host: {info}\n\ncommand: python bench/tvm.py {' '.join(sys.argv[1:])}\n\n"
+            + markdown(rows) + "\n")
+    print(text)
+    if not args.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"tvm-{datetime.datetime.now(datetime.UTC):%Y-%m-%d-%H%M}.md"
+        path.write_text(text)
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
