@@ -270,6 +270,11 @@ def staging(out: str | Path, overwrite: bool = False,
     try:
         yield tmp
         _swap_into_place(tmp, target)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise OutputError(f"cannot write output folder '{out}': {exc.strerror or exc}; free "
+                          "space or choose a folder you can write to.") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
