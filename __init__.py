@@ -49,3 +49,14 @@ def __getattr__(name: str) -> Any:
 
         return models_zoo
     raise AttributeError(f"module 'winnow' has no attribute {name!r}")
+
+
+def _guard_public_namespaces() -> None:
+    """Reading an underscore name of winnow or winnow.passes from outside winnow warns."""
+    from winnow.public_api import guard_private_names
+
+    for name in ("winnow", "winnow.passes"):
+        guard_private_names(name)
+
+
+_guard_public_namespaces()

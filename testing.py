@@ -17,6 +17,8 @@ import onnx_ir as ir
 from onnx_ir.passes import PassBase
 from onnx_ir.tape import Tape
 
+from winnow.public_api import guard_private_names
+
 __all__ = ["mlp", "transformer_block", "gqa_attention", "conv_block", "random_inputs",
            "assert_equivalent", "assert_valid", "run_pass", "PassRun", "OPSET"]
 
@@ -282,3 +284,6 @@ def _deep_copy(model: ir.Model) -> ir.Model:
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     copy.meta.update(model.meta)
     return copy
+
+
+guard_private_names(__name__)

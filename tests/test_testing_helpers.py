@@ -267,3 +267,34 @@ def test_malformed_pass_classes_are_refused_with_one_sentence():
         register_pass(Mutable)
     with pytest.raises(PassRegistrationError, match="is not a subclass of winnow.passes.Pass"):
         register_pass(NotAPass)
+
+
+def test_public_api_is_listed_in_one_place_and_documented():
+    import importlib
+
+    from winnow.public_api import PUBLIC_API, missing_public_names
+
+    assert missing_public_names() == []
+    for module_name in ("winnow", "winnow.passes", "winnow.testing"):
+        assert set(importlib.import_module(module_name).__all__) == set(PUBLIC_API[module_name])
+    for module_name, names in PUBLIC_API.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            obj = getattr(module, name)
+            if callable(obj):
+                assert (obj.__doc__ or "").strip(), f"{module_name}.{name} has no docstring"
+
+
+def test_a_private_name_read_from_outside_winnow_warns():
+    from winnow.public_api import PrivateNameWarning
+
+    outside = compile("from winnow.testing import _Builder\n", "<a plugin>", "exec")
+    with pytest.warns(PrivateNameWarning, match="winnow.testing._Builder is private"):
+        exec(outside, {})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile("from winnow.testing import mlp, run_pass\nfrom winnow.passes import RulePass\n",
+                     "<a plugin>", "exec"), {})
+        from winnow.testing import _Builder  # noqa: F401  (winnow's own tests are inside winnow)
