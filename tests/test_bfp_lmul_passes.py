@@ -213,3 +213,82 @@ def test_bfp_keys_in_a_model_match_the_reference(tiny_gqa):
     got = run(model, feeds, capture=[original.name, k_out.name])
     assert same_bits(got[k_out.name], bfp_quantize(got[original.name], "bfp12", 8, axis=-2))
     assert marks(score)["operand"] == "k" and k_in is not None
+
+
+@pytest.mark.parametrize("pipeline,message", [
+    ("lmul{m=0}", "m"),
+    ("lmul{m=11}", "m"),
+    ("lmul{nodes=[nope]}", "'nope' matches no float MatMul"),
+    ("bfp{block=24}", "block"),
+    ("bfp{format=bfp8}", "format"),
+    ("bfp{weights=false,keys=true}", "no attention"),
+])
+def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, pipeline, message):
+    from click.testing import CliRunner
+
+    from winnow.cli import cli
+
+    source = tmp_path / "mm.onnx"
+    rng = np.random.default_rng(0)
+    proto = ir.serde.serialize_model(two_input_model(
+        "MatMul", inits=[numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "y")]))
+    source.write_bytes(proto.SerializeToString())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["--quiet", "compile", str(source), "-o", str(out),
+                                      "--pipeline", pipeline])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and not out.exists()
+
+
+def test_cli_lmul_m0_on_a_zoo_model_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from winnow.cli import cli
+
+    out = tmp_path / "X"
+    result = CliRunner().invoke(cli, ["--quiet", "compile", "zoo:digits-cnn", "-o", str(out),
+                                      "--pipeline", "lmul{m=0}"])
+    assert result.exit_code == 2 and "lmul" in result.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_lmul_attention_in_digits_vit_matches_the_reference():
+    """Model level: every rewritten score/context MatMul of digits-vit equals numpy lmul_matmul
+    of its own captured inputs (within the summation-order bound); the model stays close."""
+    from winnow import models_zoo
+    from winnow.fidelity import evaluate_zoo
+    from winnow.passes.rewrite.lmul import attention_matmuls
+    from winnow.ir.regions import find_regions
+
+    zm = models_zoo.get("digits-vit")
+    model = zm.load_ir()
+    targets = [(n.inputs[0].name, n.inputs[1].name, n.outputs[0].name)
+               for n in attention_matmuls(find_regions(model).all())]
+    assert len(targets) == 8
+    ctx = rewrite(model, "lmul{m=3,nodes=[attention]}")
+    assert ctx.report["lmul"]["rewritten"] == {"MatMul": 8}
+    feeds = zm.heldout()[0]
+    got = run(model, feeds, capture=[name for t in targets for name in t])
+    for a, b, out in targets:
+        ref = lmul_matmul(got[a], got[b], 3)
+        terms = got[a].shape[-1] + 8
+        assert (np.abs(got[out] - ref) <= matmul_bound(got[a], got[b], 3, terms)).all()
+    assert evaluate_zoo(zm, model).cosine > 0.9
+
+
+@pytest.mark.slow
+def test_k_sort_on_minilm_keeps_scores_and_refuses_rotary_tiny_gpt():
+    from winnow import models_zoo
+
+    zm = models_zoo.get("minilm")
+    source, model = zm.load_ir(), zm.load_ir()
+    scores = [s.outputs[0].name for _, s in attention_scores(model)]
+    moved = [k_sort(model.graph, region)["channels_moved"] for region, _ in attention_scores(model)]
+    assert len(scores) == 6 and min(moved) > 0
+    feeds = zm.heldout()[0]
+    before, after = run(source, feeds, capture=scores), run(model, feeds, capture=scores)
+    for name in scores:
+        np.testing.assert_allclose(after[name], before[name], rtol=0,
+                                   atol=2e-6 * np.abs(before[name]).max())
+    gpt = models_zoo.get("tiny-gpt").load_ir()
+    refused(gpt, "bfp{keys=true,k_sort=true}", UnsupportedModelError, "rotary embeddings")
