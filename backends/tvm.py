@@ -177,8 +177,19 @@ def _schedule_rules(schedules: str) -> list[Any]:
             "none": list}[schedules]()
 
 
-def _relax_pipeline(target: Any, rules: list[Any]) -> Any:
-    """TVM's CPU pipeline with `rules` applied to the kernels after legalization and fusion."""
+def _layout_passes(schedules: str) -> list[Any]:
+    """Graph passes before legalization: winnow's rules tile convolutions as matmuls, which needs
+    channels last (NHWC) and weights HWIO, so the output channel is the vectorized axis."""
+    from tvm import relax
+
+    if schedules != "winnow":
+        return []
+    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
+
+
+def _relax_pipeline(target: Any, rules: list[Any], layout: list[Any]) -> Any:
+    """TVM's CPU pipeline with the `layout` passes first and `rules` applied to the kernels
+    after legalization and fusion."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir.dlight import ApplyDefaultSchedule
@@ -186,7 +197,8 @@ def _relax_pipeline(target: Any, rules: list[Any]) -> Any:
     @tvm.transform.module_pass(opt_level=0, name="WinnowCPUPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            passes = (layout + cpu.library_dispatch_passes(target)
+                      + cpu.legalize_passes(target))
             if rules:
                 passes.append(ApplyDefaultSchedule(*rules))
             passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
@@ -202,7 +214,8 @@ def build(mod: Any, target: TargetSpec, schedules: str = "winnow") -> Any:
 
     tvm_target = tvm.target.Target(target.tvm)
     return tvm.compile(mod, target=tvm_target,
-                       relax_pipeline=_relax_pipeline(tvm_target, _schedule_rules(schedules)))
+                       relax_pipeline=_relax_pipeline(tvm_target, _schedule_rules(schedules),
+                                                      _layout_passes(schedules)))
 
 
 def export_library(executable: Any, path: Path, target: TargetSpec) -> None:

@@ -51,17 +51,17 @@ def _access_vars(block: s_tir.SBlock) -> list[set[tirx.Var]]:
 
 
 def _matmul_operands(sch: s_tir.Schedule, info: SBlockInfo) -> bool:
-    """True when the block reads A[..., i, k] and B[..., k, j] (or B[..., j, k]) and writes C[..., i, j]
-    with one reduction axis k, i and j its last two spatial axes."""
+    """True when the block is C[..., i, j] += A[..., i, ..., k...] * B[k..., j]: spatial axes then
+    reduction axes, two operands, j (the last spatial axis) read by B only and i (the one before)
+    by A only. Matmuls are this; so are NHWC convolutions with HWIO weights (i = x, j = f)."""
     kinds = info.dom_kind()
-    if len(kinds) < 3 or kinds[-1] != "R" or "R" in kinds[:-1]:
+    spatial = len(kinds) - len(kinds.lstrip("S"))
+    if spatial < 2 or spatial == len(kinds) or "S" in kinds[spatial:]:
         return False
     block = sch.get(info.block_rv)
     iters = [iv.var for iv in block.iter_vars]
-    i, j, k = iters[-3], iters[-2], iters[-1]
-    reads = [v for v in _access_vars(block)
-             if not v <= set(iters[:-1]) or k in v]  # drop the accumulator read C[..., i, j]
-    operands = [v for v in reads if k in v]
+    i, j, reductions = iters[spatial - 2], iters[spatial - 1], set(iters[spatial:])
+    operands = [v for v in _access_vars(block) if v & reductions]
     if len(operands) != 2:
         return False
     first, second = operands
@@ -94,12 +94,16 @@ class Matmul(CPUScheduleRule):
 
     def _tile(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
               epilogue: s_tir.schedule.SBlockRV | None, lanes: int) -> None:
-        *batch, i, j, k = sch.get_loops(block)
+        loops = sch.get_loops(block)
+        kinds = sch.get(block).iter_vars
+        spatial = sum(1 for iv in kinds if iv.iter_type == tirx.IterVar.DataPar)
+        *batch, i, j = loops[:spatial]
+        *outer_k, k = loops[spatial:]
         io, ii = sch.split(i, factors=[None, self.rows])
         jo, ji = sch.split(j, factors=[None, lanes * self.vectors])
         ko, ki = sch.split(k, factors=[None, self.depth])
         # j-panels outside the row tiles: one panel of B stays in L1 while every row passes it.
-        sch.reorder(*batch, jo, io, ko, ki, ii, ji)
+        sch.reorder(*batch, jo, io, *outer_k, ko, ki, ii, ji)
         outer = sch.fuse(*batch, jo) if batch else jo
         sch.parallel(outer)
         accumulator = sch.cache_write(block, 0, "local")
@@ -111,7 +115,7 @@ class Matmul(CPUScheduleRule):
         sch.vectorize(ji)
         sch.unroll(ii)
         sch.unroll(ki)
-        sch.decompose_reduction(block, ko)
+        sch.decompose_reduction(block, outer_k[0] if outer_k else ko)
 
 
 class Elementwise(CPUScheduleRule):
