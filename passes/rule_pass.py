@@ -20,9 +20,10 @@ class RulePass(Pass):
     """A pass made of onnxscript rewrite rules: set `name`, `description` and `rules`.
 
     `rules` holds `RewriteRule`s (`MyRule.rule()` for a `RewriteRuleClassBase`), rule classes
-    (built with `.rule()`), or `RewriteRuleSet`s. Each round applies every rule in order to the whole model; rounds repeat
-    until no rule matches (at most `max_iterations`). `ctx.report[name]` gets the number of
-    rewrites, in all and per rule (a rule is named by its `name`, else `rule<index>`).
+    (built with `.rule()`), or `RewriteRuleSet`s. Each round applies every rule in order to the
+    whole model; rounds repeat until no rule matches (at most `max_iterations`).
+    `ctx.report[name]` gets the number of rewrites, in all and per rule (a rule is named by its
+    `name`, else `rule<index>`).
     """
 
     rules: ClassVar[Sequence[Any]] = ()
