@@ -26,13 +26,20 @@ PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 def load_hf_folder(path: str | Path) -> ir.Model:
     """Export a local transformers folder's base AutoModel (last_hidden_state) into the IR."""
     path = Path(path)
+    hf_model, encoded = read_hf_folder(path)
+    return _export(path, hf_model, encoded)
+
+
+def read_hf_folder(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The folder's base AutoModel (config, safetensors weights) and example tokens from its
+    tokenizer, offline; WinnowError naming what is wrong with the folder."""
+    path = Path(path)
     _check_folder(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     config = _load_config(path)
     hf_model = _load_weights(path, config)
-    encoded = _example_tokens(path, hf_model)
-    return _export(path, hf_model, encoded)
+    return hf_model, _example_tokens(path, hf_model)
 
 
 def _check_folder(path: Path) -> None:
@@ -57,6 +64,15 @@ def _load_config(path: Path):
     except (ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"'{path}' has an architecture transformers does not know "
                                     f"(or that needs remote code): {first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - config classes validate fields with many types
+        raise ModelFormatError(f"'{path / 'config.json'}' is not a config transformers can use: "
+                               f"{one_line(exc)}") from exc
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (its lines joined), cut at `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _load_weights(path: Path, config):

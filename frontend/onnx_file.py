@@ -28,7 +28,18 @@ def _read_proto(path: Path) -> onnx.ModelProto:
             "give a .onnx file written by an ONNX exporter.")
     _check_opsets(proto)
     _check_single_producers(proto.graph)
+    _check_io_types(proto.graph)
     return proto
+
+
+def _check_io_types(graph: onnx.GraphProto) -> None:
+    """Graph inputs and outputs that are tensors must name an element type."""
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            tensor = value.type.tensor_type if value.type.HasField("tensor_type") else None
+            if tensor is not None and tensor.elem_type == onnx.TensorProto.UNDEFINED:
+                raise ModelFormatError(f"graph {kind} '{value.name}' is a tensor without an "
+                                       "element type (UNDEFINED); re-export the model.")
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from winnow.errors import UnsupportedModelError
 from winnow.frontend import example_feeds
 
 
@@ -19,7 +20,7 @@ def random_feeds(model: ir.Model, seed: int = 0, dim_values: dict[str, int] | No
             continue
         shape = [d if isinstance(d, int) else dim_values.get(str(d), default_dim)
                  for d in (value.shape or [])]
-        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        dtype = _numpy_dtype(value)
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
@@ -27,6 +28,20 @@ def random_feeds(model: ir.Model, seed: int = 0, dim_values: dict[str, int] | No
         else:
             feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
     return feeds
+
+
+def _numpy_dtype(value: ir.Value) -> np.dtype:
+    """The numpy dtype of an input (float32 when it has none); UnsupportedModelError when
+    numpy has no such type (random check data cannot be made for it)."""
+    if value.dtype is None:
+        return np.dtype(np.float32)
+    try:
+        return np.dtype(value.dtype.numpy())
+    except (TypeError, ValueError):
+        raise UnsupportedModelError(f"input '{value.name}' has element type "
+                                    f"{value.dtype.name}, which winnow cannot make check data "
+                                    "for; give the inputs with --example-inputs, or pass "
+                                    "--no-check.") from None
 
 
 def feeds_for(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:

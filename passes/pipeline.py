@@ -102,9 +102,13 @@ def load_pipeline_file(path: str | Path) -> list[PassSpec]:
     if not path.is_file():
         raise SourceError(f"pipeline config '{path}' does not exist; give a YAML file path.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"pipeline config '{path}' is not UTF-8 text (byte {exc.start}); save "
+                            "it as UTF-8 YAML.") from None
     except yaml.YAMLError as exc:
-        raise PipelineError(f"pipeline config '{path}' is not valid YAML: {exc}.") from None
+        raise PipelineError(f"pipeline config '{path}' is not valid YAML: "
+                            f"{_yaml_problem(exc)}.") from None
     items = data.get("pipeline") if isinstance(data, dict) else data
     if isinstance(items, str):
         return parse_pipeline(items)
@@ -112,6 +116,14 @@ def load_pipeline_file(path: str | Path) -> list[PassSpec]:
         raise PipelineError(
             f"pipeline config '{path}' must hold a non-empty list under the key 'pipeline'.")
     return [_yaml_item(item, path) for item in items]
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The YAML error on one line: what is wrong and where (line and column)."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{' '.join(str(problem).split())}{where}"
 
 
 def _yaml_item(item: Any, path: Path) -> PassSpec:
