@@ -3,6 +3,7 @@ and plugins that fail: each is skipped with one sentence naming its distribution
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -11,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -47,77 +47,25 @@ def installed_example(tmp_path_factory) -> Path:
     return pip_install_target(EXAMPLE, tmp_path_factory.mktemp("plugin") / "site")
 
 
-@pytest.fixture()
-def example_on_path(monkeypatch):
-    """The example plugin's modules importable in this process (for unit tests of its passes)."""
-    monkeypatch.syspath_prepend(str(EXAMPLE))
-    from winnow_plugin_example.dedup_weights import DedupWeightsPass
-    from winnow_plugin_example.fold_scales import FoldScalesPass
-
-    return DedupWeightsPass, FoldScalesPass
-
-
-def shared_layer_model() -> tuple[ir.Model, int]:
-    """A two-block transformer whose block 1 holds copies of block 0's tensors (a shared layer
-    exported twice), and the number of copies."""
-    model = testing.transformer_block(layers=2, seed=3)
-    inits = model.graph.initializers
-    copies = 0
-    for name, value in list(inits.items()):
-        twin = inits.get(name.replace("blocks.0.", "blocks.1.")) if name.startswith("blocks.0.") else None
-        if twin is not None and not np.array_equal(twin.const_value.numpy(), value.const_value.numpy()):
-            twin.const_value = ir.tensor(value.const_value.numpy().copy(), name=twin.name)
-            copies += 1
-    return model, copies
+def example_tests():
+    """The example's own test module (examples/winnow-plugin-example/tests/test_passes.py)."""
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        spec = importlib.util.spec_from_file_location("winnow_plugin_example_tests",
+                                                      EXAMPLE / "tests" / "test_passes.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    return module
 
 
-def scaled_conv_model(per_channel: bool) -> ir.Model:
-    """Conv -> Mul(s) -> Relu with s a scalar or a [C, 1, 1] constant (on the left of the Mul)."""
-    rng = np.random.default_rng(0)
-    scale = (rng.random((4, 1, 1)) + 0.5) if per_channel else np.array([1.7])
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-         onnx.helper.make_node("Mul", ["s", "c"], ["m"]),
-         onnx.helper.make_node("Relu", ["m"], ["y"])], "scaled-conv",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 6, 6])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4, 6, 6])],
-        initializer=[onnx.numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
-            ("w", rng.standard_normal((4, 3, 3, 3))), ("b", rng.standard_normal(4)), ("s", scale))])
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)],
-                                   ir_version=8)
-    return ir.serde.deserialize_model(proto)
+EXAMPLE_TESTS = example_tests()
 
 
-def duplicate_count(model: ir.Model) -> int:
-    """How many initializers repeat an earlier one's dtype, shape and bytes."""
-    arrays = [v.const_value.numpy() for v in model.graph.initializers.values()]
-    return len(arrays) - len({(a.dtype.str, a.shape, a.tobytes()) for a in arrays})
-
-
-def test_dedup_weights_merges_the_copies_of_a_shared_layer(example_on_path):
-    dedup, _ = example_on_path
-    model, copies = shared_layer_model()
-    plain = testing.transformer_block(layers=2, seed=3)
-    assert duplicate_count(model) - duplicate_count(plain) == copies > 0
-    result = testing.run_pass(dedup(), model)
-    assert result.report["dedup-weights"]["merged"] == duplicate_count(model)
-    assert len(result.model.graph.initializers) == len(model.graph.initializers) - duplicate_count(model)
-    assert duplicate_count(result.model) == 0
-    testing.assert_equivalent(model, result.model, rtol=0, atol=0)
-    bigger = testing.run_pass(dedup(min_elements=64), model)  # only the shared layer's weights
-    assert bigger.report["dedup-weights"]["merged"] == sum(
-        1 for v in model.graph.initializers.values() if v.name.startswith("blocks.1.")
-        and v.const_value.size >= 64)
-
-
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_fold_scales_folds_a_mul_after_a_conv(example_on_path, per_channel):
-    _, fold = example_on_path
-    model = scaled_conv_model(per_channel)
-    result = testing.run_pass(fold(), model)
-    assert result.report["fold-scales"] == {"rewrites": 1, "by_rule": {"ConvScale": 1}}
-    assert [n.op_type for n in result.model.graph] == ["Conv", "Relu"]
-    testing.assert_equivalent(model, result.model, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("name", [n for n in vars(EXAMPLE_TESTS) if n.startswith("test_")])
+def test_the_example_plugins_own_tests(name):
+    getattr(EXAMPLE_TESTS, name)()
 
 
 def scaled_conv_count(proto: onnx.ModelProto) -> int:
@@ -142,8 +90,8 @@ def test_pip_installed_example_runs_through_the_cli(installed_example, tmp_path)
     assert reports["fold-scales"]["rewrites"] == scaled_conv_count(onnx.load(_ppocr_rec_path())) == 28
     assert scaled_conv_count(onnx.load(out / "model.onnx")) == 0
     folded = testing.run_pass("fold-constants", ir.load(_ppocr_rec_path()), verify=False).model
-    assert reports["dedup-weights"]["merged"] == duplicate_count(folded) > 0
-    assert duplicate_count(ir.load(out / "model.onnx")) == 0
+    assert reports["dedup-weights"]["merged"] == EXAMPLE_TESTS.duplicate_count(folded) > 0
+    assert EXAMPLE_TESTS.duplicate_count(ir.load(out / "model.onnx")) == 0
 
 
 def _ppocr_rec_path() -> Path:
