@@ -499,6 +499,25 @@ def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq
         click.echo(line, err=True)
 
 
+@cli.command()
+@click.argument("artifact")
+@click.option("--edge", is_flag=True, required=True, help="Write an edge bundle (the only export kind).")
+@click.option("-o", "--out", required=True, metavar="BUNDLE", help="Bundle folder to write.")
+@click.option("--target", default=None, metavar="T", help="Device: host or aarch64 [default: the artifact's target].")
+@click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON.")
+@click.option("--force-overwrite", is_flag=True, help="Replace BUNDLE when it is an earlier bundle.")
+def export(artifact: str, edge: bool, out: str, target: str | None, as_json: bool,
+           force_overwrite: bool) -> None:
+    """Package ARTIFACT for a device: model, runtime config, samples, expected outputs, run.py."""
+    from winnow.edge_export import export_edge
+
+    bundle = export_edge(artifact, out, target=target, overwrite=force_overwrite)
+    if as_json:
+        _dump(dict(bundle.manifest, sizes=bundle.sizes()))
+        return
+    click.echo(bundle.table())
+
+
 class _CostGroup(_Group):
     """`winnow cost SRC ...` predicts; `winnow cost calibrate ...` fits the host profile."""
 

@@ -23,7 +23,9 @@ from winnow.errors import ModelFormatError, OutputError, OutputExistsError, Sour
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "winnow-artifact"
 MANIFEST_VERSION = 1
-OUTPUT_KINDS = {MANIFEST_FORMAT: "winnow compile artifact", "winnow-analysis": "winnow analyze report"}
+BUNDLE_FORMAT = "winnow-edge-bundle"
+OUTPUT_KINDS = {MANIFEST_FORMAT: "winnow compile artifact", "winnow-analysis": "winnow analyze report",
+                BUNDLE_FORMAT: "winnow edge bundle"}
 
 
 @dataclasses.dataclass
