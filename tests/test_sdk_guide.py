@@ -91,3 +91,13 @@ def test_markdown_reference_names_kind_description_and_typed_options():
     assert "| analysis |" in rows["layer-similarity"] and "| lossy |" in rows["drop-layers"]
     assert "`regions`: list[str] = `[]`" in rows["drop-layers"]
     assert "\\|" in rows["channel-importance"]  # a | in a description cannot split the row
+
+
+def test_winnow_passes_markdown_prints_the_reference():
+    from click.testing import CliRunner
+
+    from winnow.cli import cli
+
+    done = CliRunner().invoke(cli, ["passes", "--markdown"])
+    assert done.exit_code == 0, done.output
+    assert done.stdout == markdown_table(registered_passes())
