@@ -155,16 +155,19 @@ def transformer_block(dim: int = 32, heads: int = 4, kv_heads: int | None = None
     h = x
     for i in range(layers):
         p = f"blocks.{i}"
-        for part, sublayer in (("attn", lambda t, q: _attention(b, t, dim, heads, kv_heads or heads, q)),
-                               ("mlp", lambda t, q: _feed_forward(b, t, dim, q))):
-            norm_name = f"{p}.ln1" if part == "attn" else f"{p}.ln2"
-            if norm == "pre":
-                h = b.op("Add", [h, sublayer(b.layer_norm(h, dim, norm_name), f"{p}.{part}")],
-                         f"{p}.{part}/Residual")
-            else:
-                h = b.layer_norm(b.op("Add", [h, sublayer(h, f"{p}.{part}")], f"{p}.{part}/Residual"),
-                                 dim, norm_name)
+        h = _residual(b, h, norm, f"{p}.ln1", f"{p}.attn", dim,
+                      lambda t: _attention(b, t, dim, heads, kv_heads or heads, f"{p}.attn"))
+        h = _residual(b, h, norm, f"{p}.ln2", f"{p}.mlp", dim,
+                      lambda t: _feed_forward(b, t, dim, f"{p}.mlp"))
     return b.model([x], [_output(h, "y", ["batch", "seq", dim])], f"{norm}-norm-transformer")
+
+
+def _residual(b: _Builder, h: ir.Value, norm: str, norm_name: str, name: str, dim: int,
+              sublayer: Any) -> ir.Value:
+    """Pre-norm h + f(norm(h)) or post-norm norm(h + f(h))."""
+    if norm == "pre":
+        return b.op("Add", [h, sublayer(b.layer_norm(h, dim, norm_name))], f"{name}/Residual")
+    return b.layer_norm(b.op("Add", [h, sublayer(h)], f"{name}/Residual"), dim, norm_name)
 
 
 def gqa_attention(dim: int = 32, heads: int = 8, kv_heads: int = 2, seed: int = 0) -> ir.Model:
