@@ -3,8 +3,8 @@ rounding (ml_dtypes), block floating point with and without K-sort on tiny-gpt a
 L-Mul in attention only vs everywhere at model level (held-out fidelity and run time in ORT).
 
     python bench/numerics.py [--models minilm,tiny-gpt,digits-vit] [--ms 2,3,4] [--lmul-m 3]
-                             [--blocks 8,16,32,64,128] [--samples 200000] [--repeats 10]
-                             [--out DIR]
+                             [--blocks 8,16,32,64,128] [--formats bfp12,bfp16] [--bfp-weights]
+                             [--samples 200000] [--repeats 10] [--out DIR]
 
 Prints markdown tables and saves them, with the command line, under --out (default: a new
 temporary folder; `--out bench/results` keeps them with the repository). Progress on stderr.
@@ -35,7 +35,6 @@ from winnow.passes.rewrite.bfp import attention_scores, k_sort
 
 FP8 = {"fp8 e4m3": ml_dtypes.float8_e4m3fn, "fp8 e5m2": ml_dtypes.float8_e5m2}
 DOT_LENGTHS = (64, 256, 1024)
-FORMATS = ("bfp12", "bfp16")
 
 
 def fp8_round(x: np.ndarray, dtype) -> np.ndarray:
@@ -116,18 +115,19 @@ def k_errors(zm, blocks: list[int], fmt: str) -> dict[tuple[int, bool], float]:
     return out
 
 
-def bfp_rows(name: str, blocks: list[int]) -> list[str]:
-    """Held-out cosine of BFP on weights, on K, and on K after K-sort, per format and block."""
+def bfp_rows(name: str, blocks: list[int], formats: list[str], weights: bool) -> list[str]:
+    """Held-out cosine of BFP on K, on K after K-sort (and on the weights), per format and block."""
     zm = models_zoo.get(name)
     rows = []
-    bar = winnow.progress.counter(f"{name}: bfp format x block", len(FORMATS) * len(blocks))
-    for fmt in FORMATS:
+    bar = winnow.progress.counter(f"{name}: bfp format x block", len(formats) * len(blocks))
+    variants = [("k", "weights=false,keys=true"),
+                ("k sorted", "weights=false,keys=true,k_sort=true")]
+    variants += [("weights", "weights=true")] if weights else []
+    for fmt in formats:
         errors = k_errors(zm, blocks, fmt)
         for block in blocks:
-            cos = {}
-            for label, options in (("weights", "weights=true"),
-                                   ("k", "weights=false,keys=true"),
-                                   ("k sorted", "weights=false,keys=true,k_sort=true")):
+            cos = {"weights": "-"}
+            for label, options in variants:
                 try:
                     model = rewritten(zm, f"bfp{{format={fmt},block={block},{options}}}")
                     cos[label] = f"{evaluate_zoo(zm, model).cosine:.5f}"
@@ -170,6 +170,9 @@ def main(argv=None):
     parser.add_argument("--ms", default="2,3,4", help="L-Mul mantissa bits of the error tables")
     parser.add_argument("--lmul-m", type=int, default=3, help="m of the model-level L-Mul table")
     parser.add_argument("--blocks", default="8,16,32,64,128")
+    parser.add_argument("--formats", default="bfp12", help="BFP formats (bfp12, bfp16)")
+    parser.add_argument("--bfp-weights", action="store_true",
+                        help="also BFP on the weights alone (one more evaluation per row)")
     parser.add_argument("--samples", type=int, default=200000)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None,
@@ -187,11 +190,11 @@ def main(argv=None):
          product_table(ms, args.samples, rng)),
         ("Dot products, products summed in float32, error against the exact (float64) dot",
          dot_table(ms, args.samples, rng)),
-        ("BFP: held-out mean cosine (weights only; K operand only; K after K-sort) and the "
+        ("BFP: held-out mean cosine (K operand only; K after K-sort; weights only with --bfp-weights) and the "
          "relative error of K itself on one held-out batch",
          ["| model | format | block | cos weights | cos K | cos K + K-sort | K error | "
           "K error K-sorted |", "|---|---|---|---|---|---|---|---|"]
-         + [row for name in models if name in ("minilm", "tiny-gpt") for row in bfp_rows(name, blocks)]),
+         + [row for name in models if name in ("minilm", "tiny-gpt") for row in bfp_rows(name, blocks, args.formats.split(","), args.bfp_weights)]),
         (f"L-Mul at model level (m={args.lmul_m}): held-out mean cosine, task metric, and ORT "
          "time of the emulation against fp32 (batch 1, interleaved)",
          ["| model | L-Mul in | m | nodes rewritten | mean cosine | task metric | ORT time / fp32 time |",
