@@ -152,7 +152,8 @@ def _load_builtin_and_plugins() -> None:
 def entry_point_origin(ep: importlib.metadata.EntryPoint) -> str:
     """'entry point 'NAME = module:Class' of distribution 'DIST VERSION'' for messages."""
     dist = getattr(ep, "dist", None)
-    where = f"distribution '{dist.name} {dist.version}'" if dist is not None else "an unknown distribution"
+    where = (f"distribution '{dist.name} {dist.version}'" if dist is not None
+             else "an unknown distribution")
     return f"entry point '{ep.name} = {ep.value}' (group {ENTRY_POINT_GROUP}) of {where}"
 
 
@@ -168,10 +169,10 @@ def _load_plugin(ep: importlib.metadata.EntryPoint) -> str | None:
         return f"{origin} failed to import ({type(exc).__name__}: {detail}); {fix}."
     try:
         if isinstance(cls, type) and issubclass(cls, Pass):
-            cls.check_definition()
-        if isinstance(cls, type) and issubclass(cls, Pass) and cls.name != ep.name:
-            raise PassRegistrationError(
-                f"it names pass '{ep.name}' but {_class_origin(cls)} is named '{cls.name}'.")
+            cls.check_definition()  # a bad name or Config is the problem to report, if any
+            if cls.name != ep.name:
+                raise PassRegistrationError(
+                    f"it names pass '{ep.name}' but {_class_origin(cls)} is named '{cls.name}'.")
         register_pass(cls, origin=origin)
     except PassRegistrationError as exc:
         return f"{origin} was skipped: {str(exc).rstrip('.')}; {fix}."
