@@ -5,7 +5,8 @@ Lossless by construction and checked: the fused model runs against the original 
 data and replaces it only when every output agrees within `tolerance`; a fusion that changes a
 model's outputs (or that onnxscript fails on) leaves the model as it was, with the reason in the
 report. The weights of each fused Attention (Q, K and V concatenated) are folded into one
-initializer so weight quantizers see a constant.
+initializer, and an attention bias proven to be the padding mask is replaced by the mask itself
+(`ir/attention_mask.py`), so ONNX Runtime's quantizers can make QAttention of it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnx_ir as ir
 import onnxscript.optimizer as oso
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from winnow.ir.attention_mask import index_attention_masks
 from winnow.ir.execute import run
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
@@ -50,6 +52,7 @@ class FusePass(Pass):
         trial = model.clone()
         try:
             counts = fuse_for_ort(trial)
+            counts.update(index_attention_masks(trial, batches))
         except Exception as exc:  # noqa: BLE001 - onnxscript raises many types on odd graphs
             return self._skip(model, ctx, f"onnxscript's ort_fusions failed: "
                               f"{type(exc).__name__}: {exc}")
@@ -62,6 +65,7 @@ class FusePass(Pass):
             return self._skip(model, ctx, f"the fused outputs differ by {error:.3g} (more than "
                               f"tolerance {self.config.tolerance:g}) on calibration data")
         fuse_for_ort(model)
+        index_attention_masks(model, batches)
         ctx.report[self.name] = {"fused": fused_ops(model), "fusions": counts,
                                  "max_abs_error": error, "checked_samples": _rows(batches)}
         return PassResult(model, True)

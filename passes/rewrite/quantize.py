@@ -248,7 +248,9 @@ def quantize_proto(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[st
     clean.CopyFrom(proto)
     # ORT's quantizers re-run ONNX shape inference strictly; a stale intermediate annotation from
     # the exporter (digits-vit: 64 vs 10) makes them fail, so they get the graph without any.
+    contrib = contrib_output_types(clean)
     del clean.graph.value_info[:]
+    clean.graph.value_info.extend(contrib)
     proto = clean
     with tempfile.TemporaryDirectory(prefix="winnow-quantize-") as tmp, quiet_libraries():
         src, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
@@ -265,6 +267,19 @@ def quantize_proto(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[st
             raise PassConfigError(f"quantize: unknown mode '{spec.mode}'; use one of "
                                   f"{', '.join(MODES)}.")
         return onnx.load(out)
+
+
+def contrib_output_types(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Element types (no shapes) of the outputs of ORT contrib ops (fused Attention,
+    SkipLayerNormalization, ...): ONNX's shape inference cannot type them, and ORT's quantizers
+    refuse an untyped activation."""
+    produced = {o for n in proto.graph.node if n.domain == "com.microsoft" for o in n.output}
+    kept = []
+    for info in proto.graph.value_info:
+        if info.name in produced and info.type.HasField("tensor_type"):
+            kept.append(onnx.helper.make_tensor_value_info(
+                info.name, info.type.tensor_type.elem_type, None))
+    return kept
 
 
 def _dynamic(src: Path, out: Path, spec: QuantSpec, include: Sequence[str]) -> None:
