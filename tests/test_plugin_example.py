@@ -153,6 +153,7 @@ def bad_plugins(tmp_path, monkeypatch) -> Path:
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: winnow-{dist}\nVersion: 0.1\n")
         (info / "entry_points.txt").write_text(f"[winnow.passes]\n{entry}\n")
+    base.registered_passes()  # the built-ins, before the registry is copied
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
