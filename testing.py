@@ -66,10 +66,13 @@ class _Builder:
         return self.op("LayerNormalization", [x, scale, bias], f"{prefix}/LayerNorm", axis=-1)
 
     def model(self, inputs: list[ir.Value], outputs: list[ir.Value], name: str) -> ir.Model:
-        """The finished model (opset 18, IR version 8)."""
+        """The finished model (opset 18, IR version 8), with every value's type and shape."""
+        from winnow.passes import get_pass_class
+
         graph = ir.Graph(inputs, outputs, nodes=self.tape.nodes,
                          initializers=self.tape.initializers, opset_imports={"": OPSET}, name=name)
-        return ir.Model(graph, ir_version=IR_VERSION, producer_name="winnow.testing")
+        model = ir.Model(graph, ir_version=IR_VERSION, producer_name="winnow.testing")
+        return get_pass_class("shape-inference")()(model).model
 
 
 def _input(name: str, shape: list[int | str]) -> ir.Value:

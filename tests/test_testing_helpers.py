@@ -298,3 +298,19 @@ def test_a_private_name_read_from_outside_winnow_warns():
         exec(compile("from winnow.testing import mlp, run_pass\nfrom winnow.passes import RulePass\n",
                      "<a plugin>", "exec"), {})
         from winnow.testing import _Builder  # noqa: F401  (winnow's own tests are inside winnow)
+
+
+def test_builders_carry_shapes_so_structural_passes_run_on_them():
+    model = testing.transformer_block(heads=8, kv_heads=2, layers=2)
+    assert all(v.shape is not None for node in model.graph for v in node.outputs)
+    calibration = [testing.random_inputs(model, seed, batch=4, seq=6) for seed in range(2)]
+    result = testing.run_pass("prune-heads{ratio=0.5,source=proxy},prune-channels{ratio=0.5,"
+                              "source=weight}", model, calibration)
+    parts = [p for b in find_regions(result.model).blocks for p in b.parts]
+    assert [(p.heads.num_heads, p.heads.num_kv_heads) for p in parts if p.kind == "attention"] == \
+        [(4, 2), (4, 2)]
+    widths = [result.model.graph.initializers[f"blocks.{i}.mlp.2.weight"].const_value.shape[0]
+              for i in range(2)]
+    assert widths == [64, 64]
+    feeds = calibration[0]
+    assert run(result.model, feeds)["y"].shape == run(model, feeds)["y"].shape
