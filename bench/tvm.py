@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle TVM workers sleep instead of spinning, as ORT's timing sessions do (allow_spinning=0), so
+# no runner's threads steal the cores of the one timed next.
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 # Run as a script, this file's folder leads sys.path and its name would shadow the tvm package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
