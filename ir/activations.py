@@ -110,3 +110,34 @@ class Degeneracy:
                         "data (constant, or all channels alike), so cosines of it are +-1 "
                         "whatever the region does")
         return None
+
+
+SAMPLE_ROWS = 512  # rows per batch kept for the one-direction test
+
+
+def degenerate_regions(model, regions: Sequence, batches: Sequence[Mapping[str, np.ndarray]]
+                       ) -> dict[str, str]:
+    """Regions whose input (its shortcut) or output stream is degenerate on `batches` (NaN/Inf,
+    (near) zero, every vector on one line), each with the reason; scores of them mean nothing."""
+    pairs = {r.name: (r.skip.name, r.exit.name) for r in regions if r.skip is not None}
+    live = sorted(set(pairs.values()))
+    if not live:
+        return {}
+    watch = {pair: Degeneracy() for pair in live}
+    kept: dict[tuple, list] = {pair: [] for pair in live}
+    for chunk in iter_pairs(model, batches, live):
+        for pair in live:
+            x, y = chunk[pair]
+            if x.shape != y.shape:
+                continue
+            watch[pair].update(x, y)
+            kept[pair].append((x[:SAMPLE_ROWS], y[:SAMPLE_ROWS]))
+    reasons = {}
+    for pair in live:
+        if not kept[pair]:
+            continue
+        sample = (np.concatenate([x for x, _ in kept[pair]]),
+                  np.concatenate([y for _, y in kept[pair]]))
+        reasons[pair] = watch[pair].reason(sample if np.isfinite(sample[0]).all()
+                                           and np.isfinite(sample[1]).all() else None)
+    return {name: reasons[pair] for name, pair in pairs.items() if reasons.get(pair)}

@@ -49,7 +49,19 @@ def parse_pipeline(text: str) -> list[PassSpec]:
     text = text.strip()
     if not text:
         raise PipelineError("the pipeline is empty; give at least one pass name, e.g. 'fold-constants'.")
+    _refuse_control_characters(text, "the pipeline text")
     return [_parse_element(part, text) for part in _split_top(text, ",", text)]
+
+
+def _refuse_control_characters(text: str, what: str) -> None:
+    """Line breaks, tabs and other control characters have no place in a pipeline (and would
+    break the one-line error messages that quote it)."""
+    import unicodedata
+
+    for index, ch in enumerate(text):
+        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+            raise PipelineError(f"{what} holds the control character {ascii(ch)} at position "
+                                f"{index}; write the pipeline on one line of printable text.")
 
 
 def _split_top(text: str, sep: str, whole: str) -> list[str]:
@@ -128,6 +140,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def _yaml_item(item: Any, path: Path) -> PassSpec:
     if isinstance(item, str):
+        _refuse_control_characters(item, f"an entry of '{path}'")
         return _parse_element(item, str(path))
     if isinstance(item, dict) and len(item) == 1:
         ((name, opts),) = item.items()
@@ -135,6 +148,7 @@ def _yaml_item(item: Any, path: Path) -> PassSpec:
         if not isinstance(opts, dict):
             raise PipelineError(f"options of '{name}' in '{path}' must be a mapping.")
         spec = PassSpec(str(name), tuple((str(k), format_value(v)) for k, v in opts.items()))
+        _refuse_control_characters(str(spec), f"an entry of '{path}'")
         return _parse_element(str(spec), str(path))
     raise PipelineError(
         f"each entry of 'pipeline' in '{path}' must be a pass name or {{name: {{option: value}}}}.")

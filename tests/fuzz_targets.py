@@ -402,14 +402,15 @@ def check_pipeline_yaml(tally: Tally, work: Path, text: str) -> None:
 SHAPES_TEXT = st.one_of(
     st.text(max_size=40),
     st.text(alphabet="xstae=,;0123456789 []-+._", max_size=40),
-    st.lists(st.tuples(st.sampled_from(["x", "state", "z", "", "x "]),
-                       st.lists(st.integers(-2, 2**34) | st.sampled_from(["", " ", "a", "1e3"]),
-                                max_size=4)), min_size=1, max_size=3).map(
+    st.lists(st.tuples(st.sampled_from(["x", "state", "ids", "z", "", "x "]),
+                       st.lists(st.integers(-2, 9) | st.integers(-2, 2**34)
+                                | st.sampled_from(["", " ", "a", "1e3"]), max_size=4)),
+             min_size=1, max_size=3).map(
         lambda items: ";".join(f"{n}={','.join(map(str, dims))}" for n, dims in items)),
 )
 SHAPES_SPECS = [{"name": "x", "dtype": "float32", "shape": ["batch", "samples"]},
                 {"name": "state", "dtype": "float32", "shape": ["batch", 4]},
-                {"name": "ids", "dtype": "int64", "shape": [None, "batch"]}]
+                {"name": "ids", "dtype": "int64", "shape": ["batch", None]}]
 
 
 def check_input_shapes(tally: Tally, text: str) -> None:

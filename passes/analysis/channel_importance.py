@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from winnow.errors import UnsupportedModelError
-from winnow.ir.activations import as_vectors, padding_mask
+from winnow.ir.activations import Degeneracy, as_vectors, padding_mask
 from winnow.ir.execute import run
 from winnow.ir.pruning import MlpChannels, const_array, mlp_channels, mlp_regions
 from winnow.ir.regions import find_regions
@@ -46,16 +46,22 @@ def weight_scores(mlp: MlpChannels) -> np.ndarray:
 
 
 def activation_scores(model: ir.Model, mlps: list[MlpChannels], batches: list[dict]
-                      ) -> list[np.ndarray]:
-    """||a_j|| (real tokens) x ||W_down[j]|| per channel of each MLP."""
+                      ) -> tuple[list[np.ndarray], list[str | None]]:
+    """||a_j|| (real tokens) x ||W_down[j]|| per channel of each MLP, and for each MLP why its
+    activations cannot rank channels (NaN/Inf, (near) zero on most tokens), or None."""
     names = [m.down.inputs[0].name for m in mlps]
     sums = [np.zeros(m.width) for m in mlps]
+    watch = [Degeneracy() for _ in mlps]
     for feeds in batches:
         captured = run(model, feeds, capture=names)
         mask = padding_mask(feeds)
         for k, name in enumerate(names):
-            sums[k] += (as_vectors(captured[name], mask) ** 2).sum(axis=0)
-    return [np.sqrt(s) * np.linalg.norm(_matrix(m.down, "in"), axis=1) for s, m in zip(sums, mlps)]
+            vectors = as_vectors(captured[name], mask)
+            watch[k].update(vectors, vectors)
+            sums[k] += (vectors ** 2).sum(axis=0)
+    scores = [np.sqrt(s) * np.linalg.norm(_matrix(m.down, "in"), axis=1)
+              for s, m in zip(sums, mlps)]
+    return scores, [w.reason(names=("activation", "activation")) for w in watch]
 
 
 def traced_mlps(model: ir.Model) -> tuple[list[MlpChannels], list[str]]:
@@ -67,6 +73,16 @@ def traced_mlps(model: ir.Model) -> tuple[list[MlpChannels], list[str]]:
         except UnsupportedModelError as exc:
             notes.append(str(exc))
     return out, notes
+
+
+def _layer_entry(mlp: MlpChannels, scores: np.ndarray, problem: str | None) -> dict[str, Any]:
+    """One MLP's scores, or `measurable: False` and the reason when its activations are
+    degenerate on the calibration data (its scores would rank channels by noise)."""
+    if problem is not None:
+        return {"region": mlp.region.name, "width": mlp.width, "scores": None,
+                "measurable": False, "reason": problem}
+    return {"region": mlp.region.name, "width": mlp.width, "scores": scores.tolist(),
+            "measurable": True}
 
 
 @register_pass
@@ -95,14 +111,14 @@ class ChannelImportancePass(AnalysisPass):
         if not mlps:
             return {"layers": [], "note": "; ".join(notes) or NO_MLP}
         if self.config.score == "weight":
-            scores = [weight_scores(m) for m in mlps]
+            scores, problems = [weight_scores(m) for m in mlps], [None] * len(mlps)
         else:
             batches = limit_samples(calibration_batches(model, PassContext.current()),
                                     self.config.samples)
-            scores = activation_scores(model, mlps, batches)
+            scores, problems = activation_scores(model, mlps, batches)
         result = {"score": self.config.score,
-                  "layers": [{"region": m.region.name, "width": m.width, "scores": s.tolist()}
-                             for m, s in zip(mlps, scores)],
+                  "layers": [_layer_entry(m, s, p) for m, s, p in zip(mlps, scores, problems)],
+                  "not_measurable": {m.region.name: p for m, p in zip(mlps, problems) if p},
                   "seconds": time.perf_counter() - start}
         if notes:
             result["note"] = "; ".join(notes)

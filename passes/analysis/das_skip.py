@@ -40,6 +40,7 @@ import onnxruntime as ort
 
 from winnow import progress
 from winnow.errors import ExecutionError, PassConfigError
+from winnow.ir.activations import degenerate_regions
 from winnow.ir.execute import model_bytes, session_options
 from winnow.ir.gates import gate_feeds, gated_copy, suffix_model
 from winnow.ir.linear_adapter import fit_region_adapters
@@ -138,6 +139,14 @@ class DasSkipPass(AnalysisPass):
                 f"regions at level '{cfg.level}'; got {cfg.k}. The candidates are: "
                 f"{', '.join(names)}.")
 
+        unmeasured = degenerate_regions(model, regions, limit_samples(
+            calibration_batches(model, ctx), cfg.adapter_samples))
+        unscored = [_unmeasured_entry(r, unmeasured[r.name]) for r in regions
+                    if r.name in unmeasured]
+        regions = [r for r in regions if r.name not in unmeasured]
+        names = [r.name for r in regions]
+        if cfg.k >= len(regions):
+            return _too_few_measurable(cfg.level, cfg.k, unscored, time.perf_counter() - start)
         batches = [mb for b in calibration_batches(model, ctx)
                    for mb in split_batch(b, cfg.batch_size, model)]
         adapters = None
@@ -176,9 +185,10 @@ class DasSkipPass(AnalysisPass):
             "regions": [{"name": n, "kind": r.kind, "layout": r.layout,
                          "logit": float(logits[i]), "p": float(p[i]),
                          "weight_fraction": evaluate.weight_fraction[i]}
-                        for i, (n, r) in enumerate(zip(names, regions))],
+                        for i, (n, r) in enumerate(zip(names, regions))] + unscored,
             "ranking": ranking,
             "selected": ranking[:cfg.k],
+            "not_measurable": unmeasured,
             "curve": {"reward": rewards, "loss": losses},
             "loss": "task" if evaluate.task_loss else "fidelity (1 - cosine of outputs)",
             "replacement": cfg.replacement,
@@ -186,6 +196,24 @@ class DasSkipPass(AnalysisPass):
             "prefix_reuse": evaluate.prefix_reuse,
             "seconds": time.perf_counter() - start,
         }
+
+
+def _unmeasured_entry(region: Region, reason: str) -> dict[str, Any]:
+    """A candidate left out of the bandit because its streams are degenerate on the data."""
+    return {"name": region.name, "kind": region.kind, "layout": region.layout,
+            "measurable": False, "reason": reason}
+
+
+def _too_few_measurable(level: str, k: int, unscored: list[dict], seconds: float
+                        ) -> dict[str, Any]:
+    """The result when too few candidates are measurable to rank skip sets of k."""
+    first = unscored[0]
+    return {"level": level, "k": k, "regions": unscored, "ranking": [], "selected": [],
+            "not_measurable": {r["name"]: r["reason"] for r in unscored},
+            "curve": {"reward": [], "loss": []}, "seconds": seconds,
+            "note": f"{len(unscored)} of the candidate regions are not measurable on the "
+                    f"calibration data (e.g. {first['name']}: {first['reason']}), too few are "
+                    f"left to rank skip sets of k={k}, so nothing is ranked"}
 
 
 def _session(model: ir.Model) -> ort.InferenceSession:

@@ -30,6 +30,11 @@ NO_ATTENTION = ("no attention sub-layer with a Softmax was recognised, so there 
                 "score")
 
 
+NONFINITE = "its attention probabilities hold NaN or Inf on the calibration data"
+NO_QUERIES = ("no real query of the calibration data sees more than one key, so entropies of it "
+              "say nothing")
+
+
 def attention_softmaxes(regions: list[Region]) -> dict[str, ir.Value]:
     """The attention-probability value (Softmax output) of each attention region, by region name."""
     out = {}
@@ -100,6 +105,7 @@ class HeadEntropyPass(AnalysisPass):
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, np.ndarray] = {}
         skipped: set[str] = set()
+        unmeasured: dict[str, str] = {}
         for feeds in batches:
             captured = run(model, feeds, capture=[v.name for v in softmaxes.values()])
             mask = padding_mask(feeds)
@@ -112,16 +118,22 @@ class HeadEntropyPass(AnalysisPass):
                 if probs is None:
                     skipped.add(region.name)
                     continue
+                if not np.isfinite(probs).all():
+                    unmeasured[region.name] = NONFINITE
+                    continue
                 s, c = normalized_entropy(probs, mask)
                 sums[region.name] = sums.get(region.name, 0) + s
                 counts[region.name] = counts.get(region.name, 0) + c
+        unmeasured.update({name: NO_QUERIES for name, c in counts.items()
+                           if name not in unmeasured and c[0] == 0})
         layers = [{"region": name, "num_heads": len(s),
                    "entropy": [float(v) for v in s / np.maximum(counts[name], 1)],
                    "queries": int(counts[name][0])}
-                  for name, s in sums.items()]
+                  for name, s in sums.items() if name not in unmeasured]
         result = {"layers": layers,
                   "heads": {f"{layer['region']}.head{i}": e for layer in layers
                             for i, e in enumerate(layer["entropy"])},
+                  "not_measurable": unmeasured,
                   "samples": sum(next(iter(b.values())).shape[0] for b in batches),
                   "seconds": time.perf_counter() - start}
         if skipped:

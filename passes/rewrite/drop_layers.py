@@ -121,8 +121,9 @@ class DropLayersPass(Pass):
             raise PassConfigError(
                 f"drop-layers count={self.config.count}: {self.config.source} could rank only "
                 f"{len(chosen)} of the {len(candidates)} droppable {self.config.level} regions; "
-                f"{len(unmeasured)} are not measurable on the calibration data{why}. Lower count, "
-                "name regions=[...], or use source=das-skip, which judges the outputs.")
+                f"{len(unmeasured)} are not measurable on the calibration data{why}. Lower count"
+                + (" or name regions=[...]." if self.config.source == "das-skip" else
+                   ", name regions=[...], or use source=das-skip, which judges the outputs."))
         return chosen
 
     def _batches(self, model: ir.Model, ctx: PassContext) -> list[dict]:
@@ -168,7 +169,7 @@ def _ranking(cfg: Any, model: ir.Model, ctx: PassContext) -> tuple[list[str], di
     if cfg.source == "das-skip":
         result = ctx.get_analysis("das-skip", model, level=cfg.level, k=cfg.count,
                                   replacement="identity" if cfg.replacement == "identity" else "linear")
-        return list(result.get("ranking", [])), {}
+        return list(result.get("ranking", [])), dict(result.get("not_measurable") or {})
     result = ctx.get_analysis("layer-similarity", model)
     key = "ranking" if cfg.replacement == "identity" else "ranking_linear"
     unmeasured = {r["name"]: r.get("reason", "") for r in result.get("regions", [])
@@ -186,7 +187,6 @@ def _replace_region(graph: ir.Graph, region: Region, entry: ir.Value, adapter: A
         if adapter is not None else entry
     exit_value = region.exit
     outputs = [i for i, v in enumerate(graph.outputs) if v is exit_value]
-    exit_value.replace_all_uses_with(new)
     for index in outputs:
         keep = ir.node("Identity", [new], name=f"winnow.dropped.{region.name}")
         insert_after_value(graph, new, [keep])
@@ -195,4 +195,5 @@ def _replace_region(graph: ir.Graph, region: Region, entry: ir.Value, adapter: A
         keep.outputs[0].name = name
         keep.outputs[0].dtype, keep.outputs[0].shape = exit_value.dtype, exit_value.shape
         graph.outputs[index] = keep.outputs[0]
+    exit_value.replace_all_uses_with(new)  # after the outputs: onnx-ir refuses to move those
     return new

@@ -105,6 +105,13 @@ class PruneChannelsPass(Pass):
             rng = np.random.default_rng(self.config.seed)
             return {m.region.name: rng.random(m.width) for m in mlps}
         result = ctx.get_analysis("channel-importance", model, score=self.config.source)
+        chosen = {m.region.name for m in mlps}
+        for layer in result["layers"]:
+            if layer["region"] in chosen and layer.get("measurable") is False:
+                raise PassConfigError(
+                    f"prune-channels: channel-importance cannot rank the channels of "
+                    f"'{layer['region']}' ({layer['reason']}); leave it out with regions=[...] "
+                    "or rank by source=weight.")
         return {layer["region"]: np.asarray(layer["scores"]) for layer in result["layers"]}
 
     def _batches(self, model: ir.Model, ctx: PassContext) -> list[dict]:

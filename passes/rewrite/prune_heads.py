@@ -154,7 +154,9 @@ def head_scores(model: ir.Model, regions: list[Region], ctx: PassContext, source
         by_layer = {layer["region"]: -np.asarray(layer[source]) for layer in result["layers"]}
     missing = [r.name for r in regions if r.name not in by_layer]
     if missing:
-        raise PassConfigError(f"prune-heads: {source} has no scores for {', '.join(missing)}.")
+        why = (result.get("not_measurable") or {}).get(missing[0])
+        raise PassConfigError(f"prune-heads: {source} has no scores for {', '.join(missing)}"
+                              + (f" ({missing[0]}: {why})." if why else "."))
     return {r.name: by_layer[r.name] for r in regions}
 
 
