@@ -150,6 +150,10 @@ def _open(label: str, path: str | Path, threads: int) -> Bench:
 
     artifact = load_artifact(path)
     model_path = artifact.path / MODEL_FILE
+    if artifact.manifest.get("backend", "ort") != "ort":
+        raise UnsupportedModelError(f"'{path}' is a {artifact.manifest['backend']} artifact; winnow "
+                                    "bench times ONNX Runtime artifacts (time TVM libraries with "
+                                    "bench/tvm.py).")
     if not model_path.is_file():
         raise SourceError(f"artifact '{path}' has no {MODEL_FILE}; winnow bench times ONNX "
                           "Runtime artifacts.")
