@@ -10,7 +10,11 @@ reference. A length that is not a multiple of the block is padded with zeros (th
 shorter; a block longer than the axis covers it whole). K-sort permutes, in every head, the
 output channels of W_k by their L2 norm and applies the same permutation to W_q (and both
 biases): Q K^T is unchanged (up to float summation order) while channels of similar size share
-blocks. It changes K's blocks only when the block is shorter than the head dimension.
+blocks. With a half-split rotary embedding (rotate_half), whole pairs (c, c + d/2) move together
+and the cos/sin tables become per-head tables permuted the same way. The pass checks on one
+calibration batch that the scores did not move and refuses otherwise. K-sort changes K's blocks
+only when a block is shorter than the head dimension (shorter than d/2 with rotary pairs, since
+a pair's halves sit in different halves of the head).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from winnow.passes.rewrite.lmul import MIN_NORMAL, Emitter, exponent_of, powers_
 # Ops that keep a channel where it is between the K (Q) projection and the score MatMul.
 CHANNEL_PRESERVING = {"Reshape", "Transpose", "Add", "Mul", "Div", "Expand", "Unsqueeze",
                       "Squeeze", "Identity", "Cast", "Tile"}
+ROTARY = {"Slice", "Neg", "Concat"}
+SCORE_TOLERANCE = 1e-5  # K-sort may move scores by float summation order only (relative to max)  # rotate_half of a half-split rotary embedding
 
 
 @register_pass
@@ -77,7 +83,7 @@ class BfpPass(Pass):
                                         "MatMul) was found.")
         report: dict[str, Any] = {"format": c.format, "block": c.block}
         if c.k_sort:
-            report["k_sort"] = {region.name: k_sort(model.graph, region) for region, _ in attention}
+            report["k_sort"] = sort_checked(model, attention, ctx)
         if c.weights:
             report["weights"] = round_weights(model.graph, weights, c.format, c.block)
         if c.keys:
@@ -203,8 +209,33 @@ def bfp_graph(em: Emitter, x: ir.Value, rank: int, length: int, p: int, block: i
     return em.op("Transpose", out, perm=perm)
 
 
+def sort_checked(model: ir.Model, attention: list[tuple[Any, ir.Node]],
+                 ctx: PassContext) -> dict[str, Any]:
+    """K-sort every attention region, then check on one calibration batch that the scores did
+    not change (beyond float summation order); refuse otherwise."""
+    from winnow.ir.execute import run
+    from winnow.passes.rewrite.quantize import calibration
+
+    feeds = calibration(model, ctx, 1)[0]
+    names = [score.outputs[0].name for _, score in attention]
+    before = run(model, feeds, capture=names)
+    regions = {region.name: region for region, _ in attention}
+    report = {name: k_sort(model.graph, region) for name, region in regions.items()}
+    after = run(model, feeds, capture=names)
+    for name in names:
+        scale = max(float(np.abs(before[name]).max()), 1e-30)
+        change = float(np.abs(after[name] - before[name]).max()) / scale
+        if not change <= SCORE_TOLERANCE:
+            raise UnsupportedModelError(f"bfp: k_sort changed the attention scores '{name}' by "
+                                        f"{change:.2e} of their largest value; the model's Q/K "
+                                        "layout is not one k_sort understands.")
+    return report
+
+
 def k_sort(graph: ir.Graph, region: Any) -> dict[str, Any]:
-    """Permute each head's W_k (and W_q) output channels by W_k's column L2 norm, largest first."""
+    """Permute each head's W_k (and W_q) output channels by W_k's column L2 norm, largest first;
+    with rotary embeddings (half-split), whole rotary pairs (c, c + d/2) move together and the
+    cos/sin tables are permuted per head with them."""
     from winnow.ir.pruning import const_array, slice_projection, weight_node
 
     heads = region.heads
@@ -213,42 +244,85 @@ def k_sort(graph: ir.Graph, region: Any) -> dict[str, Any]:
         raise UnsupportedModelError(f"bfp: k_sort cannot find separate Q and K projections and "
                                     f"the head layout of '{region.name}'.")
     q_node, k_node = weight_node(region, heads.q), weight_node(region, heads.k)
-    for node in (q_node, k_node):
-        _check_path(node, region)
+    q_tables, k_tables = _rotary_tables(q_node, region), _rotary_tables(k_node, region)
+    rotary = bool(q_tables or k_tables)
     d, group = heads.head_dim, heads.num_heads // heads.num_kv_heads
     w = const_array(k_node.inputs[1]).astype(np.float64)
     trans = k_node.op_type == "Gemm" and "transB" in k_node.attributes \
         and k_node.attributes["transB"].as_int()
-    norms = np.linalg.norm(w, axis=1 if trans else 0)
-    k_perm = np.concatenate([g * d + np.argsort(-norms[g * d:(g + 1) * d], kind="stable")
-                             for g in range(heads.num_kv_heads)])
-    q_perm = np.concatenate([h * d + (k_perm[(h // group) * d:(h // group + 1) * d] - (h // group) * d)
-                             for h in range(heads.num_heads)])
+    norms = np.linalg.norm(w, axis=1 if trans else 0).reshape(heads.num_kv_heads, d)
+    per_kv = [_head_order(n, rotary) for n in norms]
+    k_perm = np.concatenate([g * d + per_kv[g] for g in range(heads.num_kv_heads)])
+    q_perm = np.concatenate([h * d + per_kv[h // group] for h in range(heads.num_heads)])
     for node, perm in ((k_node, k_perm), (q_node, q_perm)):
         slice_projection(graph, node, perm, "out")
         _permute_bias_add(graph, node, perm)
+    for tables, orders in ((k_tables, per_kv), (q_tables, [per_kv[h // group]
+                                                           for h in range(heads.num_heads)])):
+        for mul, index in tables:
+            _permute_table(graph, mul, index, orders, region.name)
     moved = int(np.sum(k_perm != np.arange(len(k_perm))))
-    return {"heads": heads.num_heads, "kv_heads": heads.num_kv_heads, "channels_moved": moved}
+    return {"heads": heads.num_heads, "kv_heads": heads.num_kv_heads, "rotary": rotary,
+            "channels_moved": moved}
 
 
-def _check_path(projection: ir.Node, region: Any) -> None:
-    """Refuse K-sort when something between a projection and the scores mixes or rotates channels
-    (a rotary embedding, for one): only then is a per-head permutation exact."""
+def _head_order(norms: np.ndarray, rotary: bool) -> np.ndarray:
+    """One head's channel order, largest norm first; rotary pairs (c, c + d/2) by their joint
+    norm, kept together."""
+    if not rotary:
+        return np.argsort(-norms, kind="stable")
+    half = len(norms) // 2
+    pairs = np.argsort(-(norms[:half] ** 2 + norms[half:] ** 2), kind="stable")
+    return np.concatenate([pairs, pairs + half])
+
+
+def _rotary_tables(projection: ir.Node, region: Any) -> list[tuple[ir.Node, int]]:
+    """(Mul, input index) of the rotary cos/sin tables between a projection and the scores;
+    refuses when another op there mixes channels."""
     allowed = {id(n) for n in region.nodes}
-    queue, seen = deque(projection.outputs), set()
+    on_path = {id(v) for v in projection.outputs}
+    queue, seen, tables, ops = deque(projection.outputs), set(), [], set()
     while queue:
         for user, _ in queue.popleft().uses():
-            if id(user) in seen or id(user) not in allowed:
+            if id(user) in seen or id(user) not in allowed or user.op_type == "Shape":
                 continue
             seen.add(id(user))
             if user.op_type == "MatMul" and all(i.const_value is None for i in user.inputs):
                 continue  # the score MatMul
-            if user.op_type not in CHANNEL_PRESERVING:
+            ops.add(user.op_type)
+            if user.op_type not in CHANNEL_PRESERVING | ROTARY:
                 raise UnsupportedModelError(
                     f"bfp: k_sort needs the Q and K projections of '{region.name}' to reach the "
-                    f"scores through reshapes, transposes and bias/scale ops only; '{user.name}' "
-                    f"({user.op_type}) sits between them (rotary embeddings are not supported).")
+                    f"scores through reshapes, transposes, bias/scale ops and half-split rotary "
+                    f"embeddings only; '{user.name}' ({user.op_type}) sits between them.")
+            if user.op_type == "Mul":
+                tables += [(user, i) for i, v in enumerate(user.inputs)
+                           if id(v) not in on_path and not _scalar(v)]
+            on_path.update(id(o) for o in user.outputs)
             queue.extend(user.outputs)
+    if ops & ROTARY and not tables:
+        raise UnsupportedModelError(f"bfp: k_sort found {', '.join(sorted(ops & ROTARY))} between "
+                                    f"the projections and the scores of '{region.name}' but no "
+                                    "rotary cos/sin table.")
+    return tables
+
+
+def _scalar(value: ir.Value) -> bool:
+    return value.const_value is not None and value.const_value.size == 1
+
+
+def _permute_table(graph: ir.Graph, mul: ir.Node, index: int, orders: list[np.ndarray],
+                   region: str) -> None:
+    """Replace a [seq, d] rotary table read by `mul` with [heads, seq, d]: head h's columns in
+    `orders[h]`."""
+    table = mul.inputs[index]
+    if table.shape is None or len(table.shape) != 2:
+        raise UnsupportedModelError(f"bfp: k_sort supports rotary tables of shape [seq, head_dim]; "
+                                    f"'{table.name}' in '{region}' has shape {table.shape}.")
+    em = Emitter(graph, mul)
+    em.prefix = f"{mul.name or 'rotary'}.k_sort"
+    picked = em.op("Gather", table, em.const(np.stack(orders), np.int64), axis=-1)
+    mul.replace_input_with(index, em.op("Transpose", picked, perm=[1, 0, 2]))
 
 
 def _permute_bias_add(graph: ir.Graph, node: ir.Node, perm: np.ndarray) -> None:
