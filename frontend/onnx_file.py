@@ -29,7 +29,17 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     _check_opsets(proto)
     _check_single_producers(proto.graph)
     _check_io_types(proto.graph)
+    _check_attribute_types(proto.graph)
     return proto
+
+
+def _check_attribute_types(graph: onnx.GraphProto) -> None:
+    """Every node attribute must say its type (an untyped one cannot be read or written back)."""
+    for node in _nodes(graph):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.UNDEFINED and not attr.ref_attr_name:
+                raise ModelFormatError(f"{_node_label(node)} has attribute '{attr.name}' without "
+                                       "a type; re-export the model.")
 
 
 def _check_io_types(graph: onnx.GraphProto) -> None:

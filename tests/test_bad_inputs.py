@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from winnow.backends.ort import run_artifact
 from winnow.cli import cli
+from winnow.errors import SourceError, UnsupportedModelError
 
 F = TensorProto.FLOAT
 
@@ -268,3 +269,76 @@ def test_sigint_in_the_middle_of_a_compile_leaves_nothing(tiny_model_path, tmp_p
         proc.kill()
     assert proc.returncode == 1 and "Aborted!" in err and "Traceback" not in err
     assert not (tmp_path / "made").exists()
+
+
+# --- bugs the fuzzer found (tests/test_fuzz.py, bench/fuzz.py), each as a regular test --------
+
+def _untyped_attribute(folder: Path) -> Path:
+    node = helper.make_node("Constant", [], ["y"], name="c",
+                            value=numpy_helper.from_array(np.ones(2, np.float32)))
+    node.attribute[0].ClearField("type")  # a byte edit had dropped the field
+    return _save_raw(folder, _model([node], [], [_vi("y")]))
+
+
+def _undefined_input_type(folder: Path) -> Path:
+    return _save_raw(folder, _model([helper.make_node("Relu", ["x"], ["y"])],
+                                    [_vi("x", TensorProto.UNDEFINED)], [_vi("y")]))
+
+
+FUZZ_FOUND = {
+    "attribute-without-a-type": (
+        lambda t: ["compile", _untyped_attribute(t / "model")],
+        "node 'c' (Constant) has attribute 'value' without a type"),
+    "input-without-an-element-type": (
+        lambda t: ["compile", _undefined_input_type(t / "model")],
+        "graph input 'x' is a tensor without an element type (UNDEFINED)"),
+    "yaml-with-a-control-character": (
+        lambda t: ["compile", _tiny(t), "--config", _write(t / "p.yaml", b"\x1f")],
+        "is not valid YAML: unacceptable character #x001f: special characters are not allowed."),
+    "yaml-that-is-not-utf8": (
+        lambda t: ["compile", _tiny(t), "--config", _write(t / "p.yaml", b"pipeline: [\xff]")],
+        "is not UTF-8 text (byte 11)"),
+    "yaml-entry-with-a-line-break": (
+        lambda t: ["compile", _tiny(t), "--config",
+                   _write(t / "p.yaml", b'pipeline: ["cse\\nx"]')],
+        "holds the control character '\\n' at position 3"),
+    "pipeline-text-with-a-line-break": (
+        lambda t: ["compile", _tiny(t), "--pipeline", "cse,\nx"],
+        "the pipeline text holds the control character '\\n' at position 4"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _tiny(folder: Path) -> Path:
+    from winnow.tests.conftest import make_tiny_model
+
+    path = folder / "tiny.onnx"
+    onnx.save(make_tiny_model(), path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(FUZZ_FOUND))
+def test_fuzzer_findings_are_one_clear_error(case, tmp_path):
+    build, needle = FUZZ_FOUND[case]
+    out = tmp_path / "out"
+    _assert_one_clear_error(invoke(*build(tmp_path), "-o", out), needle, out)
+
+
+def test_hf_config_with_a_wrongly_typed_field_is_one_sentence(tmp_path):
+    pytest.importorskip("transformers")
+    from winnow.errors import ModelFormatError
+    from winnow.frontend.huggingface import read_hf_folder
+    from winnow.tests.fuzz_targets import build_hf_folder
+
+    folder = build_hf_folder(tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in (("hidden_size", None), ("model_type", ["bert"])):
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(Exception) as info:
+            read_hf_folder(folder)
+        assert isinstance(info.value, (ModelFormatError, SourceError, UnsupportedModelError))
+        assert "\n" not in str(info.value) and str(info.value).startswith(f"'{folder}")
