@@ -31,25 +31,25 @@ def hf_seed(tmp_path_factory):
 def test_onnx_protobufs(work):
     tally = ft.Tally("onnx")
 
-    @settings(BOUNDED, max_examples=150)
+    @settings(BOUNDED, max_examples=250)
     @given(ft.onnx_files())
     def run(sample):
         ft.check_onnx_file(tally, work, sample)
 
     run()
-    assert tally.inputs >= 150 and tally.refused > 0 and tally.accepted > 0
+    assert tally.inputs >= 250 and tally.refused > 0 and tally.accepted > 0
 
 
 def test_hf_folders(work, hf_seed):
     tally = ft.Tally("hf")
 
-    @settings(BOUNDED, max_examples=40)
+    @settings(BOUNDED, max_examples=60)
     @given(ft.HF_SAMPLES)
     def run(sample):
         ft.check_hf_folder(tally, work, hf_seed, sample)
 
     run()
-    assert tally.inputs >= 40 and tally.refused > 0
+    assert tally.inputs >= 60 and tally.refused > 0
 
 
 def test_pipeline_text():
