@@ -173,6 +173,8 @@ def test_cli_compile_and_run(tmp_path):
     np.savez(wrong, x=np.zeros((4, 13, 37), np.float32))
     result = invoke("run", out, "--inputs", wrong)
     assert result.exit_code == 2 and "built for float32 [2, 13, 37]" in result.output
+    result = invoke("bench", out, "--no-rss")  # would time model.onnx under ORT: refused
+    assert result.exit_code == 2 and "bench/tvm.py" in result.output
 
 
 def test_unsupported_op_names_op_and_node(tmp_path):
@@ -209,7 +211,7 @@ def zoo_parity(name: str, tmp_path: Path, shapes: dict[str, list[int]], tol: flo
 
     source = load(f"zoo:{name}")
     out = tmp_path / name
-    compile_model(f"zoo:{name}", out, backend="tvm", pipeline="fold-constants,dce",
+    compile_model(f"zoo:{name}", out, backend="tvm", pipeline="dce", check=False,
                   backend_options={"shapes": shapes})
     batch = models_zoo.get(name).heldout()[0]
     feeds = {k: np.ascontiguousarray(np.asarray(v)[tuple(slice(0, d) for d in shapes[k])])
