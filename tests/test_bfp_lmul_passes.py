@@ -134,6 +134,7 @@ def test_bfp_weights_are_the_reference_rounding():
     assert marks(node) == {"format": "bfp12", "block": 32, "operand": "weight",
                            "significand_bits": 4, "exponent_bits": 8}
     assert ctx.report["bfp"]["weights"]["padded"] == ["y (40)"]
+    assert list(model.graph.initializers) == ["y.bfp12"]  # the float weight is gone
     gemm = two_input_model("Gemm", {"transB": 1}, inits=[numpy_helper.from_array(w.T.copy(), "y")])
     rewrite(gemm, "bfp{format=bfp16,block=8}")
     np.testing.assert_array_equal(next(iter(gemm.graph)).inputs[1].const_value.numpy(),

@@ -127,6 +127,8 @@ def round_weights(graph: ir.Graph, nodes: list[ir.Node], fmt: str, block: int) -
             if array.shape[axis] % block:
                 padded.append(f"{w.name} ({array.shape[axis]})")
         node.replace_input_with(1, done[key])
+        if not w.uses() and not w.is_graph_input() and not w.is_graph_output():
+            graph.initializers.pop(w.name, None)  # the float weights leave the artifact
         mark(node, format=fmt, block=block, operand="weight", significand_bits=FORMATS[fmt],
              exponent_bits=8)
     return {"nodes": len(nodes), "tensors": len(done), "padded": padded}
