@@ -209,17 +209,29 @@ def test_digits_vit_int8_with_split_outliers_stays_close_on_held_out_data():
     assert fidelity.metric_drop is not None and fidelity.metric_drop <= 0.01
 
 
-def test_split_outliers_after_gelu_adds_no_pass_over_the_activation():
+def gelu_mlp(fused: bool) -> ir.Model:
+    """mlp() with Gelu for Relu: Gelu(Add(MatMul, b1)), or ORT's fused BiasGelu(MatMul, b1)."""
     proto = ir.serde.serialize_model(mlp(outlier=40.0))
-    for node in proto.graph.node:
-        if node.op_type == "Relu":
-            node.op_type = "Gelu"
+    nodes = list(proto.graph.node)
+    if fused:
+        del proto.graph.node[:]
+        proto.graph.node.extend([nodes[0], helper.make_node(
+            "BiasGelu", ["h0", "b1"], ["h"], name="gelu", domain="com.microsoft"), nodes[3]])
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    else:
+        nodes[2].op_type = "Gelu"
     proto.opset_import[0].version = 20
-    model, held = ir.serde.deserialize_model(proto), batches(2, seed=3)
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["Gelu", "BiasGelu"])
+def test_split_outliers_after_gelu_adds_no_pass_over_the_activation(fused):
+    model, held = gelu_mlp(fused), batches(2, seed=3)
     want = [run(model, f)["y"] for f in held]
     ctx = quantize(model, "split-outliers")
     assert ctx.report["split-outliers"]["split"] == {"h": [0]}
     ops = [n.op_type for n in model.graph]
-    assert "Mul" not in ops and "Gather" not in ops and ops.count("Gelu") == 2
+    gelu = "BiasGelu" if fused else "Gelu"
+    assert "Mul" not in ops and "Gather" not in ops and ops.count(gelu) == 2
     for f, w in zip(held, want):
         np.testing.assert_allclose(run(model, f)["y"], w, rtol=1e-4, atol=1e-4)

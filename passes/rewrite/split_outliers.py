@@ -6,7 +6,7 @@ For an activation X read by MatMuls with constant weights W, the channels whose 
 `X W = (X * m) W' + X[:, O] W[O, :]` where m zeroes O and W' has O's rows zeroed: the big
 MatMul no longer sees the outliers (its per-tensor int8 range is set by the ordinary channels)
 and the few outlier channels go through a small float MatMul (named `*.outliers`, which
-`quantize` leaves in float). When X = Gelu(h W1 + b1) the mask costs nothing: the outlier
+`quantize` leaves in float). When X = Gelu(h W1 + b1) (also as ORT's fused BiasGelu) the mask costs nothing: the outlier
 channels' bias becomes -1e4 (Gelu gives exactly 0) and Gelu(h W1[:, O] + b1[O]) is computed
 beside it. Lossless in exact arithmetic.
 """
@@ -14,6 +14,7 @@ beside it. Lossless in exact arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -25,6 +26,8 @@ from winnow.passes.rewrite.smooth_activations import (_first, _set_weight, _weig
                                                       matmul_groups)
 
 OUTLIER_SUFFIX = ".outliers"
+CONTRIB = "com.microsoft"
+GELUS = ("Gelu", "BiasGelu")
 
 
 @register_pass
@@ -59,7 +62,7 @@ class SplitOutliersPass(Pass):
         split = {}
         # GELU outputs first: their fold reads the MatMul before it, which a split of that
         # MatMul's own input would rewrite.
-        order = sorted(groups.items(), key=lambda kv: _producer_op(kv[1][0].inputs[0]) != "Gelu")
+        order = sorted(groups.items(), key=lambda kv: _producer_op(kv[1][0].inputs[0]) not in GELUS)
         for name, nodes in order:
             a = amax[name]
             outliers = np.flatnonzero(a > self.config.factor * max(float(np.median(a)), 1e-12))
@@ -126,6 +129,29 @@ def _split(graph: ir.Graph, nodes: list[ir.Node], outliers: np.ndarray) -> None:
             graph.outputs[i] = total.outputs[0]
 
 
+def _gelu_input(gelu: ir.Node) -> tuple[ir.Node, ir.Value, Any] | None:
+    """(MatMul, bias, rebind) when the Gelu computes Gelu(h W1 + b1) with constant W1 and b1 and
+    nothing else reads h W1 (+ b1): as Gelu(Add(MatMul, b1)) or as ORT's fused BiasGelu(MatMul, b1).
+    `rebind(value)` puts another bias in place of b1."""
+    if gelu.op_type == "BiasGelu" and gelu.domain == CONTRIB and len(gelu.inputs) == 2:
+        add, pre = gelu, gelu.inputs
+    elif gelu.op_type == "Gelu" and gelu.inputs[0] is not None:
+        add = gelu.inputs[0].producer()
+        if add is None or add.op_type != "Add" or len(gelu.inputs[0].uses()) != 1:
+            return None
+        pre = add.inputs
+    else:
+        return None
+    for m_index in (0, 1):
+        matmul, bias = pre[m_index].producer(), pre[1 - m_index]
+        if (matmul is not None and matmul.op_type == "MatMul" and bias is not None
+                and bias.const_value is not None and matmul.inputs[1].const_value is not None
+                and len(pre[m_index].uses()) == 1
+                and bias.const_value.shape == (matmul.inputs[1].const_value.shape[-1],)):
+            return matmul, bias, (lambda v, i=1 - m_index: add.replace_input_with(i, v))
+    return None
+
+
 def _fold_through_gelu(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node],
                        outliers: np.ndarray) -> ir.Value | None:
     """When x = Gelu(h W1 + b1) feeds only `nodes`, silence the outlier channels inside it (their
@@ -133,33 +159,32 @@ def _fold_through_gelu(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node],
     and recompute them beside it in float: Gelu(h W1[:, O] + b1[O]). No pass over x is added.
     Returns the outlier columns, or None when the pattern is not there."""
     gelu = x.producer()
-    if gelu is None or gelu.op_type != "Gelu" or x.is_graph_output() or \
+    if gelu is None or x.is_graph_output() or \
             {id(u.node) for u in x.uses()} != {id(n) for n in nodes}:
         return None
-    add = gelu.inputs[0].producer() if gelu.inputs[0] is not None else None
-    if add is None or add.op_type != "Add" or len(gelu.inputs[0].uses()) != 1:
+    found = _gelu_input(gelu)
+    if found is None:
         return None
-    for m_index in (0, 1):
-        matmul, bias = add.inputs[m_index].producer(), add.inputs[1 - m_index]
-        if (matmul is not None and matmul.op_type == "MatMul" and bias.const_value is not None
-                and matmul.inputs[1].const_value is not None and len(add.inputs[m_index].uses()) == 1
-                and bias.const_value.shape == (matmul.inputs[1].const_value.shape[-1],)):
-            break
-    else:
-        return None
+    matmul, bias, rebind = found
     b = np.asarray(bias.const_value.numpy(), np.float32)
     w1 = np.asarray(matmul.inputs[1].const_value.numpy(), np.float32)
     silenced = b.copy()
     silenced[outliers] = -1e4
-    add.replace_input_with(1 - m_index, _const(graph, f"{bias.name}.silenced", silenced))
+    rebind(_const(graph, f"{bias.name}.silenced", silenced))
     cols = ir.node("MatMul", [matmul.inputs[0], _const(graph, f"{x.name}.outlier_w",
                                                         w1[:, outliers].copy())],
                    name=f"{x.name}.outlier_matmul{OUTLIER_SUFFIX}")
-    shifted = ir.node("Add", [cols.outputs[0], _const(graph, f"{x.name}.outlier_b",
-                                                      b[outliers].copy())])
-    act = ir.node("Gelu", [shifted.outputs[0]], dict(gelu.attributes.items()) or None,
-                  domain=gelu.domain, name=f"{x.name}.outlier_gelu")
+    outlier_bias = _const(graph, f"{x.name}.outlier_b", b[outliers].copy())
+    if gelu.op_type == "BiasGelu":
+        act = ir.node("BiasGelu", [cols.outputs[0], outlier_bias], domain=CONTRIB,
+                      name=f"{x.name}.outlier_gelu")
+        added = [cols, act]
+    else:
+        shifted = ir.node("Add", [cols.outputs[0], outlier_bias])
+        act = ir.node("Gelu", [shifted.outputs[0]], dict(gelu.attributes.items()) or None,
+                      domain=gelu.domain, name=f"{x.name}.outlier_gelu")
+        added = [cols, shifted, act]
     act.outputs[0].name = f"{x.name}.outlier_columns"
     act.outputs[0].type = x.type
-    graph.insert_after(gelu, [cols, shifted, act])
+    graph.insert_after(gelu, added)
     return act.outputs[0]
