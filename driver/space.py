@@ -95,10 +95,10 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
             if mode == "int8-dynamic" and space.split_outliers:
                 choices["quantize"]["outliers"] = trial.suggest_categorical(
                     "quantize.outliers", ("float", "int8"))
-    # Fusion only in float: ORT's quantizers leave a fused Attention in float (it has
-    # qkv_hidden_sizes; QAttention takes no attention_bias), so fuse + int8 measured slower
-    # than int8 alone on MiniLM (bench/results/quantize-*.md).
-    if space.fuse and mode == "none" and trial.suggest_categorical("fuse", (False, True)):
+    # Fusion with any number format: fuse hands Attention the padding mask, so int8 makes
+    # QAttention of it (fuse + int8 measured faster than int8 alone on MiniLM at 8 threads,
+    # about even at 2); fp16 and int4 keep the fused ops in float.
+    if space.fuse and trial.suggest_categorical("fuse", (False, True)):
         choices["fuse"] = {}
     return choices
 
@@ -153,6 +153,8 @@ def seed_plans(space: Space) -> list[dict[str, Any]]:
     # level, fusion, and the other number formats.
     dynamic = [p for p in quant if p["quantize.mode"] == "int8-dynamic"]
     plans += dynamic
+    if space.fuse:
+        plans += [dict(p, fuse=True) for p in dynamic]
     for level in sorted(space.drop_levels):
         plans.append(dict(base, **{"drop.level": level, "drop.count": 1,
                                    "drop.replacement": space.replacements[-1]}))
