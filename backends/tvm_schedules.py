@@ -18,17 +18,28 @@ from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_
 from tvm.s_tir.dlight.base import get_extent, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
 __all__ = ["Matmul", "Elementwise", "OuterParallel", "winnow_rules", "default_rules"]
 
 DEFAULT_VECTOR_BITS = 128  # NEON, SSE: when LLVM reports no width for the target
 
 
+def vector_bits(target: Target) -> int:
+    """Width of one SIMD register of `target`. LLVM's own answer is not used on x86: it says 512
+    for Zen 3, which has 256-bit AVX2 only, and tiles sized for 512 bits spill registers."""
+    if "x86" in str(target.attrs.get("mtriple", "")) or not target.attrs.get("mtriple"):
+        if target_has_features("avx512f", target):
+            return 512
+        if target_has_features("avx", target):
+            return 256
+    width = llvm_get_vector_width(target)
+    return width if width > 0 else DEFAULT_VECTOR_BITS
+
+
 def vector_lanes(target: Target, bits: int = 32) -> int:
     """Lanes of one SIMD register of `target` for elements of `bits` bits."""
-    width = llvm_get_vector_width(target)
-    return max((width if width > 0 else DEFAULT_VECTOR_BITS) // bits, 2)
+    return max(vector_bits(target) // bits, 2)
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
