@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, seed, settings
 
@@ -30,8 +31,10 @@ def _checker(name: str, work, hf_seed):
     }[name]
 
 
-def run_target(name: str, examples: int, rng_seed: int, work, hf_seed) -> ft.Tally:
-    """Run one target for `examples` inputs; failures are recorded, not raised (no shrinking)."""
+def run_target(name: str, examples: int, rng_seed: int, work, hf_seed,
+               save: Path | None = None) -> ft.Tally:
+    """Run one target for `examples` inputs; failures are recorded, not raised (no shrinking),
+    and with `save` each failing input is written there (`NAME-N.repr`) to reproduce it."""
     tally = ft.Tally(name)
     strategy, check = _checker(name, work, hf_seed)
     seen: set[str] = set()
@@ -48,6 +51,9 @@ def run_target(name: str, examples: int, rng_seed: int, work, hf_seed) -> ft.Tal
             if key not in seen:
                 seen.add(key)
                 tally.failures.append(f"{exc} <- input {sample!r:.300}")
+                if save is not None:
+                    save.mkdir(parents=True, exist_ok=True)
+                    (save / f"{name}-{len(seen)}.repr").write_text(repr(sample) + "\n")
 
     run()
     return tally
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=1000, help="inputs per target")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed")
+    parser.add_argument("--save", type=Path, default=None, metavar="DIR",
+                        help="write each failing input to DIR (python repr) to reproduce it")
     parser.add_argument("--targets", default=",".join(TARGETS),
                         help=f"comma-separated subset of {', '.join(TARGETS)}")
     args = parser.parse_args(argv)
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 names.remove("hf")
         for name in names:
             start = time.perf_counter()
-            tally = run_target(name, args.examples, args.seed, work, hf_seed)
+            tally = run_target(name, args.examples, args.seed, work, hf_seed, args.save)
             rows.append((tally, time.perf_counter() - start))
             print(f"{name}: {tally.inputs} inputs, {len(tally.failures)} failure(s)",
                   file=sys.stderr)

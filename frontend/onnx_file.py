@@ -26,6 +26,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         raise ModelFormatError(
             f"'{path}' does not hold an ONNX model graph (no IR version or no outputs); "
             "give a .onnx file written by an ONNX exporter.")
+    _check_text(proto.graph)
     _check_opsets(proto)
     _check_single_producers(proto.graph)
     _check_io_types(proto.graph)
@@ -59,6 +60,19 @@ def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _nodes(sub)
+
+
+def _check_text(graph: onnx.GraphProto) -> None:
+    """Names, op types and domains must be UTF-8 text (protobuf hands back bytes otherwise)."""
+    values = [*graph.input, *graph.output, *graph.initializer]
+    fields = [(f"graph '{graph.name}'", v.name) for v in values]
+    for node in _nodes(graph):
+        fields += [("a node", text) for text in (node.op_type, node.domain, node.name,
+                                                 *node.input, *node.output)]
+    for where, text in fields:
+        if not isinstance(text, str):
+            raise ModelFormatError(f"{where} holds a name or op type that is not UTF-8 text "
+                                   f"({bytes(text)[:20]!r}); the file is corrupt, re-export it.")
 
 
 def _node_label(node: onnx.NodeProto) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
@@ -18,8 +20,9 @@ def random_feeds(model: ir.Model, seed: int = 0, dim_values: dict[str, int] | No
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
             continue
-        shape = [d if isinstance(d, int) else dim_values.get(str(d), default_dim)
-                 for d in (value.shape or [])]
+        shape = _checked_shape(value, [d if isinstance(d, int) else
+                                       dim_values.get(str(d), default_dim)
+                                       for d in (value.shape or [])])
         dtype = _numpy_dtype(value)
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
@@ -28,6 +31,21 @@ def random_feeds(model: ir.Model, seed: int = 0, dim_values: dict[str, int] | No
         else:
             feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
     return feeds
+
+
+def _checked_shape(value: ir.Value, shape: list[int]) -> list[int]:
+    """A shape random check data can be made for: no negative dims, not too many elements."""
+    from winnow.ir.user_inputs import MAX_RANDOM_ELEMENTS
+
+    if any(d < 0 for d in shape):
+        raise UnsupportedModelError(f"input '{value.name}' declares the negative dims {shape}; "
+                                    "re-export the model with valid shapes.")
+    if math.prod(shape) > MAX_RANDOM_ELEMENTS:
+        raise UnsupportedModelError(f"input '{value.name}' of shape {shape} has "
+                                    f"{math.prod(shape):,} elements, too many for random check "
+                                    "data; give smaller ones with --input-shapes or "
+                                    "--example-inputs, or pass --no-check.")
+    return shape
 
 
 def _numpy_dtype(value: ir.Value) -> np.dtype:

@@ -29,6 +29,10 @@ def parse_input_shapes(text: str) -> dict[str, tuple[int, ...]]:
     if not isinstance(text, str) or not text.strip():
         raise InputsError(f"--input-shapes is empty; write NAME=D1,D2,... per input, e.g. "
                           f"{SHAPES_EXAMPLE}.")
+    bad = next((ch for ch in text if not ch.isprintable()), None)
+    if bad is not None:
+        raise InputsError(f"--input-shapes holds the control character {ascii(bad)}; write "
+                          f"NAME=D1,D2,... items on one line, e.g. {SHAPES_EXAMPLE}.")
     shapes: dict[str, tuple[int, ...]] = {}
     for item in (part.strip() for part in text.split(";")):
         if not item:

@@ -302,6 +302,25 @@ FUZZ_FOUND = {
         lambda t: ["compile", _tiny(t), "--config",
                    _write(t / "p.yaml", b'pipeline: ["cse\\nx"]')],
         "holds the control character '\\n' at position 3"),
+    "input-too-large-for-random-check-data": (
+        lambda t: ["compile", _save_raw(t / "model", _model(
+            [helper.make_node("Relu", ["x"], ["y"])], [_vi("x", shape=[2**20, 2**20])],
+            [_vi("y", shape=[2**20, 2**20])]))],
+        "input 'x' of shape [1048576, 1048576] has 1,099,511,627,776 elements, too many for "
+        "random check data"),
+    "input-with-a-negative-dim": (
+        lambda t: ["compile", _save_raw(t / "model", _model(
+            [helper.make_node("Relu", ["x"], ["y"])], [_vi("x", shape=[2, -3])],
+            [_vi("y", shape=[2, 3])]))],
+        "input 'x' declares the negative dims [2, -3]"),
+    "op-type-that-is-not-utf8": (
+        lambda t: ["compile", _write(t / "bad.onnx", _model(
+            [helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")])
+            .SerializeToString().replace(b"Relu", b"R\xffl\xfe"))],
+        "holds a name or op type that is not UTF-8 text (b'R\\xffl\\xfe')"),
+    "input-shapes-with-a-line-break": (
+        lambda t: ["compile", _tiny(t), "--input-shapes", "x\n=1,16"],
+        "--input-shapes holds the control character '\\n'"),
     "pipeline-text-with-a-line-break": (
         lambda t: ["compile", _tiny(t), "--pipeline", "cse,\nx"],
         "the pipeline text holds the control character '\\n' at position 4"),
