@@ -204,7 +204,8 @@ def test_bfp_keys_in_a_model_match_the_reference(tiny_gqa):
     """K's quantize-dequantize inside a real attention equals numerics.bfp on the captured K."""
     load, feeds = tiny_gqa
     model = load()
-    rewrite(model, "bfp{format=bfp12,block=8,weights=false,keys=true,k_sort=true}")
+    PassManager("bfp{format=bfp12,block=8,weights=false,keys=true,k_sort=true}").run(
+        model, PassContext(calibration=[feeds]))
     _, score = attention_scores(model)[0]
     k_in, k_out = score.inputs[1].producer().inputs[0], score.inputs[1]
     # the Transpose feeding the emitted subgraph reads the original K^T
