@@ -216,9 +216,9 @@ def sort_checked(model: ir.Model, attention: list[tuple[Any, ir.Node]],
     """K-sort every attention region, then check on one calibration batch that the scores did
     not change (beyond float summation order); refuse otherwise."""
     from winnow.ir.execute import run
-    from winnow.passes.rewrite.quantize import calibration
+    from winnow.passes.analysis.calibration import calibration_batches
 
-    feeds = calibration(model, ctx, 1)[0]
+    feeds = calibration_batches(model, ctx)[0]
     names = [score.outputs[0].name for _, score in attention]
     before = run(model, feeds, capture=names)
     regions = {region.name: region for region, _ in attention}
