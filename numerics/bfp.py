@@ -18,7 +18,7 @@ import numpy as np
 from winnow.errors import PassConfigError
 
 FORMATS = {"bfp12": 4, "bfp16": 8}  # format -> significand bits p (sign included)
-BLOCK_SIZES = (8, 16, 32, 64, 128)
+BLOCK_SIZES = (4, 8, 16, 32, 64, 128)
 EXPONENT_MIN, EXPONENT_MAX = -127, 127
 
 
