@@ -167,8 +167,7 @@ def quantize_keys(model: ir.Model, score: ir.Node, fmt: str, block: int) -> dict
     if k.shape is None or len(k.shape) < 2 or not isinstance(k.shape[-2], int):
         raise UnsupportedModelError(f"bfp: the K operand '{k.name}' of '{score.name}' has no static "
                                     "head dimension (run shape-inference first).")
-    em = Emitter(model.graph, score)
-    em.prefix = f"{score.name or 'scores'}.bfp"
+    em = Emitter(model.graph, score, tag="bfp")
     rounded = bfp_graph(em, k, len(k.shape), k.shape[-2], FORMATS[fmt], block,
                         model.opset_imports.get("", 13))
     rounded.type, rounded.shape = k.type, k.shape
@@ -321,8 +320,7 @@ def _permute_table(graph: ir.Graph, mul: ir.Node, index: int, orders: list[np.nd
     if table.shape is None or len(table.shape) != 2:
         raise UnsupportedModelError(f"bfp: k_sort supports rotary tables of shape [seq, head_dim]; "
                                     f"'{table.name}' in '{region}' has shape {table.shape}.")
-    em = Emitter(graph, mul)
-    em.prefix = f"{mul.name or 'rotary'}.k_sort"
+    em = Emitter(graph, mul, tag="k_sort")
     picked = em.op("Gather", table, em.const(np.stack(orders), np.int64), axis=-1)
     mul.replace_input_with(index, em.op("Transpose", picked, perm=[1, 0, 2]))
 

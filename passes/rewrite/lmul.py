@@ -135,14 +135,15 @@ def attention_matmuls(regions) -> list[ir.Node]:
 class Emitter:
     """Adds nodes in front of an anchor node, named after it; constants become initializers."""
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node) -> None:
-        self.graph, self.anchor, self.prefix = graph, anchor, anchor.name or anchor.op_type
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, tag: str = "lmul") -> None:
+        self.graph, self.anchor = graph, anchor
+        self.prefix = f"{anchor.name or anchor.op_type}.{tag}"
         self.nodes: list[ir.Node] = []
         self._consts: dict[tuple, ir.Value] = {}
 
     def op(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
         """One output of a new node `op_type(inputs)`."""
-        name = f"{self.prefix}.lmul.{len(self.nodes)}.{op_type}"
+        name = f"{self.prefix}.{len(self.nodes)}.{op_type}"
         node = ir.node(op_type, list(inputs), attributes or None, name=name)
         node.outputs[0].name = name
         self.graph.insert_before(self.anchor, node)
@@ -155,7 +156,7 @@ class Emitter:
         key = (array.dtype.str, array.shape, array.tobytes())
         if key in self._consts:
             return self._consts[key]
-        name = f"{self.prefix}.lmul.c{len(self.graph.initializers)}"
+        name = f"{self.prefix}.c{len(self.graph.initializers)}"
         while name in self.graph.initializers:
             name += "_"
         value = ir.Value(name=name, const_value=ir.tensor(array), shape=ir.Shape(array.shape),
