@@ -179,12 +179,16 @@ def _schedule_rules(schedules: str) -> list[Any]:
 
 def _layout_passes(schedules: str) -> list[Any]:
     """Graph passes before legalization: winnow's rules tile convolutions as matmuls, which needs
-    channels last (NHWC) and weights HWIO, so the output channel is the vectorized axis."""
+    channels last (NHWC) and weights HWIO, so the output channel is the vectorized axis; Gelu's
+    erf becomes a polynomial that vectorizes in the matmul's epilogue."""
     from tvm import relax
 
     if schedules != "winnow":
         return []
-    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
+    from winnow.backends.tvm_schedules import VectorizableGelu
+
+    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+            VectorizableGelu()]
 
 
 def _relax_pipeline(target: Any, rules: list[Any], layout: list[Any]) -> Any:

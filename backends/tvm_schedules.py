@@ -11,7 +11,8 @@ else, e.g. convolutions).
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+import tvm
+from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
@@ -20,7 +21,8 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
-__all__ = ["Matmul", "Elementwise", "OuterParallel", "winnow_rules", "default_rules"]
+__all__ = ["Matmul", "Elementwise", "OuterParallel", "VectorizableGelu", "winnow_rules",
+           "default_rules"]
 
 DEFAULT_VECTOR_BITS = 128  # NEON, SSE: when LLVM reports no width for the target
 
@@ -188,3 +190,35 @@ def winnow_rules() -> list[CPUScheduleRule]:
 def default_rules() -> list[CPUScheduleRule]:
     """TVM's own CPU rules (`tvm.s_tir.dlight.cpu`): GEMV and Reduction only."""
     return [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+
+
+@tvm.transform.module_pass(opt_level=0, name="VectorizableGelu")
+class VectorizableGelu:
+    """Rewrite `relax.nn.gelu` (erf form) as x * (1 + erf(x / sqrt 2)) / 2 with TVM's polynomial
+    `fast_erf`: the libm erf call it legalizes to is scalar and dominated MiniLM's FFN kernel."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        """Rewrite every Relax function of `mod`."""
+        rewriter = _GeluRewriter(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+
+@relax.expr_functor.mutator
+class _GeluRewriter(relax.PyExprMutator):
+    """The expression mutator behind VectorizableGelu."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102 - PyExprMutator hook
+        call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.gelu":
+            return self.builder_.call_te(_gelu, call.args[0], primfunc_name_hint="gelu")
+        return call
+
+
+def _gelu(x: te.Tensor) -> te.Tensor:
+    """Gelu through the polynomial erf (error ~1e-7, as ORT's own)."""
+    erf = topi.fast_erf(topi.multiply(x, tirx.const(0.7071067811865476, x.dtype)))
+    half, one = tirx.const(0.5, x.dtype), tirx.const(1.0, x.dtype)
+    return te.compute(x.shape, lambda *i: x(*i) * half * (one + erf(*i)), name="gelu")

@@ -70,6 +70,14 @@ def conv_model() -> onnx.ModelProto:
                   [_init("k", 8, 3, 3, 3), _init("kb", 8), _init("wg", 5, 200), _init("bg", 5)])
 
 
+def gelu_model() -> onnx.ModelProto:
+    """MatMul + Gelu (opset 20): the FFN kernel whose erf winnow makes vectorizable."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Gelu", ["h"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", f, [3, 24])],
+                  [helper.make_tensor_value_info("y", f, None)], [_init("w", 24, 40)], opset=20)
+
+
 def celu_model() -> onnx.ModelProto:
     """Celu: standard ONNX that ONNX Runtime runs and TVM's frontend lacks."""
     f = TensorProto.FLOAT
@@ -105,7 +113,8 @@ def compile_tvm(model: onnx.ModelProto, folder: Path, shapes: dict[str, list[int
 
 
 @pytest.mark.parametrize("make, shapes", [(mlp_model, {"x": [3, 13, 37]}),
-                                          (conv_model, {"x": [2, 3, 10, 10]})])
+                                          (conv_model, {"x": [2, 3, 10, 10]}),
+                                          (gelu_model, {"x": [3, 24]})])
 @pytest.mark.parametrize("schedules", ["winnow", "none"])
 def test_tiny_graphs_match_ort(tmp_path, make, shapes, schedules):
     model = make()
@@ -116,6 +125,8 @@ def test_tiny_graphs_match_ort(tmp_path, make, shapes, schedules):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"] == "tvm" and manifest["tvm"]["schedules"] == schedules
     assert manifest["inputs"][0]["shape"] == shapes["x"]
+    if make is gelu_model:  # the polynomial erf of winnow's Gelu stays within 1e-5 too
+        assert_close(ort_outputs(model, feeds), list(got.values()), 1e-5)
     assert manifest["tvm"]["check"]["max_abs_error"] < 1e-3
     assert set(manifest["files"]) == {"model.onnx", "model.so"}
 
@@ -145,6 +156,10 @@ def test_each_rule_schedules_the_kernels_it_is_for():
     assert softmax and tvm_schedules.Matmul().apply(softmax[0], target, False) is None
     elementwise = [f for name, f in kernels.items() if "transpose" in name]
     assert elementwise and tvm_schedules.Elementwise().apply(elementwise[0], target, False)
+    target, kernels = _kernels(gelu_model(), {"x": [3, 24]})
+    gelu = kernels["fused_matmul_gelu"].script()
+    assert "fast_erf" in gelu and "T.erf(" not in gelu  # VectorizableGelu ran
+    assert tvm_schedules.Matmul().apply(kernels["fused_matmul_gelu"], target, False) is not None
     target, kernels = _kernels(conv_model(), {"x": [2, 3, 10, 10]})
     conv = [f for name, f in kernels.items() if "conv2d" in name]
     assert conv and tvm_schedules.Matmul().apply(conv[0], target, False) is not None  # NHWC
