@@ -401,6 +401,8 @@ def check_pipeline_yaml(tally: Tally, work: Path, text: str) -> None:
 
 SHAPES_TEXT = st.one_of(
     st.text(max_size=40),
+    st.builds(lambda b, s, n: f"x={b},{s}" + ("" if n is None else f";ids={b},{n}"),
+              st.integers(0, 4), st.integers(1, 9), st.none() | st.integers(1, 5)),
     st.text(alphabet="xstae=,;0123456789 []-+._", max_size=40),
     st.lists(st.tuples(st.sampled_from(["x", "state", "ids", "z", "", "x "]),
                        st.lists(st.integers(-2, 9) | st.integers(-2, 2**34)
