@@ -4,7 +4,8 @@ L-Mul in attention only vs everywhere at model level (held-out fidelity and run 
 
     python bench/numerics.py [--models minilm,tiny-gpt,digits-vit] [--ms 2,3,4] [--lmul-m 3]
                              [--blocks 8,16,32,64,128] [--formats bfp12,bfp16] [--bfp-weights]
-                             [--samples 200000] [--repeats 10] [--out DIR]
+                             [--samples 200000] [--repeats 10] [--tables products,bfp,lmul]
+                             [--out DIR]
 
 Prints markdown tables and saves them, with the command line, under --out (default: a new
 temporary folder; `--out bench/results` keeps them with the repository). Progress on stderr.
@@ -35,6 +36,10 @@ from winnow.passes.rewrite.bfp import attention_scores, k_sort
 
 FP8 = {"fp8 e4m3": ml_dtypes.float8_e4m3fn, "fp8 e5m2": ml_dtypes.float8_e5m2}
 DOT_LENGTHS = (64, 256, 1024)
+BFP_HEADER = ["| model | format | block | cos weights | cos K | cos K + K-sort | K error "
+              "| K error K-sorted |", "|---|---|---|---|---|---|---|---|"]
+LMUL_HEADER = ["| model | L-Mul in | m | nodes rewritten | mean cosine | task metric "
+               "| ORT time / fp32 time |", "|---|---|---|---|---|---|---|"]
 
 
 def fp8_round(x: np.ndarray, dtype) -> np.ndarray:
@@ -98,19 +103,20 @@ def k_errors(zm, blocks: list[int], fmt: str) -> dict[tuple[int, bool], float]:
     feeds = zm.heldout()[0]
     base, model = zm.load_ir(), zm.load_ir()
     names = [s.inputs[1].name for _, s in attention_scores(base)]
-    captured = {False: run(base, feeds, capture=names)}
+    outputs = run(base, feeds, capture=names)
+    captured = {False: [outputs[n] for n in names]}
     try:
         for region, _ in attention_scores(model):
             k_sort(model.graph, region)
-        captured[True] = run(model, feeds, capture=[s.inputs[1].name for _, s in attention_scores(model)])
+        outputs = run(model, feeds, capture=names)
+        captured[True] = [outputs[n] for n in names]
     except WinnowError:
         pass
     out = {}
     for sort, values in captured.items():
         for block in blocks:
-            num = sum(np.sum((bfp_quantize(k, fmt, block, axis=-2) - k) ** 2.0) for k in values.values()
-                      if k.ndim >= 2)
-            den = sum(np.sum(k.astype(np.float64) ** 2) for k in values.values() if k.ndim >= 2)
+            num = sum(np.sum((bfp_quantize(k, fmt, block, axis=-2) - k) ** 2.0) for k in values)
+            den = sum(np.sum(k.astype(np.float64) ** 2) for k in values)
             out[block, sort] = float(np.sqrt(num / den))
     return out
 
@@ -170,6 +176,8 @@ def main(argv=None):
     parser.add_argument("--ms", default="2,3,4", help="L-Mul mantissa bits of the error tables")
     parser.add_argument("--lmul-m", type=int, default=3, help="m of the model-level L-Mul table")
     parser.add_argument("--blocks", default="8,16,32,64,128")
+    parser.add_argument("--tables", default="products,bfp,lmul",
+                        help="which tables: products (single and dot products), bfp, lmul")
     parser.add_argument("--formats", default="bfp12", help="BFP formats (bfp12, bfp16)")
     parser.add_argument("--bfp-weights", action="store_true",
                         help="also BFP on the weights alone (one more evaluation per row)")
@@ -184,23 +192,26 @@ def main(argv=None):
     ms = [int(m) for m in args.ms.split(",")]
     blocks = [int(b) for b in args.blocks.split(",")]
     models = args.models.split(",")
+    tables = set(args.tables.split(","))
     rng = np.random.default_rng(0)
-    sections = [
-        ("Single products, x, y ~ N(0, 1) float32, error against the exact product",
-         product_table(ms, args.samples, rng)),
-        ("Dot products, products summed in float32, error against the exact (float64) dot",
-         dot_table(ms, args.samples, rng)),
-        ("BFP: held-out mean cosine (K operand only; K after K-sort; weights only with --bfp-weights) and the "
-         "relative error of K itself on one held-out batch",
-         ["| model | format | block | cos weights | cos K | cos K + K-sort | K error | "
-          "K error K-sorted |", "|---|---|---|---|---|---|---|---|"]
-         + [row for name in models if name in ("minilm", "tiny-gpt") for row in bfp_rows(name, blocks, args.formats.split(","), args.bfp_weights)]),
-        (f"L-Mul at model level (m={args.lmul_m}): held-out mean cosine, task metric, and ORT "
-         "time of the emulation against fp32 (batch 1, interleaved)",
-         ["| model | L-Mul in | m | nodes rewritten | mean cosine | task metric | ORT time / fp32 time |",
-          "|---|---|---|---|---|---|---|"]
-         + [row for name in models for row in lmul_rows(name, args.lmul_m, args.repeats, args.threads)]),
-    ]
+    sections = []
+    if "products" in tables:
+        sections += [("Single products, x, y ~ N(0, 1) float32, error against the exact product",
+                      product_table(ms, args.samples, rng)),
+                     ("Dot products, products summed in float32, error against the exact "
+                      "(float64) dot", dot_table(ms, args.samples, rng))]
+    if "bfp" in tables:
+        rows = [row for name in models if name in ("minilm", "tiny-gpt")
+                for row in bfp_rows(name, blocks, args.formats.split(","), args.bfp_weights)]
+        sections.append(("BFP: held-out mean cosine (K operand only; K after K-sort; weights "
+                         "only with --bfp-weights) and the relative error of K itself (all "
+                         "layers' K operands of one held-out batch)", BFP_HEADER + rows))
+    if "lmul" in tables:
+        rows = [row for name in models
+                for row in lmul_rows(name, args.lmul_m, args.repeats, args.threads)]
+        sections.append((f"L-Mul at model level (m={args.lmul_m}): held-out mean cosine, task "
+                         "metric, and ORT time of the emulation against fp32 (batch 1, "
+                         "interleaved)", LMUL_HEADER + rows))
     text = "\n\n".join(f"### {title}\n\n" + "\n".join(lines) for title, lines in sections)
     print(text)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
