@@ -235,3 +235,15 @@ def test_split_outliers_after_gelu_adds_no_pass_over_the_activation(fused):
     assert "Mul" not in ops and "Gather" not in ops and ops.count(gelu) == 2
     for f, w in zip(held, want):
         np.testing.assert_allclose(run(model, f)["y"], w, rtol=1e-4, atol=1e-4)
+
+
+def test_split_outliers_free_only_splits_where_the_mask_folds_and_nowhere_else():
+    relu = mlp(outlier=40.0)  # a Relu makes the outlier activation: its mask would cost a Mul
+    ctx = quantize(relu, "split-outliers{free_only=true}")
+    assert ctx.report["split-outliers"]["split"] == {}
+    assert [n.op_type for n in relu.graph] == ["MatMul", "Add", "Relu", "MatMul"]
+    gelu, held = gelu_mlp(fused=True), batches(1, seed=5)
+    want = run(gelu, held[0])["y"]
+    ctx = quantize(gelu, "split-outliers{free_only=true}")
+    assert ctx.report["split-outliers"]["split"] == {"h": [0]}
+    np.testing.assert_allclose(run(gelu, held[0])["y"], want, rtol=1e-4, atol=1e-4)

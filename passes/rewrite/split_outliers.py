@@ -46,6 +46,8 @@ class SplitOutliersPass(Pass):
                                "channel's", min=1.0)
         max_channels: int = option(16, "most outlier channels split off one activation", min=1)
         samples: int = option(32, "calibration samples the channel maxima come from", min=1)
+        free_only: bool = option(False, "split only activations whose mask folds into the Gelu "
+                                 "making them (no extra pass over the activation at run time)")
 
     def call(self, model: ir.Model) -> PassResult:
         """Split every activation with outlier channels, in place."""
@@ -67,9 +69,9 @@ class SplitOutliersPass(Pass):
             a = amax[name]
             outliers = np.flatnonzero(a > self.config.factor * max(float(np.median(a)), 1e-12))
             if 0 < len(outliers):
-                outliers = outliers[np.argsort(-a[outliers])][: self.config.max_channels]
-                _split(model.graph, nodes, np.sort(outliers))
-                split[name] = [int(i) for i in np.sort(outliers)]
+                outliers = np.sort(outliers[np.argsort(-a[outliers])][: self.config.max_channels])
+                if _split(model.graph, nodes, outliers, self.config.free_only):
+                    split[name] = [int(i) for i in outliers]
         ctx.report[self.name] = {"activations": len(split),
                                  "channels": sum(len(v) for v in split.values()), "split": split}
         return PassResult(model, bool(split))
@@ -87,12 +89,15 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _split(graph: ir.Graph, nodes: list[ir.Node], outliers: np.ndarray) -> None:
-    """Rewrite the MatMuls reading one activation: masked main path plus a float outlier path."""
+def _split(graph: ir.Graph, nodes: list[ir.Node], outliers: np.ndarray, free_only: bool) -> bool:
+    """Rewrite the MatMuls reading one activation: masked main path plus a float outlier path;
+    False (nothing changed) when `free_only` and the mask would cost a pass over the activation."""
     x = nodes[0].inputs[0]
     folded = _fold_through_gelu(graph, x, nodes, outliers)
     if folded is not None:
         inliers, columns = x, folded
+    elif free_only:
+        return False
     else:
         keep = np.ones(_weight(nodes[0]).shape[0], np.float32)
         keep[outliers] = 0.0
@@ -127,6 +132,7 @@ def _split(graph: ir.Graph, nodes: list[ir.Node], outliers: np.ndarray) -> None:
         total.outputs[0].name = name
         for i in outputs:
             graph.outputs[i] = total.outputs[0]
+    return True
 
 
 def _gelu_input(gelu: ir.Node) -> tuple[ir.Node, ir.Value, Any] | None:
