@@ -171,15 +171,13 @@ def test_bfp_bad_options():
 
 @pytest.fixture(scope="module")
 def tiny_gqa():
-    """A 2-block transformer (4 query heads sharing 2 K/V heads of 16 channels) and a batch."""
-    torch = pytest.importorskip("torch")
-    import winnow
-    from tests.tiny_models import TinyTransformer
+    """Two pre-norm blocks (4 query heads sharing 2 K/V heads of 16 channels) and a batch."""
+    from winnow.testing import random_inputs, transformer_block
 
-    net = TinyTransformer(dim=64, heads=4, layers=2, kv_heads=2, seed=3).eval()
-    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
-    proto = ir.serde.serialize_model(winnow.load(net, (x,)))
-    return lambda: ir.serde.deserialize_model(proto), {"x": x.numpy()}
+    proto = ir.serde.serialize_model(transformer_block(dim=64, heads=4, kv_heads=2, layers=2,
+                                                       seed=3))
+    load = lambda: ir.serde.deserialize_model(proto)  # noqa: E731
+    return load, random_inputs(load(), seed=0, batch=2, seq=12)
 
 
 def test_k_sort_keeps_scores_and_sorts_each_head(tiny_gqa):
