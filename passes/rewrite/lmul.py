@@ -14,8 +14,8 @@ that forms it is exact: the same bits as the integer add. A Mul node becomes tha
 index j of the right operand: `sum_j (PA f(iA, j)) @ where(iB == j, PB, 0)`; every product the
 kernels form is an exact L-Mul product, and they are summed in float (the kernels' order, not
 the reference's). Differences from `numerics.lmul` in MatMuls, at the ends of the float range
-only: a product below 2^-126 adds its float value instead of being flushed, an operand above
-2^125 may overflow before the product does, and an inf operand gives NaN (its products with the
+only: a product below 2^-126 adds its float value instead of being flushed, an operand from
+2^126 up may overflow before the product does, and an inf operand gives NaN (its products with the
 other indices' zeros). Gemm: alpha and beta stay float multiplies (they are 1 in practice).
 """
 
