@@ -258,15 +258,16 @@ def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
          schedules: str = "winnow") -> Artifact:
     """Write the TVM artifact folder `out_dir` atomically: the shape-bound `model.onnx`, the
     library `model.so` for `target` and `manifest.json`. `shapes` (input name -> shape) defaults
-    to the shapes of the model's example feeds (zoo: its calibration batch)."""
+    to the shapes of the model's example feeds (zoo: its calibration batch; --input-shapes),
+    else every symbolic dim is 1."""
     from winnow.backends.ort import write_model
     from winnow.frontend import example_feeds
-    from winnow.ir.inputs import feeds_for
+    from winnow.ir.inputs import random_feeds
 
     _require_tvm()
     spec = resolve_target(target)
     _cross_compiler(spec)
-    feeds = feeds_for(model)
+    feeds = example_feeds(model) or random_feeds(model, default_dim=1)  # unnamed sizes: 1
     bound = prepare(model, shapes if shapes is not None else input_dims(model, feeds))
     with staging(out_dir, overwrite) as tmp:
         names = write_model(bound, tmp, external_data=False)
@@ -385,8 +386,8 @@ def run_artifact(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str,
     import tvm
 
     artifact = load_artifact(path)
+    vm = load_module(artifact.path, artifact.manifest)  # first: a library for another CPU
     arrays = check_feeds(artifact.manifest, feeds)
-    vm = load_module(artifact.path, artifact.manifest)
     try:
         result = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
     except Exception as exc:  # noqa: BLE001
