@@ -197,8 +197,8 @@ def test_compile_pipeline_forms(tiny_model_path, tmp_path):
 
 
 def test_compile_unknown_backend_lists_valid_ones(tiny_model_path, tmp_path):
-    with pytest.raises(WinnowError, match="unknown backend 'tvm'; valid backends are: ort"):
-        compile_model(tiny_model_path, tmp_path / "out", backend="tvm")
+    with pytest.raises(WinnowError, match="unknown backend 'coreml'; valid backends are: ort, tvm"):
+        compile_model(tiny_model_path, tmp_path / "out", backend="coreml")
     assert not (tmp_path / "out").exists()
 
 

@@ -237,18 +237,21 @@ def _check_drop(ctx: PassContext, source: ir.Model, model: ir.Model, feeds: dict
 @pytest.mark.slow
 def test_resnet50_analyses_and_a_drop():
     ctx, source, model, feeds = _analyze_then_drop("onnx:light_resnet50",
-                                                   "drop-layers{count=1,source=das-skip}")
+                                                   "drop-layers{regions=[block1]}")
     similarity = ctx.analyses["layer-similarity"]["regions"]
     assert len(similarity) == 16
     assert [r["name"] for r in similarity if r["measured_from"] == "shortcut"] == \
         ["block0", "block3", "block7", "block13"]
     # onnx's light_resnet50 has every weight 0.02: all channels alike, nothing to measure.
     assert all(not r["measurable"] and "same way" in r["reason"] for r in similarity)
+    # das-skip sees the same: its 12 droppable blocks are not measurable and none is ranked, so
+    # a drop chosen by it is refused with the reason, and a named drop still works.
     das = ctx.analyses["das-skip"]
-    assert len(das["ranking"]) == 12 and not {"block0", "block3", "block7", "block13"} & set(
-        das["ranking"])
-    assert all(math.isfinite(r["logit"]) for r in das["regions"])
-    assert ctx.report["drop-layers"]["dropped"] == das["ranking"][:1]
+    assert das["ranking"] == [] and len(das["not_measurable"]) == 12
+    assert not {"block0", "block3", "block7", "block13"} & set(das["not_measurable"])
+    with pytest.raises(WinnowError, match="not measurable on the calibration data"):
+        PassManager("drop-layers{count=1,source=das-skip}").run(source.clone(), ctx)
+    assert ctx.report["drop-layers"]["dropped"] == ["block1"]
     _check_drop(ctx, source, model, feeds)
 
 

@@ -77,7 +77,8 @@ def test_pyproject_lists_every_package_folder():
                  ["packages"])
     folders = {"winnow." + ".".join(p.parent.relative_to(ROOT).parts)
                for p in ROOT.rglob("__init__.py")
-               if p.parent != ROOT and not {"tests", "bench", "build"} & set(p.relative_to(ROOT).parts)
+               if p.parent != ROOT
+               and not {"tests", "bench", "build", "examples"} & set(p.relative_to(ROOT).parts)
                and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)}
     assert folders - listed == set(), "a package folder the wheel would leave out"
 
@@ -189,6 +190,8 @@ def test_core_installs_alone_in_a_fresh_venv_and_compiles_an_onnx_file(tmp_path,
 CORE_CODE = ("ir", "passes", "backends", "cost_model", "driver", "compiler.py", "fidelity.py",
              "benchmark.py", "bench_artifacts.py", "cli.py", "errors.py", "progress.py",
              "analyzer.py", "frontend/__init__.py", "frontend/onnx_file.py")
+# The TVM backend is the `tvm` extra's code (it calls require_extra first), as the zoo is `zoo`'s.
+TVM_EXTRA_CODE = ("backends/tvm.py", "backends/tvm_schedules.py", "backends/edge_runner.py")
 
 
 def test_core_code_never_imports_an_optional_package():
@@ -200,6 +203,8 @@ def test_core_code_never_imports_an_optional_package():
     for entry in CORE_CODE:
         path = ROOT / entry
         for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            if str(file.relative_to(ROOT)) in TVM_EXTRA_CODE:
+                continue
             for node in ast.walk(ast.parse(file.read_text())):
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                          [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
