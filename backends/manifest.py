@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from winnow.errors import ModelFormatError, OutputError, OutputExistsError, SourceError
+from winnow.ir.user_inputs import model_input_specs, value_spec
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "winnow-artifact"
@@ -37,33 +38,9 @@ class Artifact:
     manifest: dict[str, Any]
 
 
-def dtype_name(dtype: ir.DataType | None) -> str | None:
-    """A dtype as numpy spells it (`float32`), or the ONNX name when numpy has none."""
-    if dtype is None:
-        return None
-    try:
-        name = np.dtype(dtype.numpy()).name
-    except (TypeError, ValueError):
-        return dtype.name.lower()
-    return dtype.name.lower() if name == "object" else name
-
-
-def shape_spec(shape: ir.Shape | None) -> list[int | str | None] | None:
-    """A shape as a list: ints, symbolic dims as strings, unknown dims as None."""
-    if shape is None:
-        return None
-    return [d if isinstance(d, int) else d.value for d in shape]
-
-
-def value_spec(value: ir.Value) -> dict[str, Any]:
-    """Name, dtype and shape of one graph input or output."""
-    return {"name": value.name, "dtype": dtype_name(value.dtype), "shape": shape_spec(value.shape)}
-
-
 def io_spec(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
     """The model's real inputs (initializer-backed inputs left out) and its outputs."""
-    inits = model.graph.initializers
-    return {"inputs": [value_spec(v) for v in model.graph.inputs if v.name not in inits],
+    return {"inputs": model_input_specs(model),
             "outputs": [value_spec(v) for v in model.graph.outputs]}
 
 

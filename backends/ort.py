@@ -31,7 +31,7 @@ from winnow.backends.manifest import (
 )
 from winnow.errors import ExecutionError, runtime_detail
 from winnow.frontend.onnx_file import check_external_data
-from winnow.ir.execute import session_options
+from winnow.ir.execute import check_feed_names, session_options
 
 __all__ = ["emit", "load_artifact", "run_artifact", "write_model", "convert_to_ort", "Artifact"]
 
@@ -128,13 +128,7 @@ def run_artifact(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str,
     """Run an artifact's `model.onnx` with ONNX Runtime; returns outputs by name."""
     artifact = load_artifact(path)
     session = _session(artifact.path / MODEL_FILE)
-    expected = [i.name for i in session.get_inputs()]
-    missing = [n for n in expected if n not in feeds]
-    unknown = sorted(set(feeds) - set(expected))
-    if missing or unknown:
-        problem = (f"missing input(s) {', '.join(missing)}" if missing
-                   else f"unknown input(s) {', '.join(unknown)}")
-        raise ExecutionError(f"{problem}; the model takes {', '.join(expected) or 'no inputs'}.")
+    check_feed_names([i.name for i in session.get_inputs()], feeds)
     names = [o.name for o in session.get_outputs()]
     try:
         outs = session.run(names, dict(feeds))

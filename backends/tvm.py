@@ -36,6 +36,7 @@ from winnow.errors import (
     UnsupportedModelError,
     require_extra,
 )
+from winnow.ir.execute import check_feed_names
 
 __all__ = ["emit", "load_artifact", "run_artifact", "prepare", "to_relax", "build",
            "export_library", "resolve_target", "TargetSpec", "TARGETS", "SCHEDULES"]
@@ -353,13 +354,7 @@ def load_module(path: str | Path, manifest: Mapping[str, Any]) -> Any:
 def check_feeds(manifest: Mapping[str, Any], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """The feeds in input order, or ExecutionError naming a missing, unknown or misshaped one."""
     specs = manifest.get("inputs") or []
-    names = [s["name"] for s in specs]
-    missing = [n for n in names if n not in feeds]
-    unknown = sorted(set(feeds) - set(names))
-    if missing or unknown:
-        problem = (f"missing input(s) {', '.join(missing)}" if missing
-                   else f"unknown input(s) {', '.join(unknown)}")
-        raise ExecutionError(f"{problem}; the model takes {', '.join(names) or 'no inputs'}.")
+    check_feed_names([s["name"] for s in specs], feeds)
     arrays = []
     for spec in specs:
         array = np.ascontiguousarray(feeds[spec["name"]])

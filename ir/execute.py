@@ -6,6 +6,7 @@ import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -75,15 +76,23 @@ def get_session(model: ir.Model, capture: Sequence[str] = (), threads: int = 0,
     return session
 
 
+def check_feed_names(expected: Sequence[str], feeds: Mapping[str, Any],
+                     allow_extra: bool = False) -> None:
+    """ExecutionError naming the missing (or, unless `allow_extra`, unknown) inputs in `feeds`."""
+    missing = [n for n in expected if n not in feeds]
+    unknown = [] if allow_extra else sorted(set(feeds) - set(expected))
+    if missing or unknown:
+        problem = (f"missing input(s) {', '.join(missing)}" if missing
+                   else f"unknown input(s) {', '.join(unknown)}")
+        raise ExecutionError(f"{problem}; the model takes {', '.join(expected) or 'no inputs'}.")
+
+
 def run(model: ir.Model, feeds: Mapping[str, np.ndarray], capture: Sequence[str] = (),
         threads: int = 0) -> dict[str, np.ndarray]:
     """Run the model on one batch of feeds; returns graph outputs plus captured values by name."""
     session = get_session(model, capture, threads)
-    expected = {i.name for i in session.get_inputs()}
-    missing = expected - set(feeds)
-    if missing:
-        raise ExecutionError(f"missing input(s) {', '.join(sorted(missing))}; the model takes "
-                             f"{', '.join(sorted(expected))}.")
+    expected = sorted(i.name for i in session.get_inputs())
+    check_feed_names(expected, feeds, allow_extra=True)
     names = [o.name for o in session.get_outputs()]
     try:
         outs = session.run(names, {k: v for k, v in feeds.items() if k in expected})

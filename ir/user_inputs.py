@@ -99,11 +99,16 @@ def _first_line(exc: BaseException) -> str:
 def model_input_specs(model: ir.Model) -> list[dict[str, Any]]:
     """The model's real inputs (initializer-backed ones left out) as name, dtype, shape specs."""
     inits = model.graph.initializers
-    return [{"name": v.name, "dtype": _dtype_name(v.dtype), "shape": _shape(v.shape)}
-            for v in model.graph.inputs if v.name not in inits]
+    return [value_spec(v) for v in model.graph.inputs if v.name not in inits]
 
 
-def _dtype_name(dtype: ir.DataType | None) -> str | None:
+def value_spec(value: ir.Value) -> dict[str, Any]:
+    """Name, dtype and shape of one graph input or output (as the manifest records them)."""
+    return {"name": value.name, "dtype": dtype_name(value.dtype), "shape": shape_spec(value.shape)}
+
+
+def dtype_name(dtype: ir.DataType | None) -> str | None:
+    """A dtype as numpy spells it (`float32`), or the ONNX name when numpy has none."""
     if dtype is None:
         return None
     try:
@@ -113,7 +118,8 @@ def _dtype_name(dtype: ir.DataType | None) -> str | None:
     return dtype.name.lower() if name == "object" else name
 
 
-def _shape(shape: ir.Shape | None) -> list[int | str | None] | None:
+def shape_spec(shape: ir.Shape | None) -> list[int | str | None] | None:
+    """A shape as a list: ints, symbolic dims as strings, unknown dims as None."""
     if shape is None:
         return None
     return [d if isinstance(d, int) else d.value for d in shape]
