@@ -108,6 +108,8 @@ def group_kernels(costs: Sequence[OpCost], graph_outputs: Sequence[str] = ()) ->
     kernels: list[Kernel] = []
     pending_transpose: dict[int, int] = {}  # MatMul index -> producer fused into it
     for i, c in enumerate(costs):
+        if c.kind == "emulated":  # a numerics format's emulation: priced on its marked node
+            continue
         j = _fused_into_consumer(c, users, outputs, costs)
         if j is not None:
             pending_transpose[j] = i

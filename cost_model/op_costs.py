@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from winnow.errors import WinnowError
+from winnow.numerics import NODE_KEY, marks
 
 MS = "com.microsoft"
 DEFAULT_BATCH = 1
@@ -48,6 +49,8 @@ class OpCost:
     outputs: list[str] = field(default_factory=list)
     priced: bool = True
     note: str = ""
+    marks: dict[str, Any] = field(default_factory=dict)  # what a numerics rewrite recorded
+    ops: dict[str, float] = field(default_factory=dict)  # energy-table op counts of a format
 
     @property
     def bytes(self) -> float:
@@ -441,15 +444,23 @@ def _compute_dtype(kind: str, node: ir.Node, elems: list[int]) -> str:
     return names[0] if names else "fp32"
 
 
-def node_costs(model: ir.Model,
-               input_shapes: Mapping[str, int | Sequence[int]] | None = None) -> tuple[list[OpCost], dict[str, int]]:
-    """Costs of every node of the main graph, in graph order, and the dims that took defaults."""
+def node_costs(model: ir.Model, input_shapes: Mapping[str, int | Sequence[int]] | None = None,
+               formats: bool = True) -> tuple[list[OpCost], dict[str, int]]:
+    """Costs of every node of the main graph, in graph order, and the dims that took defaults.
+
+    With `formats`, nodes marked by a numerics rewrite are priced as their format (BFP,
+    L-Mul; formats.py); without, as the float graph ORT runs."""
     shapes, defaulted = resolve_dims(model, input_shapes)
     types = infer_shapes(model, shapes)
     consts = set(model.graph.initializers)
-    costs = []
-    for node in model.graph:
-        costs.append(_price(node, types, consts))
+    nodes = list(model.graph)
+    costs = [_price(node, types, consts, formats) for node in nodes]
+    if formats and any(c.marks for c in costs):
+        from winnow.cost_model.formats import price_formats
+
+        sizes = {n: _numel(s) * _elem_size(e) for n, (s, e) in types.items() if s is not None}
+        trans_b = {i: bool(_attr(n, "transB", 0)) for i, n in enumerate(nodes) if n.op_type == "Gemm"}
+        price_formats(costs, {n: s for n, (s, _) in types.items()}, sizes, consts, trans_b)
     return costs, defaulted
 
 
@@ -465,7 +476,11 @@ def _subkind(node: ir.Node, kind: str, in_names: list[str], ins: list, consts: s
     return kind
 
 
-def _price(node: ir.Node, types: dict, consts: set[str]) -> OpCost:
+def _marks(node: ir.Node) -> dict[str, Any]:
+    return marks(node) if NODE_KEY in node.metadata_props else {}
+
+
+def _price(node: ir.Node, types: dict, consts: set[str], formats: bool = True) -> OpCost:
     in_names = [v.name if v is not None else "" for v in node.inputs]
     out_names = [v.name for v in node.outputs]
     ins = [types.get(n, (None, 0))[0] if n else None for n in in_names]
@@ -509,4 +524,4 @@ def _price(node: ir.Node, types: dict, consts: set[str]) -> OpCost:
         note = f"shape unknown for {', '.join(missing[:3])}; priced by the known bytes only"
     return OpCost(node.name or "", node.op_type, node.domain, kind,
                   _compute_dtype(kind, node, elems), flops, w_bytes, a_bytes, w_bytes_out,
-                  in_names, out_names, priced, note)
+                  in_names, out_names, priced, note, _marks(node) if formats else {})

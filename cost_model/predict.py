@@ -146,14 +146,18 @@ def price_kernel(kernel: Kernel, nodes: Sequence[OpCost], target: Target) -> Ker
 
 
 def predict(model: ir.Model | str | Path, target: str | Path | Target = "host",
-            input_shapes: Mapping[str, int | Sequence[int]] | None = None) -> CostReport:
-    """Predict latency and energy of `model` on `target` for the given input shapes or dims."""
+            input_shapes: Mapping[str, int | Sequence[int]] | None = None,
+            formats: bool = True) -> CostReport:
+    """Predict latency and energy of `model` on `target` for the given input shapes or dims.
+
+    With `formats` (the default) nodes a numerics rewrite marked are priced as their format
+    (BFP, L-Mul: formats.py); without, as the float graph that emulates them in ORT."""
     if not isinstance(model, ir.Model):
         from winnow.frontend import load
 
         model = load(str(model))
     target = load_target(target)
-    nodes, assumed = node_costs(model, input_shapes)
+    nodes, assumed = node_costs(model, input_shapes, formats)
     kernels = group_kernels(nodes, [v.name for v in model.graph.outputs])
     priced = [price_kernel(k, nodes, target) for k in kernels]
     compute_j = sum(compute_pj(n, target) for n in nodes) * 1e-12

@@ -75,8 +75,9 @@ class Target:
     path: str = ""
 
     def peak(self, dtype: str) -> float:
-        """Peak FLOP/s of all cores for a compute dtype (int4 at the int8 rate, fp64 at half fp32)."""
-        key = {"int4": "int8", "int": "fp32", "fp64": "fp32"}.get(dtype, dtype)
+        """Peak FLOP/s of all cores for a compute dtype (int4 and L-Mul's integer adds at the int8
+        rate, fp64 at half fp32)."""
+        key = {"int4": "int8", "lmul": "int8", "int": "fp32", "fp64": "fp32"}.get(dtype, dtype)
         rate = self.peak_per_core.get(key, self.peak_per_core["fp32"])
         return rate * self.cores * (0.5 if dtype == "fp64" else 1.0)
 
