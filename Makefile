@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	command -v chromium >/dev/null || ([ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium) || true
 	# The TVM backend's aarch64 target links with Debian's cross compiler; qemu-user runs the bundles.
 	command -v aarch64-linux-gnu-gcc >/dev/null || ([ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user) || true
+	# The search's scale-out test runs a throwaway PostgreSQL cluster (Debian's server binaries).
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ([ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq postgresql) || true
 	touch $(STAMP)
 
 # The main job on the default model: `winnow compile --target host` searches drop / prune / fuse /

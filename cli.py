@@ -581,6 +581,27 @@ def cost_calibrate(quick: bool, out: str | None, repeats: int | None, threads: i
         click.echo(summary(path, data, times))
 
 
+@cli.group()
+def search() -> None:
+    """The compile search's scale-out: `winnow search worker --study URL` joins a running search."""
+
+
+@search.command(name="worker")
+@click.option("--study", "url", required=True, metavar="URL", help="The study database the compile was given with --study (e.g. postgresql://user@host/db).")
+@click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS", help="Wait this long for a compile to create the study.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def search_worker(url: str, wait: float, as_json: bool) -> None:
+    """Run trials of the winnow search at URL until its trial or time budget is spent."""
+    from winnow.driver.worker import run_worker
+
+    result = run_worker(url, wait=wait)
+    if as_json:
+        _dump(result.to_dict())
+    else:
+        click.echo(f"worker    ran {result.trials_run} trial(s) of study {result.study} "
+                   f"({result.source})")
+
+
 def _attach_zoo() -> None:
     from winnow.models_zoo.cli import zoo
 

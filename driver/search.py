@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from winnow import progress
 from winnow.driver.fhash import functional_hash
 from winnow.driver.source import Source, fidelity_drop, resolve
 from winnow.driver.space import Space, build_space, pipeline_text, seed_plans, suggest
-from winnow.driver.study import default_url, open_study, sqlite_path
+from winnow.driver.study import JOB_ATTR, default_url, open_study, run_trials, sqlite_path
 from winnow.driver.timing import CandidateTimer
 from winnow.errors import WinnowError, require_extra
 from winnow.ir.execute import model_bytes
@@ -138,7 +140,7 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
         base = _lossless(src)
     runner = _Runner(src, base, options)
     url = options.study or default_url(out)
-    candidates, hits = runner.run_study(url)
+    candidates, hits = runner.run_study(url, _job(source, calibration, options))
     finalists = _finalists(candidates, options)
     chosen, message = runner.choose(finalists)
     data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
@@ -148,6 +150,25 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
                           message, src.judged_on, time.perf_counter() - start)
     _record(Path(out), search, url)
     return search
+
+
+def worker_id() -> str:
+    """host:pid of this process, recorded on every trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _job(source: Any, calibration: Any, options: SearchOptions) -> dict[str, Any]:
+    """What a worker needs to rebuild this search on its own machine: the source and calibration
+    as text (a path made absolute, a zoo name), and the search options."""
+    def text(item: Any) -> str | None:
+        if item is None or not isinstance(item, (str, Path)):
+            return None
+        return str(Path(item).resolve()) if Path(item).exists() else str(item)
+
+    return {"source": text(source), "source_is_text": isinstance(source, (str, Path)),
+            "calibration": text(calibration),
+            "calibration_is_text": calibration is None or isinstance(calibration, (str, Path)),
+            "options": dataclasses.asdict(options)}
 
 
 def _lossless(src: Source) -> ir.Model:
@@ -194,44 +215,58 @@ class _Runner:
         self.cache[key] = cand
         return cand
 
-    def run_study(self, url: str) -> tuple[list[Candidate], int]:
-        """Run (or resume) the study until the trial or time budget is spent."""
+    def sampler(self) -> Any:
+        """The study's sampler (TPE, seeded; the first trials are the enqueued seed plans)."""
+        return self.sampler_for(self.options)
+
+    @staticmethod
+    def sampler_for(options: SearchOptions) -> Any:
+        """The TPE sampler of a search with `options`."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=self.options.seed, n_startup_trials=6,
-                                             multivariate=False)
-        study = open_study(url, self.fingerprint(), ["minimize", "minimize"], sampler)
+        return optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=6,
+                                          multivariate=False)
+
+    def run_study(self, url: str, job: dict[str, Any]) -> tuple[list[Candidate], int]:
+        """Run (or resume) the study until the trial or time budget is spent; workers that join
+        the study at `url` share the trials."""
+        study = open_study(url, self.fingerprint(), ["minimize", "minimize"], self.sampler())
+        deadline = time.time() + self.options.time_budget
+        study.set_user_attr(JOB_ATTR, dict(job, deadline=deadline))
         done = _completed(study)
-        for cand in done:
-            self.cache.setdefault(cand.hash, cand)
-        if not done:
-            for plan in seed_plans(self.space):
+        if not study.get_trials(deepcopy=False):
+            for plan in seed_plans(self.space)[:self.options.trials]:
                 study.enqueue_trial(plan, skip_if_exists=True)
-        hits = sum(c.cached for c in done)
-        remaining = self.options.trials - len(done)
-        bar = progress.counter("search", total=self.options.trials, initial=len(done))
-        deadline = time.perf_counter() + self.options.time_budget
+        self.run_trials(study, deadline, initial=len(done))
+        cands = _completed(study)
+        return cands, sum(c.cached for c in cands)
+
+    def run_trials(self, study: Any, deadline: float, initial: int = 0) -> int:
+        """This process's share of the study's trials, with a progress bar over the budget."""
+        for cand in _completed(study):
+            self.cache.setdefault(cand.hash, cand)
+        bar = progress.counter("search", total=self.options.trials, initial=initial)
+        worker = worker_id()
 
         def objective(trial: Any) -> tuple[float, float]:
             choices = suggest(trial, self.space)
             cand = self.evaluate(trial.number, pipeline_text(choices))
             for key, value in cand.to_dict().items():
                 trial.set_user_attr(key, value)
+            trial.set_user_attr("worker", worker)
             return cand.cost, min(cand.drop, 1e9)
 
         def update(study: Any, trial: Any) -> None:
-            nonlocal hits
-            hits += bool(trial.user_attrs.get("cached"))
+            if trial.user_attrs.get("over_budget"):
+                return
             bar.update(1)
             bar.set_postfix_str(_best_text(_completed(study), self.options.max_drop))
-            if time.perf_counter() > deadline:
-                study.stop()
 
-        if remaining > 0:
-            study.optimize(objective, n_trials=remaining, catch=(WinnowError,), callbacks=[update])
+        ran = run_trials(study, objective, self.options.trials, deadline, update,
+                         catch=(WinnowError,))
         bar.close()
-        return _completed(study), hits
+        return ran
 
     def fingerprint(self) -> str:
         """Ties a study to this model, objective, target and budget."""

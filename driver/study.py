@@ -1,14 +1,27 @@
 """The search study on Optuna's RDB storage: SQLite next to the output by default, any SQLAlchemy
-URL (PostgreSQL across machines) when given; a study is tied to one model and one budget."""
+URL (PostgreSQL across machines) when given; a study is tied to one model and one budget.
+
+Several processes may run one study (`winnow compile --target ... --study URL` plus any number
+of `winnow search worker --study URL`). The trial budget is shared through the trial numbers the
+storage hands out (dense and unique per study), so the trials are split between the processes
+with none run twice; a process that dies leaves a trial whose heartbeat stops, which any other
+process fails after the grace period and re-queues with the same parameters, so none is lost."""
 
 from __future__ import annotations
 
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from winnow.errors import WinnowError, require_extra
 
 STUDY_PREFIX = "winnow-"
+JOB_ATTR = "winnow.job"  # the study's user attribute a worker rebuilds the search from
+HEARTBEAT_S = 5
+GRACE_S = 20  # a running trial whose heartbeat is older than this belongs to a dead process
+POLL_S = 1.0
 
 
 class StudyError(WinnowError):
@@ -26,8 +39,8 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
-def open_study(url: str, fingerprint: str, directions: list[str], sampler: Any) -> Any:
-    """Create or resume the study for `fingerprint`; refuse a storage holding another model's."""
+def open_storage(url: str) -> Any:
+    """Optuna's RDB storage at `url`, with heartbeats so a dead process's trial is re-queued."""
     require_extra("winnow compile --target (the search)", "search", ("optuna",))
     import optuna
 
@@ -42,15 +55,95 @@ def open_study(url: str, fingerprint: str, directions: list[str], sampler: Any) 
             raise StudyError(f"cannot create the folder of the study file '{db}': "
                              f"{exc.strerror}.") from exc
     try:
-        storage = optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types
         raise StudyError(f"cannot open the study storage '{url}': "
                          f"{str(exc).splitlines()[0]}") from exc
+
+
+def _winnow_studies(storage: Any) -> list[str]:
+    import optuna
+
+    return [s.study_name for s in optuna.get_all_study_summaries(storage)
+            if s.study_name.startswith(STUDY_PREFIX)]
+
+
+def open_study(url: str, fingerprint: str, directions: list[str], sampler: Any) -> Any:
+    """Create or resume the study for `fingerprint`; refuse a storage holding another model's."""
+    import optuna
+
+    storage = open_storage(url)
     name = STUDY_PREFIX + fingerprint
-    others = [s.study_name for s in optuna.get_all_study_summaries(storage)
-              if s.study_name.startswith(STUDY_PREFIX) and s.study_name != name]
-    if others and name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+    names = _winnow_studies(storage)
+    if names and name not in names:
         raise StudyError(f"the study storage '{url}' holds a search of another model or budget "
-                         f"({others[0]}); give a new --study or remove it.")
+                         f"({names[0]}); give a new --study or remove it.")
     return optuna.create_study(study_name=name, storage=storage, directions=directions,
                                sampler=sampler, load_if_exists=True)
+
+
+def find_study(url: str, sampler: Any, wait: float = 0.0) -> tuple[Any, dict[str, Any]]:
+    """The one winnow study at `url` and the job it was made for, waiting up to `wait` seconds
+    for a compile to create it (a worker may start before the compile it helps)."""
+    import optuna
+
+    storage = open_storage(url)
+    deadline = time.time() + wait
+    while True:
+        names = _winnow_studies(storage)
+        if names:
+            break
+        if time.time() >= deadline:
+            raise StudyError(f"the study storage '{url}' holds no winnow search; start `winnow "
+                             "compile SRC --target T --study URL` (or give the worker --wait).")
+        time.sleep(POLL_S)
+    study = optuna.load_study(study_name=names[0], storage=storage, sampler=sampler)
+    while JOB_ATTR not in study.user_attrs:  # the compile writes it right after creating
+        if time.time() >= deadline + 30:
+            raise StudyError(f"the study '{names[0]}' at '{url}' has no job description; it was "
+                             "made by an older winnow or is not a compile's search.")
+        time.sleep(POLL_S)
+    return study, dict(study.user_attrs[JOB_ATTR])
+
+
+def trial_limit(study: Any, budget: int) -> int:
+    """Trial numbers below this are the budget's: `budget` plus one per re-queued trial."""
+    trials = study.get_trials(deepcopy=False)
+    return budget + sum("failed_trial" in t.system_attrs for t in trials)
+
+
+def run_trials(study: Any, objective: Callable[[Any], Any], budget: int, deadline: float,
+               callback: Callable[[Any, Any], None], catch: tuple[type, ...]) -> int:
+    """Run trials of `study` in this process until the shared budget is spent (waiting for
+    other processes' running trials, taking over any a dead process left) or the wall-clock
+    `deadline` (epoch seconds) passes; returns how many trials this process evaluated."""
+    import optuna
+    from optuna.trial import TrialState
+
+    ran = 0
+
+    def guarded(trial: Any) -> Any:
+        nonlocal ran
+        if trial.number >= trial_limit(study, budget):  # another process took the last one
+            trial.set_user_attr("over_budget", True)
+            raise optuna.TrialPruned()
+        ran += 1
+        return objective(trial)
+
+    while time.time() < deadline:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        states = [t.state for t in trials]
+        if TrialState.WAITING in states or len(trials) < trial_limit(study, budget):
+            study.optimize(guarded, n_trials=1, catch=catch, callbacks=[callback])
+        elif TrialState.RUNNING in states:
+            time.sleep(POLL_S)
+        else:
+            break
+    return ran

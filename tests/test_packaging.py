@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CORE = {"onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "click", "networkx", "pyyaml",
         "tqdm"}
-EXTRAS = {"torch", "hf", "tvm", "report", "zoo", "search", "dev", "all"}
+EXTRAS = {"torch", "hf", "tvm", "report", "zoo", "search", "cluster", "dev", "all"}
 OPTIONAL_MODULES = ("torch", "transformers", "safetensors", "tokenizers", "sklearn", "scipy",
                     "matplotlib", "PIL", "tvm", "optuna")
 
@@ -56,7 +56,7 @@ def test_pyproject_has_ranges_the_extras_and_python_3_11_to_3_13():
                                        for r in reqs]
     assert not [r for r in every if "==" in r], "exact pins belong in constraints.txt"
     assert "torch" in {_name(r) for r in project["optional-dependencies"]["torch"]}
-    assert "winnow[torch,hf,tvm,report,zoo,search]" in project["optional-dependencies"]["all"]
+    assert "winnow[torch,hf,tvm,report,zoo,search,cluster]" in project["optional-dependencies"]["all"]
 
 
 def test_constraints_pin_every_dependency_and_make_install_uses_them():
