@@ -38,13 +38,14 @@ pre { background: #f7f7f9; padding: 10px; overflow-x: auto; }
 # -- plots ------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib figure (Agg, constrained layout) of the report's style."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _png(fig: Any) -> str:
+def png_base64(fig: Any) -> str:
     """The figure as a base64 PNG (drawn on matplotlib's Agg canvas; no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -108,7 +109,7 @@ def similarity_plot(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     colors = [COLORS.get(r.get("kind"), "#888888") for r in rows]
     cos = [_number(r.get("cos")) for r in rows]
     angular = [_number(r.get("angular")) for r in rows]
-    fig = _figure(_bar_width(len(rows)) * 1.6, 3.9)
+    fig = new_figure(_bar_width(len(rows)) * 1.6, 3.9)
     ax_cos, ax_ang = fig.subplots(1, 2)
     x = range(len(rows))
     ax_cos.bar(x, cos, color=colors)
@@ -126,14 +127,14 @@ def similarity_plot(rows: Sequence[Mapping[str, Any]], title: str) -> str:
         _xticks(ax, names)
         ax.grid(axis="y", alpha=0.3)
     _legend(ax_cos, [r.get("kind") for r in rows])
-    return _png(fig)
+    return png_base64(fig)
 
 
 def das_curve_plot(curve: Mapping[str, Sequence[float]]) -> str:
     """Mean reward and mean loss of the sampled skip sets per bandit step."""
     reward = [_number(v) for v in curve.get("reward", [])]
     loss = [_number(v) for v in curve.get("loss", [])]
-    fig = _figure(10.5, 3.6)
+    fig = new_figure(10.5, 3.6)
     ax_r, ax_l = fig.subplots(1, 2)
     for ax, values, color, title in (
             (ax_r, reward, "#2a9d8f", "mean reward exp(-loss) of the step's skip sets"),
@@ -146,14 +147,14 @@ def das_curve_plot(curve: Mapping[str, Sequence[float]]) -> str:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def das_logits_plot(rows: Sequence[Mapping[str, Any]], selected: Sequence[str]) -> str:
     """Final logit and skip probability p = sigmoid(logit) per candidate region."""
     names = [r["name"] for r in rows]
     colors = [COLORS.get(r.get("kind"), "#888888") for r in rows]
-    fig = _figure(_bar_width(len(rows)) * 1.6, 3.9)
+    fig = new_figure(_bar_width(len(rows)) * 1.6, 3.9)
     ax_logit, ax_p = fig.subplots(1, 2)
     x = list(range(len(rows)))
     ax_logit.bar(x, [_number(r.get("logit")) for r in rows], color=colors)
@@ -167,7 +168,7 @@ def das_logits_plot(rows: Sequence[Mapping[str, Any]], selected: Sequence[str]) 
         _xticks(ax, names, selected)
         ax.grid(axis="y", alpha=0.3)
     _legend(ax_p, [r.get("kind") for r in rows])
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _number(value: Any) -> float:
@@ -193,12 +194,14 @@ def _note(text: Any) -> str:
     return f'<p class="note">{_e(_sentence(text))}</p>'
 
 
-def _img(data: str, alt: str) -> str:
+def img_tag(data: str, alt: str) -> str:
+    """An <img> of a base64 PNG."""
     return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
 
 
-def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]],
-           numeric: Sequence[int] = ()) -> str:
+def html_table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]],
+               numeric: Sequence[int] = ()) -> str:
+    """An HTML table, cells escaped; `numeric` columns right-aligned."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header or ())
     body = []
     for row in rows:
@@ -278,14 +281,14 @@ def _similarity_section(result: Mapping[str, Any], plots: list[str]) -> list[str
     subs = [r for r in regions if r.get("kind") in ("attention", "mlp")]
     if blocks:
         parts.append("<h3>Per block</h3>")
-        parts.append(_img(similarity_plot(blocks, "blocks"), "similarity per block"))
+        parts.append(img_tag(similarity_plot(blocks, "blocks"), "similarity per block"))
         plots.append("similarity-blocks")
     if subs:
         parts.append("<h3>Per sub-layer</h3>"
                      f'<p><span class="swatch" style="background:{COLORS["attention"]}"></span>'
                      f'attention &nbsp; <span class="swatch" style="background:{COLORS["mlp"]}">'
                      "</span>MLP</p>")
-        parts.append(_img(similarity_plot(subs, "sub-layers"), "similarity per sub-layer"))
+        parts.append(img_tag(similarity_plot(subs, "sub-layers"), "similarity per sub-layer"))
         plots.append("similarity-sublayers")
     else:
         parts.append("<p>The blocks have no attention / MLP sub-layers (e.g. CNN blocks), so there "
@@ -298,7 +301,7 @@ def _similarity_section(result: Mapping[str, Any], plots: list[str]) -> list[str
                  "through it: X is the shortcut's output, what is left when its branch is removed "
                  "(such blocks change shape and are never dropped). A region whose X or Y is NaN, "
                  "(near) zero or points one way everywhere is not measurable and never ranked.</p>")
-    parts.append(_table(["region", "kind", "layout", "cos", "block influence", "angular",
+    parts.append(html_table(["region", "kind", "layout", "cos", "block influence", "angular",
                          "linear-adapter cos", "vectors", "note"],
                         [[r["name"], r.get("kind"), r.get("layout"), _fmt(r.get("cos"), 5),
                           _fmt(r.get("block_influence"), 5), _fmt(r.get("angular"), 5),
@@ -338,7 +341,7 @@ def _das_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
     curve = result.get("curve") or {}
     if curve.get("reward") or curve.get("loss"):
         parts.append("<h3>Learning curve</h3>")
-        parts.append(_img(das_curve_plot(curve), "DAS learning curve"))
+        parts.append(img_tag(das_curve_plot(curve), "DAS learning curve"))
         plots.append("das-curve")
         rewards = [_number(v) for v in curve.get("reward", [])]
         if len(rewards) > 1 and max(rewards) - min(rewards) <= 1e-9 * max(1.0, abs(rewards[0])):
@@ -348,9 +351,9 @@ def _das_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
                          "step mean does not move. The logits still learn from the reward "
                          "differences within each step (below).</p>")
     parts.append("<h3>Final logits and probabilities</h3>")
-    parts.append(_img(das_logits_plot(regions, selected), "DAS final logits per region"))
+    parts.append(img_tag(das_logits_plot(regions, selected), "DAS final logits per region"))
     plots.append("das-logits")
-    parts.append(_table(["region", "kind", "logit", "p", "weight fraction"],
+    parts.append(html_table(["region", "kind", "logit", "p", "weight fraction"],
                         [[r["name"], r.get("kind", ""), _fmt(r.get("logit")), _fmt(r.get("p")),
                           _fmt(r.get("weight_fraction"), 3)] for r in regions], numeric=(2, 3, 4)))
     return parts
@@ -360,7 +363,7 @@ def sensitivity_plot(nodes: Sequence[Mapping[str, Any]], title: str) -> str:
     """Bars of the fidelity loss each node causes when it alone is quantized (log scale)."""
     names = [n["node"] for n in nodes]
     loss = [max(_number(n.get("loss")), 1e-9) for n in nodes]
-    fig = _figure(_bar_width(len(nodes)), 3.6)
+    fig = new_figure(_bar_width(len(nodes)), 3.6)
     ax = fig.subplots()
     ax.bar(range(len(nodes)), loss, color="#4c72b0")
     ax.set_yscale("log")
@@ -368,7 +371,7 @@ def sensitivity_plot(nodes: Sequence[Mapping[str, Any]], title: str) -> str:
     ax.set_title(title, fontsize=10)
     _xticks(ax, names)
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _sensitivity_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
@@ -385,12 +388,12 @@ def _sensitivity_section(result: Mapping[str, Any], plots: list[str]) -> list[st
             continue
         parts.append(f"<h3>{_e(mode)}</h3><p class=\"sub\">all quantized: loss "
                      f"{_fmt(data.get('all_quantized_loss'), 5)}</p>")
-        parts.append(_img(sensitivity_plot(nodes, f"{mode}: loss per node"), f"{mode} sensitivity"))
+        parts.append(img_tag(sensitivity_plot(nodes, f"{mode}: loss per node"), f"{mode} sensitivity"))
         plots.append(f"quant-sensitivity-{mode}")
         rows = [[n["node"], n.get("op_type", ""), _fmt(n.get("loss"), 6),
                  _fmt(stats.get(n["node"], {}).get("max_over_p99_9"), 2),
                  stats.get(n["node"], {}).get("outlier_channels", "–")] for n in nodes]
-        parts.append(_table(["node", "op", "loss", "max / p99.9", "outlier channels"], rows,
+        parts.append(html_table(["node", "op", "loss", "max / p99.9", "outlier channels"], rows,
                             numeric=(2, 3, 4)))
     return parts
 
@@ -399,14 +402,14 @@ def head_heatmap(layers: Sequence[Mapping[str, Any]], key: str, title: str) -> s
     """Layers x heads heatmap of one per-head score (`entropy`, `importance` or `proxy`)."""
     width = max(len(layer[key]) for layer in layers)
     grid = [[*layer[key], *([float("nan")] * (width - len(layer[key])))] for layer in layers]
-    fig = _figure(min(2.5 + 0.5 * width, 14.0), 1.2 + 0.35 * len(layers))
+    fig = new_figure(min(2.5 + 0.5 * width, 14.0), 1.2 + 0.35 * len(layers))
     ax = fig.subplots()
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=ax)
     ax.set_yticks(range(len(layers)), [layer["region"] for layer in layers], fontsize=8)
     ax.set_xlabel("head")
     ax.set_title(title, fontsize=10)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _heads_section(name: str, result: Mapping[str, Any], plots: list[str]) -> list[str]:
@@ -421,7 +424,7 @@ def _heads_section(name: str, result: Mapping[str, Any], plots: list[str]) -> li
                              ("proxy", "norm of the head's contribution through the output "
                                        "projection")) if k in layers[0]]
     for key, title in keys:
-        parts.append(_img(head_heatmap(layers, key, title), f"{name} {key}"))
+        parts.append(img_tag(head_heatmap(layers, key, title), f"{name} {key}"))
         plots.append(f"{name}-{key}")
     rho = result.get("spearman") or {}
     if rho:
@@ -435,7 +438,7 @@ def _heads_section(name: str, result: Mapping[str, Any], plots: list[str]) -> li
 
 def channel_histogram(layers: Sequence[Mapping[str, Any]]) -> str:
     """Histogram of log10 channel scores, one outline per MLP."""
-    fig = _figure(8.0, 3.6)
+    fig = new_figure(8.0, 3.6)
     ax = fig.subplots()
     for layer in layers:
         scores = [math.log10(max(v, 1e-12)) for v in layer["scores"]]
@@ -443,7 +446,7 @@ def channel_histogram(layers: Sequence[Mapping[str, Any]]) -> str:
     ax.set_xlabel("log10 channel score")
     ax.set_ylabel("channels")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _channels_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
@@ -454,12 +457,12 @@ def _channels_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
     parts.append(f"<p>Score per MLP intermediate channel ({_e(result.get('score', ''))}): "
                  "||activation|| × ||down-projection row||, the norm of what the channel adds "
                  "to the MLP output; the lowest go first.</p>")
-    parts.append(_img(channel_histogram(layers), "channel score histogram"))
+    parts.append(img_tag(channel_histogram(layers), "channel score histogram"))
     plots.append("channel-importance")
     rows = [[layer["region"], layer["width"], _fmt(min(layer["scores"]), 4),
              _fmt(sorted(layer["scores"])[len(layer["scores"]) // 2], 4),
              _fmt(max(layer["scores"]), 4)] for layer in layers]
-    return parts + [_table(["MLP", "channels", "min", "median", "max"], rows, numeric=(1, 2, 3, 4))]
+    return parts + [html_table(["MLP", "channels", "min", "median", "max"], rows, numeric=(1, 2, 3, 4))]
 
 
 def _rankings_section(analyses: Mapping[str, Any]) -> list[str]:
@@ -476,7 +479,7 @@ def _rankings_section(analyses: Mapping[str, Any]) -> list[str]:
     if not rows:
         return []
     return ["<h2>Rankings</h2>", "<p>Most redundant / most skippable first.</p>",
-            _table(["analysis", "level", "ranking"], rows)]
+            html_table(["analysis", "level", "ranking"], rows)]
 
 
 def render(data: Mapping[str, Any]) -> tuple[str, list[str]]:
@@ -504,6 +507,32 @@ def render(data: Mapping[str, Any]) -> tuple[str, list[str]]:
         parts.append(f"<p>{len(blocks)} residual blocks"
                      f"{f' with {subs} sub-layers' if subs else ''}, found from "
                      f"{_e(regions.get('source', '?'))}.</p>")
+    parts += analysis_sections(analyses, plots)
+    if blocks:
+        parts += ["<h2>Regions</h2>",
+                  html_table(["name", "kind", "layout", "nodes", "droppable", "heads"],
+                         _region_rows(blocks), numeric=(3,))]
+    inputs = [_value_text(v) for v in model.get("inputs", [])]
+    outputs = [_value_text(v) for v in model.get("outputs", [])]
+    parts += ["<h2>Model and timings</h2>",
+              html_table(None, [["inputs", "; ".join(inputs)], ["outputs", "; ".join(outputs)],
+                                ["opsets", ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in
+                                                     model.get("opset_imports", {}).items())]]),
+              html_table(["phase", "seconds"], _timings_rows(data.get("timings", {})), numeric=(1,))]
+    return html_page(f"winnow analysis: {data.get('source', '?')}", parts), plots
+
+
+def html_page(title: str, parts: Sequence[str]) -> str:
+    """One self-contained page (inline CSS) of HTML `parts` under `title`."""
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def analysis_sections(analyses: Mapping[str, Any], plots: list[str]) -> list[str]:
+    """The report's sections (with plots) for analysis results by pass name, then the rankings;
+    the names of the plots drawn are appended to `plots`."""
+    parts: list[str] = []
     for name, result in analyses.items():
         if name == "layer-similarity":
             parts += _similarity_section(result, plots)
@@ -518,19 +547,4 @@ def render(data: Mapping[str, Any]) -> tuple[str, list[str]]:
         else:
             parts += [f"<h2>{_e(name)}</h2>",
                       f"<pre>{_e(json.dumps(result, indent=2, default=str)[:20000])}</pre>"]
-    parts += _rankings_section(analyses)
-    if blocks:
-        parts += ["<h2>Regions</h2>",
-                  _table(["name", "kind", "layout", "nodes", "droppable", "heads"],
-                         _region_rows(blocks), numeric=(3,))]
-    inputs = [_value_text(v) for v in model.get("inputs", [])]
-    outputs = [_value_text(v) for v in model.get("outputs", [])]
-    parts += ["<h2>Model and timings</h2>",
-              _table(None, [["inputs", "; ".join(inputs)], ["outputs", "; ".join(outputs)],
-                                ["opsets", ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in
-                                                     model.get("opset_imports", {}).items())]]),
-              _table(["phase", "seconds"], _timings_rows(data.get("timings", {})), numeric=(1,))]
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>winnow analysis: {_e(data.get('source', '?'))}</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
-    return page, plots
+    return parts + _rankings_section(analyses)

@@ -148,8 +148,46 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
                            max_drop=options.max_drop, **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.perf_counter() - start)
-    _record(Path(out), search, url)
+    extra = _measures(Path(out), runner, options)
+    _record(Path(out), search, url, extra)
+    _write_report(Path(out), src.name, search, extra, candidates, runner.analyses[0], options)
     return search
+
+
+def _measures(out: Path, runner: _Runner, options: SearchOptions) -> dict[str, Any]:
+    """The chosen artifact's size beside the source's, and both as the cost model prices them on
+    the search's target at the timing shapes."""
+    from winnow.driver.report import predicted_costs
+
+    chosen = ir.load(out / "model.onnx")
+    extra: dict[str, Any] = {"size": {"source_bytes": len(runner.base_bytes),
+                                      "chosen_bytes": (out / "model.onnx").stat().st_size}}
+    try:
+        extra["predicted"] = predicted_costs({"source": _clone(runner.base_bytes),
+                                              "chosen": chosen},
+                                             runner.timer.feeds, options.target)
+    except WinnowError as exc:  # the artifact stands; the page says why there is no prediction
+        extra["predicted"] = {"note": f"the cost model cannot price it: {exc}"}
+    return extra
+
+
+def _write_report(out: Path, source: str, search: SearchResult, extra: dict[str, Any],
+                  candidates: list[Candidate], analyses: dict[str, Any],
+                  options: SearchOptions) -> None:
+    """OUT/report.html (with matplotlib; without the report extra the manifest says so)."""
+    from winnow.backends.manifest import jsonable
+
+    try:
+        from winnow.driver.report import render_search
+
+        page, _ = render_search(source, dict(search.to_dict(), **extra), search.compile.to_dict()
+                                | {"nodes_before": search.compile.nodes_before,
+                                   "nodes_after": search.compile.nodes_after},
+                                [c.to_dict() for c in candidates], jsonable(analyses),
+                                options.max_drop)
+    except ImportError:
+        return
+    (out / "report.html").write_text(page, encoding="utf-8")
 
 
 def worker_id() -> str:
@@ -358,13 +396,14 @@ def _finalists(cands: list[Candidate], options: SearchOptions) -> list[Candidate
     return sorted(ok, key=lambda c: c.cost)[:options.finalists]
 
 
-def _record(out: Path, search: SearchResult, url: str) -> None:
-    """Add the search to the artifact: `search` in manifest.json and the study's SQLite file."""
+def _record(out: Path, search: SearchResult, url: str, extra: dict[str, Any]) -> None:
+    """Add the search to the artifact: `search` in manifest.json (with sizes and the cost
+    model's predictions) and the study's SQLite file."""
     import json
 
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["search"] = search.to_dict()
+    manifest["search"] = dict(search.to_dict(), **extra)
     manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default))
     db = sqlite_path(url)
     if db is not None and db.exists():

@@ -115,6 +115,13 @@ def test_search_finds_a_cheaper_model_within_budget_and_resumes(redundant_model,
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["search"]["chosen"]["pipeline"] == chosen.pipeline
     assert (out / "search.db").exists()
+    search = manifest["search"]
+    assert search["size"]["chosen_bytes"] < 0.8 * search["size"]["source_bytes"]
+    predicted = search["predicted"]
+    assert predicted["source"]["latency_ms"] > 0 and predicted["chosen"]["energy_mj"] > 0
+    page = (out / "report.html").read_text()
+    assert "Pareto front" in page and chosen.pipeline in page
+    _check_pareto_plot_renders(out / "report.html", tmp_path)
     # The emitted model against torch, an independent oracle, on inputs nothing was fitted on.
     fresh = torch.randn(6, 10, 32, generator=torch.Generator().manual_seed(9))
     got = next(iter(run(winnow.load(str(out / "model.onnx")), {"x": fresh.numpy()}).values()))
@@ -127,6 +134,28 @@ def test_search_finds_a_cheaper_model_within_budget_and_resumes(redundant_model,
                            SearchOptions(objective="size", trials=10, max_drop=0.001,
                                          study=result.study), calibration=_calibration(12, 1))
     assert again.trials == 10 and again.chosen.pipeline == chosen.pipeline
+
+
+CHOSEN_STAR_RGB = (255, 127, 14)  # driver/report.py draws the chosen point in this orange
+
+
+def _check_pareto_plot_renders(page: Path, tmp_path: Path) -> None:
+    """Headless Chromium draws the page, the chosen point's star among it (when installed)."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.is_file():
+        return
+    from PIL import Image
+
+    shot = tmp_path / "search-shot.png"
+    subprocess.run([str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update",
+                    f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}",
+                    "--window-size=1200,1600", page.resolve().as_uri()],
+                   capture_output=True, timeout=180, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    with Image.open(shot) as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    star = (np.abs(pixels - CHOSEN_STAR_RGB).sum(axis=2) < 30).sum()
+    assert star > 50, f"no chosen-point star on the rendered page ({star} px)"
 
 
 def test_in_sample_data_allows_only_moves_that_fit_nothing(redundant_model):
