@@ -31,7 +31,13 @@ from winnow.backends.manifest import (
 )
 from winnow.errors import ExecutionError, runtime_detail
 from winnow.frontend.onnx_file import check_external_data
-from winnow.ir.execute import check_feed_names, session_options
+from winnow.ir.execute import (
+    check_feed_names,
+    has_external_data,
+    release_large_sessions,
+    session_options,
+    weight_bytes,
+)
 
 __all__ = ["emit", "load_artifact", "run_artifact", "write_model", "convert_to_ort", "Artifact"]
 
@@ -41,6 +47,9 @@ ORT_FILE = "model.ort"
 OPS_CONFIG_FILE = "model.required_operators.config"
 # Protobuf caps a model at 2 GiB; leave room for the graph itself next to the weights.
 EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 256 * 1024**2
+# The .ort format is one flatbuffer, which holds at most 2 GiB (weights included).
+ORT_FORMAT_LIMIT = 2 * 1024**3
+DATA_ALIGNMENT = 4096  # page-aligned weights: ONNX Runtime maps them instead of reading a copy
 
 # ORT's converter logs "Created config in <temp folder>" at INFO; the manifest says it instead.
 logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
@@ -54,7 +63,9 @@ def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
     (what each pass did, with its report) goes into the manifest."""
     with staging(out_dir, overwrite) as tmp:
         names = write_model(model, tmp, external_data)
-        ort_format = convert_to_ort(tmp / MODEL_FILE)
+        release_large_sessions()  # the converter loads the weights once more
+        ort_format = (convert_to_ort(tmp / MODEL_FILE) if weight_bytes(model) < ORT_FORMAT_LIMIT
+                      else _too_big_for_ort_format(model))
         names += ort_format.pop("files")
         manifest = {**artifact_manifest(model, "ort", tmp, names, pipeline_text=pipeline_text,
                                         source=source, passes=passes, fidelity=fidelity),
@@ -70,16 +81,26 @@ def _versions() -> dict[str, str]:
             "onnx_ir_version": ir.__version__}
 
 
-def write_model(model: ir.Model, folder: Path, external_data: bool | None = None) -> list[str]:
-    """Save `model.onnx` in `folder` (weights in `model.onnx.data` when large); returns file names.
+def _too_big_for_ort_format(model: ir.Model) -> dict[str, Any]:
+    return {"file": None, "files": [],
+            "error": f"not converted: the weights ({weight_bytes(model) / 1e9:.2f} GB) exceed the "
+                     f"2 GiB a .ort file (one flatbuffer) holds; run model.onnx with "
+                     f"{DATA_FILE} instead"}
 
-    Tensors the source keeps in external files are always copied in: an artifact never
-    points outside its own folder.
+
+def write_model(model: ir.Model, folder: Path, external_data: bool | None = None) -> list[str]:
+    """Save `model.onnx` in `folder`, its weights in `model.onnx.data` when they are large or
+    the source kept them in external files; returns file names.
+
+    Tensors the source keeps in external files are always copied in (streamed, page aligned):
+    an artifact never points outside its own folder.
     """
     if external_data is None:
-        external_data = param_stats(model)["bytes"] > EXTERNAL_DATA_ABOVE
+        external_data = (param_stats(model)["bytes"] > EXTERNAL_DATA_ABOVE
+                         or has_external_data(model))
     threshold = 256 if external_data else sys.maxsize  # sys.maxsize: inline every tensor
-    ir.save(model, folder / MODEL_FILE, external_data=DATA_FILE, size_threshold_bytes=threshold)
+    ir.save(model, folder / MODEL_FILE, external_data=DATA_FILE, size_threshold_bytes=threshold,
+            alignment=DATA_ALIGNMENT)
     data = folder / DATA_FILE
     if data.is_file() and data.stat().st_size == 0:
         data.unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,9 +36,40 @@ def session_options(threads: int = 0, optimize: bool = True) -> ort.SessionOptio
     return so
 
 
+# Above this many weight bytes a verification session maps the weights from their files instead
+# of prepacking a copy, and the session cache keeps no other such session beside it.
+LARGE_MODEL_BYTES = 256 * 1024**2
+_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def external_folder(model: ir.Model) -> str | None:
+    """The one folder every external initializer of the model is read from, else None (no
+    external initializers, or several folders)."""
+    folders = {os.path.abspath(tensor.base_dir) for tensor in _initializer_tensors(model)
+               if isinstance(tensor, ir.ExternalTensor)}
+    return folders.pop() if len(folders) == 1 else None
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """Whether any initializer's data lies in an external file."""
+    return any(isinstance(t, ir.ExternalTensor) for t in _initializer_tensors(model))
+
+
+def _initializer_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    return [value.const_value for graph in model.graphs()
+            for value in graph.initializers.values() if value.const_value is not None]
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the initializers of every graph (in memory or in external files)."""
+    return sum(tensor.nbytes for tensor in _initializer_tensors(model))
+
+
 def _with_captures(model: ir.Model, capture: Sequence[str]) -> onnx.ModelProto:
-    # ORT gets the model as bytes and cannot resolve external data: bring those tensors in.
-    ir.external_data.load_to_model(model)
+    # Weights from one folder stay references that ORT resolves there (external_folder); from
+    # several folders, ORT gets them as bytes.
+    if external_folder(model) is None:
+        ir.external_data.load_to_model(model)
     proto = ir.serde.serialize_model(model)
     if not capture:
         return proto
@@ -55,21 +87,42 @@ def _with_captures(model: ir.Model, capture: Sequence[str]) -> onnx.ModelProto:
     return proto
 
 
+def _model_session_options(model: ir.Model, threads: int, optimize: bool,
+                           large: bool) -> ort.SessionOptions:
+    so = session_options(threads, optimize)
+    folder = external_folder(model)
+    if folder is not None:
+        so.add_session_config_entry(_FOLDER_KEY, folder)
+    if large:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
 def get_session(model: ir.Model, capture: Sequence[str] = (), threads: int = 0,
                 optimize: bool = False) -> ort.InferenceSession:
-    """An ORT session for the model (plus capture outputs), cached by model content."""
+    """An ORT session for the model (plus capture outputs), cached by model content.
+
+    A model above LARGE_MODEL_BYTES of weights keeps them in their external files (mapped,
+    not copied) and replaces any other large session in the cache, so that verifying it holds
+    about one copy of the weights."""
+    large = weight_bytes(model) > LARGE_MODEL_BYTES
     proto = _with_captures(model, tuple(capture))
     data = proto.SerializeToString()
-    key = (hashlib.sha1(data).hexdigest(), (str(threads), str(optimize)))
+    key = (hashlib.sha1(data).hexdigest(),
+           (str(threads), str(optimize), external_folder(model) or ""))
     session = _SESSION_CACHE.get(key)
     if session is not None:
         _SESSION_CACHE.move_to_end(key)
         return session
+    if large:
+        release_large_sessions()
     try:
-        session = ort.InferenceSession(data, session_options(threads, optimize),
+        session = ort.InferenceSession(data, _model_session_options(model, threads, optimize,
+                                                                    large),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         raise ExecutionError(f"ONNX Runtime cannot load the model: {runtime_detail(exc)}") from exc
+    session.winnow_large = large
     _SESSION_CACHE[key] = session
     if len(_SESSION_CACHE) > _SESSION_CACHE_SIZE:
         _SESSION_CACHE.popitem(last=False)
@@ -104,6 +157,12 @@ def run(model: ir.Model, feeds: Mapping[str, np.ndarray], capture: Sequence[str]
 def clear_cache() -> None:
     """Drop every cached ORT session."""
     _SESSION_CACHE.clear()
+
+
+def release_large_sessions() -> None:
+    """Drop the cached sessions of models above LARGE_MODEL_BYTES (and the weights they map)."""
+    for key in [k for k, s in _SESSION_CACHE.items() if getattr(s, "winnow_large", False)]:
+        del _SESSION_CACHE[key]
 
 
 def _loads(ir_version: int, opset: int) -> bool:

@@ -59,6 +59,7 @@ def verify(model: ir.Model, *, check_shapes: bool = True) -> None:
         raise VerificationError(f"model failed the structural lint: {problems[0]}"
                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     proto = ir.serde.serialize_model(model)
+    _external_as_inputs(proto.graph)
     too_big = proto.ByteSize() > _CHECKER_LIMIT
     try:
         if not too_big:
@@ -68,3 +69,17 @@ def verify(model: ir.Model, *, check_shapes: bool = True) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise VerificationError(f"model failed the ONNX checker or shape inference: {first}") from exc
+
+
+def _external_as_inputs(graph: onnx.GraphProto) -> None:
+    """Turn initializers kept in external files into typed graph inputs: the checker would look
+    for their files beside a model path a proto lacks (the loader checked those files)."""
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return
+    inputs = {i.name for i in graph.input}
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                       for t in external if t.name not in inputs)
+    kept = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

@@ -17,6 +17,20 @@ _SEQUENCE_OPS = frozenset({"SequenceConstruct", "SplitToSequence", "ConcatFromSe
                            "SequenceInsert", "SequenceAt", "SequenceEmpty"})
 
 
+def _keeps_external_weights(limit: int):
+    """A should_fold rule: never fold a node reading a constant above `limit` elements that
+    lies in an external data file (onnxscript folds a single-use Transpose of any size, which
+    would pull the weight into memory)."""
+    def should_fold(node: ir.Node) -> bool | None:
+        for value in node.inputs:
+            tensor = value.const_value if value is not None else None
+            if isinstance(tensor, ir.ExternalTensor) and tensor.size > limit:
+                return False
+        return None
+
+    return should_fold
+
+
 def _has_sequence_ops_below_opset_13(model: ir.Model) -> bool:
     opset = model.opset_imports.get("", 0)
     return opset < 13 and any(node.op_type in _SEQUENCE_OPS
@@ -25,7 +39,8 @@ def _has_sequence_ops_below_opset_13(model: ir.Model) -> bool:
 
 @register_pass
 class FoldConstantsPass(Pass):
-    """Fold constant subgraphs into initializers with onnxscript's constant folder."""
+    """Fold constant subgraphs into initializers with onnxscript's constant folder; constants
+    above input_size_limit kept in external data files are never folded (they stay on disk)."""
 
     name = "fold-constants"
     description = "Fold constant subexpressions into initializers (onnxscript optimizer)."
@@ -50,5 +65,6 @@ class FoldConstantsPass(Pass):
             onnx_shape_inference=self.config.onnx_shape_inference,
             input_size_limit=self.config.input_size_limit,
             output_size_limit=self.config.output_size_limit,
+            should_fold=_keeps_external_weights(self.config.input_size_limit),
         )
         return PassResult(model, bool(result.modified))
