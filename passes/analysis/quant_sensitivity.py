@@ -26,8 +26,9 @@ from winnow.passes.analysis.calibration import fidelity_loss
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
-from winnow.passes.rewrite.quantize import (MODES, OP_TYPES, QuantSpec, calibration, name_nodes,
-                                            quantizable_nodes, quantize_proto, to_proto)
+from winnow.passes.rewrite.quantize import (MODES, OP_TYPES, QuantSpec, calibration,
+                                            lift_constants, name_nodes, quantizable_nodes,
+                                            quantize_proto, to_proto)
 from winnow.progress import bar
 
 GATE_PREFIX = "winnow_qgate_"
@@ -58,6 +59,7 @@ class QuantSensitivityPass(AnalysisPass):
     def analyze(self, model: ir.Model) -> dict[str, Any]:
         """Score every quantizable node for each mode; rank them, most sensitive first."""
         start = time.perf_counter()
+        lift_constants(model)
         name_nodes(model)
         batches = calibration(model, PassContext.current(), self.config.samples)
         result: dict[str, Any] = {"modes": {}, "ranking": {}}
@@ -144,10 +146,18 @@ def gated_proto(original: onnx.ModelProto, quantized: onnx.ModelProto,
         twin = onnx.NodeProto()
         twin.CopyFrom(node)
         twin.name, twin.output[0] = f"{name}/float", f
-        for i in twin.input:
-            if i in weights and i not in present:
-                q.graph.initializer.append(weights[i])
-                present.add(i)
+        for k, i in enumerate(twin.input):
+            if i not in weights or i in present:
+                continue
+            if i in producer:  # QDQ: the name now leaves a DequantizeLinear (a Conv's bias)
+                twin.input[k] = f"{i}/float"
+                if twin.input[k] in present:
+                    continue
+            w = onnx.TensorProto()
+            w.CopyFrom(weights[i])
+            w.name = twin.input[k]
+            q.graph.initializer.append(w)
+            present.add(w.name)
         q.graph.input.append(helper.make_tensor_value_info(gate, onnx.TensorProto.FLOAT, []))
         diff = helper.make_node("Sub", [qv, f], [f"{out}/diff"], name=f"{gate}/sub")
         scaled = helper.make_node("Mul", [f"{out}/diff", gate], [f"{out}/scaled"],

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import version_converter
 
 from winnow.errors import PassConfigError, UnsupportedModelError
 from winnow.progress import quiet_libraries
@@ -49,6 +50,14 @@ class QuantSpec:
     calibrate: str = "minmax"
     block_size: int = 32
     reduce_range: bool = False
+    accuracy_level: int = 4
+    embeddings: bool = False
+
+    @property
+    def op_types(self) -> tuple[str, ...]:
+        """The op types this spec quantizes (int4-weight adds Gather with `embeddings`)."""
+        extra = ("Gather",) if self.embeddings and self.mode == "int4-weight" else ()
+        return OP_TYPES[self.mode] + extra
 
 
 @register_pass
@@ -72,6 +81,11 @@ class QuantizePass(Pass):
                                  "axis (ORT pads a last partial block)",
                                  choices=(16, 32, 64, 128, 256))
         reduce_range: bool = option(False, "int8: 7-bit weights (avoids u8s8 overflow without VNNI)")
+        accuracy_level: int = option(4, "int4/int8-weight: MatMulNBits compute type (0 unset, "
+                                     "1 fp32, 2 fp16, 3 bf16, 4 int8 activations)",
+                                     choices=(0, 1, 2, 3, 4))
+        embeddings: bool = option(False, "int4-weight: also Gather tables (embeddings) as "
+                                  "GatherBlockQuantized, blocks along the embedding axis")
         exclude: tuple[str, ...] = option((), "node or region names kept in float; [auto] "
                                           "excludes the most sensitive nodes until `budget` holds")
         budget: float = option(0.005, "exclude=[auto]: largest calibration loss (mean 1 - cosine)",
@@ -84,17 +98,19 @@ class QuantizePass(Pass):
     def spec(self) -> QuantSpec:
         """The quantization settings as a QuantSpec."""
         c = self.config
-        return QuantSpec(c.mode, c.per_channel, c.calibrate, c.block_size, c.reduce_range)
+        return QuantSpec(c.mode, c.per_channel, c.calibrate, c.block_size, c.reduce_range,
+                         c.accuracy_level, c.embeddings)
 
     def call(self, model: ir.Model) -> PassResult:
         """Quantize in place; the report says what was quantized and what was kept in float."""
         ctx = PassContext.current()
+        lift_constants(model)
         name_nodes(model)
-        candidates = quantizable_nodes(model, OP_TYPES[self.config.mode])
+        candidates = quantizable_nodes(model, self.spec.op_types)
         if not candidates:
             raise UnsupportedModelError(
                 f"quantize: the model has no node mode {self.config.mode} can quantize (ops "
-                f"{', '.join(OP_TYPES[self.config.mode])} with a constant weight).")
+                f"{', '.join(self.spec.op_types)} with a constant weight).")
         batches = calibration(model, ctx, self.config.samples)
         auto = AUTO in self.config.exclude
         excluded = resolve_selectors(model, [s for s in self.config.exclude if s != AUTO],
@@ -131,6 +147,14 @@ class QuantizePass(Pass):
                           "loss": gated.loss(set(candidates) - set(chosen))})
         met = steps[-1]["loss"] <= self.config.budget
         return chosen, {"auto": {"budget": self.config.budget, "met": met, "steps": steps}}
+
+
+def lift_constants(model: ir.Model) -> None:
+    """Turn Constant-node tensors into initializers: ORT's quantizers take a weight only from an
+    initializer (a Conv weight made by a Constant node would be quantized as an activation)."""
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    LiftConstantsToInitializersPass(size_limit=16)(model)
 
 
 def name_nodes(model: ir.Model) -> None:
@@ -285,7 +309,7 @@ def contrib_output_types(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def _dynamic(src: Path, out: Path, spec: QuantSpec, include: Sequence[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, out, op_types_to_quantize=list(OP_TYPES[spec.mode]),
+    quantize_dynamic(src, out, op_types_to_quantize=list(spec.op_types),
                      per_channel=spec.per_channel, reduce_range=spec.reduce_range,
                      weight_type=QuantType.QInt8, nodes_to_quantize=list(include),
                      extra_options={"MatMulConstBOnly": True})
@@ -296,6 +320,10 @@ def _static(src: Path, out: Path, spec: QuantSpec, include: Sequence[str],
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
 
+    if spec.per_channel and _opset(proto) < 13:
+        # Per-channel DequantizeLinear needs opset 13's axis attribute.
+        proto = version_converter.convert_version(proto, 13)
+        onnx.save(proto, src)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[spec.calibrate]
     inits = {i.name for i in proto.graph.initializer}
@@ -303,10 +331,14 @@ def _static(src: Path, out: Path, spec: QuantSpec, include: Sequence[str],
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(batches, inputs)
     # U8S8: on x86 uint8 activations with int8 weights run the fast kernels (S8S8 is ~2x slower).
     quantize_static(src, out, reader, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(OP_TYPES[spec.mode]), per_channel=spec.per_channel,
+                    op_types_to_quantize=list(spec.op_types), per_channel=spec.per_channel,
                     reduce_range=spec.reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_quantize=list(include),
                     calibrate_method=method, extra_options={"MatMulConstBOnly": True})
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _nbits(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[str]) -> onnx.ModelProto:
@@ -314,7 +346,9 @@ def _nbits(proto: onnx.ModelProto, spec: QuantSpec, include: Sequence[str]) -> o
 
     bits = 4 if spec.mode == "int4-weight" else 8
     quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=spec.block_size, is_symmetric=True,
-                                     accuracy_level=4, nodes_to_include=list(include))
+                                     accuracy_level=spec.accuracy_level or None,
+                                     nodes_to_include=list(include),
+                                     op_types_to_quantize=spec.op_types)
     quantizer.process()
     return quantizer.model.model
 
