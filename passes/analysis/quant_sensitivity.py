@@ -2,9 +2,9 @@
 (for each mode asked), and the activation-range statistics that explain it.
 
 The model is quantized once per mode with ORT's own tool (the `quantize` pass's code path), then
-every quantized node gets its float original back beside it and a scalar gate input choosing
-between the two (`y = y_float + g * (y_quant - y_float)`, as ir/gates.py does for regions): one
-ORT session answers "only node i quantized" for every i by a feed, not a re-quantization.
+every quantized node gets its float original back beside it and a boolean gate input choosing
+between the two (`y = Where(g, y_quant, y_float)`): one ORT session answers "only node i
+quantized" for every i by a feed, not a re-quantization.
 """
 
 from __future__ import annotations
@@ -94,7 +94,12 @@ def _rows(feeds: dict[str, np.ndarray]) -> int:
 
 
 class GatedQuant:
-    """A quantized model whose every quantized node can be switched back to float by a feed."""
+    """A quantized model whose every quantized node can be switched back to float by a feed.
+
+    A node's loss alone is measured from the entry of the residual block it sits in: the
+    float stream there is captured once per batch and fed to a session of the model's rest
+    (exact: upstream of a gate that is closed, the model is float).
+    """
 
     def __init__(self, model: ir.Model, spec: QuantSpec, candidates: Sequence[str],
                  batches: Sequence[dict[str, np.ndarray]]) -> None:
@@ -103,23 +108,112 @@ class GatedQuant:
         quantized = quantize_proto(original, spec, list(candidates), batches)
         self.proto, self.gated = gated_proto(original, quantized, candidates)
         self.batches = list(batches)
-        self.session = ort.InferenceSession(self.proto.SerializeToString(), session_options(),
-                                            providers=["CPUExecutionProvider"])
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.reference = [self._run(b, set()) for b in self.batches]
+        self.anchor_of = anchor_entries(model, self.proto, self.gated)
+        anchors = sorted(set(self.anchor_of.values()))
+        full = onnx.ModelProto()
+        full.CopyFrom(self.proto)
+        full.graph.output.extend(helper.make_empty_tensor_value_info(a) for a in anchors)
+        self.session = _session(full)
+        self.outputs = [o.name for o in self.proto.graph.output]
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.captured: list[dict[str, np.ndarray]] = []
+        self.reference = []
+        for b in self.batches:
+            out = self._call(self.session, {**self._data(b, self.inputs), **self._gates(set())},
+                             [*self.outputs, *anchors])
+            self.reference.append({k: out[k] for k in self.outputs})
+            self.captured.append({a: out[a] for a in anchors})
+        self.suffixes = {a: _Suffix(self.proto, a, self) for a in anchors}
+
+    def _gates(self, enabled: set[str]) -> dict[str, np.ndarray]:
+        return {f"{GATE_PREFIX}{i}": np.array(n in enabled) for i, n in enumerate(self.gated)}
+
+    @staticmethod
+    def _data(feeds: dict[str, np.ndarray], names: set[str]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in feeds.items() if k in names}
+
+    @staticmethod
+    def _call(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
+              outputs: list[str]) -> dict[str, np.ndarray]:
+        names = {i.name for i in session.get_inputs()}
+        return dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items()
+                                                       if k in names})))
 
     def _run(self, feeds: dict[str, np.ndarray], enabled: set[str]) -> dict[str, np.ndarray]:
-        names = {i.name for i in self.session.get_inputs()}
-        gates = {f"{GATE_PREFIX}{i}": np.array(1.0 if n in enabled else 0.0, np.float32)
-                 for i, n in enumerate(self.gated)}
-        data = {k: v for k, v in feeds.items() if k in names}
-        return dict(zip(self.outputs, self.session.run(self.outputs, {**data, **gates})))
+        """The full model's outputs with `enabled` nodes quantized."""
+        return self._call(self.session, {**self._data(feeds, self.inputs), **self._gates(enabled)},
+                          self.outputs)
 
     def loss(self, enabled: set[str]) -> float:
         """Mean 1 - cosine of the outputs against float when only `enabled` nodes are quantized."""
-        losses = [fidelity_loss(ref, self._run(b, enabled))
-                  for ref, b in zip(self.reference, self.batches)]
+        anchors = {self.anchor_of.get(n) for n in enabled}
+        if len(anchors) == 1 and None not in anchors:
+            suffix = self.suffixes[anchors.pop()]
+            losses = [fidelity_loss(ref, suffix.run(i, self._gates(enabled)))
+                      for i, ref in enumerate(suffix.reference)]
+        else:
+            losses = [fidelity_loss(ref, self._run(b, enabled))
+                      for ref, b in zip(self.reference, self.batches)]
         return float(np.mean(losses))
+
+
+class _Suffix:
+    """The gated model after one anchor value, fed that value's float capture."""
+
+    def __init__(self, proto: onnx.ModelProto, anchor: str, gated: GatedQuant) -> None:
+        from winnow.ir.gates import suffix_model
+
+        rest = suffix_model(ir.serde.deserialize_model(proto), anchor)
+        self.session = _session(ir.serde.serialize_model(rest))
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.outputs = gated.outputs
+        self.feeds = [{**gated._data(b, self.inputs), anchor: c[anchor]}
+                      for b, c in zip(gated.batches, gated.captured)]
+        self.reference = [self.run(i, gated._gates(set())) for i in range(len(self.feeds))]
+
+    def run(self, batch: int, gates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs for one batch with these gates."""
+        return GatedQuant._call(self.session, {**self.feeds[batch], **gates}, self.outputs)
+
+
+def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    so = session_options()
+    # no spin-waiting: on a shared host the idle threads' spinning only steals time
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def anchor_entries(model: ir.Model, proto: onnx.ModelProto, gated: Sequence[str]
+                   ) -> dict[str, str]:
+    """For each gated node, the entry value of the last residual block whose descendants hold
+    its gate (none for a node before the first block)."""
+    import networkx as nx
+
+    from winnow.ir.regions import find_regions
+
+    try:
+        entries = [b.entry.name for b in find_regions(model).blocks]
+    except Exception:  # noqa: BLE001 - no regions: every node is scored on the full model
+        return {}
+    graph = nx.DiGraph()
+    producer = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
+    for i, node in enumerate(proto.graph.node):
+        graph.add_node(i)
+        graph.add_edges_from((producer[x], i) for x in node.input if x in producer)
+    gate_node = {}
+    for i, node in enumerate(proto.graph.node):
+        for x in node.input:
+            if x.startswith(GATE_PREFIX):
+                gate_node[int(x[len(GATE_PREFIX):])] = i
+    out: dict[str, str] = {}
+    for entry in entries:
+        if entry not in producer:
+            continue
+        below = nx.descendants(graph, producer[entry])
+        for k, name in enumerate(gated):
+            if gate_node.get(k) in below:
+                out[name] = entry  # blocks come in order: a later entry overrides
+    return out
 
 
 def gated_proto(original: onnx.ModelProto, quantized: onnx.ModelProto,
@@ -158,12 +252,9 @@ def gated_proto(original: onnx.ModelProto, quantized: onnx.ModelProto,
             w.name = twin.input[k]
             q.graph.initializer.append(w)
             present.add(w.name)
-        q.graph.input.append(helper.make_tensor_value_info(gate, onnx.TensorProto.FLOAT, []))
-        diff = helper.make_node("Sub", [qv, f], [f"{out}/diff"], name=f"{gate}/sub")
-        scaled = helper.make_node("Mul", [f"{out}/diff", gate], [f"{out}/scaled"],
-                                  name=f"{gate}/mul")
-        total = helper.make_node("Add", [f, f"{out}/scaled"], [out], name=f"{gate}/add")
-        extra[id(made)] = [twin, diff, scaled, total]
+        q.graph.input.append(helper.make_tensor_value_info(gate, onnx.TensorProto.BOOL, []))
+        choose = helper.make_node("Where", [gate, qv, f], [out], name=f"{gate}/where")
+        extra[id(made)] = [twin, choose]
         gated.append(name)
     ordered = []
     for n in q.graph.node:
