@@ -26,7 +26,7 @@ from winnow.passes.analysis.calibration import fidelity_loss
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
-from winnow.passes.rewrite.quantize import (MODES, OP_TYPES, QuantSpec, calibration,
+from winnow.passes.rewrite.quantize import (CALIBRATION, MODES, OP_TYPES, QuantSpec, calibration,
                                             lift_constants, name_nodes, quantizable_nodes,
                                             quantize_proto, to_proto)
 from winnow.progress import bar
@@ -50,6 +50,9 @@ class QuantSensitivityPass(AnalysisPass):
         modes: tuple[str, ...] = option(("int8-dynamic",), "quantize modes to measure")
         per_channel: bool = option(True, "int8: one weight scale per output channel")
         samples: int = option(8, "calibration samples each node is scored on", min=1)
+        calibrate: str = option("minmax", "int8-static: activation range method",
+                                choices=CALIBRATION)
+        reduce_range: bool = option(False, "int8: 7-bit weights (as the quantize pass's option)")
 
         def __post_init__(self) -> None:
             bad = [m for m in self.modes if m not in MODES]
@@ -69,7 +72,8 @@ class QuantSensitivityPass(AnalysisPass):
                 result["modes"][mode] = {"nodes": [], "note": "no quantizable node"}
                 result["ranking"][mode] = []
                 continue
-            spec = QuantSpec(mode, self.config.per_channel)
+            spec = QuantSpec(mode, self.config.per_channel, self.config.calibrate,
+                             reduce_range=self.config.reduce_range)
             gated = GatedQuant(model, spec, candidates, batches)
             scores = [{"node": n, "op_type": _op(model, n), "loss": gated.loss({n})}
                       for n in bar(gated.gated, f"quant-sensitivity: {mode}")]

@@ -132,7 +132,9 @@ class QuantizePass(Pass):
         from winnow.passes.analysis.quant_sensitivity import GatedQuant
 
         result = ctx.get_analysis("quant-sensitivity", model, modes=(self.config.mode,),
-                                  per_channel=self.config.per_channel)
+                                  per_channel=self.config.per_channel,
+                                  calibrate=self.config.calibrate,
+                                  reduce_range=self.config.reduce_range)
         ranking = [n for n in result["ranking"][self.config.mode] if n in candidates]
         gated = GatedQuant(model, self.spec, candidates, batches)
         chosen = list(excluded)
