@@ -4,6 +4,7 @@ source's on a small input.
 
     python bench/scale.py [--sizes 0.25,0.5,1,2.5] [--layers 1,2,4,8] [--work DIR]
                           [--keep] [--out bench/results] [--pipeline TEXT]
+    python bench/scale.py --rows LOG     (the table again, from an earlier run's stderr)
 
 `--sizes` are weight gigabytes (TinyLlama-1.1B's widths, hidden 2048 / MLP 5632 / vocab
 32000, with the layer count that comes nearest, narrower below one layer); `--layers` builds
@@ -11,7 +12,8 @@ those widths with the given layer counts instead. Models are written with extern
 --work (default a temporary folder, deleted unless --keep); each needs about twice its size on
 disk (source + artifact). Each compile runs in a fresh process (`winnow.compile` with the ORT
 backend, the check on), whose peak RSS (VmHWM) is read when it ends, with the peak of each
-compile phase (the peak is reset between phases). Outputs equal: the artifact's `model.onnx` and
+compile phase (the peak is reset between phases); `(RSS - imports)` leaves out what the process
+held before loading the model (Python, numpy, ONNX Runtime, onnxscript: ~0.35 GB). Outputs equal: the artifact's `model.onnx` and
 the source run in ONNX Runtime on input_ids [1, 8]; max abs error of the logits.
 """
 
@@ -130,38 +132,50 @@ def _fmt_phase_peaks(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of the rows."""
-    lines = ["| weights GB | hidden x layers | nodes | compile s | s / GB | peak RSS GB | "
-             "RSS / weights | outputs equal (max abs err) | .ort | peak GB per phase |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| weights GB | hidden x layers | nodes | compile s | s / GB | s per phase | peak RSS GB | "
+             "RSS / weights | (RSS - imports) / weights | outputs equal (max abs err) | .ort | "
+             "peak GB per phase |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gb = r["weight_bytes"] / GB
         dims = f"{r['shape']['hidden']} x {r['shape']['layers']}"
         if "error" in r:
-            lines.append(f"| {gb:.2f} | {dims} | - | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {gb:.2f} | {dims} | - | failed: {r['error']} | | | | | | | | |")
             continue
         err = r["outputs_max_abs_error"]
         ort_format = r["ort_format"] or {}
         ort_cell = "written" if ort_format.get("file") else (ort_format.get("error") or "-")[:60]
+        imports = r["phase_peaks"].get("before loading the model", 0)
         lines.append(
             f"| {gb:.2f} | {dims} | {r['nodes']} | {r['seconds']:.1f} | {r['seconds'] / gb:.1f} "
+            f"| {', '.join(f'{k} {v:.1f}' for k, v in r['phases'].items())} "
             f"| {r['peak_rss'] / GB:.2f} | {r['peak_rss'] / r['weight_bytes']:.2f} "
+            f"| {(r['peak_rss'] - imports) / r['weight_bytes']:.2f} "
             f"| {'yes' if err == 0 else 'no'} ({err:.2g}) | {ort_cell} | {_fmt_phase_peaks(r)} |")
     return "\n".join(lines)
 
 
+def _fit(x, y, what: str) -> str:
+    import numpy as np
+
+    a, b = np.polyfit(x, y, 1)
+    worst = float(np.max(np.abs(a * x + b - y) / y))
+    return f"{what} = {a:.2f} x GB + {b:.2f} (worst relative residual {worst:.0%})"
+
+
 def slope(rows: list[dict]) -> str:
-    """Least-squares compile seconds per weight GB, and the worst relative residual."""
+    """Least-squares seconds per weight GB: of the whole compile, and of the compile without
+    writing the artifact (load, source run, passes with their checks, final check)."""
     import numpy as np
 
     ok = [r for r in rows if "error" not in r]
     if len(ok) < 2:
         return ""
     x = np.array([r["weight_bytes"] / GB for r in ok])
-    y = np.array([r["seconds"] for r in ok])
-    a, b = np.polyfit(x, y, 1)
-    worst = float(np.max(np.abs(a * x + b - y) / y))
-    return (f"compile s = {a:.2f} x GB + {b:.2f} (least squares over {len(ok)} sizes; worst "
-            f"relative residual {worst:.0%})")
+    total = np.array([r["seconds"] for r in ok])
+    proper = np.array([sum(v for k, v in r["phases"].items() if k != "emit") for r in ok])
+    return (f"least squares over {len(ok)} sizes: {_fit(x, total, 'compile s')}; "
+            f"{_fit(x, proper, 'compile s without writing the artifact')}")
 
 
 def main() -> None:
@@ -174,9 +188,15 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--pipeline", default=None)
+    parser.add_argument("--rows", default=None, help="print the table of an earlier run's stderr")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
+        return
+    if args.rows:
+        rows = [json.loads(line.split(": ", 1)[1]) for line in Path(args.rows).read_text()
+                .splitlines() if line.startswith("done ")]
+        print(f"{table(rows)}\n\n{slope(rows)}")
         return
     from winnow.passes.manager import DEFAULT_PIPELINE
     from winnow.tests.llama_like import LLAMA_1B, shape_for_bytes

@@ -93,7 +93,7 @@ def _model_session_options(model: ir.Model, threads: int, optimize: bool,
     folder = external_folder(model)
     if folder is not None:
         so.add_session_config_entry(_FOLDER_KEY, folder)
-    if large:
+    if large and not optimize:  # a timing session keeps ORT's prepacked weights
         so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
