@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,10 +67,6 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 def _with_captures(model: ir.Model, capture: Sequence[str]) -> onnx.ModelProto:
-    # Weights from one folder stay references that ORT resolves there (external_folder); from
-    # several folders, ORT gets them as bytes.
-    if external_folder(model) is None:
-        ir.external_data.load_to_model(model)
     proto = ir.serde.serialize_model(model)
     if not capture:
         return proto
@@ -102,31 +99,79 @@ def get_session(model: ir.Model, capture: Sequence[str] = (), threads: int = 0,
                 optimize: bool = False) -> ort.InferenceSession:
     """An ORT session for the model (plus capture outputs), cached by model content.
 
-    A model above LARGE_MODEL_BYTES of weights keeps them in their external files (mapped,
-    not copied) and replaces any other large session in the cache, so that verifying it holds
-    about one copy of the weights."""
+    A model above LARGE_MODEL_BYTES of weights is not copied into the session: weights in
+    external files are mapped from there, large weights in memory are handed over as arrays
+    (neither goes through protobuf, so past 2 GB works), and the session replaces any other large
+    session in the cache, so that verifying it holds about one copy of the weights."""
     large = weight_bytes(model) > LARGE_MODEL_BYTES
-    proto = _with_captures(model, tuple(capture))
+    folder = external_folder(model)
+    if folder is None:
+        ir.external_data.load_to_model(model)
+    arrays = _handed_over(model) if large else {}
+    with _placeholders(model, arrays):
+        proto = _with_captures(model, tuple(capture))
     data = proto.SerializeToString()
-    key = (hashlib.sha1(data).hexdigest(),
-           (str(threads), str(optimize), external_folder(model) or ""))
+    digest = hashlib.sha1(data)
+    for array in arrays.values():
+        digest.update(memoryview(array).cast("B"))
+    key = (digest.hexdigest(), (str(threads), str(optimize), folder or ""))
     session = _SESSION_CACHE.get(key)
     if session is not None:
         _SESSION_CACHE.move_to_end(key)
         return session
     if large:
         release_large_sessions()
+    so = _model_session_options(model, threads, optimize, large)
+    handed = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+    if handed:
+        so.add_external_initializers(list(arrays), handed)
     try:
-        session = ort.InferenceSession(data, _model_session_options(model, threads, optimize,
-                                                                    large),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         raise ExecutionError(f"ONNX Runtime cannot load the model: {runtime_detail(exc)}") from exc
-    session.winnow_large = large
+    session.winnow_large, session.winnow_arrays = large, (arrays, handed)  # ORT reads them
     _SESSION_CACHE[key] = session
     if len(_SESSION_CACHE) > _SESSION_CACHE_SIZE:
         _SESSION_CACHE.popitem(last=False)
     return session
+
+
+HAND_OVER_BYTES = 1024**2  # in-memory weights from this size go to ORT as arrays (large models)
+_PLACEHOLDER = "winnow-weights-in-memory"
+
+
+def _handed_over(model: ir.Model) -> dict[str, np.ndarray]:
+    """The main graph's in-memory weights of HAND_OVER_BYTES or more in a plain numpy dtype,
+    as contiguous arrays by name."""
+    arrays = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if (tensor is None or isinstance(tensor, ir.ExternalTensor)
+                or tensor.nbytes < HAND_OVER_BYTES):
+            continue
+        array = np.ascontiguousarray(tensor.numpy())
+        if array.dtype.kind in "biuf" and array.dtype.isnative and array.dtype.name in _PLAIN:
+            arrays[name] = array
+    return arrays
+
+
+_PLAIN = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+          "float16", "float32", "float64"}
+
+
+@contextlib.contextmanager
+def _placeholders(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> Iterator[None]:
+    """Serialize `arrays`' initializers as data-less external tensors (ORT gets the arrays)."""
+    values = [model.graph.initializers[name] for name in arrays]
+    originals = [v.const_value for v in values]
+    try:
+        for value, tensor in zip(values, originals):
+            value.const_value = ir.ExternalTensor(_PLACEHOLDER, None, None, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name)
+        yield
+    finally:
+        for value, tensor in zip(values, originals):
+            value.const_value = tensor
 
 
 def check_feed_names(expected: Sequence[str], feeds: Mapping[str, Any],

@@ -17,6 +17,7 @@ from winnow.backends import ort as ort_backend
 from winnow.backends.ort import run_artifact
 from winnow.cli import cli
 from winnow.frontend import load
+from winnow.ir import execute
 from winnow.ir.execute import external_folder, run
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
 from winnow.tests.llama_like import LlamaShape, build_llama
@@ -111,3 +112,18 @@ def test_a_model_past_the_ort_format_limit_is_written_without_model_ort(llama_pa
     assert "2 GiB" in art.manifest["ort_format"]["error"]
     np.testing.assert_allclose(run_artifact(art.path, TOKENS)["logits"],
                                _source_outputs(llama_path), rtol=1e-5, atol=1e-5)
+
+
+def test_large_in_memory_weights_go_to_ort_as_arrays(llama_path, monkeypatch):
+    monkeypatch.setattr(execute, "LARGE_MODEL_BYTES", 0)  # treat the 2.7 MB model as large
+    monkeypatch.setattr(execute, "HAND_OVER_BYTES", 64 * 1024)
+    model = load(llama_path)
+    ir.external_data.load_to_model(model)  # every weight in memory, as from a torch source
+    head = model.graph.initializers["lm_head"]
+    tensor = head.const_value
+    assert {"embed_tokens", "lm_head"} <= set(execute._handed_over(model))
+    want = _source_outputs(llama_path)
+    np.testing.assert_allclose(run(model, TOKENS)["logits"], want, rtol=1e-5, atol=1e-5)
+    assert head.const_value is tensor  # the placeholders are gone again
+    head.const_value = ir.tensor(tensor.numpy() * 2, name="lm_head")  # same graph, new weights
+    np.testing.assert_allclose(run(model, TOKENS)["logits"], 2 * want, rtol=1e-5, atol=1e-5)
