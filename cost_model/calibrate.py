@@ -33,7 +33,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from winnow.benchmark import available_cpus, bench_session_options, cpu_model, time_interleaved
+from winnow.measure.timing import available_cpus, bench_session_options, cpu_model, time_interleaved
 from winnow.cost_model.kernels import group_kernels
 from winnow.cost_model.op_costs import node_costs
 from winnow.cost_model.targets import Target, load_target, user_dir
@@ -46,7 +46,7 @@ OVERHEAD_GRID = 64
 _RNG = np.random.default_rng(0)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: comparing feeds would compare whole arrays
 class Micro:
     """One micro-benchmark: a name, its model and its feeds."""
 

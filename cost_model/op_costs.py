@@ -227,10 +227,13 @@ def _inference_proto(model: ir.Model) -> onnx.ModelProto:
             graph.initializers[v.name] = v
 
 
-def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _infer(proto: onnx.ModelProto, data_prop: bool) -> onnx.ModelProto:
+    """ONNX shape inference; `data_prop` only where needed: ONNX propagates the values of every
+    rank-1 tensor, one proto dim per element (an Add of two 1-D tensors of 10^8 floats takes
+    gigabytes)."""
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
-                                                 data_prop=True)
+                                                 data_prop=data_prop)
     except Exception:  # noqa: BLE001 - onnx raises several types; fall back to our own rules
         return proto
 
@@ -240,16 +243,17 @@ def infer_shapes(model: ir.Model, shapes: Mapping[str, Shape]) -> dict[str, tupl
 
     Where a shape depends on computed shape data (a Slice whose end is a Shape), the small
     integer tensors are evaluated with numpy (shape_values.py), written into the proto as
-    constants, and inference runs once more.
+    constants, and inference runs once more, with ONNX's data propagation.
     """
     from winnow.cost_model.shape_values import fold_shape_values
 
     proto = _inference_proto(model)
     _set_input_shapes(proto, shapes)
-    inferred = _infer(proto)
+    inferred = _infer(proto, data_prop=False)
     types = _value_types(inferred)
-    if any(shape is None for shape, _ in types.values()) and fold_shape_values(proto, types):
-        inferred = _infer(proto)
+    if any(shape is None for shape, _ in types.values()):
+        fold_shape_values(proto, types)
+        inferred = _infer(proto, data_prop=True)
         types = _value_types(inferred)
     for value in model.graph.initializers.values():
         if value.name not in types or types[value.name][0] is None:
