@@ -22,22 +22,22 @@ __all__ = ["load", "compile", "analyze", "evaluate", "zoo", "Pass", "AnalysisPas
 
 
 def compile(source: Any, out: Any, **kwargs: Any) -> Any:  # noqa: A001 - the public verb
-    """Load, optimize and emit a deployable artifact; see `winnow.compiler.compile_model`."""
-    from winnow.compiler import compile_model
+    """Load, optimize and emit a deployable artifact; see `winnow.driver.compile.compile_model`."""
+    from winnow.driver.compile import compile_model
 
     return compile_model(source, out, **kwargs)
 
 
 def analyze(source: Any, out: Any, **kwargs: Any) -> Any:
-    """Run analysis passes and write analysis.json + report.html; see `winnow.analyzer.analyze_model`."""
-    from winnow.analyzer import analyze_model
+    """Run analysis passes and write analysis.json + report.html; see `winnow.driver.analyze.analyze_model`."""
+    from winnow.driver.analyze import analyze_model
 
     return analyze_model(source, out, **kwargs)
 
 
 def evaluate(reference: Any, candidate: Any, data: Any, **kwargs: Any) -> Any:
-    """Fidelity of `candidate` against `reference` on `data`; see `winnow.fidelity.evaluate`."""
-    from winnow.fidelity import evaluate as evaluate_fidelity
+    """Fidelity of `candidate` against `reference` on `data`; see `winnow.measure.fidelity.evaluate`."""
+    from winnow.measure.fidelity import evaluate as evaluate_fidelity
 
     return evaluate_fidelity(reference, candidate, data, **kwargs)
 

@@ -13,7 +13,7 @@ import click
 import numpy as np
 
 from winnow import __version__, progress
-from winnow.compiler import DEFAULT_MAX_DROP
+from winnow.driver.compile import DEFAULT_MAX_DROP
 from winnow.errors import WinnowError
 
 
@@ -134,6 +134,10 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--target", default=None, metavar="T",
               help="Search pass combinations for target T ('host') instead of running one pipeline; "
                    "with --backend tvm, the library's target (host, aarch64).")
+@click.option("--tune-trials", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="With --backend tvm: tune the kernels with MetaSchedule, N trials in all (the database is kept in OUT and reused).")
+@click.option("--tune-timeout", default=None, type=click.FloatRange(min=1), metavar="S",
+              help="With --tune-trials: seconds each candidate's build may take [120].")
 @click.option("--objective", default="latency", show_default=True, metavar="NAME",
               help="What the search minimises: latency or size.")
 @click.option("--time-budget", default="10m", show_default=True, metavar="DURATION",
@@ -148,19 +152,27 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 def compile(src: str, out: str, pipeline: str | None, config: str | None, backend: str,
             timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool, evaluate: bool,
             max_drop: float | None, force: bool, strict: bool, target: str | None,
-            objective: str, time_budget: str, trials: int, study: str | None, as_json: bool,
+            tune_trials: int, tune_timeout: float | None, objective: str, time_budget: str,
+            trials: int, study: str | None, as_json: bool,
             force_overwrite: bool, input_shapes: str | None,
             example_inputs: str | None) -> None:  # noqa: A001 - the command's name
     """Optimize SRC (.onnx, HF folder, zoo:NAME) and write a deployable artifact to OUT.
 
     With --target, search drop/prune/fuse/quantize combinations within --max-drop and emit the
     cheapest that holds the budget on held-out data (the lossless pipeline when none does)."""
-    from winnow.compiler import compile_model
+    from winnow.driver.compile import compile_model
 
     user_inputs = _user_inputs(input_shapes, example_inputs)
     backend_options = None
     if backend != "ort":  # --target names the backend's target (TVM: host, aarch64)
         backend_options, target = ({"target": target} if target is not None else {}), None
+    if tune_trials or tune_timeout is not None:
+        if backend != "tvm":
+            from winnow.errors import TargetError
+
+            raise TargetError("--tune-trials and --tune-timeout tune the TVM backend's kernels; "
+                              "add --backend tvm.")
+        backend_options.update(tune_trials=tune_trials, tune_builder_timeout=tune_timeout)
     if target is not None:
         if user_inputs is not None:
             from winnow.errors import InputsError
@@ -301,7 +313,7 @@ def _heldout_text(fid: dict[str, Any]) -> str:
 def analyze(src: str, out: str, passes_text: str, as_json: bool, force_overwrite: bool,
             input_shapes: str | None, example_inputs: str | None) -> None:
     """Measure where SRC is redundant; write analysis.json and report.html (plots) to OUT."""
-    from winnow.analyzer import analyze_model
+    from winnow.driver.analyze import analyze_model
 
     result = analyze_model(src, out, passes=passes_text, overwrite=force_overwrite,
                            user_inputs=_user_inputs(input_shapes, example_inputs))
@@ -397,7 +409,7 @@ def passes(as_json: bool, markdown: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(src: str, as_json: bool) -> None:
     """Show a model's opsets, inputs/outputs, ops and parameters."""
-    from winnow.compiler import inspect_model
+    from winnow.driver.compile import inspect_model
 
     info = inspect_model(src)
     if as_json:
@@ -486,7 +498,7 @@ def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq
     """Time ARTIFACT (and OTHER_DIR): median/min/max latency, A/B ratio, peak RSS.
 
     --input-shapes / --example-inputs replace the feeds --batch and --seq would build."""
-    from winnow.bench_artifacts import bench as run_bench
+    from winnow.driver.bench import bench as run_bench
 
     result = run_bench(artifact, other, threads=threads, batch=batch, seq=seq, repeats=repeats,
                        warmup=warmup, random=random_feeds, memory=not no_rss,
@@ -509,7 +521,7 @@ def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq
 def export(artifact: str, edge: bool, out: str, target: str | None, as_json: bool,
            force_overwrite: bool) -> None:
     """Package ARTIFACT for a device: model, runtime config, samples, expected outputs, run.py."""
-    from winnow.edge_export import export_edge
+    from winnow.backends.edge_export import export_edge
 
     bundle = export_edge(artifact, out, target=target, overwrite=force_overwrite)
     if as_json:

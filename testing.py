@@ -228,7 +228,7 @@ def assert_equivalent(a: Any, b: Any, feeds: Mapping | Sequence[Mapping] | None 
     `samples` random feed dicts are made from `a`'s inputs (seeds 0, 1, ...). NaN and inf must
     sit at the same places; shapes and output counts must agree.
     """
-    from winnow.fidelity import as_runner
+    from winnow.measure.fidelity import as_runner
 
     batches = _feed_batches(a, feeds, samples)
     run_a, run_b = as_runner(a), as_runner(b)

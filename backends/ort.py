@@ -14,10 +14,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from onnxruntime.tools.convert_onnx_models_to_ort import (
-    OptimizationStyle,
-    convert_onnx_models_to_ort,
-)
 
 from winnow.backends.manifest import (
     MANIFEST_FILE,
@@ -109,6 +105,12 @@ def write_model(model: ir.Model, folder: Path, external_data: bool | None = None
 
 def convert_to_ort(model_path: Path) -> dict[str, Any]:
     """Convert with ORT's own converter; a model ORT refuses is recorded, not raised."""
+    # onnxruntime.tools imports torch when installed (seconds): only when converting.
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
+
     folder = model_path.parent
     log = io.StringIO()
     try:

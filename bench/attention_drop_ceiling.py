@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from winnow import models_zoo, progress
-from winnow.fidelity import evaluate_zoo
+from winnow.measure.fidelity import evaluate_zoo
 from winnow.passes import PassContext, PassManager
 
 RIDGE = 1e-2

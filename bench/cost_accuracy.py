@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from winnow.benchmark import available_cpus, machine_info, time_interleaved, timing_session
+from winnow.measure.timing import available_cpus, machine_info, time_interleaved, timing_session
 from winnow.cost_model import predict
 from winnow.cost_model.op_costs import resolve_dims
 from winnow.errors import WinnowError
@@ -59,7 +59,7 @@ def variants(name: str, work: Path) -> dict[str, Path]:
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from winnow.compiler import compile_model
+    from winnow.driver.compile import compile_model
 
     out: dict[str, Path] = {}
     lossless = compile_model(f"zoo:{name}", work / f"{name}-lossless", overwrite=True, check=False)

@@ -26,9 +26,9 @@ import onnxruntime as ort
 
 import winnow.progress
 from winnow import models_zoo
-from winnow.benchmark import available_cpus, first_samples, latency_ratio
+from winnow.measure.timing import available_cpus, first_samples, latency_ratio
 from winnow.errors import WinnowError
-from winnow.fidelity import evaluate_zoo
+from winnow.measure.fidelity import evaluate_zoo
 from winnow.ir.execute import run
 from winnow.numerics import bfp_quantize, lmul
 from winnow.passes import PassContext, PassManager

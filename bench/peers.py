@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from winnow import models_zoo, progress
-from winnow.benchmark import (
+from winnow.measure.timing import (
     Timing,
     available_cpus,
     machine_info,
@@ -356,7 +356,7 @@ def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequenc
             work: Path, winnow: Any = None) -> tuple[list[Row], dict[str, Any]]:
     """Prepare, evaluate and time every variant of one zoo model (and winnow's row when
     `winnow` holds search options)."""
-    from winnow.fidelity import OUTPUT_KINDS, evaluate
+    from winnow.measure.fidelity import OUTPUT_KINDS, evaluate
 
     zm = models_zoo.get(name)
     variants = prepare(zm, work, threads)

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from winnow import progress
-from winnow.benchmark import (
+from winnow.measure.timing import (
     cpu_model,
     first_samples,
     paired_ratios,

@@ -39,7 +39,7 @@ def bound_model(name: str, seq: int) -> tuple[Any, dict[str, np.ndarray]]:
     """The zoo model bound to batch 1 (and `seq` tokens), and random feeds of those shapes."""
     from winnow.backends import tvm as tvm_backend
     from winnow.backends.manifest import io_spec
-    from winnow.bench_artifacts import random_feeds
+    from winnow.driver.bench import random_feeds
     from winnow.frontend import load
 
     model = load(f"zoo:{name}")
@@ -76,7 +76,7 @@ def max_error(runner: Any, reference: list[np.ndarray]) -> float:
 
 def bench_model(name: str, seq: int, repeats: int) -> list[list[str]]:
     """One table row per variant of zoo model `name`."""
-    from winnow.benchmark import paired_ratios, session_runner, time_interleaved, timing_session
+    from winnow.measure.timing import paired_ratios, session_runner, time_interleaved, timing_session
 
     bound, feeds = bound_model(name, seq)
     session = timing_session(bound)
@@ -107,7 +107,7 @@ def markdown(rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse options, time every model, print and save the table."""
-    from winnow.benchmark import machine_info
+    from winnow.measure.timing import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))

@@ -24,8 +24,8 @@ import onnxruntime as ort
 
 import winnow.progress
 from winnow import models_zoo
-from winnow.benchmark import available_cpus, latency_ratio
-from winnow.fidelity import evaluate_zoo
+from winnow.measure.timing import available_cpus, latency_ratio
+from winnow.measure.fidelity import evaluate_zoo
 from winnow.passes import PassContext, PassManager
 from winnow.passes.analysis.calibration import task_options
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from winnow.report_html import analysis_sections, html_page, html_table, img_tag, new_figure, png_base64
+from winnow.driver.report_html import analysis_sections, html_page, html_table, img_tag, new_figure, png_base64
 
 FALLBACK_TARGET = "x86-avx2"  # priced on this shipped profile until `winnow cost calibrate`
 

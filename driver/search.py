@@ -129,7 +129,7 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
                    overwrite: bool = False, calibration: Any = None) -> SearchResult:
     """Search pass combinations for `source`, then compile the chosen one into `out`."""
     from winnow.backends.manifest import check_output
-    from winnow.compiler import compile_model
+    from winnow.driver.compile import compile_model
 
     require_extra("winnow compile --target (the search)", "search", ("optuna",))
     options = options or SearchOptions()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from winnow.fidelity import Fidelity, evaluate, evaluate_zoo
+from winnow.measure.fidelity import Fidelity, evaluate, evaluate_zoo
 from winnow.frontend import load
 from winnow.passes.analysis.calibration import pick_calibration, task_options
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from winnow.benchmark import (
+from winnow.measure.timing import (
     available_cpus,
     first_samples,
     paired_ratios,

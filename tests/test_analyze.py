@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import winnow
 from tests.tiny_models import TinyTransformer, zero_block_branches
-from winnow.analyzer import analyze_model
+from winnow.driver.analyze import analyze_model
 from winnow.cli import cli
 from winnow.errors import OutputError, PipelineError, SourceError
 from winnow.ir.regions import find_regions
@@ -133,7 +133,7 @@ def test_cli_prints_a_summary_and_json(tiny_onnx, tmp_path):
 
 
 def test_public_api_can_be_called_repeatedly(tiny_ir, tmp_path):
-    # `winnow.analyze` is a function; the module is `winnow.analyzer`, so importing it does not
+    # `winnow.analyze` is a function; the module is `winnow.driver.analyze`, so importing it does not
     # replace the function on the package.
     for name in ("a", "b"):
         result = winnow.analyze(tiny_ir, tmp_path / name, passes="layer-similarity{samples=2}")

@@ -121,7 +121,7 @@ def test_synthetic_masks_pad_both_sides_and_keep_a_key_per_row():
 @pytest.mark.slow
 def test_minilm_fused_then_quantized_makes_qattention_within_the_int8_error():
     from winnow import models_zoo
-    from winnow.fidelity import evaluate_zoo
+    from winnow.measure.fidelity import evaluate_zoo
     from winnow.passes import PassContext, PassManager
 
     zm = models_zoo.get("minilm")

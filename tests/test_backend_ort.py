@@ -14,7 +14,7 @@ import pytest
 import winnow
 from winnow.backends import ort as ort_backend
 from winnow.backends.ort import emit, load_artifact, run_artifact
-from winnow.compiler import compare_outputs, compile_model
+from winnow.driver.compile import compare_outputs, compile_model
 from winnow.errors import (
     ExecutionError,
     ModelFormatError,

@@ -21,7 +21,7 @@ from winnow.backends import run_artifact  # noqa: E402
 from winnow.backends import tvm as tvm_backend  # noqa: E402
 from winnow.backends import tvm_schedules  # noqa: E402
 from winnow.cli import cli  # noqa: E402
-from winnow.compiler import compile_model  # noqa: E402
+from winnow.driver.compile import compile_model  # noqa: E402
 
 RNG = np.random.default_rng(7)
 

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from winnow.bench_artifacts import INT_HIGH, build_feeds, random_feeds, zoo_feeds
-from winnow.benchmark import Timing, available_cpus, paired_ratios, peak_rss_mb, time_interleaved
+from winnow.driver.bench import INT_HIGH, build_feeds, random_feeds, zoo_feeds
+from winnow.measure.timing import Timing, available_cpus, paired_ratios, peak_rss_mb, time_interleaved
 from winnow.cli import cli
-from winnow.compiler import compile_model
+from winnow.driver.compile import compile_model
 from winnow.errors import ExecutionError, SourceError, UnsupportedModelError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -256,7 +256,7 @@ def test_lmul_attention_in_digits_vit_matches_the_reference():
     """Model level: every rewritten score/context MatMul of digits-vit equals numpy lmul_matmul
     of its own captured inputs (within the summation-order bound); the model stays close."""
     from winnow import models_zoo
-    from winnow.fidelity import evaluate_zoo
+    from winnow.measure.fidelity import evaluate_zoo
     from winnow.passes.rewrite.lmul import attention_matmuls
     from winnow.ir.regions import find_regions
 

@@ -199,12 +199,12 @@ def test_existing_output_without_force(tiny_model_path, tmp_path):
 def test_debug_shows_traceback_and_internal_errors_exit_1(tmp_path, monkeypatch):
     result = invoke("--debug", "compile", tmp_path / "nope.onnx", "-o", tmp_path / "o")
     assert result.exit_code == 2 and "Traceback" in result.stderr
-    import winnow.compiler
+    import winnow.driver.compile
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(winnow.compiler, "compile_model", broken)
+    monkeypatch.setattr(winnow.driver.compile, "compile_model", broken)
     result = invoke("compile", tmp_path / "x.onnx", "-o", tmp_path / "o")
     assert result.exit_code == 1
     assert "internal error: RuntimeError: boom" in result.stderr and "Traceback" not in result.stderr
@@ -295,12 +295,12 @@ def test_json_errors_are_a_json_object_with_the_same_exit_code(tmp_path, monkeyp
     usage = invoke("inspect", "--json")
     assert usage.exit_code == 2 and json.loads(usage.stdout)["error"]["message"] == (
         "Missing argument 'SRC'.")
-    import winnow.compiler
+    import winnow.driver.compile
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(winnow.compiler, "compile_model", broken)
+    monkeypatch.setattr(winnow.driver.compile, "compile_model", broken)
     internal = invoke("compile", tmp_path / "x.onnx", "-o", tmp_path / "o", "--json")
     assert internal.exit_code == 1 and json.loads(internal.stdout)["error"]["internal"] is True
 

@@ -17,7 +17,7 @@ from tests.tiny_models import TinyTransformer, zero_block_branches
 from winnow.backends.ort import run_artifact
 from winnow.cli import cli
 from winnow.errors import FidelityError
-from winnow.fidelity import evaluate
+from winnow.measure.fidelity import evaluate
 from winnow.passes import Pass, PassContext, PassResult, register_pass
 
 CALIBRATION = [{"x": np.random.default_rng(i).standard_normal((2, 6, 32)).astype(np.float32)}

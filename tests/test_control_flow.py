@@ -16,7 +16,7 @@ import winnow
 from tests.control_flow_corpus import collect, hand_built_cases, loop_model, scan_model
 from winnow.backends.ort import run_artifact
 from winnow.errors import ExecutionError, VerificationError
-from winnow.fidelity import lossless_mismatch
+from winnow.measure.fidelity import lossless_mismatch
 from winnow.ir.execute import run
 from winnow.ir.verify import verify
 from winnow.passes.instruments import VerifyInstrument

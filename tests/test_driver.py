@@ -220,7 +220,7 @@ def test_killed_search_leaves_no_artifact_and_resumes(redundant_model, tmp_path)
 @pytest.mark.slow
 def test_minilm_metric_on_the_calibration_split_compares_like_with_like():
     from winnow import models_zoo
-    from winnow.fidelity import evaluate_zoo
+    from winnow.measure.fidelity import evaluate_zoo
 
     zm = models_zoo.get("minilm")
     fid = evaluate_zoo(zm, zm.load_ir(), "calibration")  # the source against its own reference

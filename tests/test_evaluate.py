@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from winnow.errors import FidelityError
-from winnow.fidelity import (
+from winnow.measure.fidelity import (
     Fidelity,
     cosines,
     evaluate,
@@ -149,7 +149,7 @@ def test_package_level_evaluate_and_zoo():
     data = [{"x": np.ones((2, 3), np.float32)}]
     same = winnow.evaluate(lambda f: {"y": f["x"]}, lambda f: {"y": f["x"]}, data)
     assert same.cosine == pytest.approx(1.0)
-    from winnow import fidelity  # noqa: F401  (importing the module must not shadow the function)
+    import winnow.measure.fidelity  # noqa: F401  (importing the module must not shadow the function)
 
     assert callable(winnow.evaluate)
     assert winnow.zoo.get("minilm").name == "minilm"

@@ -17,7 +17,7 @@ import winnow
 from winnow.backends.ort import run_artifact
 from winnow.cli import cli
 from winnow.errors import FidelityError, LosslessPassError, PassFailedError
-from winnow.fidelity import lossless_mismatch
+from winnow.measure.fidelity import lossless_mismatch
 from winnow.ir.execute import run
 from winnow.passes import Pass, PassResult, register_pass
 from winnow.passes.instruments import LosslessGuard

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import winnow
 from tests.test_foreign_cnn import tiny_resnet
-from winnow.analyzer import suggest_compile
+from winnow.driver.analyze import suggest_compile
 from winnow.cli import cli
 from winnow.ir.regions import find_regions
 

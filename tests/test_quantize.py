@@ -168,7 +168,7 @@ def test_smoothing_folds_into_a_layernorm_that_feeds_only_matmuls():
 
 
 def test_the_report_draws_the_sensitivity_section():
-    from winnow.report_html import render
+    from winnow.driver.report_html import render
 
     model = mlp(outlier=40.0)
     ctx = PassContext(calibration=batches(1, seed=7))
@@ -197,7 +197,7 @@ def test_split_outliers_is_lossless_in_float_and_rescues_int8():
 @pytest.mark.slow
 def test_digits_vit_int8_with_split_outliers_stays_close_on_held_out_data():
     from winnow import models_zoo
-    from winnow.fidelity import evaluate_zoo
+    from winnow.measure.fidelity import evaluate_zoo
 
     zm = models_zoo.get("digits-vit")
     model = zm.load_ir()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import winnow
 from winnow import models_zoo
 from winnow.errors import ExecutionError, OutputError, SourceError
-from winnow.fidelity import evaluate_zoo
+from winnow.measure.fidelity import evaluate_zoo
 from winnow.frontend import EXAMPLE_FEEDS_KEY
 from winnow.models_zoo import cache, data, digits, tiny_gpt
 from winnow.models_zoo.cli import zoo

@@ -13,7 +13,7 @@ import pytest
 
 import winnow
 from winnow import models_zoo
-from winnow.fidelity import evaluate_zoo
+from winnow.measure.fidelity import evaluate_zoo
 from winnow.frontend import EXAMPLE_FEEDS_KEY
 from winnow.models_zoo import digits, tiny_gpt
 from winnow.passes import PassContext

@@ -60,10 +60,12 @@ def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
 def task_options(source: Any, model: ir.Model) -> dict[str, Any]:
     """Pass-context options a zoo model contributes: its per-batch `task_loss` when it has one
     (das-skip then rewards the task itself, e.g. an LM's cross-entropy, not output cosine)."""
+    entry = _zoo_entry(source, model)
+    if entry is None:  # a plain file never imports the zoo (nor torch through it)
+        return {}
     from winnow.models_zoo.base import ZooModel
 
-    entry = _zoo_entry(source, model)
-    if entry is None or type(entry).task_loss is ZooModel.task_loss:
+    if type(entry).task_loss is ZooModel.task_loss:
         return {}
     return {"task_loss": entry.task_loss}
 

@@ -30,8 +30,8 @@ from winnow.errors import (
     PipelineError,
     UnsupportedModelError,
 )
-from winnow.fidelity import array_agreement, evaluate_zoo, lossless_mismatch
-from winnow.fidelity import evaluate as evaluate_fidelity
+from winnow.measure.fidelity import array_agreement, evaluate_zoo, lossless_mismatch
+from winnow.measure.fidelity import evaluate as evaluate_fidelity
 from winnow.frontend import load
 from winnow.ir.execute import fit_ir_version, get_session, run, runtime_limits_problem
 from winnow.ir.inputs import feeds_for, feeds_origin

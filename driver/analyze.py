@@ -151,7 +151,7 @@ def analyze_model(source: Any, out: str | Path, *,
     from winnow import __version__
     from winnow.backends.manifest import check_output
     from winnow.ir.regions import find_regions
-    from winnow.report_html import render
+    from winnow.driver.report_html import render
 
     require_extra("winnow analyze (the plots of report.html)", "report", ("matplotlib",))
     check_output(Path(out), overwrite, ANALYSIS_FORMAT)

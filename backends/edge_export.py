@@ -65,7 +65,7 @@ class Bundle:
 def sample_feeds(manifest: dict[str, Any]) -> tuple[dict[str, np.ndarray], str]:
     """Inputs for the samples: the zoo model's held-out data when its shapes fit the artifact's,
     else random feeds; fixed dims as the artifact has them, symbolic ones batch 1."""
-    from winnow.bench_artifacts import build_feeds
+    from winnow.driver.bench import build_feeds
 
     specs = manifest.get("inputs") or []
     first = (specs[0].get("shape") or [1]) if specs else [1]
@@ -169,7 +169,7 @@ def export_edge(artifact: str | Path, out: str | Path, *, target: str | None = N
         np.savez(tmp / SAMPLES_FILE, **feeds)
         names = [o["name"] for o in manifest.get("outputs") or []]
         np.savez(tmp / EXPECTED_FILE, **dict(zip(names, expected)))
-        shutil.copy2(Path(__file__).parent / "backends" / "edge_runner.py", tmp / RUNNER_FILE)
+        shutil.copy2(Path(__file__).with_name("edge_runner.py"), tmp / RUNNER_FILE)
         (tmp / README_FILE).write_text(readme(backend, target, model, deploy))
         files = [*deploy, SAMPLES_FILE, EXPECTED_FILE, RUNNER_FILE, README_FILE]
         bundle = {

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from winnow.benchmark import (
+from winnow.measure.timing import (
     Timing,
     available_cpus,
     paired_ratios,
@@ -284,7 +284,7 @@ def _seq_used(feeds: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> i
 
 
 def _agreement(benches: Sequence[Bench], outputs: Sequence[list[Any]]) -> dict[str, Any]:
-    from winnow.compiler import compare_outputs
+    from winnow.driver.compile import compare_outputs
 
     named = [dict(zip([o.name for o in b.session.get_outputs()], outs))
              for b, outs in zip(benches, outputs)]
