@@ -252,8 +252,9 @@ def staging(out: str | Path, overwrite: bool = False,
     except OSError as exc:  # a full disk, a folder made read-only meanwhile, ...
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
-        raise OutputError(f"cannot write output folder '{out}': {exc.strerror or exc}; free "
-                          "space or choose a folder you can write to.") from exc
+        file = f" ({exc.filename})" if exc.filename else ""
+        raise OutputError(f"cannot write output folder '{out}'{file}: {exc.strerror or exc}; "
+                          "free space or choose a folder you can write to.") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
