@@ -245,3 +245,14 @@ def test_search_cli_errors_are_one_sentence_and_write_nothing(tiny_model_path, t
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output
     assert not out.exists() and not (tmp_path / "out.search.db").exists()
+
+
+def test_a_spent_time_budget_still_emits_the_lossless_result(redundant_model, tmp_path):
+    """--time-budget is the whole compile's: spent before any trial, the compile emits the
+    lossless pipeline and says why, never "no model found"."""
+    path, _, _ = redundant_model
+    result = search_compile(str(path), tmp_path / "out",
+                            SearchOptions(objective="size", trials=8, time_budget=0.001))
+    assert result.trials == 0 and result.chosen.pipeline == DEFAULT_PIPELINE
+    assert "kept the lossless pipeline" in result.message
+    assert (tmp_path / "out" / "model.onnx").exists()
