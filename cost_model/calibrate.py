@@ -57,18 +57,28 @@ class Micro:
 
 
 def replicate(micro: Micro, copies: int) -> Micro:
-    """`copies` independent copies of the micro-benchmark's nodes in one model (same inputs and
-    weights), so that a kernel is timed as it runs inside a model (threads awake, one
-    `session.run` shared), not alone."""
+    """`copies` independent copies of the micro-benchmark's nodes in one model, so that a kernel
+    is timed as it runs inside a model (threads awake, one `session.run` shared), not alone.
+
+    Each copy reads graph inputs of its own (fed the same arrays): copies that read the same
+    values would be merged by ORT's common-subexpression elimination, which keeps only the
+    nodes that write graph outputs, and the rest would be timed once for all copies."""
     if copies <= 1:
         return micro
     model = onnx.ModelProto()
     model.CopyFrom(micro.model)
     graph = model.graph
     produced = {o for n in graph.node for o in n.output if o}
+    inputs = [i for i in graph.input if i.name in micro.feeds]
     originals, outputs = list(graph.node), list(graph.output)
+    feeds = dict(micro.feeds)
     for i in range(1, copies):
-        rename = {o: f"{o}__{i}" for o in produced}
+        rename = {o: f"{o}__{i}" for o in [*produced, *(v.name for v in inputs)]}
+        for value in inputs:
+            extra = graph.input.add()
+            extra.CopyFrom(value)
+            extra.name = rename[value.name]
+            feeds[extra.name] = micro.feeds[value.name]
         for j, node in enumerate(originals):
             clone = graph.node.add()
             clone.CopyFrom(node)
@@ -79,7 +89,7 @@ def replicate(micro: Micro, copies: int) -> Micro:
             extra = graph.output.add()
             extra.CopyFrom(out)
             extra.name = rename[out.name]
-    return Micro(micro.name, model, micro.feeds, copies)
+    return Micro(micro.name, model, feeds, copies)
 
 
 def _f32(shape: tuple[int, ...]) -> np.ndarray:

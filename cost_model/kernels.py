@@ -21,6 +21,7 @@ from winnow.cost_model.op_costs import OpCost
 ANCHORS = ("conv", "dwconv", "matmul", "bmm")
 ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish",
                "Gelu", "FastGelu", "QuickGelu", "Elu", "Softplus"}
+GEMM_ACTIVATIONS = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "Elu", "Softplus"}
 CONV_FOLLOWERS = {"Add", "Mul", "BatchNormalization", "Sum"} | ACTIVATIONS
 MATMUL_FOLLOWERS = {"Add", "Mul", "Div", "BiasGelu"} | ACTIVATIONS
 CHAIN_KINDS = ("elementwise", "quantize")
@@ -66,10 +67,16 @@ def _single_consumer(c: OpCost, users: dict[str, list[int]], graph_outputs: set[
     return readers[0] if len(set(readers)) == 1 else None
 
 
+def _swaps_last_two(perm: Sequence[int]) -> bool:
+    """Whether a permutation only swaps the last two axes (what FusedMatMul's transA/B absorb)."""
+    n = len(perm)
+    return n >= 2 and list(perm) == [*range(n - 2), n - 1, n - 2]
+
+
 def _fused_into_consumer(c: OpCost, users: dict[str, list[int]], outputs: set[str],
                          costs: Sequence[OpCost]) -> int | None:
     """The MatMul a Transpose (FusedMatMul) or a DynamicQuantizeLinear folds into, if any."""
-    if c.op_type == "Transpose":
+    if c.op_type == "Transpose" and _swaps_last_two(c.perm):
         j = _single_consumer(c, users, outputs)
         ok = j is not None and costs[j].op_type in ("MatMul", "FusedMatMul")
         return j if ok else None
@@ -90,12 +97,26 @@ def _fusible(anchor: OpCost, follower: OpCost, absorbed: list[str]) -> bool:
             return not any(a in ACTIVATIONS for a in absorbed)
         return op in CONV_FOLLOWERS and not any(a in ACTIVATIONS for a in absorbed)
     if anchor.kind in ("matmul", "bmm"):
-        if op in ACTIVATIONS or op == "BiasGelu":
-            return not any(a in ACTIVATIONS or a == "BiasGelu" for a in absorbed)
-        if op in ("Mul", "Div"):  # scale by a scalar constant (MatMulScaleFusion)
+        if op in ("Mul", "Div"):  # scale by a scalar constant (MatMulScaleFusion), any rank
             return follower.weight_bytes <= 8 and not absorbed
-        return op == "Add" and follower.weight_bytes > 0 and "Add" not in absorbed
+        # MatMulAddFusion makes a Gemm of a 2-D MatMul and its bias; GemmActivationFusion
+        # then takes the activation. An N-D MatMul keeps both as kernels of their own.
+        gemm = anchor.op_type == "Gemm" or (anchor.op_type == "MatMul" and anchor.rank == 2)
+        if op in GEMM_ACTIVATIONS:
+            return gemm and not any(a in ACTIVATIONS for a in absorbed)
+        return (op == "Add" and anchor.op_type == "MatMul" and gemm and follower.weight_bytes > 0
+                and "Add" not in absorbed)
     return False
+
+
+def _elementwise_fusion(kernel: Kernel, p: OpCost, c: OpCost, costs: Sequence[OpCost]) -> bool:
+    """ORT's contrib fusions of a one-node elementwise kernel with its consumer: a bias Add and
+    a Gelu (BiasGelu), a residual Add and a LayerNormalization (SkipLayerNormalization)."""
+    if len(kernel.nodes) != 1 or p.op_type != "Add":
+        return False
+    if c.op_type in ("Gelu", "FastGelu"):
+        return p.weight_bytes > 0
+    return c.op_type in ("LayerNormalization", "SimplifiedLayerNormalization")
 
 
 def group_kernels(costs: Sequence[OpCost], graph_outputs: Sequence[str] = ()) -> list[Kernel]:
@@ -132,7 +153,9 @@ def group_kernels(costs: Sequence[OpCost], graph_outputs: Sequence[str] = ()) ->
 def _join(c: OpCost, i: int, costs: Sequence[OpCost], owner: dict[int, Kernel],
           producers: dict[str, int], users: dict[str, list[int]]) -> Kernel | None:
     """Add node `i` to its producer's kernel when ORT fuses it or it extends an elementwise chain."""
-    if c.kind not in CHAIN_KINDS and c.op_type not in ("BatchNormalization", "BiasGelu", "Cast"):
+    if c.kind not in CHAIN_KINDS and c.op_type not in ("BatchNormalization", "BiasGelu", "Cast",
+                                                       "LayerNormalization",
+                                                       "SimplifiedLayerNormalization"):
         return None
     for name in c.inputs:
         producer = producers.get(name)
@@ -140,6 +163,12 @@ def _join(c: OpCost, i: int, costs: Sequence[OpCost], owner: dict[int, Kernel],
             continue
         kernel = owner[producer]
         p = costs[producer]
+        if kernel.tail == producer and _elementwise_fusion(kernel, p, c, costs):
+            # one kernel; the sum is still written when others read it (SkipLayerNorm's output 3)
+            shared = set(users.get(p.outputs[0], ())) != {i}
+            _add(kernel, c, i, launch=False, internal=p.act_write * (1.0 if shared else 2.0))
+            kernel.kind = c.kind
+            return kernel
         if len(p.outputs) == 1 and set(users.get(p.outputs[0], ())) == {i}:
             anchor = costs[kernel.nodes[0]]
             absorbed = [costs[n].op_type for n in kernel.nodes[1:]]

@@ -51,6 +51,8 @@ class OpCost:
     note: str = ""
     marks: dict[str, Any] = field(default_factory=dict)  # what a numerics rewrite recorded
     ops: dict[str, float] = field(default_factory=dict)  # energy-table op counts of a format
+    rank: int = 0  # rank of input 0 (ORT fuses a MatMul's bias and activation only in 2-D)
+    perm: tuple[int, ...] = ()  # a Transpose's permutation
 
     @property
     def bytes(self) -> float:
@@ -528,4 +530,6 @@ def _price(node: ir.Node, types: dict, consts: set[str], formats: bool = True) -
         note = f"shape unknown for {', '.join(missing[:3])}; priced by the known bytes only"
     return OpCost(node.name or "", node.op_type, node.domain, kind,
                   _compute_dtype(kind, node, elems), flops, w_bytes, a_bytes, w_bytes_out,
-                  in_names, out_names, priced, note, _marks(node) if formats else {})
+                  in_names, out_names, priced, note, _marks(node) if formats else {}, {},
+                  len(ins[0]) if ins and ins[0] is not None else 0,
+                  tuple(_attr(node, "perm", ())) if node.op_type == "Transpose" else ())

@@ -108,18 +108,48 @@ def test_conv_bias_relu_is_one_kernel():
     assert k.act_bytes == (1 * 2 * 5 * 5 + 1 * 4 * 5 * 5) * 4
 
 
-def test_matmul_bias_gelu_one_kernel_but_shared_output_is_not_fused():
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
-             helper.make_node("Add", ["m", "b"], ["a"]), helper.make_node("Gelu", ["a"], ["y"])]
-    model = build(nodes, {"x": [4, 8]}, ["y"], {"w": (8, 16), "b": (16,)})
-    model.opset_imports[""] = 20
-    (k,) = group_kernels(only(model), ["y"])
-    assert k.kind == "matmul" and k.launches == 1
+def test_matmul_fusions_follow_ort_2d_gemm_and_bias_gelu():
+    def kernels(rank3: bool, act: str):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
+                 helper.make_node("Add", ["m", "b"], ["a"]), helper.make_node(act, ["a"], ["y"])]
+        model = build(nodes, {"x": [2, 4, 8] if rank3 else [4, 8]}, ["y"], {"w": (8, 16), "b": (16,)})
+        model.opset_imports[""] = 20
+        return [(k.kind, k.nodes, k.launches) for k in group_kernels(only(model), ["y"])]
+
+    # 2-D: MatMulAddFusion makes a Gemm, GemmActivationFusion takes a Relu but not a Gelu
+    assert kernels(False, "Relu") == [("matmul", [0, 1, 2], 1)]
+    assert kernels(False, "Gelu") == [("matmul", [0, 1], 1), ("elementwise", [2], 1)]
+    # N-D: the MatMul stays alone; the bias Add and the Gelu become one BiasGelu kernel
+    assert kernels(True, "Gelu") == [("matmul", [0], 1), ("elementwise", [1, 2], 1)]
+    assert kernels(True, "Relu") == [("matmul", [0], 1), ("elementwise", [1, 2], 2)]
     shared = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"]),
               helper.make_node("Sigmoid", ["m"], ["z"])]
     kernels = group_kernels(only(build(shared, {"x": [4, 8]}, ["y", "z"], {"w": (8, 16)})),
                             ["y", "z"])
     assert len(kernels) == 3
+
+
+def test_transpose_fuses_into_matmul_only_when_it_swaps_the_last_two_axes():
+    def count(perm):
+        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=perm),
+                 helper.make_node("MatMul", ["t", "z"], ["y"])]
+        model = build(nodes, {"x": [2, 3, 4, 4], "z": [2, 3, 4, 5]} if perm[1] == 1 else
+                      {"x": [2, 3, 4, 4], "z": [2, 4, 4, 5]}, ["y"])
+        return len(group_kernels(only(model), ["y"]))
+
+    assert count([0, 1, 3, 2]) == 1  # FusedMatMul transA
+    assert count([0, 2, 1, 3]) == 2  # a head split: a kernel of its own
+
+
+def test_residual_add_and_layernorm_are_one_skip_layernorm_kernel():
+    nodes = [helper.make_node("Add", ["x", "r"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1),
+             helper.make_node("Add", ["s", "y"], ["z"])]
+    model = build(nodes, {"x": [2, 3, 8], "r": [2, 3, 8]}, ["z"], {"g": (8,), "b": (8,)})
+    first, second = group_kernels(only(model), ["z"])
+    assert first.kind == "norm" and first.nodes == [0, 1] and first.launches == 1
+    # reads x and r, writes the sum (read again by the last Add) and y; never re-reads the sum
+    assert first.act_bytes == 4 * 48 * 4
 
 
 def test_elementwise_chain_is_one_kernel_with_a_launch_per_op():
