@@ -174,13 +174,8 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
                               "add --backend tvm.")
         backend_options.update(tune_trials=tune_trials, tune_builder_timeout=tune_timeout)
     if target is not None:
-        if user_inputs is not None:
-            from winnow.errors import InputsError
-
-            raise InputsError("--input-shapes and --example-inputs are not used by the --target "
-                              "search; compile with --pipeline to check on them.")
         _compile_search(src, out, pipeline or config, target, objective, time_budget, trials,
-                        study, max_drop, force_overwrite, as_json)
+                        study, max_drop, force_overwrite, as_json, user_inputs)
         return
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     result = compile_model(src, out, pipeline=pipeline, config=config, backend=backend,
@@ -196,7 +191,7 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
 
 def _compile_search(src: str, out: str, pipeline: str | None, target: str, objective: str,
                     time_budget: str, trials: int, study: str | None, max_drop: float | None,
-                    overwrite: bool, as_json: bool) -> None:
+                    overwrite: bool, as_json: bool, user_inputs: Any = None) -> None:
     from winnow.driver import SearchOptions, search_compile
     from winnow.driver.search import SearchOptionError, parse_duration
 
@@ -206,7 +201,7 @@ def _compile_search(src: str, out: str, pipeline: str | None, target: str, objec
     options = SearchOptions(target=target, objective=objective, trials=trials, study=study,
                             time_budget=parse_duration(time_budget),
                             max_drop=0.01 if max_drop is None else max_drop)
-    search = search_compile(src, out, options, overwrite=overwrite)
+    search = search_compile(src, out, options, overwrite=overwrite, user_inputs=user_inputs)
     if as_json:
         _dump(dict(search.compile.to_dict(), search=search.to_dict()))
         return

@@ -130,8 +130,11 @@ def parse_duration(text: str) -> float:
 
 
 def search_compile(source: Any, out: str | Path, options: SearchOptions | None = None, *,
-                   overwrite: bool = False, calibration: Any = None) -> SearchResult:
-    """Search pass combinations for `source`, then compile the chosen one into `out`."""
+                   overwrite: bool = False, calibration: Any = None,
+                   user_inputs: Any = None) -> SearchResult:
+    """Search pass combinations for `source`, then compile the chosen one into `out`;
+    `user_inputs` (--input-shapes / --example-inputs) are the data the search fits and judges on
+    and the final compile's check inputs."""
     from winnow.backends.manifest import check_output
     from winnow.driver.compile import compile_model
 
@@ -140,17 +143,18 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     start, started_at = time.perf_counter(), time.time()
     check_output(Path(out), overwrite)
     with progress.step("loading the model and its data"):
-        src = resolve(source, calibration)
+        src = resolve(source, calibration, user_inputs)
         base = _lossless(src)
     runner = _Runner(src, base, options)
     url = options.study or default_url(out)
     deadline = started_at + TRIAL_SHARE * options.time_budget
-    candidates, hits = runner.run_study(url, _job(source, calibration, options), deadline)
+    candidates, hits = runner.run_study(url, _job(source, calibration, options, user_inputs),
+                                        deadline)
     finalists = _finalists(candidates, options)
     chosen, message = runner.choose(finalists)
     data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
     result = compile_model(src.spec, out, pipeline=chosen.pipeline, overwrite=overwrite,
-                           max_drop=options.max_drop, **data)
+                           max_drop=options.max_drop, user_inputs=user_inputs, **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.perf_counter() - start)
     extra = _measures(Path(out), runner, options)
@@ -200,7 +204,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _job(source: Any, calibration: Any, options: SearchOptions) -> dict[str, Any]:
+def _job(source: Any, calibration: Any, options: SearchOptions,
+         user_inputs: Any = None) -> dict[str, Any]:
     """What a worker needs to rebuild this search on its own machine: the source and calibration
     as text (a path made absolute, a zoo name), and the search options."""
     def text(item: Any) -> str | None:
@@ -210,7 +215,9 @@ def _job(source: Any, calibration: Any, options: SearchOptions) -> dict[str, Any
 
     return {"source": text(source), "source_is_text": isinstance(source, (str, Path)),
             "calibration": text(calibration),
-            "calibration_is_text": calibration is None or isinstance(calibration, (str, Path)),
+            # Workers cannot rebuild given inputs: such a search is the compile's alone.
+            "calibration_is_text": user_inputs is None and (
+                calibration is None or isinstance(calibration, (str, Path))),
             "options": dataclasses.asdict(options)}
 
 

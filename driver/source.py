@@ -77,10 +77,12 @@ def fidelity_drop(fid: Fidelity) -> float:
     return float(drop)
 
 
-def resolve(spec: Any, calibration: Any = None) -> Source:
+def resolve(spec: Any, calibration: Any = None, user_inputs: Any = None) -> Source:
     """Load `spec` and its data once. Zoo models judge on their calibration and held-out splits;
     other models split their calibration batches into fitting, judging and held-out parts."""
     model = load(spec)
+    if user_inputs is not None:  # --input-shapes / --example-inputs: the data to judge on
+        user_inputs.attach(model)
     batches, origin = pick_calibration(spec, model, calibration)
     name = spec if isinstance(spec, str) else type(spec).__name__
     options = task_options(spec, model)

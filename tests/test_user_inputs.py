@@ -229,7 +229,16 @@ def test_user_inputs_from_a_feed_dict_in_python(pad_model_path):
     assert UserInputs.from_options() is None
 
 
-def test_target_search_refuses_user_inputs(pad_model_path, tmp_path):
-    result = invoke("compile", pad_model_path, "-o", tmp_path / "o", "--target", "host",
+def test_target_search_checks_on_the_given_inputs(pad_model_path, tmp_path):
+    out = tmp_path / "o"
+    result = invoke("compile", pad_model_path, "-o", out, "--target", "host", "--trials", "2",
                     "--input-shapes", "x=1,8")
-    assert result.exit_code == 2 and "not used by the --target search" in result.stderr
+    assert result.exit_code == 0, result.output
+    manifest = _manifest(out)
+    assert manifest["fidelity"]["check_inputs"]["shapes"] == {"x": [1, 8], "state": [1, 4]}
+    assert manifest["fidelity"]["max_abs_error"] <= 1e-6  # the check ran (invented sizes fail)
+    assert "--input-shapes" in manifest["search"]["judged_on"]["trials"]
+    x = np.arange(-8, 8, dtype=np.float32).reshape(2, 8)
+    state = np.ones((2, 4), np.float32)
+    got = run_artifact(out, {"x": x, "state": state})
+    np.testing.assert_allclose(got["y"], np.maximum(np.pad(x, ((0, 0), (PAD, PAD)), "reflect"), 0))
