@@ -95,6 +95,7 @@ def test_unknown_op_is_flagged_and_priced_by_bytes_never_zero():
     assert not c.priced and "MysteryOp" in c.note and c.act_read == 64
     report = predict(model, "x86-avx2")
     assert report.unpriced and report.kernels[0].latency_s > 0 and report.kernels[0].bound == "memory"
+    assert "flagged" in report.table() and "MysteryOp" in report.table()
 
 
 def test_conv_bias_relu_is_one_kernel():
@@ -204,6 +205,10 @@ def test_target_file_missing_a_field_names_it(tmp_path):
     path.write_text(to_toml(data))
     with pytest.raises(TargetError, match="memory.dram_gbps"):
         load_target(str(path))
+    model = build([helper.make_node("Relu", ["a"], ["y"])], {"a": [2, 3]}, ["y"])
+    ir.save(model, tmp_path / "m.onnx")
+    out = CliRunner().invoke(cli, ["--quiet", "cost", str(tmp_path / "m.onnx"), "--target", str(path)])
+    assert out.exit_code == 2 and "memory.dram_gbps" in out.output
 
 
 def test_profile_written_by_calibration_round_trips():
