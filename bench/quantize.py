@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import Variant, attempt, first_rows, ort_runner  # noqa: E402
 
 from winnow import models_zoo, progress  # noqa: E402
-from winnow.benchmark import available_cpus, machine_info, paired_ratios, time_interleaved  # noqa: E402
+from winnow.measure.timing import available_cpus, machine_info, paired_ratios, time_interleaved  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE = "ORT fp32"
@@ -161,7 +161,7 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
             batches: Sequence[int], work: Path, artifacts: Sequence[Path] = ()
             ) -> tuple[list[dict], dict]:
     """Build, score and time every variant of one zoo model."""
-    from winnow.fidelity import OUTPUT_KINDS, cosines, evaluate
+    from winnow.measure.fidelity import OUTPUT_KINDS, cosines, evaluate
 
     zm = models_zoo.get(name)
     ctx_cache: dict = {}
@@ -201,8 +201,10 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
 def markdown(model: str, rows: Sequence[dict], info: dict, batches: Sequence[int]) -> str:
     """One model's table."""
     head = ["variant"] + [c for b in batches for c in (f"ms b{b}", f"vs fp32 b{b}")] + [
-        "held-out cosine mean (min)", f"{info['metric']}", "MB", "notes"]
+        "held-out cosine mean (min)", f"{info['metric']}", f"{info['metric']} vs fp32", "MB",
+        "x smaller", "notes"]
     lines = [f"### {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = next(r for r in rows if r["variant"] == REFERENCE)
     for r in rows:
         cells = [r["variant"]]
         for b in batches:
@@ -211,8 +213,12 @@ def markdown(model: str, rows: Sequence[dict], info: dict, batches: Sequence[int
                       [f"{t['median_ms']:.3g}{'*' if t['noisy'] else ''}", f"{t['speedup']:.2f}x"])
         cells.append("-" if "cosine" not in r else f"{r['cosine']:.5f} ({r['cosine_min']:.4f})")
         m = r.get("metrics", {}).get(info["metric"])
+        m0 = base.get("metrics", {}).get(info["metric"])
         cells.append("-" if m is None else f"{m:.4f}")
-        cells.append("-" if r["size_mb"] is None else f"{r['size_mb']:.1f}")
+        cells.append("-" if m is None or not m0 else f"{100 * (m / m0 - 1):+.2f}%")
+        size, size0 = r["size_mb"], base["size_mb"]
+        cells.append("-" if size is None else f"{size:.2f}")
+        cells.append("-" if size is None or size0 is None else f"{size0 / size:.2f}x")
         cells.append("; ".join(r["notes"]).replace("|", "/"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
