@@ -184,9 +184,15 @@ def _off(row: dict[str, Any]) -> dict[str, Any]:
             "why": "; ".join(why) or "no flag in the report: the model mispredicts this variant"}
 
 
-def markdown(rows: list[dict[str, Any]], m: dict[str, Any], target: str) -> str:
-    """The results as a markdown table plus the summary figures."""
-    lines = [f"# cost model accuracy (target {target})", "",
+def markdown(rows: list[dict[str, Any]], m: dict[str, Any], target: str,
+             machine: dict[str, Any] | None = None) -> str:
+    """The results as a markdown table plus the summary figures (and the host and its load)."""
+    lines = [f"# cost model accuracy (target {target})", ""]
+    if machine:
+        lines += [f"- host: {machine.get('cpu')}, {machine.get('available_cpus')} CPUs, onnxruntime "
+                  f"{machine.get('onnxruntime')}; load average (1, 5, 15 min) at the start "
+                  f"{machine.get('load_average')}, at the end {machine.get('load_average_end')}"]
+    lines += [
              f"- variants {m['variants']}; Kendall tau {m['kendall_tau']:.3f}; Spearman "
              f"{m['spearman']:.3f}; MAPE {m['mape'] * 100:.1f}%",
              f"- within 10% {m['within_10'] * 100:.0f}%, within 25% {m['within_25'] * 100:.0f}%; "
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=None, metavar="DIR",
                         help="measure the variants saved in DIR instead of building them")
     args = parser.parse_args(argv)
+    machine = machine_info()
     sizes = dict(QUICK_SIZES if args.quick else SIZES)
     if args.models:
         sizes = {k: v for k, v in SIZES.items() if k in args.models.split(",")}
@@ -229,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
                    args.threads or available_cpus(), work,
                    Path(args.variants) if args.variants else None)
     m = metrics(rows)
-    text = markdown(rows, m, args.target)
+    machine["load_average_end"] = machine_info().get("load_average")
+    text = markdown(rows, m, args.target, machine)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "cost_accuracy.json").write_text(json.dumps(
-            {"target": args.target, "machine": machine_info(), "metrics": m, "rows": rows},
+            {"target": args.target, "machine": machine, "metrics": m, "rows": rows},
             indent=2, default=str))
         (out / "cost_accuracy.md").write_text(text)
         print(f"wrote {out}/cost_accuracy.json and cost_accuracy.md")

@@ -169,7 +169,6 @@ def resolve_dims(model: ir.Model,
 
 
 def _set_input_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Shape]) -> None:
-    del proto.graph.value_info[:]
     for vi in proto.graph.input:
         if vi.name in shapes:
             dims = vi.type.tensor_type.shape.dim
@@ -201,14 +200,21 @@ def _inference_proto(model: ir.Model) -> onnx.ModelProto:
 
     Small initializers (shape constants, slice bounds) stay initializers only, so ONNX's data
     propagation can read them (an initializer that is also an input could be overridden and is
-    not treated as a constant). The model is restored as it was, initializer order included.
+    not treated as a constant). Intermediate values are written without their (possibly
+    symbolic, stale) types and shapes: inference starts from the inputs, and serializing them
+    was a third of `predict`'s time. The model is restored as it was, initializer order included.
     """
     graph = model.graph
     order = list(graph.initializers.values())
     big = [v for v in order if v.const_value is None or v.const_value.nbytes > BIG_TENSOR]
     saved = {v.name: v.const_value for v in big}
+    ends = {id(v) for v in graph.outputs}
+    hidden = [(v, v.type, v.shape) for node in graph for v in node.outputs
+              if id(v) not in ends and (v.type is not None or v.shape is not None)]
     added = []
     try:
+        for v, _, _ in hidden:
+            v.shape, v.type = None, None
         for v in big:
             if v.const_value is not None:
                 v.shape = v.shape or ir.Shape(v.const_value.shape)
@@ -220,6 +226,8 @@ def _inference_proto(model: ir.Model) -> onnx.ModelProto:
                 added.append(v)
         return ir.serde.serialize_model(model)
     finally:
+        for v, type_, shape in hidden:
+            v.type, v.shape = type_, shape
         for v in added:
             graph.inputs.remove(v)
         for v in big:
