@@ -254,3 +254,21 @@ def test_shapes_computed_from_shape_ops_are_folded():
     costs = only(model, {"batch": 2, "seq": 16})
     add = costs[-1]
     assert add.priced and add.flops == 2 * 16 * 4
+
+
+def test_calibration_copies_survive_ort_common_subexpression_elimination(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from winnow.cost_model.calibrate import conv, replicate
+
+    micro = replicate(conv(1, 4, 6, 8, 3), 3)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    session = ort.InferenceSession(micro.model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    ran = onnx.load(tmp_path / "opt.onnx")
+    assert sum(n.op_type in ("Conv", "FusedConv") for n in ran.graph.node) == 3
+    outs = session.run(None, micro.feeds)
+    assert len(outs) == 3 and all(np.array_equal(outs[0], o) for o in outs)
