@@ -192,35 +192,57 @@ def _layout_passes(schedules: str) -> list[Any]:
             VectorizableGelu()]
 
 
-def _relax_pipeline(target: Any, rules: list[Any], layout: list[Any]) -> Any:
-    """TVM's CPU pipeline with the `layout` passes first and `rules` applied to the kernels
-    after legalization and fusion."""
+def lowering_passes(target: Any, schedules: str) -> list[Any]:
+    """The passes that turn the imported module into fused TIR kernels: the layout passes,
+    library dispatch, legalization and fusion (the kernels rules and tuning schedule)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return (_layout_passes(schedules) + cpu.library_dispatch_passes(target)
+            + cpu.legalize_passes(target))
+
+
+def lower(mod: Any, target: TargetSpec, schedules: str = "winnow") -> Any:
+    """The module's fused TIR kernels, unscheduled (what tuning extracts its tasks from)."""
     import tvm
+
+    tvm_target = tvm.target.Target(target.tvm)
+    with tvm_target:
+        return tvm.transform.Sequential(lowering_passes(tvm_target, schedules))(mod)
+
+
+def _relax_pipeline(target: Any, schedules: str, database: Any = None) -> Any:
+    """TVM's CPU pipeline after `lowering_passes`: the kernels a tuning `database` holds get its
+    schedules, the rest winnow's (or TVM's) rules."""
+    import tvm
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir.dlight import ApplyDefaultSchedule
+
+    rules = _schedule_rules(schedules)
 
     @tvm.transform.module_pass(opt_level=0, name="WinnowCPUPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            passes = (layout + cpu.library_dispatch_passes(target)
-                      + cpu.legalize_passes(target))
-            if rules:
-                passes.append(ApplyDefaultSchedule(*rules))
+            mod = tvm.transform.Sequential(lowering_passes(target, schedules))(mod)
+            if database is not None:
+                with database:
+                    mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+            passes = [ApplyDefaultSchedule(*rules)] if rules else []
             passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
 
 
-def build(mod: Any, target: TargetSpec, schedules: str = "winnow") -> Any:
-    """Compile a Relax module for `target` with the given schedules; returns TVM's Executable."""
+def build(mod: Any, target: TargetSpec, schedules: str = "winnow", database: Any = None) -> Any:
+    """Compile a Relax module for `target` with the given schedules (and a tuning database's,
+    for the kernels it holds); returns TVM's Executable."""
     _require_tvm()
     import tvm
 
     tvm_target = tvm.target.Target(target.tvm)
     return tvm.compile(mod, target=tvm_target,
-                       relax_pipeline=_relax_pipeline(tvm_target, _schedule_rules(schedules),
-                                                      _layout_passes(schedules)))
+                       relax_pipeline=_relax_pipeline(tvm_target, schedules, database))
 
 
 def export_library(executable: Any, path: Path, target: TargetSpec) -> None:
@@ -234,19 +256,58 @@ def export_library(executable: Any, path: Path, target: TargetSpec) -> None:
     executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
 
 
-def compile_library(model: ir.Model, folder: Path, target: TargetSpec,
-                    schedules: str = "winnow") -> dict[str, Any]:
+def compile_library(model: ir.Model, folder: Path, target: TargetSpec, schedules: str = "winnow",
+                    tuning: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Import the shape-bound `model`, build it and write `model.so` into `folder`; returns the
-    build's description for the manifest."""
+    build's description for the manifest. For the host, `tuning` (`tvm_tuning.TuneOptions`
+    fields) first tunes the kernels into `folder/tuning`, and every kernel that database or a
+    packaged one holds gets its tuned schedule."""
     _cross_compiler(target)  # a missing cross compiler fails before the slow build
     start = time.perf_counter()
-    executable = build(to_relax(model), target, schedules)
+    mod = to_relax(model)
+    info: dict[str, Any] = {}
+    database = None
+    if target.runs_here:  # tuned schedules were measured on this machine's CPU
+        database, info = _tuning_database(mod, folder, target, schedules, tuning)
+    executable = build(mod, target, schedules, database)
     export_library(executable, folder / LIBRARY_FILE, target)
     import tvm
 
-    return {"target": target.name, "target_spec": target.tvm, "triple": target.triple,
-            "schedules": schedules, "tvm_version": tvm.__version__,
-            "build_seconds": round(time.perf_counter() - start, 2), "library": LIBRARY_FILE}
+    result = {"target": target.name, "target_spec": target.tvm, "triple": target.triple,
+              "schedules": schedules, "tvm_version": tvm.__version__,
+              "build_seconds": round(time.perf_counter() - start, 2), "library": LIBRARY_FILE}
+    return {**result, "tuning": info} if info else result
+
+
+def _tuning_database(mod: Any, folder: Path, target: TargetSpec, schedules: str,
+                     tuning: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """Tune into `folder/tuning` when asked; the database of that folder and the packaged ones,
+    and what tuning did and how many kernels the database holds (empty when it holds none)."""
+    from winnow.backends import tvm_tuning
+
+    own = folder / tvm_tuning.TUNING_DIR
+    folders = [own, *tvm_tuning.packaged_databases()]
+    asked = bool(tuning and tuning.get("trials", 0) > 0)
+    if not asked and not any(tvm_tuning.record_count(f) for f in folders):
+        return None, {}  # nothing to tune, nothing to apply: no second lowering
+    lowered = lower(mod, target, schedules)
+    info: dict[str, Any] = {}
+    if asked:
+        info = tvm_tuning.tune(lowered, _tvm_target(target), own, tvm_tuning.TuneOptions(**tuning))
+    database = tvm_tuning.union_database(folders)
+    if database is None:
+        return None, info
+    matched = tvm_tuning.matched(lowered, _tvm_target(target), database)
+    if not matched and not info:
+        return None, {}
+    return database, {**info, "kernels_from_database": matched,
+                      "database": tvm_tuning.TUNING_DIR if tvm_tuning.record_count(own) else None}
+
+
+def _tvm_target(target: TargetSpec) -> Any:
+    import tvm
+
+    return tvm.target.Target(target.tvm)
 
 
 # ---- the artifact --------------------------------------------------------------------------
@@ -256,23 +317,28 @@ def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
          fidelity: dict[str, Any] | None = None, source: str | None = None,
          overwrite: bool = False, passes: list[dict[str, Any]] | None = None,
          target: str = "host", shapes: Mapping[str, list[int]] | None = None,
-         schedules: str = "winnow") -> Artifact:
+         schedules: str = "winnow", tune_trials: int = 0,
+         tune_builder_timeout: float | None = None) -> Artifact:
     """Write the TVM artifact folder `out_dir` atomically: the shape-bound `model.onnx`, the
     library `model.so` for `target` and `manifest.json`. `shapes` (input name -> shape) defaults
     to the shapes of the model's example feeds (zoo: its calibration batch; --input-shapes),
-    else every symbolic dim is 1."""
+    else every symbolic dim is 1. `tune_trials` > 0 tunes the kernels with MetaSchedule (each
+    candidate's build given `tune_builder_timeout` seconds) into `out_dir/tuning`; the database
+    an earlier compile left there is reused, so its kernels are not tuned again."""
     from winnow.backends.ort import write_model
     from winnow.frontend import example_feeds
     from winnow.ir.inputs import random_feeds
 
     _require_tvm()
     spec = resolve_target(target)
+    tuning = _tune_options(spec, tune_trials, tune_builder_timeout)
     _cross_compiler(spec)
     feeds = example_feeds(model) or random_feeds(model, default_dim=1)  # unnamed sizes: 1
     bound = prepare(model, shapes if shapes is not None else input_dims(model, feeds))
     with staging(out_dir, overwrite) as tmp:
         names = write_model(bound, tmp, external_data=False)
-        tvm_info = compile_library(bound, tmp, spec, schedules)
+        _reuse_tuning(Path(out_dir), tmp)
+        tvm_info = compile_library(bound, tmp, spec, schedules, tuning)
         names.append(LIBRARY_FILE)
         if spec.runs_here:
             tvm_info["check"] = check_against_ort(tmp, bound, None if shapes is not None else feeds,
@@ -283,6 +349,29 @@ def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
                     **_versions(), "tvm": tvm_info}
         write_manifest(tmp, manifest)
     return Artifact(Path(out_dir), [*names, MANIFEST_FILE], manifest)
+
+
+def _tune_options(spec: TargetSpec, trials: int, builder_timeout: float | None) -> dict[str, Any]:
+    """The tuning options, or TargetError when tuning is asked for a target not this machine."""
+    if trials < 0:
+        raise TargetError(f"--tune-trials must be 0 or more, not {trials}.")
+    if trials and not spec.runs_here:
+        raise TargetError(f"tuning measures kernels on this machine; target '{spec.name}' is "
+                          "not this machine (tune with --target host).")
+    if builder_timeout is not None and builder_timeout <= 0:
+        raise TargetError(f"the tuning builder timeout must be positive, not {builder_timeout}.")
+    options: dict[str, Any] = {"trials": trials}
+    if builder_timeout is not None:
+        options["builder_timeout"] = builder_timeout
+    return options
+
+
+def _reuse_tuning(previous: Path, tmp: Path) -> None:
+    """Carry the tuning database of an earlier artifact at `previous` into the new one."""
+    from winnow.backends import tvm_tuning
+
+    if previous.is_dir():
+        tvm_tuning.copy_database(previous / tvm_tuning.TUNING_DIR, tmp / tvm_tuning.TUNING_DIR)
 
 
 def check_against_ort(folder: Path, model: ir.Model, feeds: Mapping[str, np.ndarray] | None = None,

@@ -1,5 +1,7 @@
 """TVM latency table: TVM with no schedules, with TVM's dlight CPU rules, with winnow's rules, and
-ONNX Runtime, per zoo model, all timed interleaved in one run on the same feeds.
+ONNX Runtime, per zoo model, all timed interleaved in one run on the same feeds; with
+--tune-trials N also TVM tuned by MetaSchedule (N trials, the database kept under --tuning-dir
+and reused, so a second run does not tune again; the tuning seconds are printed).
 
 Each model is bound to fixed shapes (batch 1; MiniLM sequence 128), optimized by onnxscript, and
 the same shape-bound ONNX is what ORT runs and what TVM imports, so every column computes the same
@@ -7,6 +9,7 @@ function (max abs error vs ORT is printed). Columns: median ms (min-max), ratio 
 paired per-round ratios), build seconds. Markdown printed and saved under bench/results/.
 
     python bench/tvm.py [--models digits-cnn,digits-vit,minilm] [--repeats 20] [--seq 128]
+                        [--tune-trials N] [--tuning-dir DIR] [--tune-timeout S]
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ def bound_model(name: str, seq: int) -> tuple[Any, dict[str, np.ndarray]]:
     return bound, random_feeds(io_spec(bound)["inputs"])
 
 
-def tvm_runner(bound: Any, feeds: dict[str, np.ndarray], schedules: str) -> tuple[Any, float]:
-    """A no-argument runner of the TVM build with `schedules`, and its build seconds."""
+def tvm_runner(bound: Any, feeds: dict[str, np.ndarray], schedules: str,
+               database: Any = None) -> tuple[Any, float]:
+    """A no-argument runner of the TVM build with `schedules` (and a tuning database's schedules
+    for the kernels it holds), and its build seconds."""
     import tvm
     from tvm import relax
 
@@ -59,7 +64,7 @@ def tvm_runner(bound: Any, feeds: dict[str, np.ndarray], schedules: str) -> tupl
 
     start = time.perf_counter()
     executable = tvm_backend.build(tvm_backend.to_relax(bound),
-                                   tvm_backend.resolve_target("host"), schedules)
+                                   tvm_backend.resolve_target("host"), schedules, database)
     seconds = time.perf_counter() - start
     vm = relax.VirtualMachine(executable, tvm.cpu())
     args = [tvm.runtime.tensor(feeds[v.name]) for v in bound.graph.inputs]
@@ -74,8 +79,27 @@ def max_error(runner: Any, reference: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(o - r))) for o, r in zip(vm_outputs(runner()), reference))
 
 
-def bench_model(name: str, seq: int, repeats: int) -> list[list[str]]:
-    """One table row per variant of zoo model `name`."""
+def tuned_database(bound: Any, folder: Path, trials: int,
+                   timeout: float) -> tuple[Any, dict[str, Any]]:
+    """Tune `bound`'s kernels into `folder` (only those it holds no record for) and return that
+    database with what tuning did."""
+    from winnow.backends import tvm as tvm_backend
+    from winnow.backends import tvm_tuning
+
+    target = tvm_backend.resolve_target("host")
+    lowered = tvm_backend.lower(tvm_backend.to_relax(bound), target)
+    tvm_target = tvm_backend._tvm_target(target)
+    info = tvm_tuning.tune(lowered, tvm_target, folder,
+                           tvm_tuning.TuneOptions(trials, builder_timeout=timeout))
+    database = tvm_tuning.union_database([folder])
+    info["kernels_from_database"] = (tvm_tuning.matched(lowered, tvm_target, database)
+                                     if database is not None else 0)
+    return database, info
+
+
+def bench_model(name: str, seq: int, repeats: int, tune: dict[str, Any] | None = None
+                ) -> list[list[str]]:
+    """One table row per variant of zoo model `name` (with `tune`: trials, dir, timeout)."""
     from winnow.measure.timing import paired_ratios, session_runner, time_interleaved, timing_session
 
     bound, feeds = bound_model(name, seq)
@@ -84,6 +108,14 @@ def bench_model(name: str, seq: int, repeats: int) -> list[list[str]]:
     runners, builds, errors = {"ORT": session_runner(session, feeds)}, {"ORT": 0.0}, {"ORT": 0.0}
     for label, schedules in VARIANTS.items():
         runners[label], builds[label] = tvm_runner(bound, feeds, schedules)
+        errors[label] = max_error(runners[label], reference)
+    if tune:
+        shape_tag = "-".join("x".join(map(str, v.shape)) for v in feeds.values())
+        database, info = tuned_database(bound, Path(tune["dir"]) / f"{name}-{shape_tag}",
+                                        tune["trials"], tune["timeout"])
+        label = (f"TVM tuned ({tune['trials']} trials, {info['kernels_from_database']}/"
+                 f"{info['kernels']} kernels, tuned {info['seconds']:.0f} s now)")
+        runners[label], builds[label] = tvm_runner(bound, feeds, "winnow", database)
         errors[label] = max_error(runners[label], reference)
     shape = " ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feeds.items())
     timings = time_interleaved(runners, repeats=repeats, warmup=2, desc=name)
@@ -113,11 +145,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seq", type=int, default=128, help="MiniLM's sequence length")
+    parser.add_argument("--tune-trials", type=int, default=0,
+                        help="add a MetaSchedule-tuned variant with N trials per model")
+    parser.add_argument("--tuning-dir", default=str(Path.home() / ".cache/winnow/tvm-tuning"),
+                        help="where the tuning databases are kept (one folder per model+shape)")
+    parser.add_argument("--tune-timeout", type=float, default=120.0,
+                        help="seconds each candidate's build may take")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
+    tune = ({"trials": args.tune_trials, "dir": args.tuning_dir, "timeout": args.tune_timeout}
+            if args.tune_trials > 0 else None)
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, args.seq, args.repeats)
+        rows += bench_model(name, args.seq, args.repeats, tune)
     info = machine_info()
     text = (f"# TVM vs ORT ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)\n\n"
             f"host: {info}\n\ncommand: python bench/tvm.py {' '.join(sys.argv[1:])}\n\n"

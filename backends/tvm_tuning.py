@@ -1,0 +1,230 @@
+"""MetaSchedule tuning for the TVM backend: tune a model's kernels within a trial budget, keep the
+records in a JSON database (in the artifact folder, so a second compile reuses them), and apply a
+database's schedules to every kernel whose workload it holds.
+
+The kernels tuned are the fused PrimFuncs of the backend's own lowering (layout passes, library
+dispatch, legalization and fusion), so a record found here matches the kernel `build` schedules.
+Kernels no record matches keep winnow's schedule rules. The databases of the small zoo models
+ship with the package (`backends/tuning/<model>/`); `build` applies them when a kernel matches,
+so tests, benchmarks and the demo never tune.
+
+The search replays random traces of MetaSchedule's design space (`replay-trace`), one round of
+`trials / kernels` candidates per kernel, each built and timed: the evolutionary search's learned
+cost model (XGBoost, a heavy extra package) needs far more trials than a 2-core host affords.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+__all__ = ["TUNING_DIR", "PACKAGED_DIR", "DEFAULT_BUILDER_TIMEOUT", "TuneOptions", "open_database",
+           "packaged_databases", "record_count", "extract_tasks", "tune", "union_database"]
+
+TUNING_DIR = "tuning"  # in an artifact folder: MetaSchedule's workload.json and tuning_record.json
+PACKAGED_DIR = Path(__file__).resolve().parent / "tuning"  # the zoo models' committed databases
+WORKLOAD_FILE, RECORD_FILE = "workload.json", "tuning_record.json"
+DEFAULT_BUILDER_TIMEOUT = 120.0  # MetaSchedule's 30 s is too short for a loaded 2-core host
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneOptions:
+    """A tuning budget: `trials` candidates measured over all kernels, each build given
+    `builder_timeout` seconds, and the random seed of the search."""
+
+    trials: int
+    builder_timeout: float = DEFAULT_BUILDER_TIMEOUT
+    seed: int = 0
+
+
+def open_database(folder: str | Path) -> Any:
+    """The JSON database in `folder` (created, empty, when the files do not exist)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(path_workload=str(folder / WORKLOAD_FILE),
+                                    path_tuning_record=str(folder / RECORD_FILE))
+
+
+def record_count(folder: str | Path) -> int:
+    """How many tuning records the database in `folder` holds (0 when it has none)."""
+    path = Path(folder) / RECORD_FILE
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def packaged_databases() -> list[Path]:
+    """The folders of the databases committed with the package."""
+    if not PACKAGED_DIR.is_dir():
+        return []
+    return sorted(p for p in PACKAGED_DIR.iterdir() if (p / RECORD_FILE).exists())
+
+
+def _read_only(folder: Path) -> Any:
+    """A database loaded from `folder`'s files without writing to them (a packaged database may
+    sit in a read-only install)."""
+    db = ms.database.MemoryDatabase()
+    workloads = [json.loads(line) for line in (folder / WORKLOAD_FILE).read_text().splitlines()
+                 if line.strip()]
+    parsed = [ms.database.Workload.from_json(w) for w in workloads]
+    for line in (folder / RECORD_FILE).read_text().splitlines():
+        if line.strip():
+            index, record = json.loads(line)
+            workload = db.commit_workload(parsed[index].mod)
+            db.commit_tuning_record(ms.database.TuningRecord.from_json(record, workload))
+    return db
+
+
+def union_database(folders: list[Path]) -> Any | None:
+    """One database answering from every folder's records (the fastest record wins), or None
+    when none has any."""
+    dbs = [_read_only(f) for f in folders if record_count(f)]
+    if not dbs:
+        return None
+    return dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
+
+
+def tuning_target(target: Any) -> Any:
+    """`target` with the core count MetaSchedule's search needs (this machine's physical cores)."""
+    config = {k: v for k, v in dict(target.export()).items() if k not in ("keys", "tag")}
+    return tvm.target.Target({**config, "num-cores": ms.utils.cpu_count(logical=False)})
+
+
+def extract_tasks(kernels: Any, target: Any) -> list[Any]:
+    """The tuning tasks of a lowered module: one per distinct fused kernel."""
+    return list(ms.relax_integration.extract_tasks(kernels, tuning_target(target)))
+
+
+def matched(kernels: Any, target: Any, database: Any) -> int:
+    """How many of the lowered module's kernels `database` holds a record for."""
+    tasks = extract_tasks(kernels, target)
+    return len(tasks) - len(_untuned(tasks, database))
+
+
+def _untuned(tasks: list[Any], database: Any) -> list[Any]:
+    """The tasks `database` holds no record for."""
+    return [t for t in tasks if not (database.has_workload(t.dispatched[0])
+                                     and database.query_tuning_record(t.dispatched[0], t.target,
+                                                                      t.task_name) is not None)]
+
+
+@contextlib.contextmanager
+def _quiet_logs(work_dir: str) -> Iterator[None]:
+    """MetaSchedule's per-task logs go to files in `work_dir`, not to the terminal."""
+    import logging
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+@derived_object
+class PooledBuilder(ms.builder.PyBuilder):
+    """MetaSchedule's LocalBuilder with one worker pool for the whole tuning run. LocalBuilder
+    starts a fresh pool (a process importing TVM) for every round and once more to check
+    itself; on a loaded 2-core host that start alone can outlast its 30 s timeout, which then
+    fails every candidate. Each build still has `timeout_sec`."""
+
+    def __init__(self, timeout_sec: float) -> None:
+        super().__init__()
+        self.timeout_sec = timeout_sec
+        self.pool: Any = None
+
+    def build(self, build_inputs: list[Any]) -> list[Any]:  # noqa: D102 - PyBuilder's hook
+        from tvm.s_tir.meta_schedule.builder import local_builder as lb
+        from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+        if self.pool is None:
+            self.pool = PopenPoolExecutor(max_workers=1, timeout=self.timeout_sec)
+        jobs = [(None, None, b.mod, b.target, lb._serialize_params(b.params)) for b in build_inputs]
+        results = []
+        for result in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), jobs):
+            if result.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(result.value, None))
+            elif result.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(
+                    None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"build failed: {result.value}"))
+        return results
+
+    def shutdown(self) -> None:
+        """Stop the worker pool."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+
+@derived_object
+class CPURunner(ms.runner.PyRunner):
+    """MetaSchedule's LocalRunner with the device named 'cpu': the tuner names it after the
+    target kind ('llvm'), which tvm-ffi 0.1.14 no longer accepts as a device, so every
+    measurement failed and every record said 1e10 s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runner = ms.runner.LocalRunner()
+
+    def run(self, runner_inputs: list[Any]) -> list[Any]:  # noqa: D102 - PyRunner's hook
+        return self.runner.run([ms.runner.RunnerInput(i.artifact_path, "cpu", i.args_info)
+                                for i in runner_inputs])
+
+
+def tune(kernels: Any, target: Any, folder: str | Path, options: TuneOptions) -> dict[str, Any]:
+    """Tune the kernels of `kernels` (a lowered module) that the database in `folder` does not
+    hold yet, with `options.trials` trials in all; returns what was done, for the manifest."""
+    database = open_database(folder)
+    tasks = extract_tasks(kernels, target)
+    todo = _untuned(tasks, database)
+    info = {"trials_budget": options.trials, "kernels": len(tasks),
+            "kernels_tuned_now": len(todo), "builder_timeout_s": options.builder_timeout,
+            "cost_model": "random", "seconds": 0.0}
+    if not todo or options.trials <= 0:
+        info["records"] = record_count(folder)
+        return info
+    start = time.perf_counter()
+    per_task = max(1, options.trials // len(todo))  # one round per kernel: a round costs a start
+    builder = PooledBuilder(options.builder_timeout)
+    with tempfile.TemporaryDirectory(prefix="winnow-tune-") as work_dir, _quiet_logs(work_dir):
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            todo, work_dir, strategy="replay-trace", seed=options.seed)
+        try:
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                          max_trials_global=per_task * len(todo), max_trials_per_task=per_task,
+                          num_trials_per_iter=per_task, builder=builder,
+                          runner=CPURunner(), database=database,
+                          cost_model="random", task_scheduler="round-robin")
+        finally:
+            builder.shutdown()
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    info["records"] = record_count(folder)
+    return info
+
+
+def copy_database(src: str | Path, dst: str | Path) -> bool:
+    """Copy the database files of folder `src` into `dst`; False when `src` holds none."""
+    src, dst = Path(src), Path(dst)
+    if not record_count(src):
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        shutil.copy2(src / name, dst / name)
+    return True
+
