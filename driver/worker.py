@@ -54,6 +54,7 @@ def _job_source(name: str, job: dict[str, Any]) -> str:
         raise StudyError(f"study {name} searches a model given as a Python object; workers can "
                          "join only searches of a model file, folder or zoo name.")
     if not job.get("calibration_is_text"):
-        raise StudyError(f"study {name} was given calibration data in memory; workers can join "
-                         "only searches whose calibration is a file (or the built-in one).")
+        raise StudyError(f"study {name} fits and judges on inputs given in memory (arrays from "
+                         "the API, or --input-shapes / --example-inputs); workers can join only "
+                         "searches whose data is a file or a zoo model's own.")
     return str(job["source"])

@@ -123,7 +123,9 @@ def test_converter_bug_propagates_and_leaves_nothing(tiny_model, tmp_path, monke
     def broken(*args, **kwargs):
         raise TypeError("unexpected keyword argument")
 
-    monkeypatch.setattr(ort_backend, "convert_onnx_models_to_ort", broken)
+    import onnxruntime.tools.convert_onnx_models_to_ort as converter  # the backend imports it late
+
+    monkeypatch.setattr(converter, "convert_onnx_models_to_ort", broken)
     with pytest.raises(TypeError):
         emit(tiny_model, tmp_path / "out", pipeline_text="")
     assert list(tmp_path.iterdir()) == []
