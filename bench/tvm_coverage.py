@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker is not None:
         worker(args.worker.split(","))
         return
-    from winnow.benchmark import machine_info
+    from winnow.measure.timing import machine_info
 
     cases = _corpus().collect()
     if args.groups:
