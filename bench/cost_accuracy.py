@@ -116,15 +116,14 @@ def feeds(model: ir.Model, size: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def measure_group(models: dict[str, ir.Model], paths: dict[str, Path], size: dict[str, Any],
-                  repeats: int, threads: int) -> dict[str, float]:
-    """Median latency (s) of each variant at one size, timed interleaved."""
+                  repeats: int, threads: int) -> dict[str, Any]:
+    """Timing (median, spread) of each variant at one size, timed interleaved."""
     runners = {}
     for label, path in paths.items():
         session = timing_session(path, threads)
         batch = feeds(models[label], size)
         runners[label] = (lambda s=session, f=batch: s.run(None, f))
-    timings = time_interleaved(runners, repeats=repeats, warmup=3)
-    return {label: t.median for label, t in timings.items()}
+    return time_interleaved(runners, repeats=repeats, warmup=3)
 
 
 def run(sizes: dict[str, list[dict[str, Any]]], target: str, repeats: int, threads: int,
@@ -142,12 +141,13 @@ def run(sizes: dict[str, list[dict[str, Any]]], target: str, repeats: int, threa
             for label, model in models.items():
                 report = predict(model, target, size)
                 rows.append({"model": name, "transform": label, "size": size,
-                             "predicted_s": report.latency_s, "measured_s": measured[label],
+                             "predicted_s": report.latency_s, "measured_s": measured[label].median,
+                             "spread": measured[label].spread, "noisy": measured[label].noisy,
                              "roofline_s": report.roofline_s, "kernels": len(report.kernels),
                              "unpriced": len(report.unpriced), "unpriced_examples": report.unpriced[:3],
                              "assumed_dims": report.assumed_dims})
                 print(f"  {label:<9} {json.dumps(size):<28} predicted {report.latency_s * 1e3:9.3f} ms"
-                      f"  measured {measured[label] * 1e3:9.3f} ms", file=sys.stderr)
+                      f"  measured {measured[label].median * 1e3:9.3f} ms", file=sys.stderr)
     return rows
 
 
@@ -179,9 +179,32 @@ def _off(row: dict[str, Any]) -> dict[str, Any]:
         why.append(f"{row['unpriced']} nodes priced by bytes only (e.g. {row['unpriced_examples'][0]})")
     if row["assumed_dims"]:
         why.append(f"assumed dims {row['assumed_dims']}")
+    if row.get("noisy"):
+        why.append(f"measured under load: the slowest run took {row['spread']:.1f}x the fastest")
     return {"model": row["model"], "transform": row["transform"], "size": row["size"],
             "ratio": row["predicted_s"] / row["measured_s"],
             "why": "; ".join(why) or "no flag in the report: the model mispredicts this variant"}
+
+
+def predict_speed(folder: Path, target: str, repeats: int = 5) -> str:
+    """Best-of-`repeats` wall time of `predict` on each saved variant (markdown table): the
+    cost model runs inside search loops (issue 11: <= 0.2 s on a 300-node graph)."""
+    import time
+
+    from winnow.cost_model import load_target
+
+    profile = load_target(target)
+    lines = ["| variant | nodes | predict ms |", "|---|---:|---:|"]
+    for path in sorted(folder.glob("*--*.onnx")):
+        model = ir.load(path)
+        predict(model, profile)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict(model, profile)
+            best = min(best, time.perf_counter() - start)
+        lines.append(f"| {path.stem} | {len(list(model.graph))} | {best * 1e3:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict[str, Any]], m: dict[str, Any], target: str,
@@ -224,8 +247,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the variant ONNX files in DIR (to measure them on another host)")
     parser.add_argument("--variants", default=None, metavar="DIR",
                         help="measure the variants saved in DIR instead of building them")
+    parser.add_argument("--speed", action="store_true",
+                        help="only time `predict` on the variants saved in --variants DIR")
     args = parser.parse_args(argv)
     machine = machine_info()
+    if args.speed:
+        print(predict_speed(Path(args.variants or "."), args.target))
+        print(f"load average {machine.get('load_average')}")
+        return 0
     sizes = dict(QUICK_SIZES if args.quick else SIZES)
     if args.models:
         sizes = {k: v for k, v in SIZES.items() if k in args.models.split(",")}
