@@ -120,3 +120,28 @@ def test_int4_and_int8_weights_priced_by_their_stored_bytes():
     (q,) = node_costs(ir.serde.deserialize_model(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])))[0]
     assert (q.weight_bytes, q.act_read, q.act_write, q.dtype) == (64 * 8 + 8, 2 * 64, 2 * 8 * 4, "int8")
+
+
+def test_bfp_k_operand_of_attention_read_in_bfp_and_its_emulation_free():
+    import math
+
+    from winnow.cost_model.op_costs import infer_shapes, resolve_dims
+    from winnow.passes.rewrite.bfp import attention_scores
+    from winnow.testing import random_inputs, transformer_block
+
+    m = transformer_block(dim=64, heads=4, kv_heads=2, layers=1, seed=3)
+    feeds = random_inputs(m, seed=0, batch=2, seq=12)
+    PassManager("bfp{format=bfp12,block=8,weights=false,keys=true}").run(
+        m, PassContext(calibration=[feeds]))
+    sizes = {"batch": 2, "seq": 12}
+    (_, score), = attention_scores(m)
+    k_shape = infer_shapes(m, resolve_dims(m, sizes)[0])[score.inputs[1].name][0]
+    assert k_shape[-2] == 16  # K^T: the head dimension is the contraction axis
+    costs = {c.name: c for c in node_costs(m, sizes)[0]}
+    plain = {c.name: c for c in node_costs(m, sizes, formats=False)[0]}
+    numel = math.prod(k_shape)
+    stored = (numel * 4 + numel // 16 * 2 * 8) / 8  # 4-bit significands, 2 exponents per 16
+    assert plain[score.name].act_read - costs[score.name].act_read == numel * 4 - stored
+    emulation = [c for c in costs.values() if c.marks.get("op") == "bfp-qdq"]
+    assert emulation and all(c.kind == "emulated" and c.bytes == 0 and c.flops == 0 for c in emulation)
+    assert all(plain[c.name].bytes > 0 or plain[c.name].kind in ("free", "view") for c in emulation)
