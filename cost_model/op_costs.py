@@ -23,6 +23,7 @@ from winnow.numerics import NODE_KEY, marks
 MS = "com.microsoft"
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 64  # other symbolic dims, as `winnow bench` fills them
+FOLD_ROUNDS = 4  # rounds of shape folding and inference at most
 BIG_TENSOR = 1024  # initializers above this many bytes are left out of shape inference
 
 Shape = tuple[int, ...]
@@ -261,10 +262,15 @@ def infer_shapes(model: ir.Model, shapes: Mapping[str, Shape]) -> dict[str, tupl
     _set_input_shapes(proto, shapes)
     inferred = _infer(proto, data_prop=False)
     types = _value_types(inferred)
-    if any(shape is None for shape, _ in types.values()):
+    for _ in range(FOLD_ROUNDS):  # a folded shape can make the next shape computable
+        if all(shape is not None for shape, _ in types.values()):
+            break
+        before = sum(shape is None for shape, _ in types.values())
         fold_shape_values(proto, types)
         inferred = _infer(proto, data_prop=True)
         types = _value_types(inferred)
+        if sum(shape is None for shape, _ in types.values()) >= before:
+            break
     for value in model.graph.initializers.values():
         if value.name not in types or types[value.name][0] is None:
             cv = value.const_value
