@@ -109,3 +109,13 @@ def test_int4_without_embeddings_leaves_the_gather_float():
     PassManager("quantize{mode=int4-weight}").run(model, ctx)
     assert [n.op_type for n in model.graph] == ["Gather", "MatMulNBits"]
     assert ctx.report["quantize"]["quantized"] == 1
+
+
+def test_excluding_every_node_leaves_the_model_float():
+    model, held = conv_net(17), images(1, seed=3)
+    want = run(model, held[0])["y"]
+    ctx = PassContext(calibration=images(1, seed=7))
+    PassManager("quantize{mode=int8-static,exclude=[conv1,conv2]}").run(model, ctx)
+    assert ctx.report["quantize"]["quantized"] == 0
+    assert {n.op_type for n in model.graph} == {"Conv", "Relu"}
+    np.testing.assert_allclose(run(model, held[0])["y"], want, rtol=1e-5, atol=1e-5)

@@ -119,8 +119,8 @@ class QuantizePass(Pass):
         if auto:
             excluded, report = self._auto_exclude(model, ctx, candidates, excluded, batches)
         include = [n for n in candidates if n not in set(excluded)]
-        quantized = quantize_proto(to_proto(model), self.spec, include, batches)
-        replace_model(model, quantized)
+        if include:  # ORT reads an empty node list as "every node"
+            replace_model(model, quantize_proto(to_proto(model), self.spec, include, batches))
         mark_quantized(model, include, self.config.mode)
         ctx.report[self.name] = {"mode": self.config.mode, "quantized": len(include),
                                  "excluded": list(excluded), **report}
