@@ -182,14 +182,11 @@ def _layout_passes(schedules: str) -> list[Any]:
     """Graph passes before legalization: winnow's rules tile convolutions as matmuls, which needs
     channels last (NHWC) and weights HWIO, so the output channel is the vectorized axis; Gelu's
     erf becomes a polynomial that vectorizes in the matmul's epilogue."""
-    from tvm import relax
-
     if schedules != "winnow":
         return []
-    from winnow.backends.tvm_schedules import VectorizableGelu
+    from winnow.backends.tvm_schedules import ChannelsLast, VectorizableGelu
 
-    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
-            VectorizableGelu()]
+    return [ChannelsLast(), VectorizableGelu()]
 
 
 def lowering_passes(target: Any, schedules: str) -> list[Any]:

@@ -21,8 +21,8 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
-__all__ = ["Matmul", "Elementwise", "OuterParallel", "VectorizableGelu", "winnow_rules",
-           "default_rules"]
+__all__ = ["Matmul", "Elementwise", "OuterParallel", "VectorizableGelu", "ChannelsLast",
+           "winnow_rules", "default_rules"]
 
 DEFAULT_VECTOR_BITS = 128  # NEON, SSE: when LLVM reports no width for the target
 
@@ -42,6 +42,21 @@ def vector_bits(target: Target) -> int:
 def vector_lanes(target: Target, bits: int = 32) -> int:
     """Lanes of one SIMD register of `target` for elements of `bits` bits."""
     return max(vector_bits(target) // bits, 2)
+
+
+def _or_next_rule(apply):
+    """A rule's `apply` that yields to the next rule (returns None) where TVM refuses one of its
+    schedule primitives on a kernel shape it did not foresee (alexnet's 'output block' of the
+    onnx corpus), instead of failing the whole build."""
+
+    def wrapped(self, func, target, tunable):
+        try:
+            return apply(self, func, target, tunable)
+        except s_tir.schedule.ScheduleError:
+            return None
+
+    wrapped.__doc__ = apply.__doc__
+    return wrapped
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
@@ -89,6 +104,7 @@ class Matmul(CPUScheduleRule):
     def __init__(self, rows: int = 4, vectors: int = 2, depth: int = 4) -> None:
         self.rows, self.vectors, self.depth = rows, vectors, depth
 
+    @_or_next_rule
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         """The tiled schedule, or None when `func` is not one matmul (+ epilogue)."""
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -135,6 +151,7 @@ class Elementwise(CPUScheduleRule):
     """Loop nests without reductions: inline what inlines, then per remaining block fuse the
     loops, vectorize SIMD-wide chunks and spread the rest over threads."""
 
+    @_or_next_rule
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         """The vectorized, threaded schedule, or None when `func` has a reduction."""
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -162,6 +179,7 @@ class OuterParallel(CPUScheduleRule):
     """The fallback: threads over each block's leading spatial loops, innermost reduction
     unrolled by the compiler (convolutions, pooling and reductions the other rules leave)."""
 
+    @_or_next_rule
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         """A schedule with the outer spatial loops parallel, or None when nothing fits."""
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -190,6 +208,21 @@ def winnow_rules() -> list[CPUScheduleRule]:
 def default_rules() -> list[CPUScheduleRule]:
     """TVM's own CPU rules (`tvm.s_tir.dlight.cpu`): GEMV and Reduction only."""
     return [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+
+
+@tvm.transform.module_pass(opt_level=0, name="ChannelsLast")
+class ChannelsLast:
+    """Convolutions to NHWC with HWIO weights (so `Matmul` tiles them with the output channel
+    as the vector axis), or the module unchanged where TVM's ConvertLayout cannot convert it: it
+    rejects some reductions' layouts (Max/Min of the onnx corpus) even in modules without a
+    convolution, and an NCHW convolution still runs (threaded by `OuterParallel`)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        """The converted module, or `mod` itself when the conversion fails."""
+        try:
+            return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+        except tvm.error.InternalError:
+            return mod
 
 
 @tvm.transform.module_pass(opt_level=0, name="VectorizableGelu")
