@@ -141,7 +141,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--objective", default="latency", show_default=True, metavar="NAME",
               help="What the search minimises: latency or size.")
 @click.option("--time-budget", default="10m", show_default=True, metavar="DURATION",
-              help="The whole compile's time budget, e.g. 90s, 10m, 1h: trials stop at 3/4 of it, the finalists' check and the emit take the rest.")
+              help="The whole compile's time budget, e.g. 90s, 10m, 1h: trials stop when the finalists' check and the emit would no longer fit.")
 @click.option("--trials", default=24, show_default=True, type=int, metavar="N",
               help="Search trials (a resumed search counts the trials already done).")
 @click.option("--study", default=None, metavar="URL",

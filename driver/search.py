@@ -30,9 +30,11 @@ from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
 TARGETS = ("host",)
 OBJECTIVES = ("latency", "size")
 NOISE_MARGIN = 0.03  # a finalist must be at least this much cheaper than the source to win
-# --time-budget is the whole compile's: trials stop at this share of it (counted from the start,
-# loading and analyses included) so re-timing the finalists, judging them on held-out data and
-# emitting fit in the rest.
+# --time-budget is the whole compile's (counted from the start, loading and analyses included):
+# trials stop when re-timing the finalists, judging them on held-out data and the emit would no
+# longer fit, each priced at this many trials (from this process's mean trial time); before any
+# trial has run, at TRIAL_SHARE of the budget.
+FINISH_TRIALS = 1.5
 TRIAL_SHARE = 0.75
 
 
@@ -106,6 +108,7 @@ class SearchResult:
     message: str
     judged_on: dict[str, str]
     seconds: float
+    measures: dict[str, Any] = dataclasses.field(default_factory=dict)  # sizes, predictions
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (the CLI's --json, the manifest's `search` entry)."""
@@ -113,7 +116,7 @@ class SearchResult:
                 "trials": self.trials, "cache_hits": self.cache_hits,
                 "cache_hit_rate": self.cache_hits / self.trials if self.trials else 0.0,
                 "study": self.study, "message": self.message, "judged_on": self.judged_on,
-                "seconds": self.seconds}
+                "seconds": self.seconds, **self.measures}
 
 
 def parse_duration(text: str) -> float:
@@ -147,9 +150,8 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
         base = _lossless(src)
     runner = _Runner(src, base, options)
     url = options.study or default_url(out)
-    deadline = started_at + TRIAL_SHARE * options.time_budget
     candidates, hits = runner.run_study(url, _job(source, calibration, options, user_inputs),
-                                        deadline)
+                                        started_at + options.time_budget)
     finalists = _finalists(candidates, options)
     chosen, message = runner.choose(finalists)
     data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
@@ -157,9 +159,9 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
                            max_drop=options.max_drop, user_inputs=user_inputs, **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.perf_counter() - start)
-    extra = _measures(Path(out), runner, options)
-    _record(Path(out), search, url, extra)
-    _write_report(Path(out), src.name, search, extra, candidates, runner.analyses[0], options)
+    search.measures = _measures(Path(out), runner, options)
+    _record(Path(out), search, url)
+    _write_report(Path(out), src.name, search, candidates, runner.analyses[0], options)
     return search
 
 
@@ -180,8 +182,7 @@ def _measures(out: Path, runner: _Runner, options: SearchOptions) -> dict[str, A
     return extra
 
 
-def _write_report(out: Path, source: str, search: SearchResult, extra: dict[str, Any],
-                  candidates: list[Candidate], analyses: dict[str, Any],
+def _write_report(out: Path, source: str, search: SearchResult, candidates: list[Candidate], analyses: dict[str, Any],
                   options: SearchOptions) -> None:
     """OUT/report.html (with matplotlib; without the report extra the manifest says so)."""
     from winnow.backends.manifest import jsonable
@@ -189,7 +190,7 @@ def _write_report(out: Path, source: str, search: SearchResult, extra: dict[str,
     try:
         from winnow.driver.report import render_search
 
-        page, _ = render_search(source, dict(search.to_dict(), **extra), search.compile.to_dict()
+        page, _ = render_search(source, search.to_dict(), search.compile.to_dict()
                                 | {"nodes_before": search.compile.nodes_before,
                                    "nodes_after": search.compile.nodes_after},
                                 [c.to_dict() for c in candidates], jsonable(analyses),
@@ -241,6 +242,7 @@ class _Runner:
         self.timer = CandidateTimer(base, src.fit[0], options.timing_batch, options.repeats)
         self.hash_feeds = src.fit[0]
         self.cache: dict[str, Candidate] = {}
+        self.trial_seconds: list[float] = []
 
     def apply(self, pipeline: str) -> ir.Model:
         """The base model rewritten by the lossy part of `pipeline`."""
@@ -253,6 +255,7 @@ class _Runner:
 
     def evaluate(self, number: int, pipeline: str) -> Candidate:
         """Score one pipeline (cached by functional hash)."""
+        start = time.perf_counter()
         model = self.apply(pipeline)
         key = functional_hash(model, self.hash_feeds)
         if key in self.cache:
@@ -263,6 +266,7 @@ class _Runner:
                 else len(model_bytes(model)) / len(self.base_bytes))
         cand = Candidate(number, pipeline, cost, fidelity_drop(fid), fid.cosine, key)
         self.cache[key] = cand
+        self.trial_seconds.append(time.perf_counter() - start)  # cache hits are not a guide
         return cand
 
     def sampler(self) -> Any:
@@ -278,21 +282,30 @@ class _Runner:
         return optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=6,
                                           multivariate=False)
 
-    def run_study(self, url: str, job: dict[str, Any], deadline: float
+    def run_study(self, url: str, job: dict[str, Any], budget_end: float
                   ) -> tuple[list[Candidate], int]:
         """Run (or resume) the study until the trial or time budget is spent; workers that join
         the study at `url` share the trials."""
         study = open_study(url, self.fingerprint(), ["minimize", "minimize"], self.sampler())
-        study.set_user_attr(JOB_ATTR, dict(job, deadline=deadline))
+        first_guess = budget_end - (1.0 - TRIAL_SHARE) * self.options.time_budget
+        study.set_user_attr(JOB_ATTR, dict(job, deadline=first_guess))
         done = _completed(study)
         if not study.get_trials(deepcopy=False):
             for plan in seed_plans(self.space)[:self.options.trials]:
                 study.enqueue_trial(plan, skip_if_exists=True)
-        self.run_trials(study, deadline, initial=len(done))
+        self.run_trials(study, lambda: self.trial_deadline(budget_end, first_guess),
+                        initial=len(done))
         cands = _completed(study)
         return cands, sum(c.cached for c in cands)
 
-    def run_trials(self, study: Any, deadline: float, initial: int = 0) -> int:
+    def trial_deadline(self, budget_end: float, first_guess: float) -> float:
+        """When trials must stop so the finalists and the emit still fit in the budget."""
+        if not self.trial_seconds:
+            return first_guess
+        finish = (self.options.finalists + 1) * FINISH_TRIALS * float(np.mean(self.trial_seconds))
+        return budget_end - finish
+
+    def run_trials(self, study: Any, deadline: Any, initial: int = 0) -> int:
         """This process's share of the study's trials, with a progress bar over the budget."""
         for cand in _completed(study):
             self.cache.setdefault(cand.hash, cand)
@@ -408,14 +421,14 @@ def _finalists(cands: list[Candidate], options: SearchOptions) -> list[Candidate
     return sorted(ok, key=lambda c: c.cost)[:options.finalists]
 
 
-def _record(out: Path, search: SearchResult, url: str, extra: dict[str, Any]) -> None:
+def _record(out: Path, search: SearchResult, url: str) -> None:
     """Add the search to the artifact: `search` in manifest.json (with sizes and the cost
     model's predictions) and the study's SQLite file."""
     import json
 
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["search"] = dict(search.to_dict(), **extra)
+    manifest["search"] = search.to_dict()
     manifest_path.write_text(json.dumps(manifest, indent=2, default=_json_default))
     db = sqlite_path(url)
     if db is not None and db.exists():

@@ -116,11 +116,13 @@ def trial_limit(study: Any, budget: int) -> int:
     return budget + sum("failed_trial" in t.system_attrs for t in trials)
 
 
-def run_trials(study: Any, objective: Callable[[Any], Any], budget: int, deadline: float,
-               callback: Callable[[Any, Any], None], catch: tuple[type, ...]) -> int:
+def run_trials(study: Any, objective: Callable[[Any], Any], budget: int,
+               deadline: float | Callable[[], float], callback: Callable[[Any, Any], None],
+               catch: tuple[type, ...]) -> int:
     """Run trials of `study` in this process until the shared budget is spent (waiting for
     other processes' running trials, taking over any a dead process left) or the wall-clock
-    `deadline` (epoch seconds) passes; returns how many trials this process evaluated."""
+    `deadline` (epoch seconds, or a function giving it as trials teach how long they take)
+    passes; returns how many trials this process evaluated."""
     import optuna
     from optuna.trial import TrialState
 
@@ -134,7 +136,7 @@ def run_trials(study: Any, objective: Callable[[Any], Any], budget: int, deadlin
         ran += 1
         return objective(trial)
 
-    while time.time() < deadline:
+    while time.time() < (deadline() if callable(deadline) else deadline):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
