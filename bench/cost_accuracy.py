@@ -247,10 +247,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the variant ONNX files in DIR (to measure them on another host)")
     parser.add_argument("--variants", default=None, metavar="DIR",
                         help="measure the variants saved in DIR instead of building them")
+    parser.add_argument("--rescore", default=None, metavar="JSON",
+                        help="recompute the metrics and table of a cost_accuracy.json written "
+                             "on another host (one without scipy)")
     parser.add_argument("--speed", action="store_true",
                         help="only time `predict` on the variants saved in --variants DIR")
     args = parser.parse_args(argv)
     machine = machine_info()
+    if args.rescore:
+        data = json.loads(Path(args.rescore).read_text())
+        return report(data["rows"], data["target"], data["machine"], Path(args.rescore).parent)
     if args.speed:
         print(predict_speed(Path(args.variants or "."), args.target))
         print(f"load average {machine.get('load_average')}")
@@ -264,15 +270,23 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(sizes, args.target, args.repeats or (5 if args.quick else 15),
                    args.threads or available_cpus(), work,
                    Path(args.variants) if args.variants else None)
-    m = metrics(rows)
     machine["load_average_end"] = machine_info().get("load_average")
-    text = markdown(rows, m, args.target, machine)
-    print(text)
-    if args.out:
+    if args.out:  # the measurements first: a host without scipy keeps them for --rescore
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "cost_accuracy.json").write_text(json.dumps(
-            {"target": args.target, "machine": machine, "metrics": m, "rows": rows},
+            {"target": args.target, "machine": machine, "rows": rows}, indent=2, default=str))
+    return report(rows, args.target, machine, Path(args.out) if args.out else None)
+
+
+def report(rows: list[dict], target: str, machine: dict, out: Path | None) -> int:
+    """Print (and write to `out`) the metrics and the table of measured rows."""
+    m = metrics(rows)
+    text = markdown(rows, m, target, machine)
+    print(text)
+    if out is not None:
+        (out / "cost_accuracy.json").write_text(json.dumps(
+            {"target": target, "machine": machine, "metrics": m, "rows": rows},
             indent=2, default=str))
         (out / "cost_accuracy.md").write_text(text)
         print(f"wrote {out}/cost_accuracy.json and cost_accuracy.md")
