@@ -147,8 +147,8 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     check_output(Path(out), overwrite)
     with progress.step("loading the model and its data"):
         src = resolve(source, calibration, user_inputs)
-        base = _lossless(src)
-    runner = _Runner(src, base, options)
+        base = lossless_base(src)
+    runner = TrialRunner(src, base, options)
     url = options.study or default_url(out)
     candidates, hits = runner.run_study(url, _job(source, calibration, options, user_inputs),
                                         started_at + options.time_budget)
@@ -165,7 +165,7 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     return search
 
 
-def _measures(out: Path, runner: _Runner, options: SearchOptions) -> dict[str, Any]:
+def _measures(out: Path, runner: TrialRunner, options: SearchOptions) -> dict[str, Any]:
     """The chosen artifact's size beside the source's, and both as the cost model prices them on
     the search's target at the timing shapes."""
     from winnow.driver.report import predicted_costs
@@ -222,7 +222,8 @@ def _job(source: Any, calibration: Any, options: SearchOptions,
             "options": dataclasses.asdict(options)}
 
 
-def _lossless(src: Source) -> ir.Model:
+def lossless_base(src: Source) -> ir.Model:
+    """The source after the lossless default pipeline: what every trial starts from."""
     model = _clone(model_bytes(src.model))
     return PassManager(DEFAULT_PIPELINE).run(model, PassContext()).model
 
@@ -231,7 +232,7 @@ def _clone(data: bytes) -> ir.Model:
     return ir.serde.deserialize_model(onnx.load_from_string(data))
 
 
-class _Runner:
+class TrialRunner:
     """Evaluates candidates for one source: applies pipelines, hashes, scores, times."""
 
     def __init__(self, src: Source, base: ir.Model, options: SearchOptions) -> None:

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from winnow import progress
-from winnow.driver.search import SearchOptions, _lossless, _Runner, worker_id
+from winnow.driver.search import SearchOptions, lossless_base, TrialRunner, worker_id
 from winnow.driver.source import resolve
 from winnow.driver.study import STUDY_PREFIX, StudyError, find_study
 
@@ -36,14 +36,15 @@ def run_worker(url: str, wait: float = 0.0) -> WorkerResult:
                                if k in {f.name for f in dataclasses.fields(SearchOptions)}})
     with progress.step(f"loading {source} for study {study.study_name}"):
         src = resolve(source, job.get("calibration"))
-        base = _lossless(src)
-    runner = _Runner(src, base, options)
+        base = lossless_base(src)
+    runner = TrialRunner(src, base, options)
     if STUDY_PREFIX + runner.fingerprint() != study.study_name:
         raise StudyError(f"this machine's copy of '{source}' (or its winnow version) differs from "
                          f"the one study {study.study_name} searches; give the worker the same "
                          "model file and winnow version as the compile.")
     # Its own seed: workers with the compile's seed would propose the compile's trials again.
-    study.sampler = _Runner.sampler_for(dataclasses.replace(options, seed=options.seed + os.getpid()))
+    own_seed = dataclasses.replace(options, seed=options.seed + os.getpid())
+    study.sampler = TrialRunner.sampler_for(own_seed)
     ran = runner.run_trials(study, float(job["deadline"]))
     return WorkerResult(study.study_name, source, ran, worker_id())
 
