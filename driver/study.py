@@ -22,6 +22,7 @@ JOB_ATTR = "winnow.job"  # the study's user attribute a worker rebuilds the sear
 HEARTBEAT_S = 5
 GRACE_S = 20  # a running trial whose heartbeat is older than this belongs to a dead process
 POLL_S = 1.0
+OPEN_ATTEMPTS = 5
 
 
 class StudyError(WinnowError):
@@ -54,15 +55,23 @@ def open_storage(url: str) -> Any:
         except OSError as exc:
             raise StudyError(f"cannot create the folder of the study file '{db}': "
                              f"{exc.strerror}.") from exc
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types
-        raise StudyError(f"cannot open the study storage '{url}': "
-                         f"{str(exc).splitlines()[0]}") from exc
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types
+            # Processes that open an empty database at once race to create Optuna's tables;
+            # the losers succeed once the winner has made them.
+            racing = "already exists" in str(exc) or "duplicate key" in str(exc)
+            if racing and attempt + 1 < OPEN_ATTEMPTS:
+                time.sleep(POLL_S)
+                continue
+            raise StudyError(f"cannot open the study storage '{url}': "
+                             f"{str(exc).splitlines()[0]}") from exc
+    raise StudyError(f"cannot open the study storage '{url}'.")  # not reached
 
 
 def _winnow_studies(storage: Any) -> list[str]:

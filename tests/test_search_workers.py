@@ -44,7 +44,7 @@ def test_two_workers_and_the_compile_share_one_postgresql_study(redundant_model,
         reports = []
         for proc in workers:
             stdout, stderr = proc.communicate(timeout=300)
-            assert proc.returncode == 0, stderr[-3000:]
+            assert proc.returncode == 0, (stdout + stderr)[-3000:]
             reports.append(json.loads(stdout))
         study = optuna.load_study(study_name=reports[0]["study"], storage=url)
         trials = study.get_trials(deepcopy=False)
