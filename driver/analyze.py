@@ -27,9 +27,8 @@ from winnow.backends.manifest import (
     staging,
 )
 from winnow.errors import PipelineError, require_extra
-from winnow.frontend import load
-from winnow.ir.user_inputs import UserInputs
-from winnow.passes.analysis.calibration import pick_calibration, task_options
+from winnow.driver.source import resolve
+from winnow.ir.user_inputs import UserInputs, user_inputs_record
 from winnow.passes.base import AnalysisPass
 from winnow.passes.instruments import TimingInstrument
 from winnow.passes.manager import PassContext, PassManager, pass_label
@@ -102,12 +101,6 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _source_name(source: Any, model: ir.Model) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    return model.metadata_props.get("winnow.source") or type(source).__name__
-
-
 def _model_info(model: ir.Model) -> dict[str, Any]:
     return {"ir_version": model.ir_version, "opset_imports": dict(model.opset_imports),
             **io_spec(model), "nodes": node_count(model), "params": param_stats(model),
@@ -160,24 +153,21 @@ def analyze_model(source: Any, out: str | Path, *,
     manager.instruments.append(timer)
     timings: dict[str, Any] = {}
     start = time.perf_counter()
-    with progress.step("loading the model"):
-        model = load(source, example_inputs, dynamic_shapes)
-        given = user_inputs.attach(model) if user_inputs is not None else None
+    with progress.step("loading the model and its calibration data"):
+        src = resolve(source, calibration, user_inputs, example_inputs, dynamic_shapes)
+    model, batches, origin = src.model, src.calibration, src.origin
+    given = user_inputs_record(model)
     timings["load"] = time.perf_counter() - start
-    mark = time.perf_counter()
-    with progress.step("preparing calibration data"):
-        batches, origin = pick_calibration(source, model, calibration)
-    timings["calibration"] = time.perf_counter() - mark
     mark = time.perf_counter()
     regions = find_regions(model).to_dict()
     timings["regions"] = time.perf_counter() - mark
-    ctx = PassContext(calibration=batches, options=task_options(source, model))
+    ctx = PassContext(calibration=batches, options=dict(src.options))
     manager.run(model, ctx)
     timings["passes"] = {name: seconds for name, seconds, _ in timer.records}
     data: dict[str, Any] = {
         "format": ANALYSIS_FORMAT, "format_version": ANALYSIS_VERSION,
         "winnow_version": __version__,
-        "source": _source_name(source, model),
+        "source": src.name,
         "passes": manager.text,
         "model": _model_info(model),
         "calibration": {"source": origin, "batches": len(batches), "samples": _samples(batches),

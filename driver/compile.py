@@ -43,7 +43,8 @@ from winnow.passes.instruments import (
     TimingInstrument,
     VerifyInstrument,
 )
-from winnow.passes.analysis.calibration import pick_calibration, split_batch, task_options
+from winnow.driver.source import Source, resolve, source_name, split_batches
+from winnow.passes.analysis.calibration import pick_calibration, split_batch
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, pass_label
 from winnow.passes.pipeline import PassSpec, load_pipeline_file
 
@@ -112,12 +113,6 @@ def _phase(phases: dict[str, float], name: str, message: str) -> Iterator[None]:
     phases[name] = time.perf_counter() - start
 
 
-def _source_name(source: Any, model: ir.Model) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    return model.metadata_props.get("winnow.source") or type(source).__name__
-
-
 def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = None,
                   config: str | Path | None = None, backend: str = "ort", timings: bool = False,
                   dump_ir: str | Path | None = None, verify_each: bool = False,
@@ -129,7 +124,9 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   backend_options: Mapping[str, Any] | None = None) -> CompileResult:
     """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
 
-    `example_inputs`/`dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
+    `source` is anything `winnow.load` takes, or a `driver.source.Source` already resolved (the
+    search hands its own; its model is then rewritten in place). `example_inputs` and
+    `dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
     Lossy passes get `calibration` (default: the zoo model's calibration split, else example
     inputs). With `evaluate` (and always after a lossy pass) a zoo model is scored on its
     held-out split; a lossy result whose drop exceeds `max_drop` is refused unless `force`.
@@ -157,9 +154,9 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
         manager.instruments.append(DumpIRInstrument(dump_ir))
     phases: dict[str, float] = {}
     with _phase(phases, "load", "loading the model"):
-        model = load(source, example_inputs, dynamic_shapes)
-        if user_inputs is not None:
-            user_inputs.attach(model)
+        src = source if isinstance(source, Source) else resolve(
+            source, calibration, user_inputs, example_inputs, dynamic_shapes)
+    model = src.model
     notes = [n for n in (fit_ir_version(model),) if n]
     before = (node_count(model), param_stats(model))
     feeds, reference, guard = None, None, None
@@ -169,14 +166,15 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
             reference = _run_source(model, feeds)
         guard = _lossless_guard(model, feeds, reference, strict)
     lossy = [pass_label(p) for p in manager.passes if not getattr(p, "lossless", True)]
-    batches, origin = pick_calibration(source, model, calibration)
-    fit, judge, judged_on = _fit_and_judge(source, model, batches, origin)
+    batches, origin = (pick_calibration(src.spec, model, calibration) if calibration is not None
+                       else (src.calibration, src.origin))
+    fit, judge, judged_on = _fit_and_judge(src, model, batches, origin)
     if judge_data is not None:
-        fit, judge = batches, pick_calibration(source, model, judge_data)[0]
+        fit, judge = batches, pick_calibration(src.spec, model, judge_data)[0]
         judged_on = f"{len(judge)} judging batches given apart from the calibration data"
     judge_reference = [run(model, feeds) for feeds in judge] if lossy else []
     with _phase(phases, "passes", "running the pipeline"):
-        ctx = PassContext(calibration=fit, options=task_options(source, model))
+        ctx = PassContext(calibration=fit, options=dict(src.options))
         model = manager.run(model, ctx, guard=guard).model
     fidelity = None
     if check:
@@ -187,7 +185,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     zoo_name = model.metadata_props.get("winnow.zoo")
     if zoo_name and (evaluate or lossy):
         with _phase(phases, "evaluate", f"scoring on the {zoo_name} held-out split"):
-            fidelity = dict(fidelity or {}, heldout=evaluate_zoo(zoo_name, model).to_dict())
+            fidelity = dict(fidelity or {},
+                            heldout=evaluate_zoo(src.zoo or zoo_name, model).to_dict())
     elif lossy and judge:
         with _phase(phases, "evaluate", f"scoring on {judged_on}"):
             fidelity = dict(fidelity or {},
@@ -196,7 +195,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
         fidelity = dict(fidelity or {}, lossy_passes=lossy, calibration=origin,
                         judged_on=judged_on)
         _enforce_budget(fidelity, max_drop, force)
-    name = _source_name(source, model)
+    name = src.name
     passes = pass_entries(manager.passes, recorder, verifier, guard)
     with _phase(phases, "emit", f"writing {out}"):
         artifact = emit(model, out, pipeline_text=manager.text, fidelity=fidelity, source=name,
@@ -239,17 +238,15 @@ def check_max_drop(max_drop: Any) -> None:
                             f"task-metric drop or 1 - cosine to accept; got {max_drop!r}.")
 
 
-def _fit_and_judge(source: Any, model: ir.Model, batches: list[dict[str, np.ndarray]],
+def _fit_and_judge(src: Source, model: ir.Model, batches: list[dict[str, np.ndarray]],
                    origin: str) -> tuple[list, list, str]:
     """The batches lossy passes fit on, the batches that judge them, and that data in words.
 
     Zoo models are judged on their own held-out split. Explicit calibration data is split: the
     passes fit on the first part and are judged on the rest. Otherwise the check inputs judge,
     and they are what the passes fit on too (in-sample)."""
-    from winnow.driver.source import split_batches
-
     zoo = model.metadata_props.get("winnow.zoo")
-    if zoo and isinstance(source, str) and source.startswith(("zoo:", "onnx:")):
+    if zoo and isinstance(src.spec, str) and src.spec.startswith(("zoo:", "onnx:")):
         return batches, [], f"the {zoo} held-out split"
     if origin == "explicit":
         fit, first, second = split_batches(batches, _batch_axis_dynamic(model))
@@ -398,7 +395,7 @@ def inspect_model(source: Any) -> dict[str, Any]:
     """Opsets, inputs/outputs, op histogram, parameters (and regions when available) of a model."""
     model = load(source)
     info = {
-        "source": _source_name(source, model),
+        "source": source_name(source, model),
         "ir_version": model.ir_version,
         "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
         "opset_imports": dict(model.opset_imports),

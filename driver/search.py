@@ -21,7 +21,14 @@ from winnow import progress
 from winnow.driver.fhash import functional_hash
 from winnow.driver.source import Source, fidelity_drop, resolve
 from winnow.driver.space import Space, build_space, pipeline_text, seed_plans, suggest
-from winnow.driver.study import JOB_ATTR, default_url, open_study, run_trials, sqlite_path
+from winnow.driver.study import (
+    ANALYSES_ATTR,
+    JOB_ATTR,
+    default_url,
+    open_study,
+    run_trials,
+    sqlite_path,
+)
 from winnow.driver.timing import CandidateTimer
 from winnow.errors import WinnowError, require_extra
 from winnow.ir.execute import model_bytes
@@ -155,12 +162,13 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     finalists = _finalists(candidates, options)
     chosen, message = runner.choose(finalists)
     data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
-    result = compile_model(src.spec, out, pipeline=chosen.pipeline, overwrite=overwrite,
+    result = compile_model(src, out, pipeline=chosen.pipeline, overwrite=overwrite,
                            max_drop=options.max_drop, user_inputs=user_inputs, **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.perf_counter() - start)
     search.measures = _measures(Path(out), runner, options)
     _record(Path(out), search, url)
+    _write_analyses(Path(out), runner)
     _write_report(Path(out), src.name, search, candidates, runner.analyses[0], options)
     return search
 
@@ -239,7 +247,7 @@ class TrialRunner:
         self.src, self.options = src, options
         self.base_bytes = model_bytes(base)
         self.space: Space = build_space(base, fitted=not src.in_sample)
-        self.analyses = _shared_analyses(src, base, self.space)
+        self.analyses: tuple[dict, dict] = ({}, {})  # see share_analyses
         self.timer = CandidateTimer(base, src.fit[0], options.timing_batch, options.repeats)
         self.hash_feeds = src.fit[0]
         self.cache: dict[str, Candidate] = {}
@@ -270,6 +278,17 @@ class TrialRunner:
         self.trial_seconds.append(time.perf_counter() - start)  # cache hits are not a guide
         return cand
 
+    def share_analyses(self, study: Any) -> None:
+        """The analyses every trial reads: taken from the study when a process of this search
+        already stored them (a resumed compile, a worker), else computed now on the base model
+        and stored there (the study travels into OUT as search.db; OUT/analysis.json too)."""
+        stored = study.user_attrs.get(ANALYSES_ATTR)
+        if stored is None:
+            base = _clone(self.base_bytes)
+            stored = stored_analyses(*_shared_analyses(self.src, base, self.space))
+            study.set_user_attr(ANALYSES_ATTR, stored)
+        self.analyses = restored_analyses(stored)
+
     def sampler(self) -> Any:
         """The study's sampler (TPE, seeded; the first trials are the enqueued seed plans)."""
         return self.sampler_for(self.options)
@@ -290,6 +309,7 @@ class TrialRunner:
         study = open_study(url, self.fingerprint(), ["minimize", "minimize"], self.sampler())
         first_guess = budget_end - (1.0 - TRIAL_SHARE) * self.options.time_budget
         study.set_user_attr(JOB_ATTR, dict(job, deadline=first_guess))
+        self.share_analyses(study)
         done = _completed(study)
         if not study.get_trials(deepcopy=False):
             for plan in seed_plans(self.space)[:self.options.trials]:
@@ -379,6 +399,26 @@ def _shared_analyses(src: Source, base: ir.Model, space: Space) -> tuple[dict, d
     return dict(ctx.analyses), dict(ctx.analysis_configs)
 
 
+def stored_analyses(results: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
+    """Analysis results and the options they were computed with, as the JSON a study holds."""
+    from winnow.backends.manifest import jsonable
+
+    return {"results": jsonable(results),
+            "configs": {name: jsonable(dataclasses.asdict(cfg)) for name, cfg in configs.items()}}
+
+
+def restored_analyses(stored: dict[str, Any]) -> tuple[dict, dict]:
+    """The (results, configs) a pass context caches, from `stored_analyses`' JSON."""
+    from winnow.passes.base import get_pass_class
+
+    configs = {}
+    for name, fields in stored["configs"].items():
+        cls = get_pass_class(name).Config
+        configs[name] = cls(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in fields.items()})
+    return dict(stored["results"]), configs
+
+
 def _completed(study: Any) -> list[Candidate]:
     import optuna
 
@@ -434,6 +474,17 @@ def _record(out: Path, search: SearchResult, url: str) -> None:
     db = sqlite_path(url)
     if db is not None and db.exists():
         shutil.copyfile(db, out / "search.db")
+
+
+def _write_analyses(out: Path, runner: TrialRunner) -> None:
+    """OUT/analysis.json: the analyses the search ranked its moves by, with their options."""
+    import json
+
+    if runner.analyses[0]:
+        stored = stored_analyses(*runner.analyses)
+        data = {"source": runner.src.name, "analyses": stored["results"],
+                "options": stored["configs"]}
+        (out / "analysis.json").write_text(json.dumps(data, indent=2, default=_json_default))
 
 
 def _json_default(obj: Any) -> Any:

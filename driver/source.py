@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnx_ir as ir
 
 from winnow.measure.fidelity import Fidelity, evaluate, evaluate_zoo
 from winnow.frontend import load
-from winnow.passes.analysis.calibration import pick_calibration, task_options
+from winnow.passes.analysis.calibration import pick_calibration, task_options, zoo_entry
 
 Feeds = dict[str, np.ndarray]
 JUDGE_SAMPLES = 256  # calibration samples a zoo model's search trials are judged on
@@ -21,7 +22,10 @@ JUDGE_SAMPLES = 256  # calibration samples a zoo model's search trials are judge
 @dataclasses.dataclass
 class Source:
     """The model plus its fitting data (for lossy passes), the data search trials are judged on,
-    and the held-out data finalists are judged on."""
+    and the held-out data finalists are judged on; `calibration` is every calibration batch
+    (what a plain compile fits on when it judges elsewhere), `options` the pass-context options
+    (a zoo model's task loss) and `zoo` its zoo entry (looked up once; None unless it has a
+    held-out split)."""
 
     spec: Any
     name: str
@@ -32,6 +36,7 @@ class Source:
     origin: str
     options: dict[str, Any]
     zoo: Any = None
+    calibration: list[Feeds] = dataclasses.field(default_factory=list)
     _references: dict[str, list[dict[str, np.ndarray]]] = dataclasses.field(
         default_factory=dict, repr=False)
 
@@ -77,26 +82,32 @@ def fidelity_drop(fid: Fidelity) -> float:
     return float(drop)
 
 
-def resolve(spec: Any, calibration: Any = None, user_inputs: Any = None) -> Source:
-    """Load `spec` and its data once. Zoo models judge on their calibration and held-out splits;
-    other models split their calibration batches into fitting, judging and held-out parts."""
-    model = load(spec)
+def resolve(spec: Any, calibration: Any = None, user_inputs: Any = None,
+            example_inputs: Any = None, dynamic_shapes: Any = None) -> Source:
+    """Load `spec` and its data once (`example_inputs`/`dynamic_shapes` go to `winnow.load` for
+    an nn.Module). Zoo models judge on their calibration and held-out splits; other models
+    split their calibration batches into fitting, judging and held-out parts."""
+    model = load(spec, example_inputs, dynamic_shapes)
     if user_inputs is not None:  # --input-shapes / --example-inputs: the data to judge on
         user_inputs.attach(model)
-    batches, origin = pick_calibration(spec, model, calibration)
-    name = spec if isinstance(spec, str) else type(spec).__name__
-    options = task_options(spec, model)
-    zoo_name = model.metadata_props.get("winnow.zoo")
-    if zoo_name and isinstance(spec, str) and spec.startswith(("zoo:", "onnx:")):
-        from winnow import models_zoo
-
-        zoo = models_zoo.get(spec)
-        if zoo.split("heldout"):
-            judge = _first_samples(batches, JUDGE_SAMPLES)
-            return Source(spec, name, model, batches, judge, zoo.split("heldout"), origin,
-                          options, zoo)
+    zoo = zoo_entry(spec, model)
+    batches, origin = pick_calibration(spec, model, calibration, zoo=zoo)
+    name = source_name(spec, model)
+    options = task_options(spec, model, zoo=zoo)
+    if zoo is not None and zoo.split("heldout"):
+        judge = _first_samples(batches, JUDGE_SAMPLES)
+        return Source(spec, name, model, batches, judge, zoo.split("heldout"), origin, options,
+                      zoo, batches)
     fit, judge, heldout = split_batches(batches, _dynamic_batch(model))
-    return Source(spec, name, model, fit, judge, heldout, origin, options)
+    return Source(spec, name, model, fit, judge, heldout, origin, options, None, batches)
+
+
+def source_name(spec: Any, model: ir.Model) -> str:
+    """How a source is named in summaries and manifests: its path or zoo name, else the name
+    the frontend recorded, else its type."""
+    if isinstance(spec, (str, Path)):
+        return str(spec)
+    return model.metadata_props.get("winnow.source") or type(spec).__name__
 
 
 def _rows(feeds: Mapping[str, np.ndarray]) -> int:

@@ -19,6 +19,7 @@ from winnow.errors import WinnowError, require_extra
 
 STUDY_PREFIX = "winnow-"
 JOB_ATTR = "winnow.job"  # the study's user attribute a worker rebuilds the search from
+ANALYSES_ATTR = "winnow.analyses"  # the analyses the first process computed, shared by all
 HEARTBEAT_S = 5
 GRACE_S = 20  # a running trial whose heartbeat is older than this belongs to a dead process
 POLL_S = 1.0

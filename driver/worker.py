@@ -45,6 +45,7 @@ def run_worker(url: str, wait: float = 0.0) -> WorkerResult:
     # Its own seed: workers with the compile's seed would propose the compile's trials again.
     own_seed = dataclasses.replace(options, seed=options.seed + os.getpid())
     study.sampler = TrialRunner.sampler_for(own_seed)
+    runner.share_analyses(study)
     ran = runner.run_trials(study, float(job["deadline"]))
     return WorkerResult(study.study_name, source, ran, worker_id())
 

@@ -26,6 +26,7 @@ from winnow.driver.source import split_batches
 from winnow.driver.study import StudyError
 from winnow.passes.manager import DEFAULT_PIPELINE
 from winnow.ir.execute import run
+from winnow.ir.regions import find_regions
 from winnow.passes.manager import PassManager
 from tests.tiny_models import TinyTransformer, zero_block_branches
 
@@ -102,7 +103,8 @@ def _calibration(n_batches: int, seed: int) -> list[dict[str, np.ndarray]]:
 
 
 @pytest.mark.slow
-def test_search_finds_a_cheaper_model_within_budget_and_resumes(redundant_model, tmp_path):
+def test_search_finds_a_cheaper_model_within_budget_and_resumes(redundant_model, tmp_path,
+                                                                monkeypatch):
     path, module, _ = redundant_model
     out = tmp_path / "out"
     options = SearchOptions(objective="size", trials=10, max_drop=0.001, time_budget=300)
@@ -129,7 +131,16 @@ def test_search_finds_a_cheaper_model_within_budget_and_resumes(redundant_model,
     got = got.reshape(6, -1)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert 1.0 - cos.min() <= 0.005
-    # The same study again: nothing left to run, the same choice.
+    analyses = json.loads((out / "analysis.json").read_text())
+    ranking = analyses["analyses"]["layer-similarity"]["ranking"]["block"]
+    blocks = find_regions(winnow.load(str(path))).candidates("block")
+    assert sorted(ranking) == sorted(r.name for r in blocks) and len(blocks) >= 2
+    # The same study again: nothing left to run, the same choice, and the analyses come from
+    # the study rather than being measured again.
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the resumed search recomputed the analyses stored in its study")
+
+    monkeypatch.setattr("winnow.driver.search._shared_analyses", measured_again)
     again = search_compile(str(path), tmp_path / "out2",
                            SearchOptions(objective="size", trials=10, max_drop=0.001,
                                          study=result.study), calibration=_calibration(12, 1))

@@ -38,16 +38,17 @@ def _as_batches(data: Any) -> list[dict[str, np.ndarray]]:
     return [{k: np.asarray(v) for k, v in b.items()} for b in data]
 
 
-def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
+def pick_calibration(source: Any, model: ir.Model, calibration: Any = None, zoo: Any = None
                      ) -> tuple[list[dict[str, np.ndarray]], str]:
     """The calibration batches and where they came from: explicit, the inputs the user gave
     (--input-shapes / --example-inputs), the zoo model's calibration split, the frontend's
-    example feeds, or random feeds (seed 0)."""
+    example feeds, or random feeds (seed 0). `zoo`: the source's zoo entry when the caller
+    already looked it up."""
     if calibration is not None:
         return _as_batches(calibration), "explicit"
     if user_inputs_record(model) is not None:
         return [feeds_for(model)], feeds_origin(model)
-    entry = _zoo_entry(source, model)
+    entry = zoo if zoo is not None else zoo_entry(source, model)
     if entry is not None:
         batches = entry.calibration()
         if batches:
@@ -57,10 +58,11 @@ def pick_calibration(source: Any, model: ir.Model, calibration: Any = None
     return [feeds_for(model)], "random inputs (seed 0)"
 
 
-def task_options(source: Any, model: ir.Model) -> dict[str, Any]:
+def task_options(source: Any, model: ir.Model, zoo: Any = None) -> dict[str, Any]:
     """Pass-context options a zoo model contributes: its per-batch `task_loss` when it has one
-    (das-skip then rewards the task itself, e.g. an LM's cross-entropy, not output cosine)."""
-    entry = _zoo_entry(source, model)
+    (das-skip then rewards the task itself, e.g. an LM's cross-entropy, not output cosine).
+    `zoo`: the source's zoo entry when the caller already looked it up."""
+    entry = zoo if zoo is not None else zoo_entry(source, model)
     if entry is None:  # a plain file never imports the zoo (nor torch through it)
         return {}
     from winnow.models_zoo.base import ZooModel
@@ -70,7 +72,7 @@ def task_options(source: Any, model: ir.Model) -> dict[str, Any]:
     return {"task_loss": entry.task_loss}
 
 
-def _zoo_entry(source: Any, model: ir.Model) -> Any:
+def zoo_entry(source: Any, model: ir.Model) -> Any:
     """The zoo entry behind a 'zoo:NAME' / 'onnx:NAME' source, else None."""
     if not (isinstance(source, str) and source.startswith(("zoo:", "onnx:"))
             and model.metadata_props.get("winnow.zoo")):
