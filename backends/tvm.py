@@ -207,9 +207,20 @@ def lower(mod: Any, target: TargetSpec, schedules: str = "winnow") -> Any:
         return tvm.transform.Sequential(lowering_passes(tvm_target, schedules))(mod)
 
 
-def _relax_pipeline(target: Any, schedules: str, database: Any = None) -> Any:
+def scheduled_kernels(mod: Any) -> list[str]:
+    """The names of the module's TIR kernels marked scheduled (by a database or a rule)."""
+    import tvm
+
+    return sorted(gv.name_hint for gv, func in mod.functions.items()
+                  if isinstance(func, tvm.tirx.PrimFunc) and func.attrs
+                  and bool(func.attrs.get("tirx.is_scheduled", False)))
+
+
+def _relax_pipeline(target: Any, schedules: str, database: Any = None,
+                    report: dict[str, Any] | None = None) -> Any:
     """TVM's CPU pipeline after `lowering_passes`: the kernels a tuning `database` holds get its
-    schedules, the rest winnow's (or TVM's) rules."""
+    schedules, the rest winnow's (or TVM's) rules; `report['kernels_applied']` gets the names of
+    the kernels the database scheduled."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -222,8 +233,11 @@ def _relax_pipeline(target: Any, schedules: str, database: Any = None) -> Any:
         with target:
             mod = tvm.transform.Sequential(lowering_passes(target, schedules))(mod)
             if database is not None:
+                before = set(scheduled_kernels(mod))
                 with database:
                     mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+                if report is not None:
+                    report["kernels_applied"] = sorted(set(scheduled_kernels(mod)) - before)
             passes = [ApplyDefaultSchedule(*rules)] if rules else []
             passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
@@ -231,15 +245,17 @@ def _relax_pipeline(target: Any, schedules: str, database: Any = None) -> Any:
     return _pipeline
 
 
-def build(mod: Any, target: TargetSpec, schedules: str = "winnow", database: Any = None) -> Any:
+def build(mod: Any, target: TargetSpec, schedules: str = "winnow", database: Any = None,
+          report: dict[str, Any] | None = None) -> Any:
     """Compile a Relax module for `target` with the given schedules (and a tuning database's,
-    for the kernels it holds); returns TVM's Executable."""
+    for the kernels it holds; their names go to `report['kernels_applied']`); returns TVM's
+    Executable."""
     _require_tvm()
     import tvm
 
     tvm_target = tvm.target.Target(target.tvm)
     return tvm.compile(mod, target=tvm_target,
-                       relax_pipeline=_relax_pipeline(tvm_target, schedules, database))
+                       relax_pipeline=_relax_pipeline(tvm_target, schedules, database, report))
 
 
 def export_library(executable: Any, path: Path, target: TargetSpec) -> None:
@@ -266,7 +282,10 @@ def compile_library(model: ir.Model, folder: Path, target: TargetSpec, schedules
     database = None
     if target.runs_here:  # tuned schedules were measured on this machine's CPU
         database, info = _tuning_database(mod, folder, target, schedules, tuning)
-    executable = build(mod, target, schedules, database)
+    report: dict[str, Any] = {}
+    executable = build(mod, target, schedules, database, report)
+    if "kernels_applied" in report:
+        info["kernels_applied"] = len(report["kernels_applied"])
     export_library(executable, folder / LIBRARY_FILE, target)
     import tvm
 
@@ -290,7 +309,8 @@ def _tuning_database(mod: Any, folder: Path, target: TargetSpec, schedules: str,
     lowered = lower(mod, target, schedules)
     info: dict[str, Any] = {}
     if asked:
-        info = tvm_tuning.tune(lowered, _tvm_target(target), own, tvm_tuning.TuneOptions(**tuning))
+        info = tvm_tuning.tune(lowered, _tvm_target(target), own, tvm_tuning.TuneOptions(**tuning),
+                               _schedule_rules(schedules))
     database = tvm_tuning.union_database(folders)
     if database is None:
         return None, info

@@ -11,14 +11,24 @@ so tests, benchmarks and the demo never tune.
 The search replays random traces of MetaSchedule's design space (`replay-trace`), one round of
 `trials / kernels` candidates per kernel, each built and timed: the evolutionary search's learned
 cost model (XGBoost, a heavy extra package) needs far more trials than a 2-core host affords.
+
+MetaSchedule imports `tvm.s_tir.tensor_intrin` in the tuner and in every builder process. TVM's
+script decorator calls `inspect.stack()` for each of its few hundred intrinsics, which resolves
+every frame's module and source file: about 150-300 s on a 2-core host, inside the first build's
+timeout, so every candidate failed (1e10 s) and no record was ever valid to apply. The import now
+runs once per process with a frame walk that keeps what the decorator reads (frames, their locals,
+each one's source line), about 12 s, in the builder pool's initializer outside any build's timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
+import linecache
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,12 +40,14 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 __all__ = ["TUNING_DIR", "PACKAGED_DIR", "DEFAULT_BUILDER_TIMEOUT", "TuneOptions", "open_database",
-           "packaged_databases", "record_count", "extract_tasks", "tune", "union_database"]
+           "packaged_databases", "record_count", "valid_record_count", "extract_tasks", "tune",
+           "union_database", "import_tensor_intrinsics"]
 
 TUNING_DIR = "tuning"  # in an artifact folder: MetaSchedule's workload.json and tuning_record.json
 PACKAGED_DIR = Path(__file__).resolve().parent / "tuning"  # the zoo models' committed databases
 WORKLOAD_FILE, RECORD_FILE = "workload.json", "tuning_record.json"
 DEFAULT_BUILDER_TIMEOUT = 120.0  # MetaSchedule's 30 s is too short for a loaded 2-core host
+FAILED_SECONDS = 1e9  # MetaSchedule records a failed candidate as 1e10 s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,16 @@ def record_count(folder: str | Path) -> int:
     if not path.exists():
         return 0
     return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def valid_record_count(folder: str | Path) -> int:
+    """How many of the database's records hold a measured time (a failed build or run is
+    recorded as 1e10 s and is never applied)."""
+    path = Path(folder) / RECORD_FILE
+    if not path.exists():
+        return 0
+    times = [json.loads(line)[1][1] for line in path.read_text().splitlines() if line.strip()]
+    return sum(1 for t in times if t and any(s < FAILED_SECONDS for s in t))
 
 
 def packaged_databases() -> list[Path]:
@@ -119,6 +141,39 @@ def _untuned(tasks: list[Any], database: Any) -> list[Any]:
                                                                       t.task_name) is not None)]
 
 
+def _frame_infos(frame: Any) -> list[inspect.FrameInfo]:
+    """`inspect.stack()` from `frame` outwards, each frame with its one source line, without the
+    module and source-file lookups that make `inspect.stack` slow."""
+    infos = []
+    while frame is not None:
+        code = frame.f_code
+        line = linecache.getline(code.co_filename, frame.f_lineno, frame.f_globals)
+        infos.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                       [line] if line else None, 0 if line else None))
+        frame = frame.f_back
+    return infos
+
+
+@contextlib.contextmanager
+def _fast_stack() -> Iterator[None]:
+    """`inspect.stack` answered by `_frame_infos` while the block runs."""
+    original = inspect.stack
+    inspect.stack = lambda context=1: _frame_infos(sys._getframe(1))
+    try:
+        yield
+    finally:
+        inspect.stack = original
+
+
+def import_tensor_intrinsics() -> None:
+    """Import `tvm.s_tir.tensor_intrin` (MetaSchedule's tuner and builds need it) with the fast
+    frame walk; a no-op once imported."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    with _fast_stack():
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
 @contextlib.contextmanager
 def _quiet_logs(work_dir: str) -> Iterator[None]:
     """MetaSchedule's per-task logs go to files in `work_dir`, not to the terminal."""
@@ -140,7 +195,8 @@ class PooledBuilder(ms.builder.PyBuilder):
     """MetaSchedule's LocalBuilder with one worker pool for the whole tuning run. LocalBuilder
     starts a fresh pool (a process importing TVM) for every round and once more to check
     itself; on a loaded 2-core host that start alone can outlast its 30 s timeout, which then
-    fails every candidate. Each build still has `timeout_sec`."""
+    fails every candidate. The worker imports the tensor intrinsics once, before its first build
+    (`import_tensor_intrinsics`); each build then has `timeout_sec`."""
 
     def __init__(self, timeout_sec: float) -> None:
         super().__init__()
@@ -151,8 +207,9 @@ class PooledBuilder(ms.builder.PyBuilder):
         from tvm.s_tir.meta_schedule.builder import local_builder as lb
         from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
-        if self.pool is None:
-            self.pool = PopenPoolExecutor(max_workers=1, timeout=self.timeout_sec)
+        if self.pool is None:  # the initializer runs once, outside every build's timeout
+            self.pool = PopenPoolExecutor(max_workers=1, timeout=self.timeout_sec,
+                                          initializer=import_tensor_intrinsics)
         jobs = [(None, None, b.mod, b.target, lb._serialize_params(b.params)) for b in build_inputs]
         results = []
         for result in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), jobs):
@@ -187,9 +244,45 @@ class CPURunner(ms.runner.PyRunner):
                                 for i in runner_inputs])
 
 
-def tune(kernels: Any, target: Any, folder: str | Path, options: TuneOptions) -> dict[str, Any]:
+def _rule_schedule(task: Any, rules: list[Any]) -> Any | None:
+    """The schedule the first of `rules` that applies gives the task's kernel (None if none)."""
+    from tvm.s_tir.dlight.base.transform import _apply_rules
+
+    with task.target:
+        space = _apply_rules(task.dispatched[0]["main"], task.target, rules, tunable=False)
+    return space[0] if space else None
+
+
+def commit_rule_schedules(tasks: list[Any], rules: list[Any], database: Any, builder: Any,
+                          runner: Any) -> int:
+    """Build and time the schedule `rules` give each task's kernel and commit it to `database`
+    as one more candidate, so the database applies a searched schedule only where it measured
+    faster than the rules' own; returns how many were committed."""
+    committed = 0
+    for task in tasks:
+        sch = _rule_schedule(task, rules)
+        if sch is None:
+            continue
+        (built,) = builder.build([ms.builder.BuilderInput(sch.mod, task.target)])
+        if built.error_msg:
+            continue
+        args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            continue
+        workload = database.commit_workload(task.dispatched[0])
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [float(t) for t in result.run_secs], task.target, args_info))
+        committed += 1
+    return committed
+
+
+def tune(kernels: Any, target: Any, folder: str | Path, options: TuneOptions,
+         rules: list[Any] | None = None) -> dict[str, Any]:
     """Tune the kernels of `kernels` (a lowered module) that the database in `folder` does not
-    hold yet, with `options.trials` trials in all; returns what was done, for the manifest."""
+    hold yet, with `options.trials` trials in all, each kernel's schedule from `rules` timed
+    beside the search's; returns what was done, for the manifest."""
     database = open_database(folder)
     tasks = extract_tasks(kernels, target)
     todo = _untuned(tasks, database)
@@ -197,24 +290,29 @@ def tune(kernels: Any, target: Any, folder: str | Path, options: TuneOptions) ->
             "kernels_tuned_now": len(todo), "builder_timeout_s": options.builder_timeout,
             "cost_model": "random", "seconds": 0.0}
     if not todo or options.trials <= 0:
-        info["records"] = record_count(folder)
+        info.update(records=record_count(folder), valid_records=valid_record_count(folder))
         return info
     start = time.perf_counter()
+    import_tensor_intrinsics()  # before TuneContext imports it the slow way
     per_task = max(1, options.trials // len(todo))  # one round per kernel: a round costs a start
     builder = PooledBuilder(options.builder_timeout)
     with tempfile.TemporaryDirectory(prefix="winnow-tune-") as work_dir, _quiet_logs(work_dir):
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             todo, work_dir, strategy="replay-trace", seed=options.seed)
+        runner = CPURunner()
         try:
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
                           max_trials_global=per_task * len(todo), max_trials_per_task=per_task,
                           num_trials_per_iter=per_task, builder=builder,
-                          runner=CPURunner(), database=database,
+                          runner=runner, database=database,
                           cost_model="random", task_scheduler="round-robin")
+            if rules:
+                info["rule_schedules_timed"] = commit_rule_schedules(todo, rules, database,
+                                                                     builder, runner)
         finally:
             builder.shutdown()
     info["seconds"] = round(time.perf_counter() - start, 2)
-    info["records"] = record_count(folder)
+    info.update(records=record_count(folder), valid_records=valid_record_count(folder))
     return info
 
 
