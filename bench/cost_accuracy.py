@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from winnow.measure.timing import available_cpus, machine_info, time_interleaved, timing_session
+from winnow.measure.timing import Timing, available_cpus, machine_info, time_interleaved, timing_session
 from winnow.cost_model import predict
 from winnow.cost_model.op_costs import resolve_dims
 from winnow.errors import WinnowError
@@ -139,16 +139,59 @@ def run(sizes: dict[str, list[dict[str, Any]]], target: str, repeats: int, threa
         for size in model_sizes:
             measured = measure_group(models, paths, size, repeats, threads)
             for label, model in models.items():
-                report = predict(model, target, size)
-                rows.append({"model": name, "transform": label, "size": size,
-                             "predicted_s": report.latency_s, "measured_s": measured[label].median,
-                             "spread": measured[label].spread, "noisy": measured[label].noisy,
-                             "roofline_s": report.roofline_s, "kernels": len(report.kernels),
-                             "unpriced": len(report.unpriced), "unpriced_examples": report.unpriced[:3],
-                             "assumed_dims": report.assumed_dims})
-                print(f"  {label:<9} {json.dumps(size):<28} predicted {report.latency_s * 1e3:9.3f} ms"
-                      f"  measured {measured[label].median * 1e3:9.3f} ms", file=sys.stderr)
+                rows.append(_row(name, label, size, model, target, measured[label]))
+                print(f"  {label:<9} {json.dumps(size):<28} predicted "
+                      f"{rows[-1]['predicted_s'] * 1e3:9.3f} ms  measured "
+                      f"{rows[-1]['measured_s'] * 1e3:9.3f} ms", file=sys.stderr)
     return rows
+
+
+def run_calibrated(sizes: dict[str, list[dict[str, Any]]], repeats: int, threads: int,
+                   work: Path, profile: Path, saved: Path | None = None,
+                   clock: str = "wall") -> list[dict[str, Any]]:
+    """Calibrate and measure in one interleaved timing: every round runs each micro-benchmark of
+    `winnow cost calibrate` and each variant at each size once, so the fit and the variants see
+    the same host load. The profile is fitted on the micro-benchmarks only (written at
+    `profile`); the variants are then predicted with it, never fitted on."""
+    from winnow.cost_model import calibrate as cal
+    from winnow.cost_model.targets import load_target
+
+    llc = cal.host_llc_bytes()
+    micros = cal.suite(False, llc)
+    runners = {f"micro {m.name}": cal.micro_runner(m, threads) for m in micros}
+    cases = []
+    for name, model_sizes in sizes.items():
+        print(f"{name}: {'loading' if saved else 'building'} variants", file=sys.stderr)
+        paths = saved_variants(name, saved) if saved else variants(name, work)
+        for label, path in paths.items():
+            model, session = ir.load(path), timing_session(path, threads)
+            for size in model_sizes:
+                key = f"{name} {label} {json.dumps(size)}"
+                batch = feeds(model, size)
+                runners[key] = (lambda s=session, f=batch: s.run(None, f))
+                cases.append((key, name, label, size, model))
+    runners, cpu = cal.cpu_clocked(runners) if clock == "cpu" else (runners, {})
+    timings = time_interleaved(runners, repeats=repeats, warmup=2, desc="micro-benchmarks and variants")
+    if clock == "cpu":  # the same rounds, read on the process CPU clock
+        timings = {key: Timing(key, samples[-repeats:]) for key, samples in cpu.items()}
+    times = {m.name: timings[f"micro {m.name}"].median for m in micros}
+    cal.write_profile(cal.fit_profile(micros, times, threads, llc), profile)
+    profile.with_suffix(".medians.json").write_text(json.dumps({"median_s": times}, indent=1))
+    print(f"fitted {profile} on {len(micros)} micro-benchmarks", file=sys.stderr)
+    target = load_target(profile)
+    return [_row(name, label, size, model, target, timings[key])
+            for key, name, label, size, model in cases]
+
+
+def _row(name: str, label: str, size: dict[str, Any], model: ir.Model, target: Any,
+         measured: Any) -> dict[str, Any]:
+    """One result row: the prediction and the measured timing of a variant at a size."""
+    report = predict(model, target, size)
+    return {"model": name, "transform": label, "size": size, "predicted_s": report.latency_s,
+            "measured_s": measured.median, "spread": measured.spread, "noisy": measured.noisy,
+            "roofline_s": report.roofline_s, "kernels": len(report.kernels),
+            "unpriced": len(report.unpriced), "unpriced_examples": report.unpriced[:3],
+            "assumed_dims": report.assumed_dims}
 
 
 def metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -215,6 +258,10 @@ def markdown(rows: list[dict[str, Any]], m: dict[str, Any], target: str,
         lines += [f"- host: {machine.get('cpu')}, {machine.get('available_cpus')} CPUs, onnxruntime "
                   f"{machine.get('onnxruntime')}; load average (1, 5, 15 min) at the start "
                   f"{machine.get('load_average')}, at the end {machine.get('load_average_end')}"]
+        if machine.get("clock"):
+            lines += [f"- profile fitted in this run (micro-benchmarks timed interleaved with the "
+                      f"variants); {machine.get('threads')} ORT threads; clock: {machine['clock']}"
+                      + (" (process CPU time)" if machine["clock"] == "cpu" else "")]
     lines += [
              f"- variants {m['variants']}; Kendall tau {m['kendall_tau']:.3f}; Spearman "
              f"{m['spearman']:.3f}; MAPE {m['mape'] * 100:.1f}%",
@@ -250,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", default=None, metavar="JSON",
                         help="recompute the metrics and table of a cost_accuracy.json written "
                              "on another host (one without scipy)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit the host profile here, its micro-benchmarks timed interleaved "
+                             "with the variants (same load); written to --out/host.toml")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="with --calibrate: time by wall clock, or by process CPU time (with "
+                             "--threads 1 on a host other work loads: preemption not counted)")
     parser.add_argument("--speed", action="store_true",
                         help="only time `predict` on the variants saved in --variants DIR")
     args = parser.parse_args(argv)
@@ -267,9 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.save_variants or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        rows = run(sizes, args.target, args.repeats or (5 if args.quick else 15),
-                   args.threads or available_cpus(), work,
-                   Path(args.variants) if args.variants else None)
+        repeats, threads = args.repeats or (5 if args.quick else 15), args.threads or available_cpus()
+        saved = Path(args.variants) if args.variants else None
+        if args.calibrate:
+            args.target = str(Path(args.out or tmp) / "host.toml")
+            rows = run_calibrated(sizes, repeats, threads, work, Path(args.target), saved,
+                                  args.clock)
+            machine["clock"], machine["threads"] = args.clock, threads
+        else:
+            rows = run(sizes, args.target, repeats, threads, work, saved)
     machine["load_average_end"] = machine_info().get("load_average")
     if args.out:  # the measurements first: a host without scipy keeps them for --rescore
         out = Path(args.out)

@@ -8,19 +8,22 @@ an Identity model whose time is the `session.run` overhead. The fit, in order:
 1. run overhead = the Identity model's median; dispatch = (chain of N tiny Adds - run) / N;
 2. peak FLOP/s per dtype = the best FLOP/s among that dtype's GEMMs and convs;
    DRAM and cache bandwidth = the best bytes/s of large and of cache-sized elementwise ops;
-3. per kernel kind, t = overhead + scale * roofline fitted by least squares on log time
-   (kernel time = the median minus run and dispatch overheads): a grid over the overhead,
-   the scale by the median ratio for each, the pair with the smallest squared log error.
-   A kind with one point keeps overhead 0.
+3. per kernel kind, the correction of targets.Correction,
+   t = overhead + min(parallel_overhead + work, threads x work),
+   work = compute_scale x compute + memory_scale x memory (the roofline's two sides), fitted by
+   non-negative least squares on the relative error (kernel time = the median minus run and
+   dispatch overheads, over the copies); see `_line`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +45,7 @@ from winnow.errors import OutputError
 OPSET = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)]
 CHAIN = 32
 COPIES = 8  # copies of a kernel per micro-benchmark model
-OVERHEAD_GRID = 64
+TINY_COPIES = 32
 _RNG = np.random.default_rng(0)
 
 
@@ -248,8 +251,16 @@ def suite(quick: bool, llc_bytes: float) -> list[Micro]:
     if not quick:
         items += _full_extra(small, big)
     return [m if m.name in ("identity", f"add-chain-{CHAIN}") else
-            replicate(m, 2 if m.name.endswith(f"-{big}") or m.name.endswith(f"-{big // 4}") else COPIES)
+            replicate(m, 2 if m.name.endswith(f"-{big}") or m.name.endswith(f"-{big // 4}") else
+                      TINY_COPIES if _tiny(m) else COPIES)
             for m in items]
+
+
+def _tiny(micro: Micro) -> bool:
+    """A kernel of a few microseconds: more copies, so that their time stands well above the
+    `session.run` overhead subtracted from it."""
+    kernels = _kernels(micro)
+    return sum(k.flops for k in kernels) < 2e6 and sum(k.bytes for k in kernels) < 256 * 1024
 
 
 def _full_extra(small: int, big: int) -> list[Micro]:
@@ -265,13 +276,17 @@ def _full_extra(small: int, big: int) -> list[Micro]:
         elementwise(small // 8), elementwise(big // 4, "Relu"), elementwise(small, "Mul"),
         elementwise(big, "Erf"), softmax(3072, 128), softmax(96, 16), layernorm(64, 384),
         layernorm(4096, 256), attention(1, 128, 256, 4), attention(8, 32, 384, 12),
-        transpose(1, 128, 4, 64), reduce_mean(4096, 256), reduce_mean(64, 64)]
+        transpose(1, 128, 4, 64), reduce_mean(4096, 256), reduce_mean(64, 64),
+        conv_int8(1, 240, 12, 240, 5, groups=240), conv_int8(1, 480, 6, 480, 5, groups=480),
+        conv_int8(1, 16, 80, 16, 3, groups=16), transpose(64, 17, 4, 16), gemm(17, 64, 64),
+        conv(1, 240, 12, 240, 5, groups=240), layernorm(68, 64)]
 
 
 # ---------------------------------------------------------------- measure
 
 
-def _runner(micro: Micro, threads: int) -> Callable[[], Any]:
+def micro_runner(micro: Micro, threads: int) -> Callable[[], Any]:
+    """A callable that runs the micro-benchmark once through an ORT session (timing options)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(micro.model.SerializeToString(), bench_session_options(threads),
@@ -280,11 +295,35 @@ def _runner(micro: Micro, threads: int) -> Callable[[], Any]:
     return lambda: session.run(None, feeds)
 
 
-def measure(micros: list[Micro], repeats: int, threads: int) -> dict[str, float]:
-    """Median seconds of each micro-benchmark, all timed interleaved (benchmark.py)."""
-    runners = {m.name: _runner(m, threads) for m in micros}
+def measure(micros: list[Micro], repeats: int, threads: int, clock: str = "wall") -> dict[str, float]:
+    """Median seconds of each micro-benchmark, all timed interleaved (measure.timing); with
+    clock "cpu", the median process CPU time of the same runs (see `cpu_clocked`)."""
+    runners = {m.name: micro_runner(m, threads) for m in micros}
+    runners, cpu = cpu_clocked(runners) if clock == "cpu" else (runners, {})
     timings = time_interleaved(runners, repeats=repeats, warmup=2, desc="calibrating")
+    if clock == "cpu":
+        return {name: float(np.median(samples[-repeats:])) for name, samples in cpu.items()}
     return {name: t.median for name, t in timings.items()}
+
+
+def cpu_clocked(runners: dict[str, Callable[[], Any]]) -> tuple[dict[str, Callable[[], Any]],
+                                                                  dict[str, list[float]]]:
+    """The runners, each also noting the process CPU time of every run it makes.
+
+    On a host shared with other work, wall time counts the time other processes hold the cores
+    (a long run is preempted more than a short one, so the slowdown grows with run length); the
+    CPU time of a one-thread session does not. With more threads it sums them."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+
+    def clocked(name: str, run: Callable[[], Any]) -> Callable[[], Any]:
+        def go() -> Any:
+            start = time.process_time()
+            out = run()
+            samples[name].append(time.process_time() - start)
+            return out
+        return go
+
+    return {name: clocked(name, run) for name, run in runners.items()}, samples
 
 
 # ---------------------------------------------------------------- fit
@@ -359,6 +398,7 @@ def fit_profile(micros: list[Micro], times: dict[str, float], threads: int,
 
 
 def _points(micros: list[Micro], times: dict[str, float], target: Target) -> dict[str, list]:
+    """Per kernel kind, (compute_us, memory_us, measured_us) of each micro-benchmark's copy."""
     from winnow.cost_model.predict import price_kernel
 
     points: dict[str, list] = {}
@@ -369,43 +409,92 @@ def _points(micros: list[Micro], times: dict[str, float], target: Target) -> dic
         costs, _ = node_costs(model)
         ks = group_kernels(costs, [v.name for v in model.graph.outputs])
         priced = [price_kernel(k, costs, target) for k in ks]
-        roof = sum(p.roofline_s for p in priced)
         launches = sum(k.launches for k in ks)
         t = times[m.name] - target.run_s - launches * target.dispatch_s
         t = max(t, 0.05 * times[m.name]) / m.copies
-        roof /= m.copies
+        compute = sum(p.compute_s for p in priced) / m.copies
+        memory = sum(p.memory_s for p in priced) / m.copies
         main = max(priced, key=lambda p: p.roofline_s).kernel
         kind = main.kind if main.dtype in ("fp32", "int") else f"{main.kind}-{main.dtype}"
-        if roof > 0:
-            points.setdefault(kind, []).append((roof * 1e6, t * 1e6))
+        if compute + memory > 0:
+            points.setdefault(kind, []).append((compute * 1e6, memory * 1e6, t * 1e6))
     return points
 
 
-def _line(pts: list[tuple[float, float]]) -> dict[str, float]:
-    """overhead_us >= 0 and scale >= 0 of t = overhead + scale * roof, least squares on log t."""
-    roof = np.array([p[0] for p in pts])
-    t = np.array([p[1] for p in pts])
-    grid = [0.0] if len(pts) < 2 else np.linspace(0.0, 0.95 * t.min(), OVERHEAD_GRID)
-    best = (math.inf, 0.0, 1.0)
-    for a in grid:
-        b = max(float(np.median((t - a) / roof)), 1e-9)
-        err = float(np.sum((np.log(a + b * roof) - np.log(t)) ** 2))
-        if err < best[0]:
-            best = (err, float(a), b)
-    return {"overhead_us": round(best[1], 4), "scale": round(best[2], 6), "points": len(pts),
-            "rms_log_error": round(math.sqrt(best[0] / len(pts)), 4)}
+def _nonnegative_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin |x b - y| with b >= 0, by trying every subset of columns (three at most)."""
+    best, best_err = np.zeros(x.shape[1]), float(np.sum(y ** 2))
+    for size in range(1, x.shape[1] + 1):
+        for cols in itertools.combinations(range(x.shape[1]), size):
+            b, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.any(b < 0):
+                continue
+            full = np.zeros(x.shape[1])
+            full[list(cols)] = b
+            err = float(np.sum((x @ full - y) ** 2))
+            if err < best_err - 1e-12:
+                best, best_err = full, err
+    return best
+
+
+def _line(pts: list[tuple[float, float, float]], threads: int = 1) -> dict[str, float]:
+    """The correction (targets.Correction) of one kernel kind, all terms >= 0:
+
+        t = overhead + min(parallel_overhead + work, threads x work)
+        work = compute_scale x compute + memory_scale x memory
+
+    by least squares on the relative error. Which points run serial (on one thread) is part of
+    the fit: each split of the points, smallest first, into serial and parallel ones is fitted
+    and the best kept. Four terms need five points; with fewer, both sides share one scale
+    (three or four points), the parallel overhead goes (two), then the overhead (one); at one
+    thread there is no parallel overhead. A side no point exercises (no FLOPs in a data-movement
+    kind) takes the other side's scale."""
+    c = np.array([p[0] for p in pts])
+    m = np.array([p[1] for p in pts])
+    t = np.array([p[2] for p in pts])
+    n = len(pts)
+    parallel = n >= 3 and threads > 1  # whether the parallel overhead is fitted
+    order = np.argsort(c + m)
+    best: tuple[float, np.ndarray] = (math.inf, np.array([0.0, 0.0, 1.0, 1.0]))
+    for count in range(n if parallel else 1):
+        serial = np.zeros(n, bool)
+        serial[order[:count]] = True
+        k = np.where(serial, float(max(threads, 1)), 1.0)
+        columns = ([np.ones(n)] if n >= 2 else []) + ([np.where(serial, 0.0, 1.0)] if parallel else [])
+        columns += [k * c, k * m] if n >= 5 else [k * (c + m)]
+        b = _nonnegative_fit(np.stack(columns, axis=1) / t[:, None], np.ones(n))
+        b = np.concatenate([[0.0] * (n < 2), b[:1] if not parallel and n >= 2 else [],
+                            [0.0] * (not parallel), b[int(not parallel and n >= 2):],
+                            b[-1:] if n < 5 else []])
+        err = float(np.sum((_predicted(b, c, m, threads) / t - 1.0) ** 2))
+        if err < best[0] - 1e-12:
+            best = (err, b)
+    overhead, parallel_overhead, compute_scale, memory_scale = (float(v) for v in best[1])
+    if not np.any(c > 0):
+        compute_scale = memory_scale
+    if not np.any(m > 0):
+        memory_scale = compute_scale
+    pred = np.maximum(_predicted(best[1], c, m, threads), 1e-9)
+    return {"overhead_us": round(overhead, 4), "parallel_overhead_us": round(parallel_overhead, 4),
+            "compute_scale": round(compute_scale, 6), "memory_scale": round(memory_scale, 6),
+            "points": n, "rms_log_error": round(float(np.sqrt(np.mean(np.log(pred / t) ** 2))), 4)}
+
+
+def _predicted(b: np.ndarray, c: np.ndarray, m: np.ndarray, threads: int) -> np.ndarray:
+    work = b[2] * c + b[3] * m
+    return b[0] + np.minimum(b[1] + work, max(threads, 1) * work)
 
 
 def fit_corrections(micros: list[Micro], times: dict[str, float],
                     target: Target) -> dict[str, dict[str, float]]:
-    """Per kernel kind (and `default` over all), the fitted overhead and scale."""
+    """Per kernel kind (and `default` over all), the fitted overhead and scales."""
     points = _points(micros, times, target)
     out = {}
     for kind, pts in sorted(points.items()):
-        out[kind] = _line(pts)
+        out[kind] = _line(pts, target.cores)
     everything = [p for pts in points.values() for p in pts]
     if everything:
-        out["default"] = _line(everything)
+        out["default"] = _line(everything, target.cores)
     return out
 
 
@@ -440,13 +529,19 @@ def to_toml(data: dict[str, Any]) -> str:
 
 
 def calibrate(quick: bool = False, out: str | Path | None = None, repeats: int | None = None,
-              threads: int | None = None) -> tuple[Path, dict[str, Any], dict[str, float]]:
+              threads: int | None = None, clock: str = "wall") -> tuple[Path, dict[str, Any],
+                                                                      dict[str, float]]:
     """Run the micro-benchmarks, fit the host profile and write it; returns (path, profile, times)."""
     threads = threads or available_cpus()
     llc = host_llc_bytes()
     micros = suite(quick, llc)
-    times = measure(micros, repeats or (7 if quick else 21), threads)
+    times = measure(micros, repeats or (7 if quick else 21), threads, clock)
     data = fit_profile(micros, times, threads, llc)
+    return write_profile(data, out), data, times
+
+
+def write_profile(data: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Write a fitted profile as TOML at `out` (default: the user folder's host.toml)."""
     path = Path(out) if out else user_dir() / "host.toml"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -455,7 +550,7 @@ def calibrate(quick: bool = False, out: str | Path | None = None, repeats: int |
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write the host profile '{path}': {exc.strerror or exc}.") from None
-    return path, data, times
+    return path
 
 
 def summary(path: Path, data: dict[str, Any], times: dict[str, float]) -> str:
@@ -469,8 +564,9 @@ def summary(path: Path, data: dict[str, Any], times: dict[str, float]) -> str:
               f"LLC {m['llc_kib'] / 1024:.0f} MiB",
               f"overhead  run {o['run_us']:.1f} us, dispatch {o['dispatch_us']:.2f} us per kernel"]
     for kind, fit in data.get("correction", {}).items():
-        lines.append(f"correct   {kind:<12} overhead {fit['overhead_us']:8.1f} us  scale "
-                     f"{fit['scale']:7.3f}  ({fit['points']} points, rms log error "
-                     f"{fit['rms_log_error']:.3f})")
+        lines.append(f"correct   {kind:<12} overhead {fit['overhead_us']:7.1f} + "
+                     f"{fit.get('parallel_overhead_us', 0.0):6.1f} us  x compute "
+                     f"{fit['compute_scale']:7.3f}  x memory {fit['memory_scale']:7.3f}  "
+                     f"({fit['points']} points, rms log error {fit['rms_log_error']:.3f})")
     lines.append(f"wrote     {path}")
     return "\n".join(lines)

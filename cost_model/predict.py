@@ -1,15 +1,18 @@
 """Predicted latency and energy of a model on a target, per node, per kernel and in total.
 
-Per kernel (see kernels.py), the roofline time is `max(flops / peak[dtype], bytes / bandwidth)`
-with the bandwidth of the last-level cache when the kernel's bytes fit in it and of DRAM
-otherwise. A learned correction per kernel kind turns it into time:
+Per kernel (see kernels.py), the roofline's two sides are compute = flops / peak[dtype] (peak
+of the threads it runs on) and memory = bytes / bandwidth, with the bandwidth of the last-level
+cache when the kernel's bytes fit in it and of DRAM otherwise; the roofline bound is their max.
+A learned correction per kernel kind turns them into time (targets.Correction):
 
-    t = launches * dispatch + overhead[kind] + scale[kind] * roofline
+    t = launches * dispatch + overhead + min(parallel_overhead + work, threads * work)
+    work = compute_scale * compute + memory_scale * memory
 
-`overhead` and `scale` are fitted by least squares on log time over the micro-benchmarks of
-that kind (calibrate.py; `matmul-int8` and `conv-int8` apart from fp32); the shipped profiles
-have none (overhead 0, scale 1: the plain roofline). The model total adds one `run` overhead
-(a `session.run` call). Both are >= 0, so more work never predicts less time.
+fitted by least squares on the relative error over the micro-benchmarks of that kind
+(calibrate.py; `matmul-int8` and `conv-int8` apart from fp32); a kernel too small to pay for
+waking the other threads runs on one. The shipped profiles have no correction (the plain
+roofline). The model total adds one `run` overhead (a `session.run` call). All terms are >= 0,
+so more work never predicts less time.
 """
 
 from __future__ import annotations
@@ -130,13 +133,17 @@ class CostReport:
         return "\n".join(lines)
 
 
-def price_kernel(kernel: Kernel, nodes: Sequence[OpCost], target: Target) -> KernelCost:
-    """Roofline bound, corrected latency and energy of one kernel."""
-    compute_s = kernel.flops / target.peak(kernel.dtype) if kernel.flops else 0.0
+def price_kernel(kernel: Kernel, nodes: Sequence[OpCost], target: Target,
+                 threads: int | None = None) -> KernelCost:
+    """Roofline bound, corrected latency and energy of one kernel run on `threads` threads
+    (default: the profile's cores, the thread count it was calibrated with)."""
+    threads = threads or target.cores
+    compute_s = kernel.flops / target.peak(kernel.dtype, threads) if kernel.flops else 0.0
     in_cache = kernel.bytes <= target.llc_bytes
     memory_s = kernel.bytes / (target.cache_bps if in_cache else target.dram_bps)
     roof = max(compute_s, memory_s)
-    corrected = target.correction(kernel.kind, kernel.dtype).apply(roof * 1e6) * 1e-6
+    corrected = target.correction(kernel.kind, kernel.dtype).apply(
+        compute_s * 1e6, memory_s * 1e6, threads) * 1e-6
     latency = kernel.launches * target.dispatch_s + corrected
     energy = sum(compute_pj(nodes[i], target) for i in kernel.nodes)
     energy_mem = memory_pj(kernel.bytes, in_cache, target)
@@ -147,8 +154,9 @@ def price_kernel(kernel: Kernel, nodes: Sequence[OpCost], target: Target) -> Ker
 
 def predict(model: ir.Model | str | Path, target: str | Path | Target = "host",
             input_shapes: Mapping[str, int | Sequence[int]] | None = None,
-            formats: bool = True) -> CostReport:
-    """Predict latency and energy of `model` on `target` for the given input shapes or dims.
+            formats: bool = True, threads: int | None = None) -> CostReport:
+    """Predict latency and energy of `model` on `target` for the given input shapes or dims,
+    run on `threads` threads (default: the profile's cores).
 
     With `formats` (the default) nodes a numerics rewrite marked are priced as their format
     (BFP, L-Mul: formats.py); without, as the float graph that emulates them in ORT."""
@@ -159,7 +167,7 @@ def predict(model: ir.Model | str | Path, target: str | Path | Target = "host",
     target = load_target(target)
     nodes, assumed = node_costs(model, input_shapes, formats)
     kernels = group_kernels(nodes, [v.name for v in model.graph.outputs])
-    priced = [price_kernel(k, nodes, target) for k in kernels]
+    priced = [price_kernel(k, nodes, target, threads) for k in kernels]
     compute_j = sum(compute_pj(n, target) for n in nodes) * 1e-12
     memory_j = sum(k.energy_j for k in priced) - compute_j
     return CostReport(target.name, nodes, priced, target.run_s, compute_j, max(0.0, memory_j),

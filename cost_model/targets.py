@@ -39,21 +39,37 @@ def user_dir() -> Path:
 
 @dataclass(frozen=True)
 class Correction:
-    """A fitted correction of one kernel kind: t_us = overhead_us + scale * roofline_us.
+    """A fitted correction of one kernel kind, in microseconds:
 
-    `overhead_us` is what a kernel of that kind costs beyond its launch even when tiny
-    (splitting the work over threads, setup); `scale` is 1 / the efficiency reached against
-    the roofline. Both are >= 0, so more work never predicts less time.
+        t = overhead_us + min(parallel_overhead_us + work, threads x work)
+        work = compute_scale x compute_us + memory_scale x memory_us
+
+    compute_us = FLOPs / peak and memory_us = bytes / bandwidth are the two sides of the roofline,
+    priced apart (a depthwise int8 conv is memory-bound on the roofline but its time follows its
+    FLOPs; a short-K GEMM pays for its bytes on top of its FLOPs). `overhead_us` is what any
+    kernel of the kind costs beyond its launch; `parallel_overhead_us` what waking the other
+    threads costs: a kernel too small to pay for it runs on one thread (ORT's thread pool splits
+    work only when its cost estimate is large), `threads` times slower, so at one thread it never
+    applies. A profile without the split scales (fitted before them) has
+    t = overhead_us + scale * max(compute_us, memory_us). All terms are >= 0, so more work never
+    predicts less time.
     """
 
     overhead_us: float = 0.0
     scale: float = 1.0
+    compute_scale: float | None = None
+    memory_scale: float | None = None
+    parallel_overhead_us: float = 0.0
 
-    def apply(self, roofline_us: float) -> float:
-        """The corrected time (us) of a kernel whose roofline time is `roofline_us`."""
-        if roofline_us <= 0.0:
+    def apply(self, compute_us: float, memory_us: float, threads: int = 1) -> float:
+        """The corrected time (us) of a kernel with these compute and memory roofline times
+        (both for `threads` threads)."""
+        if compute_us <= 0.0 and memory_us <= 0.0:
             return 0.0
-        return self.overhead_us + self.scale * roofline_us
+        if self.compute_scale is None or self.memory_scale is None:
+            return self.overhead_us + self.scale * max(compute_us, memory_us)
+        work = self.compute_scale * compute_us + self.memory_scale * memory_us
+        return self.overhead_us + min(self.parallel_overhead_us + work, max(threads, 1) * work)
 
 
 @dataclass(frozen=True)
@@ -74,12 +90,12 @@ class Target:
     sources: tuple[str, ...] = ()
     path: str = ""
 
-    def peak(self, dtype: str) -> float:
-        """Peak FLOP/s of all cores for a compute dtype (int4 and L-Mul's integer adds at the int8
-        rate, fp64 at half fp32)."""
+    def peak(self, dtype: str, threads: int | None = None) -> float:
+        """Peak FLOP/s of `threads` cores (default: the profile's) for a compute dtype (int4 and
+        L-Mul's integer adds at the int8 rate, fp64 at half fp32)."""
         key = {"int4": "int8", "lmul": "int8", "int": "fp32", "fp64": "fp32"}.get(dtype, dtype)
         rate = self.peak_per_core.get(key, self.peak_per_core["fp32"])
-        return rate * self.cores * (0.5 if dtype == "fp64" else 1.0)
+        return rate * (threads or self.cores) * (0.5 if dtype == "fp64" else 1.0)
 
     def correction(self, kind: str, dtype: str = "fp32") -> Correction:
         """The fitted correction of a kernel kind and dtype (`matmul-int8`), else of the kind,
@@ -118,13 +134,21 @@ def _check(data: dict[str, Any], path: Path) -> None:
                               f"it must be a positive {'string' if kind is str else 'number'}.")
 
 
+def _correction(table: dict[str, Any]) -> Correction:
+    """A Correction from its TOML table (negative values clipped: time never falls with work)."""
+    split = [table.get(k) for k in ("compute_scale", "memory_scale")]
+    compute, memory = (None, None) if None in split else (max(0.0, float(split[0])),
+                                                          max(0.0, float(split[1])))
+    return Correction(max(0.0, float(table.get("overhead_us", 0.0))),
+                      max(1e-3, float(table.get("scale", 1.0))), compute, memory,
+                      max(0.0, float(table.get("parallel_overhead_us", 0.0))))
+
+
 def parse_target(data: dict[str, Any], path: Path) -> Target:
     """A Target from a parsed TOML document (TargetError names a missing or bad field)."""
     _check(data, path)
     c, m, o = data["compute"], data["memory"], data["overhead"]
-    corrections = {kind: Correction(max(0.0, float(v.get("overhead_us", 0.0))),
-                                    max(1e-3, float(v.get("scale", 1.0))))
-                   for kind, v in (data.get("correction") or {}).items()}
+    corrections = {kind: _correction(v) for kind, v in (data.get("correction") or {}).items()}
     return Target(
         name=data["name"], description=data.get("description", ""), cores=int(c["cores"]),
         peak_per_core={"fp32": c["fp32_gflops_per_core"] * 1e9,

@@ -16,7 +16,7 @@ from winnow.cost_model import load_target, predict
 from winnow.cost_model.calibrate import _line, to_toml
 from winnow.cost_model.kernels import group_kernels
 from winnow.cost_model.op_costs import node_costs
-from winnow.cost_model.targets import TargetError, parse_target
+from winnow.cost_model.targets import Correction, TargetError, parse_target
 
 F = TensorProto.FLOAT
 
@@ -160,9 +160,9 @@ def test_elementwise_chain_is_one_kernel_with_a_launch_per_op():
     assert k.kind == "elementwise" and k.launches == 3
 
 
-def _target_with_correction(overhead: float, scale: float) -> dict:
+def _target_with_correction(overhead: float, scale: float, **split: float) -> dict:
     data = tomllib.loads(to_toml({k: v for k, v in vars_of("x86-avx2").items()}))
-    data["correction"] = {"matmul": {"overhead_us": overhead, "scale": scale}}
+    data["correction"] = {"matmul": {"overhead_us": overhead, "scale": scale, **split}}
     return data
 
 
@@ -170,9 +170,14 @@ def vars_of(name: str) -> dict:
     return tomllib.loads(open(load_target(name).path, "rb").read().decode())
 
 
-@pytest.mark.parametrize("overhead,scale", [(0.0, 1.0), (30.0, 2.5), (5.0, -1.0)])
-def test_more_matmul_work_never_predicts_less(overhead, scale):
-    target = parse_target(_target_with_correction(overhead, scale), load_target("x86-avx2").path)
+SPLIT = {"compute_scale": 1.5, "memory_scale": 0.7, "parallel_overhead_us": 40.0}
+
+
+@pytest.mark.parametrize("overhead,scale,split", [(0.0, 1.0, {}), (30.0, 2.5, {}), (5.0, -1.0, {}),
+                                                  (5.0, 1.0, SPLIT)])
+def test_more_matmul_work_never_predicts_less(overhead, scale, split):
+    target = parse_target(_target_with_correction(overhead, scale, **split),
+                          load_target("x86-avx2").path)
     times = []
     for k in (16, 32, 64, 128, 256, 512, 1024, 4096):
         model = build([helper.make_node("MatMul", ["a", "w"], ["y"])], {"a": [64, k]}, ["y"],
@@ -218,13 +223,54 @@ def test_profile_written_by_calibration_round_trips():
     target = parse_target(tomllib.loads(to_toml(data)), load_target("x86-avx2").path)
     assert target.correction("conv").scale == 1.75 and target.correction("norm").scale == 1.0
     assert target.correction("conv", "int8").overhead_us == 40.0
+    data["correction"]["matmul"] = {"overhead_us": 3.0, "parallel_overhead_us": 25.0,
+                                    "compute_scale": 1.25, "memory_scale": 0.0}
+    split = parse_target(tomllib.loads(to_toml(data)), load_target("x86-avx2").path)
+    assert split.correction("matmul") == Correction(3.0, 1.0, 1.25, 0.0, 25.0)
 
 
 def test_correction_fit_recovers_a_known_line():
-    roofs = np.geomspace(1.0, 5000.0, 9)
-    fit = _line([(float(r), 12.0 + 2.5 * float(r)) for r in roofs])
-    assert math.isclose(fit["scale"], 2.5, rel_tol=0.02)
+    # t = 12 + 2.5 compute + 0.5 memory at one thread: the fit gives back the three terms
+    rng = np.random.default_rng(1)
+    compute = np.geomspace(1.0, 5000.0, 9)
+    memory = compute * rng.uniform(0.1, 3.0, 9)
+    fit = _line([(float(c), float(m), 12.0 + 2.5 * c + 0.5 * m) for c, m in zip(compute, memory)])
+    assert math.isclose(fit["compute_scale"], 2.5, rel_tol=0.02)
+    assert math.isclose(fit["memory_scale"], 0.5, rel_tol=0.05)
     assert math.isclose(fit["overhead_us"], 12.0, rel_tol=0.1)
+    assert fit["parallel_overhead_us"] == 0.0  # one thread: nothing to wake
+
+
+@pytest.mark.parametrize("threads", [2, 16])
+def test_correction_fit_finds_which_kernels_run_serial(threads):
+    # points drawn from t = 3 + min(40 + w, threads * w), w = 1.5 c + 0.8 m: the small ones run
+    # on one thread; the fit recovers the thread wake-up cost and both scales
+    rng = np.random.default_rng(2)
+    compute = np.geomspace(0.2, 3000.0, 12)
+    memory = compute * rng.uniform(0.1, 3.0, 12)
+    work = 1.5 * compute + 0.8 * memory
+    times = 3.0 + np.minimum(40.0 + work, threads * work)
+    assert np.any(threads * work < 40.0 + work) and np.any(threads * work > 40.0 + work)
+    fit = _line([(float(c), float(m), float(t)) for c, m, t in zip(compute, memory, times)], threads)
+    assert math.isclose(fit["parallel_overhead_us"], 40.0, rel_tol=0.05)
+    assert math.isclose(fit["compute_scale"], 1.5, rel_tol=0.05)
+    assert math.isclose(fit["memory_scale"], 0.8, rel_tol=0.1)
+    assert math.isclose(fit["overhead_us"], 3.0, abs_tol=0.5)
+
+
+def test_correction_applies_the_thread_count_it_is_given():
+    split = Correction(overhead_us=2.0, compute_scale=1.5, memory_scale=0.5,
+                       parallel_overhead_us=30.0)
+    # big kernel: parallel, 2 + 30 + (1.5 * 100 + 0.5 * 40); tiny kernel: serial, 2 + 4 x 1.75
+    assert math.isclose(split.apply(100.0, 40.0, threads=4), 2.0 + 30.0 + 170.0)
+    assert math.isclose(split.apply(1.0, 0.5, threads=4), 2.0 + 4 * 1.75)
+    assert math.isclose(split.apply(100.0, 40.0, threads=1), 2.0 + 170.0)  # no one to wake
+    assert split.apply(0.0, 0.0, threads=4) == 0.0
+    old = Correction(overhead_us=5.0, scale=2.0)  # a profile fitted before the split scales
+    assert math.isclose(old.apply(10.0, 30.0, threads=4), 5.0 + 2.0 * 30.0)
+    works = np.geomspace(0.01, 1e4, 200)
+    times = [split.apply(float(w), float(w) / 3, threads=8) for w in works]
+    assert all(b >= a for a, b in zip(times, times[1:]))
 
 
 def test_cli_cost_prints_kernels_and_fails_cleanly(tmp_path):
