@@ -151,12 +151,13 @@ class QuantizePass(Pass):
         return chosen, {"auto": {"budget": self.config.budget, "met": met, "steps": steps}}
 
 
-def lift_constants(model: ir.Model) -> None:
-    """Turn Constant-node tensors into initializers: ORT's quantizers take a weight only from an
-    initializer (a Conv weight made by a Constant node would be quantized as an activation)."""
+def lift_constants(model: ir.Model, size_limit: int = 16) -> None:
+    """Turn Constant-node tensors of at least `size_limit` elements into initializers: ORT's
+    quantizers take a weight only from an initializer (a Conv weight made by a Constant node would
+    be quantized as an activation)."""
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-    LiftConstantsToInitializersPass(size_limit=16)(model)
+    LiftConstantsToInitializersPass(size_limit=size_limit)(model)
 
 
 def name_nodes(model: ir.Model) -> None:
