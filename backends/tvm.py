@@ -311,7 +311,7 @@ def _tuning_database(mod: Any, folder: Path, target: TargetSpec, schedules: str,
     if asked:
         info = tvm_tuning.tune(lowered, _tvm_target(target), own, tvm_tuning.TuneOptions(**tuning),
                                _schedule_rules(schedules))
-    database = tvm_tuning.union_database(folders)
+    database = tvm_tuning.union_database(folders, target.tvm.get("mcpu"))  # tuned on this CPU
     if database is None:
         return None, info
     matched = tvm_tuning.matched(lowered, _tvm_target(target), database)

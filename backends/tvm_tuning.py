@@ -5,7 +5,8 @@ database's schedules to every kernel whose workload it holds.
 The kernels tuned are the fused PrimFuncs of the backend's own lowering (layout passes, library
 dispatch, legalization and fusion), so a record found here matches the kernel `build` schedules.
 Kernels no record matches keep winnow's schedule rules. The databases of the small zoo models
-ship with the package (`backends/tuning/<model>/`); `build` applies them when a kernel matches,
+ship with the package (`backends/tvm_databases/<model>-<shapes>/`); `build` applies them when a
+kernel matches,
 so tests, benchmarks and the demo never tune.
 
 The search replays random traces of MetaSchedule's design space (`replay-trace`), one round of
@@ -44,7 +45,7 @@ __all__ = ["TUNING_DIR", "PACKAGED_DIR", "DEFAULT_BUILDER_TIMEOUT", "TuneOptions
            "union_database", "import_tensor_intrinsics"]
 
 TUNING_DIR = "tuning"  # in an artifact folder: MetaSchedule's workload.json and tuning_record.json
-PACKAGED_DIR = Path(__file__).resolve().parent / "tuning"  # the zoo models' committed databases
+PACKAGED_DIR = Path(__file__).resolve().parent / "tvm_databases"  # the zoo models' databases
 WORKLOAD_FILE, RECORD_FILE = "workload.json", "tuning_record.json"
 DEFAULT_BUILDER_TIMEOUT = 120.0  # MetaSchedule's 30 s is too short for a loaded 2-core host
 FAILED_SECONDS = 1e9  # MetaSchedule records a failed candidate as 1e10 s
@@ -93,9 +94,9 @@ def packaged_databases() -> list[Path]:
     return sorted(p for p in PACKAGED_DIR.iterdir() if (p / RECORD_FILE).exists())
 
 
-def _read_only(folder: Path) -> Any:
+def _read_only(folder: Path, cpu: str | None = None) -> Any:
     """A database loaded from `folder`'s files without writing to them (a packaged database may
-    sit in a read-only install)."""
+    sit in a read-only install); with `cpu`, only the records measured on that CPU (`mcpu`)."""
     db = ms.database.MemoryDatabase()
     workloads = [json.loads(line) for line in (folder / WORKLOAD_FILE).read_text().splitlines()
                  if line.strip()]
@@ -103,15 +104,17 @@ def _read_only(folder: Path) -> Any:
     for line in (folder / RECORD_FILE).read_text().splitlines():
         if line.strip():
             index, record = json.loads(line)
+            if cpu is not None and (record[2] or {}).get("mcpu") != cpu:
+                continue
             workload = db.commit_workload(parsed[index].mod)
             db.commit_tuning_record(ms.database.TuningRecord.from_json(record, workload))
     return db
 
 
-def union_database(folders: list[Path]) -> Any | None:
-    """One database answering from every folder's records (the fastest record wins), or None
-    when none has any."""
-    dbs = [_read_only(f) for f in folders if record_count(f)]
+def union_database(folders: list[Path], cpu: str | None = None) -> Any | None:
+    """One database answering from every folder's records (the fastest record wins; with `cpu`,
+    only records measured on that CPU), or None when none has any."""
+    dbs = [_read_only(f, cpu) for f in folders if record_count(f)]
     if not dbs:
         return None
     return dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
@@ -276,6 +279,20 @@ def commit_rule_schedules(tasks: list[Any], rules: list[Any], database: Any, bui
             sch.trace, workload, [float(t) for t in result.run_secs], task.target, args_info))
         committed += 1
     return committed
+
+
+def searched_kernels(kernels: Any, target: Any, database: Any, rules: list[Any]) -> int:
+    """How many kernels of the lowered module get a searched schedule from `database`: its best
+    record is not the schedule `rules` give the kernel."""
+    count = 0
+    for task in extract_tasks(kernels, target):
+        record = database.query_tuning_record(task.dispatched[0], task.target, task.task_name)
+        if record is None:
+            continue
+        rule = _rule_schedule(task, rules)
+        if rule is None or str(rule.trace) != str(record.trace):
+            count += 1
+    return count
 
 
 def tune(kernels: Any, target: Any, folder: str | Path, options: TuneOptions,

@@ -54,9 +54,9 @@ def bound_model(name: str, seq: int) -> tuple[Any, dict[str, np.ndarray]]:
 
 
 def tvm_runner(bound: Any, feeds: dict[str, np.ndarray], schedules: str,
-               database: Any = None) -> tuple[Any, float]:
+               database: Any = None, report: dict[str, Any] | None = None) -> tuple[Any, float]:
     """A no-argument runner of the TVM build with `schedules` (and a tuning database's schedules
-    for the kernels it holds), and its build seconds."""
+    for the kernels it holds, named in `report['kernels_applied']`), and its build seconds."""
     import tvm
     from tvm import relax
 
@@ -64,7 +64,8 @@ def tvm_runner(bound: Any, feeds: dict[str, np.ndarray], schedules: str,
 
     start = time.perf_counter()
     executable = tvm_backend.build(tvm_backend.to_relax(bound),
-                                   tvm_backend.resolve_target("host"), schedules, database)
+                                   tvm_backend.resolve_target("host"), schedules, database,
+                                   report)
     seconds = time.perf_counter() - start
     vm = relax.VirtualMachine(executable, tvm.cpu())
     args = [tvm.runtime.tensor(feeds[v.name]) for v in bound.graph.inputs]
@@ -81,8 +82,8 @@ def max_error(runner: Any, reference: list[np.ndarray]) -> float:
 
 def tuned_database(bound: Any, folder: Path, trials: int,
                    timeout: float) -> tuple[Any, dict[str, Any]]:
-    """Tune `bound`'s kernels into `folder` (only those it holds no record for) and return that
-    database with what tuning did."""
+    """Tune `bound`'s kernels into `folder` (only those it holds no record for; winnow's rule
+    schedule of each timed beside the search's) and return that database with what tuning did."""
     from winnow.backends import tvm as tvm_backend
     from winnow.backends import tvm_tuning
 
@@ -90,10 +91,11 @@ def tuned_database(bound: Any, folder: Path, trials: int,
     lowered = tvm_backend.lower(tvm_backend.to_relax(bound), target)
     tvm_target = tvm_backend._tvm_target(target)
     info = tvm_tuning.tune(lowered, tvm_target, folder,
-                           tvm_tuning.TuneOptions(trials, builder_timeout=timeout))
+                           tvm_tuning.TuneOptions(trials, builder_timeout=timeout),
+                           tvm_backend._schedule_rules("winnow"))
     database = tvm_tuning.union_database([folder])
-    info["kernels_from_database"] = (tvm_tuning.matched(lowered, tvm_target, database)
-                                     if database is not None else 0)
+    info["kernels_searched"] = (0 if database is None else tvm_tuning.searched_kernels(
+        lowered, tvm_target, database, tvm_backend._schedule_rules("winnow")))
     return database, info
 
 
@@ -113,9 +115,12 @@ def bench_model(name: str, seq: int, repeats: int, tune: dict[str, Any] | None =
         shape_tag = "-".join("x".join(map(str, v.shape)) for v in feeds.values())
         database, info = tuned_database(bound, Path(tune["dir"]) / f"{name}-{shape_tag}",
                                         tune["trials"], tune["timeout"])
-        label = (f"TVM tuned ({tune['trials']} trials, {info['kernels_from_database']}/"
-                 f"{info['kernels']} kernels, tuned {info['seconds']:.0f} s now)")
-        runners[label], builds[label] = tvm_runner(bound, feeds, "winnow", database)
+        report: dict[str, Any] = {}
+        runner, build_seconds = tvm_runner(bound, feeds, "winnow", database, report)
+        label = (f"TVM tuned ({tune['trials']} trials, {len(report.get('kernels_applied', []))}/"
+                 f"{info['kernels']} kernels applied, {info['kernels_searched']} of them "
+                 f"searched, tuned {info['seconds']:.0f} s now)")
+        runners[label], builds[label] = runner, build_seconds
         errors[label] = max_error(runners[label], reference)
     shape = " ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feeds.items())
     timings = time_interleaved(runners, repeats=repeats, warmup=2, desc=name)

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 pytest.importorskip("tvm", reason="the TVM backend needs the extra winnow[tvm]")
 
 from winnow.backends import run_artifact  # noqa: E402
+from winnow.backends.tvm import resolve_target  # noqa: E402
 from winnow.backends import tvm_tuning  # noqa: E402
 from winnow.cli import cli  # noqa: E402
 from winnow.driver.compile import compile_model  # noqa: E402
@@ -72,6 +73,9 @@ def test_a_database_record_is_applied_to_the_kernel_the_build_schedules(tmp_path
     assert "tuning" not in json.loads((out / "manifest.json").read_text())["tvm"]
     commit_schedule(out / tvm_tuning.TUNING_DIR, model, {"x": [8, 16]})
     assert tvm_tuning.valid_record_count(out / tvm_tuning.TUNING_DIR) == 1
+    host_cpu = resolve_target("host").tvm["mcpu"]
+    assert len(tvm_tuning.union_database([out / tvm_tuning.TUNING_DIR], host_cpu)) == 1
+    assert len(tvm_tuning.union_database([out / tvm_tuning.TUNING_DIR], "cortex-a72")) == 0
     compile_model(str(src), out, backend="tvm", pipeline="dce", backend_options=options,
                   overwrite=True)
     tuning = json.loads((out / "manifest.json").read_text())["tvm"]["tuning"]
