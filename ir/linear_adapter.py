@@ -58,9 +58,7 @@ def fit_adapter(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, rank: int = 0
     feats = x if ctx is None else np.concatenate([x, ctx], axis=1)
     mean_f, mean_d = feats.mean(axis=0), delta.mean(axis=0)
     fc, dc = feats - mean_f, delta - mean_d
-    gram = fc.T @ fc
-    lam = ridge * max(np.trace(gram) / gram.shape[0], 1e-12)
-    weight = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), fc.T @ dc)
+    weight = _ridge(fc, dc, ridge)
     if 0 < rank < weight.shape[1]:
         u, s, vt = np.linalg.svd(weight, full_matrices=False)
         weight = (u[:, :rank] * s[:rank]) @ vt[:rank]
@@ -71,6 +69,22 @@ def fit_adapter(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, rank: int = 0
     if ctx is None:
         return LinearAdapter(weight, bias, r2)
     return LinearAdapter(weight[:d], bias, r2, weight[d:], context)
+
+
+def _ridge(fc: np.ndarray, dc: np.ndarray, ridge: float) -> np.ndarray:
+    """argmin_W |fc W - dc|^2 + lam |W|^2, lam = `ridge` x the mean feature variance: from the
+    p x p Gram matrix, or with fewer samples n than features p from the n x n one (the same W:
+    (A'A + lam I)^-1 A' = A' (AA' + lam I)^-1), so a wide model's few calibration vectors cost
+    n^2 p instead of p^3."""
+    n, p = fc.shape
+    lam = ridge * max(float(np.einsum("ij,ij->", fc, fc)) / p, 1e-12)
+    if n < p:
+        kernel = fc @ fc.T
+        kernel[np.diag_indices(n)] += lam
+        return fc.T @ np.linalg.solve(kernel, dc)
+    gram = fc.T @ fc
+    gram[np.diag_indices(p)] += lam
+    return np.linalg.solve(gram, fc.T @ dc)
 
 
 def context_spec(model: ir.Model, value: ir.Value, feeds: Mapping[str, np.ndarray]) -> ContextSpec:

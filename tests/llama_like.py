@@ -212,3 +212,46 @@ def build_llama(path: str | Path, shape: LlamaShape = LlamaShape(), *, seed: int
                               ir_version=9, producer_name="winnow.tests.llama_like")
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def llama_config(shape: LlamaShape):
+    """The transformers LlamaConfig of `shape` (config in code, nothing downloaded): full
+    multi-head attention, untied LM head, no KV cache, as `build_llama` builds it."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                       num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+                       intermediate_size=shape.intermediate, vocab_size=shape.vocab,
+                       max_position_embeddings=shape.max_seq, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False, use_cache=False)
+
+
+def build_transformers_llama(path: str | Path, shape: LlamaShape = LlamaShape(), *,
+                             seed: int = 0) -> Path:
+    """Write transformers' LlamaForCausalLM with random weights (its own initialisation, seeded)
+    exported by torch.onnx (dynamo) to `path` with every weight in `path`.data; input
+    `input_ids` [batch, seq] int64, output `logits` [batch, seq, vocab]. Returns `path`.
+    Holds the torch model and the exported graph's references to it: ~1-2x the weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    class Logits(torch.nn.Module):
+        """input_ids -> logits, without the cache and the output dataclass."""
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    module = Logits(LlamaForCausalLM(llama_config(shape)).eval())
+    example = torch.arange(2 * 8, dtype=torch.int64).reshape(2, 8) % shape.vocab
+    dims = ({0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=shape.max_seq)},)
+    with torch.no_grad():
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input_ids"],
+                                    output_names=["logits"], dynamic_shapes=dims, verbose=False)
+    program.save(str(path), external_data=True)
+    return path

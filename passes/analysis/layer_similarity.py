@@ -12,12 +12,13 @@ import numpy as np
 import onnx_ir as ir
 
 from winnow.ir.activations import Degeneracy, iter_pairs, rowwise_cosine
+from winnow.ir.execute import LARGE_MODEL_BYTES, weight_bytes
 from winnow.ir.linear_adapter import fit_adapter
 from winnow.ir.regions import LEVELS, Region, RegionMap, find_regions
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
-from winnow.progress import bar
+from winnow.progress import counter
 
 NO_BLOCKS = "no residual blocks were detected, so there is nothing to score"
 NO_SHORTCUT = ("both sides of its residual Add carry weights alike, so there is no shortcut to "
@@ -91,15 +92,49 @@ def score_regions(model: ir.Model, regions: list[Region], batches: list[dict]) -
     removed: the entry for an identity skip, the shortcut's output for a projection shortcut
     (ResNet downsampling), so a projection block is measured through its projection. A region
     whose X or Y is degenerate on the data (NaN, (near) zero, constant) gets `measurable: False`
-    and a `reason` instead of scores."""
+    and a `reason` instead of scores. A large model's regions are measured a group at a time
+    (see `pair_groups`), so the vectors held at once stay within ACTIVATION_BUDGET."""
     pairs = {r.name: (r.skip.name, r.exit.name) for r in regions if r.skip is not None}
     live = sorted(set(pairs.values()))
-    sums = {name: np.zeros(3) for name in pairs}
+    groups = pair_groups(model, batches, live)
+    ticks = counter("layer-similarity", len(groups) * len(batches))
+    measured: dict[tuple, dict] = {}
+    try:
+        for group in groups:
+            measured.update(_measure_pairs(model, batches, group, ticks))
+    finally:
+        ticks.close()
+    out = {}
+    for r in regions:
+        pair = pairs.get(r.name)
+        base = {"name": r.name, "kind": r.kind, "layout": r.layout,
+                "measured_from": "entry" if r.identity_skip else "shortcut"}
+        m = measured.get(pair, {"problem": NO_SHORTCUT, "sums": np.zeros(3)})
+        total_cos, total_angle, count = m["sums"]
+        if m["problem"] is not None:
+            out[r.name] = {**base, "measurable": False, "reason": m["problem"], "cos": None,
+                           "block_influence": None, "angular": None, "linear_cos": None,
+                           "vectors": int(count)}
+            continue
+        cos = total_cos / max(count, 1)
+        out[r.name] = {**base, "measurable": True, "cos": float(cos),
+                       "block_influence": float(1.0 - cos),
+                       "angular": float(total_angle / max(count, 1)), "vectors": int(count),
+                       "linear_cos": m["linear_cos"]}
+    return out
+
+
+def _measure_pairs(model: ir.Model, batches: list[dict], live: list[tuple],
+                   ticks: Any) -> dict[tuple, dict]:
+    """One pass over the batches capturing the (skip, exit) pairs `live`: per pair the sums of
+    cos, angle and count, why it is not measurable (or None) and its linear-adapter cosine."""
+    sums = {pair: np.zeros(3) for pair in live}
     watch = {pair: Degeneracy() for pair in live}
     widths: dict[tuple, tuple[int, int]] = {}
     kept: dict[tuple, list] = {pair: [] for pair in live}
     rng = np.random.default_rng(0)
-    for chunk in bar(iter_pairs(model, batches, live), "layer-similarity", total=len(batches)):
+    for chunk in iter_pairs(model, batches, live):
+        ticks.update(1)
         for pair in live:
             x, y = chunk[pair]
             if x.shape != y.shape:
@@ -107,35 +142,36 @@ def score_regions(model: ir.Model, regions: list[Region], batches: list[dict]) -
                 continue
             watch[pair].update(x, y)
             kept[pair].append(_subsample(rng, x, y, MAX_FIT_VECTORS // len(batches) + 1))
-        for name, pair in pairs.items():
-            if pair in widths:
-                continue
             with np.errstate(invalid="ignore"):
-                cos = np.clip(rowwise_cosine(*chunk[pair]), -1.0, 1.0)
-            sums[name] += [cos.sum(), (np.arccos(cos) / np.pi).sum(), cos.size]
-    stacked = {pair: (np.concatenate([x for x, _ in kept[pair]]),
-                      np.concatenate([y for _, y in kept[pair]])) for pair in live if kept[pair]}
-    problems = {pair: _problem(watch[pair], widths.get(pair), pair, stacked.get(pair))
-                for pair in live}
-    linear = {pair: linear_adapter_cosine(*stacked[pair]) for pair in live if problems[pair] is None}
+                cos = np.clip(rowwise_cosine(x, y), -1.0, 1.0)
+            sums[pair] += [cos.sum(), (np.arccos(cos) / np.pi).sum(), cos.size]
+        del chunk
     out = {}
-    for r in regions:
-        pair = pairs.get(r.name)
-        base = {"name": r.name, "kind": r.kind, "layout": r.layout,
-                "measured_from": "entry" if r.identity_skip else "shortcut"}
-        problem = NO_SHORTCUT if pair is None else problems[pair]
-        if problem is not None:
-            out[r.name] = {**base, "measurable": False, "reason": problem, "cos": None,
-                           "block_influence": None, "angular": None, "linear_cos": None,
-                           "vectors": int(sums[r.name][2]) if r.name in sums else 0}
-            continue
-        total_cos, total_angle, count = sums[r.name]
-        cos = total_cos / max(count, 1)
-        out[r.name] = {**base, "measurable": True, "cos": float(cos),
-                       "block_influence": float(1.0 - cos),
-                       "angular": float(total_angle / max(count, 1)), "vectors": int(count),
-                       "linear_cos": linear[pair]}
+    for pair in live:
+        sample = (np.concatenate([x for x, _ in kept[pair]]),
+                  np.concatenate([y for _, y in kept[pair]])) if kept[pair] else None
+        kept[pair] = []
+        problem = _problem(watch[pair], widths.get(pair), pair, sample)
+        out[pair] = {"sums": sums[pair], "problem": problem,
+                     "linear_cos": linear_adapter_cosine(*sample) if problem is None else None}
     return out
+
+
+ACTIVATION_BUDGET = 1024**3  # bytes of captured vectors one pass over a large model's data holds
+
+
+def pair_groups(model: ir.Model, batches: list[dict], live: list[tuple]) -> list[list[tuple]]:
+    """`live` cut into groups, each measured in its own pass over the batches: one group for a
+    model of at most LARGE_MODEL_BYTES of weights; for a larger one, as many pairs per group as
+    fit ACTIVATION_BUDGET, judged by the vectors of the first pair on the first batch (the
+    batch's float64 X and Y and ONNX Runtime's outputs, and the rows kept for the adapter fit)."""
+    if len(live) <= 1 or not batches or weight_bytes(model) <= LARGE_MODEL_BYTES:
+        return [live]
+    x, y = next(iter_pairs(model, batches[:1], live[:1]))[live[0]]
+    kept_rows = min(MAX_FIT_VECTORS + len(batches), len(x) * len(batches))
+    per_pair = 1.5 * (x.nbytes + y.nbytes) + kept_rows * (x.shape[1] + y.shape[1]) * 8
+    size = max(1, int(ACTIVATION_BUDGET // max(per_pair, 1)))
+    return [live[i:i + size] for i in range(0, len(live), size)]
 
 
 def _problem(watch: Degeneracy, widths: tuple[int, int] | None, pair: tuple,
