@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import inspect
 import json
 import linecache
@@ -42,7 +43,7 @@ from tvm.s_tir import meta_schedule as ms
 
 __all__ = ["TUNING_DIR", "PACKAGED_DIR", "DEFAULT_BUILDER_TIMEOUT", "TuneOptions", "open_database",
            "packaged_databases", "record_count", "valid_record_count", "extract_tasks", "tune",
-           "union_database", "import_tensor_intrinsics"]
+           "union_database", "import_tensor_intrinsics", "package_database", "searched_kernels"]
 
 TUNING_DIR = "tuning"  # in an artifact folder: MetaSchedule's workload.json and tuning_record.json
 PACKAGED_DIR = Path(__file__).resolve().parent / "tvm_databases"  # the zoo models' databases
@@ -69,21 +70,28 @@ def open_database(folder: str | Path) -> Any:
                                     path_tuning_record=str(folder / RECORD_FILE))
 
 
+def _lines(folder: str | Path, name: str) -> list[str]:
+    """The non-empty lines of database file `name` in `folder`, read from `name` or, for a
+    packaged database, its gzip `name.gz`; none when neither exists."""
+    path = Path(folder) / name
+    if path.exists():
+        text = path.read_text()
+    elif path.with_name(name + ".gz").exists():
+        text = gzip.decompress(path.with_name(name + ".gz").read_bytes()).decode()
+    else:
+        return []
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def record_count(folder: str | Path) -> int:
     """How many tuning records the database in `folder` holds (0 when it has none)."""
-    path = Path(folder) / RECORD_FILE
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if line.strip())
+    return len(_lines(folder, RECORD_FILE))
 
 
 def valid_record_count(folder: str | Path) -> int:
     """How many of the database's records hold a measured time (a failed build or run is
     recorded as 1e10 s and is never applied)."""
-    path = Path(folder) / RECORD_FILE
-    if not path.exists():
-        return 0
-    times = [json.loads(line)[1][1] for line in path.read_text().splitlines() if line.strip()]
+    times = [json.loads(line)[1][1] for line in _lines(folder, RECORD_FILE)]
     return sum(1 for t in times if t and any(s < FAILED_SECONDS for s in t))
 
 
@@ -91,23 +99,21 @@ def packaged_databases() -> list[Path]:
     """The folders of the databases committed with the package."""
     if not PACKAGED_DIR.is_dir():
         return []
-    return sorted(p for p in PACKAGED_DIR.iterdir() if (p / RECORD_FILE).exists())
+    return sorted(p for p in PACKAGED_DIR.iterdir() if record_count(p))
 
 
 def _read_only(folder: Path, cpu: str | None = None) -> Any:
     """A database loaded from `folder`'s files without writing to them (a packaged database may
     sit in a read-only install); with `cpu`, only the records measured on that CPU (`mcpu`)."""
     db = ms.database.MemoryDatabase()
-    workloads = [json.loads(line) for line in (folder / WORKLOAD_FILE).read_text().splitlines()
-                 if line.strip()]
-    parsed = [ms.database.Workload.from_json(w) for w in workloads]
-    for line in (folder / RECORD_FILE).read_text().splitlines():
-        if line.strip():
-            index, record = json.loads(line)
-            if cpu is not None and (record[2] or {}).get("mcpu") != cpu:
-                continue
-            workload = db.commit_workload(parsed[index].mod)
-            db.commit_tuning_record(ms.database.TuningRecord.from_json(record, workload))
+    parsed = [ms.database.Workload.from_json(json.loads(line))
+              for line in _lines(folder, WORKLOAD_FILE)]
+    for line in _lines(folder, RECORD_FILE):
+        index, record = json.loads(line)
+        if cpu is not None and (record[2] or {}).get("mcpu") != cpu:
+            continue
+        workload = db.commit_workload(parsed[index].mod)
+        db.commit_tuning_record(ms.database.TuningRecord.from_json(record, workload))
     return db
 
 
@@ -139,9 +145,8 @@ def matched(kernels: Any, target: Any, database: Any) -> int:
 
 def _untuned(tasks: list[Any], database: Any) -> list[Any]:
     """The tasks `database` holds no record for."""
-    return [t for t in tasks if not (database.has_workload(t.dispatched[0])
-                                     and database.query_tuning_record(t.dispatched[0], t.target,
-                                                                      t.task_name) is not None)]
+    return [t for t in tasks  # a UnionDatabase answers queries only, not has_workload
+            if database.query_tuning_record(t.dispatched[0], t.target, t.task_name) is None]
 
 
 def _frame_infos(frame: Any) -> list[inspect.FrameInfo]:
@@ -331,6 +336,23 @@ def tune(kernels: Any, target: Any, folder: str | Path, options: TuneOptions,
     info["seconds"] = round(time.perf_counter() - start, 2)
     info.update(records=record_count(folder), valid_records=valid_record_count(folder))
     return info
+
+
+def package_database(src: str | Path, dst: str | Path) -> int:
+    """Write into the empty folder `dst` only the best valid record of each kernel of the database
+    in `src`, both files gzipped (what a packaged database keeps); returns the records written."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        from winnow.errors import OutputError
+
+        raise OutputError(f"'{dst}' is not empty; package a tuning database into a new folder.")
+    dst.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="winnow-prune-") as pruned:
+        open_database(src).dump_pruned(open_database(pruned))
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            (dst / (name + ".gz")).write_bytes(gzip.compress((Path(pruned) / name).read_bytes(),
+                                                             mtime=0))
+    return record_count(dst)
 
 
 def copy_database(src: str | Path, dst: str | Path) -> bool:

@@ -23,6 +23,7 @@ from winnow.backends.tvm import resolve_target  # noqa: E402
 from winnow.backends import tvm_tuning  # noqa: E402
 from winnow.cli import cli  # noqa: E402
 from winnow.driver.compile import compile_model  # noqa: E402
+from winnow.errors import OutputError  # noqa: E402
 
 
 def matmul_model() -> onnx.ModelProto:
@@ -36,10 +37,10 @@ def matmul_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def commit_schedule(folder, model: onnx.ModelProto, shapes) -> str:
+def commit_schedule(folder, model: onnx.ModelProto, shapes, seconds: float = 1e-3) -> str:
     """Commit one real MetaSchedule record for the model's only kernel into the JSON database in
     `folder`: its matmul's rows threaded, its Relu's columns vectorized (a schedule winnow's rules
-    do not make), timed 1 ms; returns the kernel's task name."""
+    do not make), timed `seconds`; returns the kernel's task name."""
     import onnx_ir as ir
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -59,7 +60,7 @@ def commit_schedule(folder, model: onnx.ModelProto, shapes) -> str:
     database = tvm_tuning.open_database(folder)
     workload = database.commit_workload(workload_mod)
     database.commit_tuning_record(ms.database.TuningRecord(
-        sch.trace, workload, [1e-3], task.target,
+        sch.trace, workload, [seconds], task.target,
         ms.arg_info.ArgInfo.from_prim_func(workload_mod["main"])))
     return task.task_name
 
@@ -85,6 +86,20 @@ def test_a_database_record_is_applied_to_the_kernel_the_build_schedules(tmp_path
     want = session.run(None, feeds)[0]
     got = run_artifact(out, feeds)["y"]
     assert got.shape == want.shape and float(np.max(np.abs(got - want))) <= 1e-4
+
+
+def test_a_packaged_database_keeps_each_kernels_best_valid_record_gzipped(tmp_path):
+    model, shapes = matmul_model(), {"x": [8, 16]}
+    for seconds in (1e-3, 1e10, 5e-4):  # a slower, a failed and the best measurement
+        commit_schedule(tmp_path / "raw", model, shapes, seconds)
+    assert tvm_tuning.record_count(tmp_path / "raw") == 3
+    assert tvm_tuning.package_database(tmp_path / "raw", tmp_path / "pkg") == 1
+    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == [
+        tvm_tuning.RECORD_FILE + ".gz", tvm_tuning.WORKLOAD_FILE + ".gz"]
+    (record,) = tvm_tuning.union_database([tmp_path / "pkg"]).get_all_tuning_records()
+    assert [float(t) for t in record.run_secs] == [5e-4]
+    with pytest.raises(OutputError):
+        tvm_tuning.package_database(tmp_path / "raw", tmp_path / "pkg")
 
 
 def test_failed_measurements_are_not_valid_records(tmp_path):
