@@ -50,14 +50,17 @@ def _save_raw(folder: Path, model: onnx.ModelProto) -> Path:
 
 
 def _external(folder: Path, *, keep: int | None = None, offset: str | None = None) -> Path:
-    """y = x + w with w (64 floats) in w.bin, cut to `keep` bytes or given a bad `offset`."""
+    """y = x + w with w (64 floats) in w.bin, cut to `keep` bytes (-1: removed) or given a bad
+    `offset`."""
     w = numpy_helper.from_array(np.arange(64, dtype=np.float32), "w")
     model = _model([helper.make_node("Add", ["x", "w"], ["y"])], [_vi("x", shape=[64])],
                    [_vi("y", shape=[64])], [w])
     folder.mkdir(parents=True)
     path = folder / "m.onnx"
     onnx.save(model, path, save_as_external_data=True, location="w.bin", size_threshold=0)
-    if keep is not None:
+    if keep == -1:
+        os.remove(folder / "w.bin")
+    elif keep is not None:
         os.truncate(folder / "w.bin", keep)
     if offset is not None:
         proto = onnx.load(path, load_external_data=False)
@@ -117,6 +120,30 @@ BROKEN_MODELS = {
         "no opset"),
     "opset-import-missing-inside-an-if-branch": (
         _if_body_without_opset, "an unnamed Gelu node uses the operator domain 'com.microsoft'"),
+    "external-data-file-missing": (
+        lambda d: _external(d, keep=-1), "needs external data file 'w.bin', which is missing"),
+    "duplicate-graph-input-names": (
+        lambda d: _save_raw(d, _model([helper.make_node("Relu", ["x"], ["y"])],
+                                      [_vi("x"), _vi("x")], [_vi("y")])),
+        "Duplicate definition-site for (x)"),
+    "node-input-nothing-produces": (
+        lambda d: _save_raw(d, _model([helper.make_node("Add", ["x", "ghost"], ["y"])],
+                                      [_vi("x")], [_vi("y")])),
+        "Node input 'ghost' is not a graph input, initializer, or output of a previous node"),
+    "graph-output-nothing-produces": (
+        lambda d: _save_raw(d, _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")],
+                                      [_vi("y"), _vi("z")])),
+        "Graph output (z) does not exist in the graph"),
+    "cyclic-graph": (
+        lambda d: _save_raw(d, _model([helper.make_node("Add", ["x", "b"], ["a"]),
+                                       helper.make_node("Relu", ["a"], ["b"]),
+                                       helper.make_node("Relu", ["a"], ["y"])],
+                                      [_vi("x")], [_vi("y")])),
+        "the graph is not acyclic"),
+    "unknown-operator": (
+        lambda d: _save_raw(d, _model([helper.make_node("FooBar", ["x"], ["y"])], [_vi("x")],
+                                      [_vi("y")])),
+        "No Op registered for FooBar with domain_version of 17"),
     "graph-without-outputs": (
         lambda d: _save_raw(d, _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [])),
         "does not hold an ONNX model graph"),
@@ -194,6 +221,79 @@ def test_odd_but_valid_models_compile_with_outputs_equal(case, tmp_path):
     assert list(got) == list(want)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
+
+
+def test_initializer_shadowing_an_input_stays_an_overridable_default(tmp_path):
+    """An initializer named like a graph input (IR >= 4) is the input's default value: the
+    artifact still takes the input and falls back on the default, as the source does in ONNX
+    Runtime (nothing folds the default into the graph)."""
+    import onnxruntime as ort
+
+    default = np.array([-1.0, 2.0], np.float32)
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")],
+                   [numpy_helper.from_array(default, "x")])
+    path = _save_raw(tmp_path / "model", model)
+    out = tmp_path / "out"
+    result = invoke("compile", path, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_overridable_initializers()] == ["x"]
+    given = np.array([3.0, -4.0], np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": given})[0], np.maximum(given, 0))
+    np.testing.assert_array_equal(session.run(None, {})[0], np.maximum(default, 0))
+
+
+def _erofs(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+def test_read_only_disk_is_one_clear_error_and_keeps_an_earlier_artifact(tiny_model_path,
+                                                                          tmp_path, monkeypatch):
+    import winnow.backends.manifest
+
+    out = tmp_path / "out"
+    assert invoke("compile", tiny_model_path, "-o", out).exit_code == 0
+    before = (out / "manifest.json").read_bytes()
+    with monkeypatch.context() as patch:  # the disk went read-only: nothing can be created
+        patch.setattr(Path, "mkdir", _erofs)
+        fresh = tmp_path / "fresh"
+        _assert_one_clear_error(invoke("compile", tiny_model_path, "-o", fresh),
+                                f"cannot create output folder '{fresh}': Read-only file system",
+                                fresh)
+    with monkeypatch.context() as patch:  # ... or only renames fail: the old artifact stays
+        patch.setattr(winnow.backends.manifest.os, "rename", _erofs)
+        result = invoke("compile", tiny_model_path, "-o", out, "--force-overwrite")
+    assert result.exit_code == 2 and "Read-only file system" in result.stderr, result.output
+    assert (out / "manifest.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder
+
+
+def test_permission_denied_while_writing_names_the_file(tiny_model_path, tmp_path, monkeypatch):
+    import onnx_ir
+
+    def denied(model, path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(onnx_ir, "save", denied)
+    out = tmp_path / "out"
+    result = invoke("compile", tiny_model_path, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: cannot write output folder '{out}' (")
+    assert "model.onnx): Permission denied" in result.stderr and "Traceback" not in result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("target", ["folder", "file"])
+def test_output_at_the_source_is_refused_and_the_source_kept(target, tmp_path):
+    path = _save_raw(tmp_path / "model", _model([helper.make_node("Relu", ["x"], ["y"])],
+                                                [_vi("x")], [_vi("y")]))
+    before = path.read_bytes()
+    out = path.parent if target == "folder" else path
+    result = invoke("compile", path, "-o", out, "--force-overwrite")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("is not a winnow artifact" if target == "folder" else "is not a folder") \
+        in result.stderr
+    assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["m.onnx"]
 
 
 def _enospc(*args, **kwargs):
