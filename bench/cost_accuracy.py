@@ -158,7 +158,8 @@ def run_calibrated(sizes: dict[str, list[dict[str, Any]]], repeats: int, threads
 
     llc = cal.host_llc_bytes()
     micros = cal.suite(False, llc)
-    runners = {f"micro {m.name}": cal.micro_runner(m, threads) for m in micros}
+    runners, samples = cal.clocked({f"micro {m.name}": cal.micro_runner(m, threads)
+                                    for m in micros}, clock)
     cases = []
     for name, model_sizes in sizes.items():
         print(f"{name}: {'loading' if saved else 'building'} variants", file=sys.stderr)
@@ -168,12 +169,12 @@ def run_calibrated(sizes: dict[str, list[dict[str, Any]]], repeats: int, threads
             for size in model_sizes:
                 key = f"{name} {label} {json.dumps(size)}"
                 batch = feeds(model, size)
-                runners[key] = (lambda s=session, f=batch: s.run(None, f))
+                runs, noted = cal.clocked({key: (lambda s=session, f=batch: s.run(None, f))}, clock)
+                runners.update(runs)
+                samples.update(noted)
                 cases.append((key, name, label, size, model))
-    runners, cpu = cal.cpu_clocked(runners) if clock == "cpu" else (runners, {})
-    timings = time_interleaved(runners, repeats=repeats, warmup=2, desc="micro-benchmarks and variants")
-    if clock == "cpu":  # the same rounds, read on the process CPU clock
-        timings = {key: Timing(key, samples[-repeats:]) for key, samples in cpu.items()}
+    time_interleaved(runners, repeats=repeats, warmup=2, desc="micro-benchmarks and variants")
+    timings = {key: Timing(key, noted[-repeats:]) for key, noted in samples.items()}
     times = {m.name: timings[f"micro {m.name}"].median for m in micros}
     cal.write_profile(cal.fit_profile(micros, times, threads, llc), profile)
     profile.with_suffix(".medians.json").write_text(json.dumps({"median_s": times}, indent=1))
@@ -192,6 +193,21 @@ def _row(name: str, label: str, size: dict[str, Any], model: ir.Model, target: A
             "roofline_s": report.roofline_s, "kernels": len(report.kernels),
             "unpriced": len(report.unpriced), "unpriced_examples": report.unpriced[:3],
             "assumed_dims": report.assumed_dims}
+
+
+def repredict(rows: list[dict[str, Any]], target: str, folder: Path) -> list[dict[str, Any]]:
+    """The measured rows with predictions made again with `target` (variants read from `folder`)."""
+    from winnow.cost_model import load_target
+
+    profile, models, out = load_target(target), {}, []
+    for r in rows:
+        key = f"{r['model']}--{r['transform']}"
+        if key not in models:
+            models[key] = ir.load(folder / f"{key}.onnx")
+        report = predict(models[key], profile, r["size"])
+        out.append({**r, "predicted_s": report.latency_s, "roofline_s": report.roofline_s,
+                    "unpriced": len(report.unpriced), "unpriced_examples": report.unpriced[:3]})
+    return out
 
 
 def metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -296,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure the variants saved in DIR instead of building them")
     parser.add_argument("--rescore", default=None, metavar="JSON",
                         help="recompute the metrics and table of a cost_accuracy.json written "
-                             "on another host (one without scipy)")
+                             "on another host (one without scipy); with --variants DIR, predict "
+                             "its measured rows again with --target (a cross-host profile) and "
+                             "write to --out")
     parser.add_argument("--calibrate", action="store_true",
                         help="fit the host profile here, its micro-benchmarks timed interleaved "
                              "with the variants (same load); written to --out/host.toml")
@@ -309,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     if args.rescore:
         data = json.loads(Path(args.rescore).read_text())
+        if args.variants:  # predict the measured rows again with --target (no timing)
+            rows = repredict(data["rows"], args.target, Path(args.variants))
+            return report(rows, args.target, data["machine"], Path(args.out) if args.out else None)
         return report(data["rows"], data["target"], data["machine"], Path(args.rescore).parent)
     if args.speed:
         print(predict_speed(Path(args.variants or "."), args.target))
@@ -344,6 +365,7 @@ def report(rows: list[dict], target: str, machine: dict, out: Path | None) -> in
     text = markdown(rows, m, target, machine)
     print(text)
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "cost_accuracy.json").write_text(json.dumps(
             {"target": target, "machine": machine, "metrics": m, "rows": rows},
             indent=2, default=str))

@@ -5,7 +5,10 @@ Each micro-benchmark is a small ONNX model that ORT runs as one kernel (GEMMs fp
 convolutions, elementwise, softmax, norms, attention, data movement), timed interleaved with
 an Identity model whose time is the `session.run` overhead. The fit, in order:
 
-1. run overhead = the Identity model's median; dispatch = (chain of N tiny Adds - run) / N;
+1. run overhead = the Identity model's median; dispatch = (chain of N tiny ops of ten
+   kinds - run) / its launches;
+   what each graph input/output adds (from N Identity copies) is taken off every
+   micro-benchmark's copies, which have inputs and outputs of their own;
 2. peak FLOP/s per dtype = the best FLOP/s among that dtype's GEMMs and convs;
    DRAM and cache bandwidth = the best bytes/s of large and of cache-sized elementwise ops;
 3. per kernel kind, the correction of targets.Correction,
@@ -227,18 +230,37 @@ def identity() -> Micro:
     return _micro("identity", [h.make_node("Identity", ["x"], ["y"])], {"x": (1,)}, ["y"])
 
 
-def add_chain(length: int = CHAIN) -> Micro:
-    """`length` Adds on 16 floats: their time over the run overhead is the dispatch overhead."""
-    nodes = [h.make_node("Add", ["x" if i == 0 else f"t{i}", "one"],
-                         [f"t{i + 1}" if i < length - 1 else "y"]) for i in range(length)]
-    return _micro(f"add-chain-{length}", nodes, {"x": (16,)}, ["y"], {"one": _f32((16,))})
+def io_copies() -> Micro:
+    """`TINY_COPIES` one-element Identities, each with an input and an output of its own: their
+    time over the run overhead is what each graph input and output adds to a `session.run`,
+    which the copies of a micro-benchmark pay and a kernel inside a model does not."""
+    micro = replicate(identity(), TINY_COPIES)
+    return Micro(f"identity-x{TINY_COPIES}", micro.model, micro.feeds, 1)
+
+
+CHAIN_OPS = ("Add", "Mul", "Relu", "Sigmoid", "Transpose", "Softmax", "Tanh", "MatMul", "Abs", "Neg")
+
+
+def op_chain(length: int = CHAIN) -> Micro:
+    """`length` ops on a 4x4 tensor, cycling through ten kinds (elementwise, Transpose, Softmax,
+    a MatMul): their time over the run overhead is the dispatch overhead of a kernel among
+    others of different kinds, as in a model (a chain of one op alone runs warmer: a third of it
+    here)."""
+    nodes = []
+    for i in range(length):
+        op, src, dst = CHAIN_OPS[i % len(CHAIN_OPS)], "x" if i == 0 else f"t{i}", \
+            f"t{i + 1}" if i < length - 1 else "y"
+        inputs = [src, "w"] if op in ("Add", "Mul", "MatMul") else [src]
+        extra = {"perm": [1, 0]} if op == "Transpose" else {"axis": -1} if op == "Softmax" else {}
+        nodes.append(h.make_node(op, inputs, [dst], **extra))
+    return _micro(f"op-chain-{length}", nodes, {"x": (4, 4)}, ["y"], {"w": _f32((4, 4)) * 0.5})
 
 
 def suite(quick: bool, llc_bytes: float) -> list[Micro]:
     """The micro-benchmarks: a short list with `quick`, a fuller one otherwise."""
     big = int(max(4 * llc_bytes / 12, 1 << 20))  # three tensors of 4 bytes, well over the LLC
     small = int(min(llc_bytes / 48, 1 << 18))  # 3 MB of traffic: inside any LLC
-    items = [identity(), add_chain(),
+    items = [identity(), op_chain(), io_copies(),
              gemm(64, 384, 384), gemm(128, 384, 1536, act=True), gemm(512, 512, 512),
              gemm(8, 1024, 1024), gemm_int8(128, 384, 1536), gemm_int8(512, 512, 512),
              batched_matmul(12, 64, 32, 64), conv(1, 32, 56, 64, 3), conv(1, 64, 28, 64, 3, groups=64),
@@ -250,7 +272,7 @@ def suite(quick: bool, llc_bytes: float) -> list[Micro]:
              softmax(768, 64), layernorm(512, 384), attention(4, 64, 384, 12), transpose(8, 64, 12, 32)]
     if not quick:
         items += _full_extra(small, big)
-    return [m if m.name in ("identity", f"add-chain-{CHAIN}") else
+    return [m if m.name.startswith(("identity", "op-chain")) else
             replicate(m, 2 if m.name.endswith(f"-{big}") or m.name.endswith(f"-{big // 4}") else
                       TINY_COPIES if _tiny(m) else COPIES)
             for m in items]
@@ -296,34 +318,33 @@ def micro_runner(micro: Micro, threads: int) -> Callable[[], Any]:
 
 
 def measure(micros: list[Micro], repeats: int, threads: int, clock: str = "wall") -> dict[str, float]:
-    """Median seconds of each micro-benchmark, all timed interleaved (measure.timing); with
-    clock "cpu", the median process CPU time of the same runs (see `cpu_clocked`)."""
-    runners = {m.name: micro_runner(m, threads) for m in micros}
-    runners, cpu = cpu_clocked(runners) if clock == "cpu" else (runners, {})
-    timings = time_interleaved(runners, repeats=repeats, warmup=2, desc="calibrating")
-    if clock == "cpu":
-        return {name: float(np.median(samples[-repeats:])) for name, samples in cpu.items()}
-    return {name: t.median for name, t in timings.items()}
+    """Median seconds of each micro-benchmark, all timed interleaved (measure.timing); clock
+    "cpu" reads process CPU time (see `clocked`)."""
+    runners, samples = clocked({m.name: micro_runner(m, threads) for m in micros}, clock)
+    time_interleaved(runners, repeats=repeats, warmup=2, desc="calibrating")
+    return {name: float(np.median(s[-repeats:])) for name, s in samples.items()}
 
 
-def cpu_clocked(runners: dict[str, Callable[[], Any]]) -> tuple[dict[str, Callable[[], Any]],
-                                                                  dict[str, list[float]]]:
-    """The runners, each also noting the process CPU time of every run it makes.
+def clocked(runners: dict[str, Callable[[], Any]], clock: str = "wall"
+            ) -> tuple[dict[str, Callable[[], Any]], dict[str, list[float]]]:
+    """The runners, each noting the time of every run it makes on `clock`: "wall"
+    (time.perf_counter) or "cpu" (the process CPU time).
 
     On a host shared with other work, wall time counts the time other processes hold the cores
     (a long run is preempted more than a short one, so the slowdown grows with run length); the
     CPU time of a one-thread session does not. With more threads it sums them."""
+    read = time.process_time if clock == "cpu" else time.perf_counter
     samples: dict[str, list[float]] = {name: [] for name in runners}
 
-    def clocked(name: str, run: Callable[[], Any]) -> Callable[[], Any]:
+    def timed(name: str, run: Callable[[], Any]) -> Callable[[], Any]:
         def go() -> Any:
-            start = time.process_time()
+            start = read()
             out = run()
-            samples[name].append(time.process_time() - start)
+            samples[name].append(read() - start)
             return out
         return go
 
-    return {name: clocked(name, run) for name, run in runners.items()}, samples
+    return {name: timed(name, run) for name, run in runners.items()}, samples
 
 
 # ---------------------------------------------------------------- fit
@@ -366,12 +387,17 @@ def fit_profile(micros: list[Micro], times: dict[str, float], threads: int,
                 llc_bytes: float) -> dict[str, Any]:
     """The host profile's figures (as TOML tables) from the measured medians."""
     run = times["identity"]
-    dispatch = max((times[f"add-chain-{CHAIN}"] - run) / CHAIN, 1e-7)
+    chain = next(m for m in micros if m.name == f"op-chain-{CHAIN}")
+    dispatch = max((times[chain.name] - run) / sum(k.launches for k in _kernels(chain)), 1e-7)
+    io = max((times.get(f"identity-x{TINY_COPIES}", run) - run) / (TINY_COPIES - 1) - dispatch,
+             0.0) / 2  # per graph input or output beyond the Identity's one of each
+    times = {m.name: times[m.name] - io * max(len(m.feeds) + len(m.model.graph.output) - 2, 0)
+             for m in micros}
     fp32 = _rate(micros, times, run, dispatch, ("gemm-fp32", "conv-1", "conv-4", "conv-8", "bmm"),
                  "flops") or 1e9
     int8 = _rate(micros, times, run, dispatch, ("gemm-int8",), "flops") or fp32
     sized = [m for m in micros if m.name.startswith(("add-", "mul-", "relu-"))
-             and not m.name.startswith("add-chain")]
+             and not m.name.startswith("op-chain")]
     big = [m for m in sized if sum(k.bytes for k in _kernels(m)) > llc_bytes]
     small = [m for m in sized if m not in big]
     dram = _rate(big, times, run, dispatch, ("",), "bytes") or 1e10
@@ -387,7 +413,8 @@ def fit_profile(micros: list[Micro], times: dict[str, float], threads: int,
                     "int8_gops_per_core": int8 / threads / 1e9},
         "memory": {"dram_gbps": dram / 1e9, "cache_gbps": cache / 1e9,
                    "llc_kib": llc_bytes / 1024},
-        "overhead": {"dispatch_us": dispatch * 1e6, "run_us": run * 1e6},
+        "overhead": {"dispatch_us": dispatch * 1e6, "run_us": run * 1e6,
+                     "io_us_per_tensor": io * 1e6},  # taken off the micro-benchmarks, not priced
         "energy": dict(load_target("x86-avx2").energy),
     }
     from winnow.cost_model.targets import parse_target
@@ -403,7 +430,7 @@ def _points(micros: list[Micro], times: dict[str, float], target: Target) -> dic
 
     points: dict[str, list] = {}
     for m in micros:
-        if m.name in ("identity",) or m.name.startswith("add-chain"):
+        if m.name.startswith(("identity", "op-chain")):
             continue
         model = ir.serde.deserialize_model(m.model)
         costs, _ = node_costs(model)

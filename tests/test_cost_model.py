@@ -318,3 +318,55 @@ def test_calibration_copies_survive_ort_common_subexpression_elimination(tmp_pat
     assert sum(n.op_type in ("Conv", "FusedConv") for n in ran.graph.node) == 3
     outs = session.run(None, micro.feeds)
     assert len(outs) == 3 and all(np.array_equal(outs[0], o) for o in outs)
+
+
+def test_clocked_runners_note_one_sample_per_run():
+    from winnow.cost_model.calibrate import clocked
+
+    calls = []
+    runners, samples = clocked({"a": lambda: calls.append("a") or "out",
+                                "b": lambda: calls.append("b")}, "cpu")
+    assert [runners["a"]() for _ in range(3)] == ["out"] * 3
+    runners["b"]()
+    assert calls == ["a"] * 3 + ["b"]
+    assert len(samples["a"]) == 3 and len(samples["b"]) == 1
+    assert all(s >= 0.0 for s in samples["a"] + samples["b"])
+
+
+def test_profile_fit_recovers_overheads_from_synthetic_medians():
+    # medians made from known run, dispatch and per-input/output costs plus a kernel time per
+    # copy: the fit gives the three back and prices the micro-benchmarks close to their time
+    from winnow.cost_model.calibrate import _kernels, fit_profile, suite
+    from winnow.cost_model.predict import price_kernel
+
+    micros = [m for m in suite(True, 32 << 20) if "int8" not in m.name]  # no quantizer here
+    run, dispatch, io = 40e-6, 2e-6, 1e-6
+    truth = load_target("x86-avx2")
+    times = {}
+    for m in micros:
+        kernels = _kernels(m)
+        model = ir.serde.deserialize_model(m.model)
+        costs = node_costs(model)[0]
+        kernel_s = sum(price_kernel(k, costs, truth).roofline_s for k in kernels)
+        times[m.name] = (run + dispatch * sum(k.launches for k in kernels)
+                         + io * (len(m.feeds) + len(m.model.graph.output) - 2)
+                         + 1.5 * kernel_s + 3e-6 * m.copies)
+    chain = next(m for m in micros if m.name == "op-chain-32")
+    times["identity"] = run
+    times["op-chain-32"] = run + dispatch * sum(k.launches for k in _kernels(chain))
+    times["identity-x32"] = run + 31 * (dispatch + 2 * io)
+    data = fit_profile(micros, times, 2, 32 << 20)
+    assert math.isclose(data["overhead"]["run_us"], 40.0, rel_tol=1e-6)
+    assert math.isclose(data["overhead"]["dispatch_us"], 2.0, rel_tol=1e-6)
+    assert math.isclose(data["overhead"]["io_us_per_tensor"], 1.0, rel_tol=1e-6)
+    fitted = parse_target(data, load_target("x86-avx2").path)
+    errors = []
+    for m in micros:
+        if m.name.startswith(("identity", "op-chain")):
+            continue
+        kernels = _kernels(m)
+        costs = node_costs(ir.serde.deserialize_model(m.model))[0]
+        predicted = sum(price_kernel(k, costs, fitted).latency_s for k in kernels)
+        want = times[m.name] - run - io * (len(m.feeds) + len(m.model.graph.output) - 2)
+        errors.append(abs(predicted - want) / want)
+    assert np.median(errors) < 0.1
