@@ -247,3 +247,15 @@ def test_split_outliers_free_only_splits_where_the_mask_folds_and_nowhere_else()
     ctx = quantize(gelu, "split-outliers{free_only=true}")
     assert ctx.report["split-outliers"]["split"] == {"h": [0]}
     np.testing.assert_allclose(run(gelu, held[0])["y"], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static"])
+def test_uint8_weights_are_stored_as_uint8_and_stay_close(mode):
+    model, held = mlp(), batches(seed=3)
+    want = [run(model, f)["y"] for f in held]
+    quantize(model, f"quantize{{mode={mode},weight_type=uint8}}")
+    weights = [v for v in model.graph.initializers.values()
+               if v.const_value is not None and tuple(v.const_value.shape) == (D, H)]
+    assert [w.const_value.dtype for w in weights] == [ir.DataType.UINT8]
+    worst = min(cosine(w, g) for w, g in zip(want, [run(model, f)["y"] for f in held]))
+    assert 0.99 <= worst < 1.0

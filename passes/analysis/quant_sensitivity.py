@@ -26,7 +26,8 @@ from winnow.passes.analysis.calibration import fidelity_loss
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
-from winnow.passes.rewrite.quantize import (CALIBRATION, MODES, OP_TYPES, QuantSpec, calibration,
+from winnow.passes.rewrite.quantize import (CALIBRATION, MODES, OP_TYPES, WEIGHT_TYPES, QuantSpec,
+                                            calibration,
                                             lift_constants, name_nodes, quantizable_nodes,
                                             quantize_proto, to_proto)
 from winnow.progress import bar
@@ -53,6 +54,8 @@ class QuantSensitivityPass(AnalysisPass):
         calibrate: str = option("minmax", "int8-static: activation range method",
                                 choices=CALIBRATION)
         reduce_range: bool = option(False, "int8: 7-bit weights (as the quantize pass's option)")
+        weight_type: str = option("int8", "int8 modes: weight type (as the quantize pass's option)",
+                                  choices=WEIGHT_TYPES)
 
         def __post_init__(self) -> None:
             bad = [m for m in self.modes if m not in MODES]
@@ -73,7 +76,8 @@ class QuantSensitivityPass(AnalysisPass):
                 result["ranking"][mode] = []
                 continue
             spec = QuantSpec(mode, self.config.per_channel, self.config.calibrate,
-                             reduce_range=self.config.reduce_range)
+                             reduce_range=self.config.reduce_range,
+                             weight_type=self.config.weight_type)
             gated = GatedQuant(model, spec, candidates, batches)
             scores = [{"node": n, "op_type": _op(model, n), "loss": gated.loss({n})}
                       for n in bar(gated.gated, f"quant-sensitivity: {mode}")]

@@ -32,6 +32,7 @@ from winnow.passes.manager import PassContext
 
 MODES = ("int8-dynamic", "int8-static", "int4-weight", "int8-weight", "fp16")
 CALIBRATION = ("minmax", "entropy", "percentile")
+WEIGHT_TYPES = ("int8", "uint8")
 AUTO = "auto"
 # Ops with a constant weight that each mode quantizes (int4 covers MatMul only: MatMulNBits).
 OP_TYPES = {"int8-dynamic": ("MatMul", "Gemm", "Attention", "Gather"),
@@ -52,6 +53,7 @@ class QuantSpec:
     reduce_range: bool = False
     accuracy_level: int = 4
     embeddings: bool = False
+    weight_type: str = "int8"
 
     @property
     def op_types(self) -> tuple[str, ...]:
@@ -86,6 +88,9 @@ class QuantizePass(Pass):
                                      choices=(0, 1, 2, 3, 4))
         embeddings: bool = option(False, "int4-weight: also Gather tables (embeddings) as "
                                   "GatherBlockQuantized, blocks along the embedding axis")
+        weight_type: str = option("int8", "int8 modes: signed weights (u8s8 kernels, which "
+                                  "saturate without VNNI) or uint8 (u8u8 kernels, exact)",
+                                  choices=WEIGHT_TYPES)
         exclude: tuple[str, ...] = option((), "node or region names kept in float; [auto] "
                                           "excludes the most sensitive nodes until `budget` holds")
         budget: float = option(0.005, "exclude=[auto]: largest calibration loss (mean 1 - cosine)",
@@ -99,7 +104,7 @@ class QuantizePass(Pass):
         """The quantization settings as a QuantSpec."""
         c = self.config
         return QuantSpec(c.mode, c.per_channel, c.calibrate, c.block_size, c.reduce_range,
-                         c.accuracy_level, c.embeddings)
+                         c.accuracy_level, c.embeddings, c.weight_type)
 
     def call(self, model: ir.Model) -> PassResult:
         """Quantize in place; the report says what was quantized and what was kept in float."""
@@ -134,7 +139,8 @@ class QuantizePass(Pass):
         result = ctx.get_analysis("quant-sensitivity", model, modes=(self.config.mode,),
                                   per_channel=self.config.per_channel,
                                   calibrate=self.config.calibrate,
-                                  reduce_range=self.config.reduce_range)
+                                  reduce_range=self.config.reduce_range,
+                                  weight_type=self.config.weight_type)
         ranking = [n for n in result["ranking"][self.config.mode] if n in candidates]
         gated = GatedQuant(model, self.spec, candidates, batches)
         chosen = list(excluded)
@@ -314,7 +320,7 @@ def _dynamic(src: Path, out: Path, spec: QuantSpec, include: Sequence[str]) -> N
 
     quantize_dynamic(src, out, op_types_to_quantize=list(spec.op_types),
                      per_channel=spec.per_channel, reduce_range=spec.reduce_range,
-                     weight_type=QuantType.QInt8, nodes_to_quantize=list(include),
+                     weight_type=_weight_type(spec), nodes_to_quantize=list(include),
                      extra_options={"MatMulConstBOnly": True})
 
 
@@ -336,8 +342,14 @@ def _static(src: Path, out: Path, spec: QuantSpec, include: Sequence[str],
     quantize_static(src, out, reader, quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(spec.op_types), per_channel=spec.per_channel,
                     reduce_range=spec.reduce_range, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_quantize=list(include),
+                    weight_type=_weight_type(spec), nodes_to_quantize=list(include),
                     calibrate_method=method, extra_options={"MatMulConstBOnly": True})
+
+
+def _weight_type(spec: QuantSpec):
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if spec.weight_type == "uint8" else QuantType.QInt8
 
 
 def _opset(proto: onnx.ModelProto) -> int:
