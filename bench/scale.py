@@ -22,11 +22,12 @@ unless --keep); each needs about twice its size on disk (source + one artifact a
 The build and each compile run in a fresh process (`winnow.compile` with the ORT backend, the
 check on, the check and calibration inputs 2 random token sequences of 16 given as example
 inputs, --max-drop 1: the weights are random, so a drop means nothing), whose peak RSS (VmHWM)
-is read when it ends, with the peak of each compile phase (the peak is reset between phases);
+is read when it ends, with the peak of each compile phase (the peak is reset between phases)
+and its CPU time (user + system, all threads);
 `(RSS - imports)` leaves out what the process held before loading the model (Python, numpy,
 ONNX Runtime, onnxscript: ~0.35 GB). Outputs: the artifact's `model.onnx` and the source run in
 ONNX Runtime on input_ids [1, 8]; max abs error of the logits (0 for a lossless pipeline), and
-for a lossy one the region it dropped and its 1 - cosine on the held-out feeds.
+for a lossy one the region it dropped and its 1 - cosine as the fidelity budget measured it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -65,6 +67,12 @@ def _reset_peak() -> None:
         pass
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads (ONNX Runtime's too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def compile_worker(source: str, out: str, pipeline: str, feeds: str) -> dict:
     """Compile in this process; returns timings and peak RSS per phase (run in a child)."""
     import contextlib
@@ -87,13 +95,14 @@ def compile_worker(source: str, out: str, pipeline: str, feeds: str) -> dict:
 
     progress.step = measured_step
     baseline = _rss("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     result = winnow.compile(source, out, pipeline=pipeline, overwrite=True, max_drop=1.0,
                             user_inputs=UserInputs.from_options(example_inputs=feeds))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     fidelity = result.fidelity or {}
     reports = {p["name"]: p.get("report") or {} for p in result.passes}
-    return {"seconds": seconds, "phases": result.phases, "baseline_rss": baseline,
+    return {"seconds": seconds, "cpu_seconds": cpu, "phases": result.phases,
+            "baseline_rss": baseline,
             "peak_rss": max([_rss("VmHWM"), *peaks.values()]), "phase_peaks": peaks,
             "pass_seconds": {p["name"]: p["seconds"] for p in result.passes},
             "dropped": reports.get("drop-layers", {}).get("dropped"),
@@ -189,9 +198,9 @@ def _outputs_cell(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     """The markdown table of the rows."""
     lines = ["| pipeline | weights GB | hidden x layers | build s (peak RSS GB) | nodes | "
-             "compile s | s per phase | peak RSS GB | RSS / weights | (RSS - imports) / weights "
-             "| outputs | .ort | peak GB per phase |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compile s | CPU s | s per phase | peak RSS GB | RSS / weights | "
+             "(RSS - imports) / weights | outputs | .ort | peak GB per phase |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gb = r.get("weight_bytes", 0) / GB
         dims = f"{r['shape']['hidden']} x {r['shape']['layers']}"
@@ -201,14 +210,14 @@ def table(rows: list[dict]) -> str:
             f"`{r.get('pipeline')}`"
         if "error" in r:
             lines.append(f"| {pipeline} | {gb:.2f} | {dims} | {build} | - | failed: {r['error']} "
-                         "| | | | | | | |")
+                         "| | | | | | | | |")
             continue
         ort_format = r["ort_format"] or {}
         ort_cell = "written" if ort_format.get("file") else (ort_format.get("error") or "-")[:60]
         imports = r["phase_peaks"].get("before loading the model", 0)
         lines.append(
             f"| {pipeline} | {gb:.2f} | {dims} | {build} | {r['nodes']} | {r['seconds']:.1f} "
-            f"| {', '.join(f'{k} {v:.1f}' for k, v in r['phases'].items())} "
+            f"| {r.get('cpu_seconds', float('nan')):.1f} | {', '.join(f'{k} {v:.1f}' for k, v in r['phases'].items())} "
             f"| {r['peak_rss'] / GB:.2f} | {r['peak_rss'] / r['weight_bytes']:.2f} "
             f"| {(r['peak_rss'] - imports) / r['weight_bytes']:.2f} "
             f"| {_outputs_cell(r)} | {ort_cell} | {_fmt_phase_peaks(r)} |")
@@ -225,8 +234,9 @@ def _fit(x, y, what: str, unit: str) -> str:
 
 def slope(rows: list[dict]) -> str:
     """Least-squares seconds per layer (one width) or per weight GB, per pipeline: of the whole
-    compile, and of the compile without writing the artifact (load, source run, passes with
-    their checks, final check, held-out scoring)."""
+    compile, of the compile without writing the artifact (load, source run, passes with their
+    checks, final check, held-out scoring), and of the compile's CPU time (user + system, which
+    a loaded host disturbs less than wall time)."""
     import numpy as np
 
     lines = []
@@ -240,9 +250,12 @@ def slope(rows: list[dict]) -> str:
         total = np.array([r["seconds"] for r in ok])
         proper = np.array([sum(v for k, v in r["phases"].items() if k != "emit") for r in ok])
         peak = np.array([r["peak_rss"] / r["weight_bytes"] for r in ok])
+        cpu = np.array([r.get("cpu_seconds", np.nan) for r in ok])
         lines.append(f"`{pipeline}`, least squares over {len(ok)} sizes: "
                      f"{_fit(x, total, 'compile s', unit)}; "
                      f"{_fit(x, proper, 'compile s without writing the artifact', unit)}; "
+                     + (f"{_fit(x, cpu, 'compile CPU s', unit)}; " if np.isfinite(cpu).all()
+                        else "") +
                      f"peak RSS / weights {peak.min():.2f}-{peak.max():.2f}")
     return "\n\n".join(lines)
 
