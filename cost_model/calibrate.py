@@ -302,7 +302,9 @@ def _full_extra(small: int, big: int) -> list[Micro]:
         transpose(1, 128, 4, 64), reduce_mean(4096, 256), reduce_mean(64, 64),
         conv_int8(1, 240, 12, 240, 5, groups=240), conv_int8(1, 480, 6, 480, 5, groups=480),
         conv_int8(1, 16, 80, 16, 3, groups=16), transpose(64, 17, 4, 16), gemm(17, 64, 64),
-        conv(1, 240, 12, 240, 5, groups=240), layernorm(68, 64)]
+        conv(1, 240, 12, 240, 5, groups=240), layernorm(68, 64),
+        elementwise(16384), elementwise(65536, "Mul"), elementwise(32768, "Sigmoid"),
+        transpose(16, 64, 12, 32), reduce_mean(512, 256), softmax(256, 128)]
 
 
 # ---------------------------------------------------------------- measure
