@@ -1,7 +1,8 @@
 """TVM latency table: TVM with no schedules, with TVM's dlight CPU rules, with winnow's rules, and
 ONNX Runtime, per zoo model, all timed interleaved in one run on the same feeds; with
 --tune-trials N also TVM tuned by MetaSchedule (N trials, the database kept under --tuning-dir
-and reused, so a second run does not tune again; the tuning seconds are printed).
+and reused, so a second run does not tune again; the tuning seconds are printed), without it
+TVM with the tuning databases shipped in backends/tvm_databases where they match the model.
 
 Each model is bound to fixed shapes (batch 1; MiniLM sequence 128), optimized by onnxscript, and
 the same shape-bound ONNX is what ORT runs and what TVM imports, so every column computes the same
@@ -99,6 +100,26 @@ def tuned_database(bound: Any, folder: Path, trials: int,
     return database, info
 
 
+def add_packaged(runners: dict[str, Any], builds: dict[str, float], errors: dict[str, float],
+                 bound: Any, feeds: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
+    """Add the variant built with the tuning databases shipped in the package (what
+    `winnow compile --backend tvm` applies), when they hold records for this model's kernels."""
+    from winnow.backends import tvm as tvm_backend
+    from winnow.backends import tvm_tuning
+
+    cpu = tvm_backend.resolve_target("host").tvm.get("mcpu")
+    database = tvm_tuning.union_database(tvm_tuning.packaged_databases(), cpu)
+    if database is None:
+        return
+    report: dict[str, Any] = {}
+    runner, seconds = tvm_runner(bound, feeds, "winnow", database, report)
+    applied = report.get("kernels_applied", [])
+    if applied:
+        label = f"TVM tuned (packaged database, {len(applied)} kernels applied)"
+        runners[label], builds[label] = runner, seconds
+        errors[label] = max_error(runner, reference)
+
+
 def bench_model(name: str, seq: int, repeats: int, tune: dict[str, Any] | None = None
                 ) -> list[list[str]]:
     """One table row per variant of zoo model `name` (with `tune`: trials, dir, timeout)."""
@@ -122,6 +143,8 @@ def bench_model(name: str, seq: int, repeats: int, tune: dict[str, Any] | None =
                  f"searched, tuned {info['seconds']:.0f} s now)")
         runners[label], builds[label] = runner, build_seconds
         errors[label] = max_error(runners[label], reference)
+    else:
+        add_packaged(runners, builds, errors, bound, feeds, reference)
     shape = " ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feeds.items())
     timings = time_interleaved(runners, repeats=repeats, warmup=2, desc=name)
     rows = []
