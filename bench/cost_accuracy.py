@@ -9,7 +9,13 @@ measured latency, MAPE, the share within +-10% and +-25%, how often the faster o
 variants of the same model is picked, and every variant off by more than 2x with the report's
 reasons (unpriced ops, assumed dims).
 
+With `--calibrate` the host profile is fitted in the same run, on the micro-benchmarks of
+`winnow cost calibrate` timed interleaved with the variants (same host load; no variant is
+fitted on); `--clock cpu --threads 1` reads process CPU time, which other processes' load does
+not inflate.
+
     .venv/bin/python bench/cost_accuracy.py --target host --out bench/results/cost-accuracy
+    .venv/bin/python bench/cost_accuracy.py --calibrate --clock cpu --threads 1 --variants DIR --out OUT
     .venv/bin/python bench/cost_accuracy.py --quick --target host --out /tmp/cost-quick
 """
 
