@@ -71,6 +71,23 @@ def fit_adapter(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, rank: int = 0
     return LinearAdapter(weight[:d], bias, r2, weight[d:], context)
 
 
+def fit_and_apply(x: np.ndarray, y: np.ndarray, x_new: np.ndarray,
+                  ridge: float = 1e-2) -> np.ndarray:
+    """`fit_adapter(x, y, ridge).apply(x_new)`; with fewer fitting vectors n than features p
+    the p x p weight is never formed (x_new's kernel against x times the n x n solution), so
+    scoring a wide model's regions costs n^2 p each, not p^2."""
+    n, p = x.shape
+    if n >= p:
+        return fit_adapter(x, y, ridge).apply(x_new)
+    mean_x, mean_d = x.mean(axis=0), (y - x).mean(axis=0)
+    fc = x - mean_x
+    lam = ridge * max(float(np.einsum("ij,ij->", fc, fc)) / p, 1e-12)
+    kernel = fc @ fc.T
+    kernel[np.diag_indices(n)] += lam
+    alpha = np.linalg.solve(kernel, (y - x) - mean_d)
+    return x_new + ((x_new - mean_x) @ fc.T) @ alpha + mean_d
+
+
 def _ridge(fc: np.ndarray, dc: np.ndarray, ridge: float) -> np.ndarray:
     """argmin_W |fc W - dc|^2 + lam |W|^2, lam = `ridge` x the mean feature variance: from the
     p x p Gram matrix, or with fewer samples n than features p from the n x n one (the same W:

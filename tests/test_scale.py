@@ -24,7 +24,7 @@ from winnow.cli import cli
 from winnow.frontend import load
 from winnow.ir import execute
 from winnow.ir.execute import external_folder, run
-from winnow.ir.linear_adapter import fit_adapter
+from winnow.ir.linear_adapter import fit_adapter, fit_and_apply
 from winnow.ir.regions import find_regions
 from winnow.passes.analysis import layer_similarity
 from winnow.passes.analysis.layer_similarity import pair_groups, score_regions
@@ -195,7 +195,8 @@ def test_layer_similarity_of_a_large_model_is_measured_group_by_group(llama_path
 @pytest.mark.parametrize("rows", [24, 400])
 def test_adapter_fit_with_fewer_vectors_than_features_is_the_same_ridge_fit(rows):
     """Fewer calibration vectors than features (a 1B model's width) solve the n x n system;
-    the weights are the textbook ridge solution either way."""
+    the weights, and the predictions made without forming them, are the textbook ridge
+    solution's either way."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((rows, 64))
     y = x + np.tanh(x @ rng.standard_normal((64, 64)) / 8)
@@ -205,6 +206,9 @@ def test_adapter_fit_with_fewer_vectors_than_features_is_the_same_ridge_fit(rows
     want = np.linalg.solve(xc.T @ xc + lam * np.eye(64), xc.T @ dc)
     np.testing.assert_allclose(adapter.weight, want, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(adapter.apply(x), x + xc @ want + (y - x).mean(0), atol=1e-9)
+    new_x = rng.standard_normal((5, 64))
+    np.testing.assert_allclose(fit_and_apply(x, y, new_x),
+                               new_x + (new_x - x.mean(0)) @ want + (y - x).mean(0), atol=1e-9)
 
 
 # A 2-layer decoder with a 256k vocabulary: 2.21 GB of weights (past the 2 GiB protobuf and .ort

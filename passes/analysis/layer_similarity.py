@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from winnow.ir.activations import Degeneracy, iter_pairs, rowwise_cosine
 from winnow.ir.execute import LARGE_MODEL_BYTES, weight_bytes
-from winnow.ir.linear_adapter import fit_adapter
+from winnow.ir.linear_adapter import fit_and_apply
 from winnow.ir.regions import LEVELS, Region, RegionMap, find_regions
 from winnow.passes.base import AnalysisPass, register_pass
 from winnow.passes.config import option
@@ -198,6 +198,5 @@ def linear_adapter_cosine(x: np.ndarray, y: np.ndarray) -> float:
     halves = (slice(0, len(x) // 2), slice(len(x) // 2, None))
     cos = []
     for fit, test in (halves, halves[::-1]):
-        adapter = fit_adapter(x[fit], y[fit])
-        cos.append(rowwise_cosine(adapter.apply(x[test]), y[test]))
+        cos.append(rowwise_cosine(fit_and_apply(x[fit], y[fit], x[test]), y[test]))
     return float(np.clip(np.concatenate(cos), -1.0, 1.0).mean())
