@@ -116,7 +116,7 @@ def test_bad_input_is_refused(net):
         PassManager("prune-channels{ratio=1.0}")
     with pytest.raises(PassConfigError, match="round_to"):
         PassManager("prune-channels{round_to=4}")
-    with pytest.raises(PassFailedError, match="no prunable MLP named 'blocks.7.mlp'.*blocks.0.mlp"):
+    with pytest.raises(PassFailedError, match="no prunable MLP or conv group named 'blocks.7.mlp'.*blocks.0.mlp"):
         prune(net, "prune-channels{ratio=0.5,regions=[blocks.7.mlp]}")
     ctx = PassContext()
     assert not PassManager("prune-channels{ratio=0.5}").run(model(DUPLICATED), ctx).modified

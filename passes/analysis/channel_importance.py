@@ -1,11 +1,15 @@
 """`channel-importance`: per MLP intermediate channel j, ||a_j|| x ||W_down[j, :]|| over real
-calibration tokens, where a_j is the channel's activation (the input of the down projection).
+calibration tokens, where a_j is the channel's activation (the input of the down projection);
+per conv filter group (`ir/conv_groups.py`), the same product summed over the weights that read
+the channel (the channel's RMS activation at each reader x that reader's weights for it).
 
 This is the fine-grained, activation-aware score of CFSP (Wang et al. 2024, in the line of
-Wanda): it is exactly the Frobenius norm of the rank-one term a_j W_down[j, :] the channel adds
-to the MLP output, so removing the lowest-scored channels removes the least output energy one at
-a time. (CFSP's coarse step, which spreads a budget over blocks by their angular distance, is what
-`layer-similarity` measures.) `weight` is the data-free variant ||W_up[:, j]|| x ||W_down[j, :]||.
+Wanda): for an MLP it is exactly the Frobenius norm of the rank-one term a_j W_down[j, :] the
+channel adds to the MLP output, so removing the lowest-scored channels removes the least output
+energy one at a time; for a conv it bounds the same energy up to the kernel's spatial mixing.
+(CFSP's coarse step, which spreads a budget over blocks by their angular distance, is what
+`layer-similarity` measures.) `weight` is the data-free variant ||W_up[:, j]|| x ||W_down[j, :]||
+(for convs: writers' filter norms x readers' weight norms).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import onnx_ir as ir
 from winnow.errors import UnsupportedModelError
 from winnow.ir.activations import Degeneracy, as_vectors, padding_mask
 from winnow.ir.execute import run
+from winnow.ir.conv_groups import ChannelGroup, Member, channel_groups
 from winnow.ir.pruning import MlpChannels, const_array, mlp_channels, mlp_regions
 from winnow.ir.regions import find_regions
 from winnow.passes.base import AnalysisPass, register_pass
@@ -64,6 +69,62 @@ def activation_scores(model: ir.Model, mlps: list[MlpChannels], batches: list[di
     return scores, [w.reason(names=("activation", "activation")) for w in watch]
 
 
+def conv_weight_scores(group: ChannelGroup) -> np.ndarray:
+    """Data-free score of a conv group's channels: the product of the norms of the filters that
+    write each channel (summed over writers) and of the weights that read it (summed)."""
+    def norms(members: list[Member]) -> np.ndarray:
+        total = np.zeros(group.channels)
+        for m in members:
+            w = const_array(m.node.inputs[m.index]).astype(np.float64)
+            w = np.moveaxis(w, m.axis, 0).reshape(group.channels, -1)
+            total += np.linalg.norm(w, axis=1)
+        return total
+
+    return norms(group.sources()) * norms(group.sinks())
+
+
+def conv_activation_scores(model: ir.Model, groups: list[ChannelGroup], batches: list[dict]
+                           ) -> list[np.ndarray]:
+    """Per channel of each conv group: sum over the weights that read it of the channel's RMS
+    activation at that reader x the norm of the reader's weights for it (CFSP's fine score, as
+    for MLP channels)."""
+    readers = [(k, m) for k, g in enumerate(groups) for m in g.sinks()]
+    names = sorted({m.node.inputs[0].name for _, m in readers})
+    sums = {name: 0.0 for name in names}
+    count = {name: 0 for name in names}
+    for feeds in batches:
+        captured = run(model, feeds, capture=names)
+        for name in names:
+            x = np.asarray(captured[name], np.float64)
+            axis = 1 if x.ndim > 2 else x.ndim - 1
+            x = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+            sums[name] = sums[name] + (x ** 2).sum(axis=1)
+            count[name] += x.shape[1]
+    scores = [np.zeros(g.channels) for g in groups]
+    for k, m in readers:
+        name = m.node.inputs[0].name
+        rms = np.sqrt(sums[name] / max(count[name], 1))
+        w = np.moveaxis(const_array(m.node.inputs[m.index]).astype(np.float64), m.axis, 0)
+        scores[k] += rms * np.linalg.norm(w.reshape(groups[k].channels, -1), axis=1)
+    return scores
+
+
+def conv_group_entries(model: ir.Model, score: str, batches: list[dict]) -> list[dict[str, Any]]:
+    """One entry per conv channel group: its channels and scores, or why it stays whole."""
+    groups = channel_groups(model)
+    prunable = [g for g in groups if g.prunable]
+    if score == "weight":
+        scores = [conv_weight_scores(g) for g in prunable]
+    else:
+        scores = conv_activation_scores(model, prunable, batches) if prunable else []
+    by_name = {g.name: s for g, s in zip(prunable, scores)}
+    return [{"group": g.name, "channels": g.channels, "prunable": g.prunable,
+             "scores": by_name[g.name].tolist() if g.prunable else None,
+             **({"reason": g.reason} if g.reason else {}),
+             "members": [f"{m.role}:{m.node.op_type}:{m.node.name}" for m in g.members]}
+            for g in groups]
+
+
 def traced_mlps(model: ir.Model) -> tuple[list[MlpChannels], list[str]]:
     """The MLPs whose channels can be traced, and a note for each that cannot."""
     out, notes = [], []
@@ -87,11 +148,12 @@ def _layer_entry(mlp: MlpChannels, scores: np.ndarray, problem: str | None) -> d
 
 @register_pass
 class ChannelImportancePass(AnalysisPass):
-    """Score every MLP intermediate channel by activation norm x down-projection weight norm."""
+    """Score every MLP intermediate channel and conv filter by activation norm x the norm of the
+    weights that read it."""
 
     name = "channel-importance"
-    description = ("per MLP intermediate channel: ||activation|| x ||down-projection row|| "
-                   "(CFSP's fine score) or the data-free weight-norm product")
+    description = ("per MLP intermediate channel and conv filter group: ||activation|| x ||weights "
+                   "reading it|| (CFSP's fine score) or the data-free weight-norm product")
 
     @dataclass(frozen=True)
     class Config:
@@ -108,18 +170,20 @@ class ChannelImportancePass(AnalysisPass):
 
         start = time.perf_counter()
         mlps, notes = traced_mlps(model)
-        if not mlps:
-            return {"layers": [], "note": "; ".join(notes) or NO_MLP}
+        batches = [] if self.config.score == "weight" else limit_samples(
+            calibration_batches(model, PassContext.current()), self.config.samples)
+        convs = conv_group_entries(model, self.config.score, batches)
+        if not mlps and not convs:
+            return {"layers": [], "conv_groups": [], "note": "; ".join(notes) or NO_MLP}
         if self.config.score == "weight":
             scores, problems = [weight_scores(m) for m in mlps], [None] * len(mlps)
         else:
-            batches = limit_samples(calibration_batches(model, PassContext.current()),
-                                    self.config.samples)
-            scores, problems = activation_scores(model, mlps, batches)
+            scores, problems = activation_scores(model, mlps, batches) if mlps else ([], [])
         result = {"score": self.config.score,
                   "layers": [_layer_entry(m, s, p) for m, s, p in zip(mlps, scores, problems)],
+                  "conv_groups": convs,
                   "not_measurable": {m.region.name: p for m, p in zip(mlps, problems) if p},
                   "seconds": time.perf_counter() - start}
-        if notes:
-            result["note"] = "; ".join(notes)
+        if notes or not mlps:
+            result["note"] = "; ".join(notes) or NO_MLP
         return result

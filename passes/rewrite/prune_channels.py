@@ -1,7 +1,10 @@
 """`prune-channels`: remove MLP intermediate channels structurally (the up / gate projections'
-output columns and biases, the down projection's input rows), the lowest `channel-importance`
-scores first, in every MLP or the named ones; `round_to` keeps the kept width a multiple of 8 or
-16; optionally refit each down projection in closed form on calibration activations."""
+output columns and biases, the down projection's input rows) and conv filters with their
+dependency groups (`ir/conv_groups.py`: writers, BatchNorms, depthwise convs, residual partners,
+SE gates and readers pruned together), the lowest `channel-importance` scores first, in every MLP
+and group or the named ones; `round_to` keeps the kept width a multiple of 8 or 16; optionally
+refit in closed form on calibration activations each MLP down projection and each Conv / Gemm
+that reads pruned conv channels (`ir/conv_refit.py`)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from winnow.errors import PassConfigError
+from winnow.ir.conv_groups import ChannelGroup, channel_groups, prune_group
+from winnow.ir.conv_refit import capture_targets, refit_readers, refittable
 from winnow.ir.pruning import MlpChannels, projection_output, prune_channels, refit_linear, \
     set_projection
 from winnow.passes.analysis.channel_importance import traced_mlps
@@ -30,11 +35,13 @@ def kept_width(width: int, ratio: float, round_to: int) -> int:
 
 @register_pass
 class PruneChannelsPass(Pass):
-    """Remove MLP intermediate channels structurally; lossy, judged by the evaluator."""
+    """Remove MLP intermediate channels and conv filter groups structurally; lossy, judged by the
+    evaluator."""
 
     name = "prune-channels"
-    description = ("remove MLP intermediate channels (lowest channel-importance first), slicing "
-                   "up/gate and down projections; round_to 8/16; optional down-projection refit")
+    description = ("remove MLP intermediate channels and conv filter groups (lowest "
+                   "channel-importance first) with every weight coupled to them; round_to 8/16; "
+                   "optional MLP down-projection refit")
     lossless = False
 
     @dataclass(frozen=True)
@@ -43,13 +50,17 @@ class PruneChannelsPass(Pass):
 
         ratio: float = option(0.0, "fraction of each MLP's intermediate channels to remove, in "
                               "[0, 1)")
-        regions: tuple[str, ...] = option((), "MLP sub-layers to prune (default: every one)")
+        regions: tuple[str, ...] = option((), "MLP sub-layers or conv groups to prune (default: "
+                                          "every one)")
+        kind: str = option("all", "what to prune: MLP channels, conv filter groups or both",
+                           choices=("all", "mlp", "conv"))
         source: str = option("activation", "what ranks channels: channel-importance's activation "
                              "or weight score, or random", choices=("activation", "weight", "random"))
         seed: int = option(0, "seed of source=random")
         round_to: int = option(1, "keep a multiple of this many channels", choices=(1, 8, 16))
-        refit: bool = option(False, "refit each down projection by ridge least squares on "
-                             "calibration activations")
+        refit: bool = option(False, "refit each MLP down projection and each conv/Gemm reading "
+                             "pruned conv channels by ridge least squares on calibration "
+                             "activations")
         samples: int = option(256, "calibration samples for the refit", min=1)
         ridge: float = option(1e-3, "ridge strength of the refit (relative)", min=0.0)
 
@@ -57,15 +68,24 @@ class PruneChannelsPass(Pass):
             check_ratio(self.ratio, "prune-channels")
 
     def call(self, model: ir.Model) -> PassResult:
-        """Remove the lowest-scored channels of the chosen MLPs in place."""
+        """Remove the lowest-scored channels of the chosen MLPs and conv groups in place."""
         ctx = PassContext.current()
-        mlps, notes = traced_mlps(model)
-        mlps = self._chosen(mlps)
-        if not mlps or self.config.ratio == 0.0:
+        mlps, notes = traced_mlps(model) if self.config.kind != "conv" else ([], [])
+        groups = [g for g in channel_groups(model) if g.prunable] \
+            if self.config.kind != "mlp" else []
+        mlps, groups = self._chosen(mlps, groups)
+        if not (mlps or groups) or self.config.ratio == 0.0:
             ctx.report[self.name] = {"pruned": {}, "note": "; ".join(notes) or (
-                "no MLP channels were asked for (give ratio>0)" if mlps else
-                "no MLP with traceable channels was found; nothing was rewritten")}
+                "no channels were asked for (give ratio>0)" if mlps or groups else
+                "no MLP with traceable channels and no prunable conv filter group was found; "
+                "nothing was rewritten")}
             return PassResult(model, False)
+        self._conv_r2: dict[str, float] = {}
+        conv_report = self._prune_convs(model, groups, ctx) if groups else {}
+        if not mlps:
+            ctx.report[self.name] = {"pruned": conv_report,
+                                     **({"refit_r2": self._conv_r2} if self._conv_r2 else {})}
+            return PassResult(model, True)
         scores = self._scores(model, mlps, ctx)
         keeps = {}
         for mlp in mlps:
@@ -75,7 +95,8 @@ class PruneChannelsPass(Pass):
         batches = self._batches(model, ctx) if self.config.refit else []
         targets = _vectors(model, batches, [projection_output(m.down).name for m in mlps]) \
             if batches else {}
-        report = {"pruned": {m.region.name: [m.width, int(keeps[m.region.name].size)] for m in mlps}}
+        report = {"pruned": {**conv_report, **{m.region.name: [m.width, int(keeps[m.region.name].size)]
+                                               for m in mlps}}}
         copy = model.clone()  # rehearsed on a copy: a failure leaves the model untouched
         trial = {m.region.name: m for m in traced_mlps(copy)[0]}
         for name, keep in keeps.items():
@@ -86,18 +107,51 @@ class PruneChannelsPass(Pass):
         if batches:
             report["refit_r2"] = {m.region.name: _refit_down(model, m, targets, batches,
                                                              self.config.ridge) for m in mlps}
+        if self._conv_r2:
+            report["refit_r2"] = {**report.get("refit_r2", {}), **self._conv_r2}
         ctx.report[self.name] = report
         return PassResult(model, True)
 
-    def _chosen(self, mlps: list[MlpChannels]) -> list[MlpChannels]:
+    def _chosen(self, mlps: list[MlpChannels], groups: list[ChannelGroup]
+                ) -> tuple[list[MlpChannels], list[ChannelGroup]]:
         if not self.config.regions:
-            return mlps
-        by_name = {m.region.name: m for m in mlps}
+            return mlps, groups
+        valid = [m.region.name for m in mlps] + [g.name for g in groups]
         for name in self.config.regions:
-            if name not in by_name:
-                raise PassConfigError(f"prune-channels: there is no prunable MLP named '{name}'; "
-                                      f"they are: {', '.join(by_name)}.")
-        return [by_name[n] for n in self.config.regions]
+            if name not in valid:
+                raise PassConfigError(f"prune-channels: there is no prunable MLP or conv group "
+                                      f"named '{name}'; they are: {', '.join(valid) or 'none'}.")
+        wanted = set(self.config.regions)
+        return ([m for m in mlps if m.region.name in wanted],
+                [g for g in groups if g.name in wanted])
+
+    def _prune_convs(self, model: ir.Model, groups: list[ChannelGroup], ctx: PassContext
+                     ) -> dict[str, list[int]]:
+        """Prune each conv filter group to its highest-scored channels; {group: [before, after]}."""
+        if self.config.source == "random":
+            rng = np.random.default_rng(self.config.seed)
+            scores = {g.name: rng.random(g.channels) for g in groups}
+        else:
+            result = ctx.get_analysis("channel-importance", model, score=self.config.source)
+            scores = {e["group"]: np.asarray(e["scores"]) for e in result.get("conv_groups", [])
+                      if e.get("scores") is not None}
+        keeps = {}
+        for group in groups:  # every choice is made before the first edit
+            count = kept_width(group.channels, self.config.ratio, self.config.round_to)
+            if group.name not in scores or len(scores[group.name]) != group.channels:
+                raise PassConfigError(f"prune-channels: channel-importance has no scores for conv "
+                                      f"group '{group.name}'.")
+            keeps[group.name] = np.sort(np.argsort(-scores[group.name], kind="stable")[:count])
+        readers = list({m.node: None for g in groups for m in g.sinks()
+                        if refittable(m.node)}) if self.config.refit else []
+        batches = self._batches(model, ctx) if readers else []
+        targets = capture_targets(model, readers, batches) if readers else []
+        for group in groups:
+            prune_group(group, keeps[group.name], model.graph)
+        if targets:
+            kept = {m.node: keeps[g.name] for g in groups for m in g.sources()}
+            self._conv_r2 = refit_readers(model, targets, batches, self.config.ridge, kept)
+        return {g.name: [g.channels, int(keeps[g.name].size)] for g in groups}
 
     def _scores(self, model: ir.Model, mlps: list[MlpChannels], ctx: PassContext
                 ) -> dict[str, np.ndarray]:

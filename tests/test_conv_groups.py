@@ -1,0 +1,152 @@
+"""Conv filter dependency groups (ir/conv_groups.py) and prune-channels on convs: the groups found
+on a hand-built graph with BatchNorm, a residual Add, a depthwise conv and an SE gate; the OTO
+oracle (removing channels = zeroing the weights that read them) on that graph and on every zoo
+CNN including the two real PP-OCR files; the refit; the fixed groups and their reasons."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import winnow
+from winnow.errors import PassFailedError
+from winnow.ir.conv_groups import channel_groups, prune_group, zero_group
+from winnow.ir.execute import model_bytes, run
+from winnow.passes import PassContext, PassManager
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name, *shape):
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+
+def residual_se_model(concat: bool = False) -> ir.Model:
+    """x -> conv1 -> BN -> Relu -+-> conv2 -> Add(+relu) -> depthwise -> SE gate Mul -> +c -> conv3.
+    With `concat`, conv3 reads a Concat of the gated tensor and x instead."""
+    bn = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (RNG.uniform(0.5, 1.5, 8), "g"), (RNG.standard_normal(8), "b"),
+        (RNG.standard_normal(8) * 0.1, "mean"), (RNG.uniform(0.5, 2, 8), "var"))]
+    inits = [_init("w1", 8, 3, 3, 3), _init("b1", 8), _init("w2", 8, 8, 3, 3),
+             _init("wd", 8, 1, 3, 3), _init("bd", 8), _init("ws1", 4, 8, 1, 1),
+             _init("bs1", 4), _init("ws2", 8, 4, 1, 1), _init("bs2", 8),
+             _init("c", 1, 8, 1, 1), _init("w3", 6, 11 if concat else 8, 1, 1), *bn]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "g", "b", "mean", "var"], ["n1"], name="bn"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Add", ["c2", "r1"], ["a1"], name="residual"),
+        helper.make_node("Conv", ["a1", "wd", "bd"], ["d1"], group=8, pads=[1, 1, 1, 1],
+                         name="depthwise"),
+        helper.make_node("GlobalAveragePool", ["d1"], ["p"], name="gap"),
+        helper.make_node("Conv", ["p", "ws1", "bs1"], ["s1"], name="se1"),
+        helper.make_node("Relu", ["s1"], ["s1r"], name="se_relu"),
+        helper.make_node("Conv", ["s1r", "ws2", "bs2"], ["s2"], name="se2"),
+        helper.make_node("HardSigmoid", ["s2"], ["gate"], name="gate"),
+        helper.make_node("Mul", ["d1", "gate"], ["m"], name="scale"),
+        helper.make_node("Add", ["m", "c"], ["m2"], name="shift"),
+    ]
+    if concat:
+        nodes.append(helper.make_node("Concat", ["m2", "x"], ["cat"], axis=1, name="cat"))
+    nodes.append(helper.make_node("Conv", ["cat" if concat else "m2", "w3"], ["y"], name="conv3"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                         [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    return ir.serde.deserialize_model(proto)
+
+
+FEEDS = {"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+
+
+def _clone(m: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(onnx.load_from_string(model_bytes(m)))
+
+
+def _members(group):
+    return {(m.role, m.node.name) for m in group.members}
+
+
+def test_groups_follow_bn_residual_depthwise_and_se_gate():
+    groups = {g.name: g for g in channel_groups(residual_se_model())}
+    main = groups["conv1"]
+    assert main.prunable and main.channels == 8
+    assert _members(main) == {
+        ("source", "conv1"), ("source", "conv2"), ("source", "se2"), ("norm", "bn"),
+        ("depthwise", "depthwise"), ("sink", "conv2"), ("sink", "se1"), ("sink", "conv3"),
+        ("const", "shift")}
+    se = groups["se1"]
+    assert se.prunable and se.channels == 4 and _members(se) == {("source", "se1"), ("sink", "se2")}
+    assert groups["conv3"].reason == "'y' is a graph output"
+
+
+def test_a_concat_reader_keeps_its_group_whole():
+    main = next(g for g in channel_groups(residual_se_model(concat=True)) if g.name == "conv1")
+    assert not main.prunable and "Concat 'cat'" in main.reason
+
+
+@pytest.mark.parametrize("name,keep", [("conv1", [0, 2, 5, 7]), ("se1", [1, 3])])
+def test_removing_channels_equals_zeroing_their_readers(name, keep):
+    source = residual_se_model()
+    pruned, zeroed = _clone(source), _clone(source)
+    group = next(g for g in channel_groups(pruned) if g.name == name)
+    prune_group(group, keep, pruned.graph)
+    group = next(g for g in channel_groups(zeroed) if g.name == name)
+    zero_group(group, np.setdiff1d(np.arange(group.channels), keep), zeroed.graph)
+    want, got = run(zeroed, FEEDS)["y"], run(pruned, FEEDS)["y"]
+    full = run(source, FEEDS)["y"]
+    assert np.abs(full - want).max() > 1e-2  # the zeroed channels did matter
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    params = sum(v.const_value.size for v in pruned.graph.initializers.values())
+    assert params < sum(v.const_value.size for v in source.graph.initializers.values())
+
+
+def test_pass_prunes_rounds_and_refits_convs():
+    calibration = [{"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+    errors = {}
+    for refit in ("false", "true"):
+        m, ctx = residual_se_model(), PassContext(calibration=calibration)
+        m = PassManager(f"prune-channels{{ratio=0.3,refit={refit},kind=conv}}").run(m, ctx).model
+        assert ctx.report["prune-channels"]["pruned"] == {"conv1": [8, 6], "se1": [4, 3]}
+        errors[refit] = np.abs(run(m, FEEDS)["y"] - run(residual_se_model(), FEEDS)["y"]).mean()
+    assert all(0 < r2 <= 1 for r2 in ctx.report["prune-channels"]["refit_r2"].values())
+    assert errors["true"] < 0.9 * errors["false"]  # on held-out inputs, random weights
+
+
+def test_a_group_name_that_does_not_exist_lists_the_valid_ones():
+    with pytest.raises(PassFailedError, match="no prunable MLP or conv group named 'conv9'.*conv1"):
+        PassManager("prune-channels{ratio=0.5,regions=[conv9]}").run(residual_se_model(),
+                                                                      PassContext())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zoo", ["digits-cnn", "ppocr-det", "ppocr-rec"])
+def test_zoo_cnns_prune_exactly_like_zeroing(zoo):
+    """The OTO check on real graphs (two of them foreign ONNX files nobody here exported): a
+    quarter of every prunable group's channels removed equals their readers zeroed."""
+    from winnow.models_zoo import get
+
+    source = PassManager("shape-inference").run(winnow.load(f"zoo:{zoo}"), PassContext()).model
+    feeds = {k: v[:1] for k, v in get(zoo).split("heldout")[0].items()}
+    pruned, zeroed = _clone(source), _clone(source)
+    groups = [g for g in channel_groups(source) if g.prunable]
+    assert len(groups) >= 3
+    rng = np.random.default_rng(0)
+    keeps = {g.name: np.sort(rng.choice(g.channels, g.channels - g.channels // 4, replace=False))
+             for g in groups}
+    for g in channel_groups(pruned):
+        if g.prunable:
+            prune_group(g, keeps[g.name], pruned.graph)
+    for g in channel_groups(zeroed):
+        if g.prunable:
+            zero_group(g, np.setdiff1d(np.arange(g.channels), keeps[g.name]), zeroed.graph)
+    full = run(source, feeds)
+    for full_out, want, got in zip(full.values(), run(zeroed, feeds).values(),
+                                   run(pruned, feeds).values()):
+        scale = max(1.0, float(np.abs(full_out).max()))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
