@@ -219,6 +219,21 @@ def transpose(b: int, s: int, heads: int, d: int) -> Micro:
                   {"x": (b, s, heads, d)}, ["y"])
 
 
+def slice_half(rows: int, cols: int) -> Micro:
+    """Slice of the first half of the last axis (a copy, as ORT's Slice runs)."""
+    half = np.array([cols // 2], np.int64)
+    return Micro(f"slice-{rows}x{cols}", _model(
+        [h.make_node("Slice", ["x", "s", "e", "a"], ["y"])], {"x": (rows, cols)}, ["y"],
+        {"s": np.array([0], np.int64), "e": half, "a": np.array([-1], np.int64)}),
+        {"x": _f32((rows, cols))})
+
+
+def concat(rows: int, cols: int) -> Micro:
+    """Concat of two [rows, cols] activations along the last axis."""
+    return _micro(f"concat-{rows}x{cols}", [h.make_node("Concat", ["x", "z"], ["y"], axis=-1)],
+                  {"x": (rows, cols), "z": (rows, cols)}, ["y"])
+
+
 def reduce_mean(rows: int, cols: int) -> Micro:
     """ReduceMean over the last axis."""
     return _micro(f"reducemean-{rows}x{cols}",
@@ -304,7 +319,9 @@ def _full_extra(small: int, big: int) -> list[Micro]:
         conv_int8(1, 16, 80, 16, 3, groups=16), transpose(64, 17, 4, 16), gemm(17, 64, 64),
         conv(1, 240, 12, 240, 5, groups=240), layernorm(68, 64),
         elementwise(16384), elementwise(65536, "Mul"), elementwise(32768, "Sigmoid"),
-        transpose(16, 64, 12, 32), reduce_mean(512, 256), softmax(256, 128)]
+        transpose(16, 64, 12, 32), reduce_mean(512, 256), softmax(256, 128),
+        slice_half(32, 512), slice_half(512, 512), concat(32, 128), concat(256, 256),
+        gemm_int8(32, 128, 512), gemm_int8(17, 64, 64)]
 
 
 # ---------------------------------------------------------------- measure
