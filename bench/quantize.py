@@ -46,6 +46,7 @@ from winnow.measure.timing import available_cpus, machine_info, paired_ratios, t
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE = "ORT fp32"
+PEER = "ORT dyn int8 (channel)"
 PIPELINES = (
     "fuse",
     "quantize{mode=int8-dynamic}",
@@ -191,6 +192,8 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
         for n, t in timing.items():
             rows[n]["timings"][b] = {**t.to_dict(), "speedup": paired_ratios(
                 timing[REFERENCE], t)["median"]}
+            if PEER in timing:
+                rows[n]["timings"][b]["vs_peer"] = paired_ratios(timing[PEER], t)["median"]
     info = {"metric": zm.metric_name, "shapes": {b: {k: list(v.shape) for k, v in
                                                      first_rows(heldout, b).items()}
                                                  for b in batches},
@@ -200,7 +203,8 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
 
 def markdown(model: str, rows: Sequence[dict], info: dict, batches: Sequence[int]) -> str:
     """One model's table."""
-    head = ["variant"] + [c for b in batches for c in (f"ms b{b}", f"vs fp32 b{b}")] + [
+    head = ["variant"] + [c for b in batches for c in (f"ms b{b}", f"vs fp32 b{b}",
+                                                       f"vs pc int8 b{b}")] + [
         "held-out cosine mean (min)", f"{info['metric']}", f"{info['metric']} vs fp32", "MB",
         "x smaller", "notes"]
     lines = [f"### {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -209,8 +213,9 @@ def markdown(model: str, rows: Sequence[dict], info: dict, batches: Sequence[int
         cells = [r["variant"]]
         for b in batches:
             t = r["timings"].get(b)
-            cells += (["-", "-"] if t is None else
-                      [f"{t['median_ms']:.3g}{'*' if t['noisy'] else ''}", f"{t['speedup']:.2f}x"])
+            cells += (["-", "-", "-"] if t is None else
+                      [f"{t['median_ms']:.3g}{'*' if t['noisy'] else ''}", f"{t['speedup']:.2f}x",
+                       f"{t['vs_peer']:.2f}x" if "vs_peer" in t else "-"])
         cells.append("-" if "cosine" not in r else f"{r['cosine']:.5f} ({r['cosine_min']:.4f})")
         m = r.get("metrics", {}).get(info["metric"])
         m0 = base.get("metrics", {}).get(info["metric"])
@@ -275,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.threads} ORT threads, no spinning; {args.warmup} warm-up + {args.repeats} timed "
         "rounds, all variants of a model interleaved in each round.", "",
         *[t + "\n" for t in tables],
-        "- vs fp32: median of per-round paired ratios fp32 / variant (above 1 is faster); "
+        "- vs fp32: median of per-round paired ratios fp32 / variant (above 1 is faster); vs pc "
+        "int8: the same against ORT dyn int8 (channel), the peer to beat; "
         "`*`: noisy (slowest run > 1.5x the fastest).",
         "- cosine: per-sample cosine against ORT fp32 on the held-out split, mean (min).",
         "- exclude=[auto]: budget is the calibration loss (mean 1 - cosine on 32 calibration "
