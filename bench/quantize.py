@@ -9,8 +9,10 @@ every round) and scored on the zoo's held-out split against ORT fp32:
 - winnow <pipeline>       fuse only, and each quantize mode with and without fuse, with
                           sensitivity-guided exclusions (exclude=[auto]: the most sensitive
                           nodes stay float until the calibration loss is within the budget),
-                          with split-outliers (outlier channels through a small float MatMul)
-                          and with smooth-activations (SmoothQuant)
+                          with split-outliers (outlier channels through a small float MatMul;
+                          free_only: only where it adds no pass, the row that beats the peer on
+                          MiniLM), with smooth-activations (SmoothQuant; convs=true equalizes
+                          Conv channels, for ppocr-rec) and uint8 weights (exact u8u8 kernels)
 
 Columns: median ms and speed-up over ORT fp32 (median of paired ratios) at each batch size
 (sequence 64 for MiniLM), held-out mean cosine (min), the task metric, file size. The markdown
@@ -53,16 +55,18 @@ PIPELINES = (
     "split-outliers,quantize{mode=int8-dynamic}",
     "split-outliers{factor=8},quantize{mode=int8-dynamic}",
     "split-outliers{factor=4},quantize{mode=int8-dynamic}",
+    "split-outliers{free_only=true,factor=4},quantize{mode=int8-dynamic}",
     "fuse,quantize{mode=int8-dynamic}",
     "quantize{mode=int8-dynamic,exclude=[auto],budget=0.004}",
     "quantize{mode=int8-static}",
     "smooth-activations,quantize{mode=int8-static}",
     "smooth-activations,quantize{mode=int8-dynamic}",
+    "smooth-activations{convs=true,matmuls=false},quantize{mode=int8-static,weight_type=uint8}",
     "quantize{mode=int8-weight,block_size=32}",
     "quantize{mode=int4-weight,block_size=32}",
     "quantize{mode=fp16}",
 )
-QUICK = PIPELINES[1:5]
+QUICK = PIPELINES[1:6]
 
 
 def ort_peers(zm: Any, work: Path, threads: int) -> list[Variant]:
