@@ -144,6 +144,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
               help="The whole compile's time budget, e.g. 90s, 10m, 1h: trials stop when the finalists' check and the emit would no longer fit.")
 @click.option("--trials", default=24, show_default=True, type=int, metavar="N",
               help="Search trials (a resumed search counts the trials already done).")
+@click.option("--trial-cost", default="predicted", show_default=True, metavar="HOW",
+              help="How trials' latency is judged: predicted (the cost model: fast, unmoved by a busy host) or measured (timed against the source). Finalists are always timed.")
 @click.option("--study", default=None, metavar="URL",
               help="Optuna storage URL of the search (default: sqlite file OUT.search.db).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -153,7 +155,7 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
             timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool, evaluate: bool,
             max_drop: float | None, force: bool, strict: bool, target: str | None,
             tune_trials: int, tune_timeout: float | None, objective: str, time_budget: str,
-            trials: int, study: str | None, as_json: bool,
+            trials: int, trial_cost: str, study: str | None, as_json: bool,
             force_overwrite: bool, input_shapes: str | None,
             example_inputs: str | None) -> None:  # noqa: A001 - the command's name
     """Optimize SRC (.onnx, HF folder, zoo:NAME) and write a deployable artifact to OUT.
@@ -175,7 +177,7 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
         backend_options.update(tune_trials=tune_trials, tune_builder_timeout=tune_timeout)
     if target is not None:
         _compile_search(src, out, pipeline or config, target, objective, time_budget, trials,
-                        study, max_drop, force_overwrite, as_json, user_inputs)
+                        study, max_drop, force_overwrite, as_json, user_inputs, trial_cost)
         return
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     result = compile_model(src, out, pipeline=pipeline, config=config, backend=backend,
@@ -191,7 +193,8 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
 
 def _compile_search(src: str, out: str, pipeline: str | None, target: str, objective: str,
                     time_budget: str, trials: int, study: str | None, max_drop: float | None,
-                    overwrite: bool, as_json: bool, user_inputs: Any = None) -> None:
+                    overwrite: bool, as_json: bool, user_inputs: Any = None,
+                    trial_cost: str = "predicted") -> None:
     from winnow.driver import SearchOptions, search_compile
     from winnow.driver.search import SearchOptionError, parse_duration
 
@@ -199,7 +202,7 @@ def _compile_search(src: str, out: str, pipeline: str | None, target: str, objec
         raise SearchOptionError("--target searches the pipeline itself; drop --pipeline/--config, "
                                 "or drop --target to run the pipeline you give.")
     options = SearchOptions(target=target, objective=objective, trials=trials, study=study,
-                            time_budget=parse_duration(time_budget),
+                            time_budget=parse_duration(time_budget), trial_cost=trial_cost,
                             max_drop=0.01 if max_drop is None else max_drop)
     search = search_compile(src, out, options, overwrite=overwrite, user_inputs=user_inputs)
     if as_json:

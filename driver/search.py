@@ -5,6 +5,7 @@ and fall back to the lossless pipeline when nothing lossy fits (never "no model 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -36,6 +37,9 @@ from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
 
 TARGETS = ("host",)
 OBJECTIVES = ("latency", "size")
+# How a trial's latency is judged: the cost model's prediction (fast, and blind to a busy host),
+# or timed against the source; the finalists are always timed.
+TRIAL_COSTS = ("predicted", "measured")
 NOISE_MARGIN = 0.03  # a finalist must be at least this much cheaper than the source to win
 # --time-budget is the whole compile's (counted from the start, loading and analyses included):
 # trials stop when re-timing the finalists, judging them on held-out data and the emit would no
@@ -63,6 +67,7 @@ class SearchOptions:
     repeats: int = 8
     timing_batch: int = 8
     seed: int = 0
+    trial_cost: str = "predicted"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -71,6 +76,9 @@ class SearchOptions:
         if self.objective not in OBJECTIVES:
             raise SearchOptionError(f"unknown objective '{self.objective}'; valid objectives are: "
                                     f"{', '.join(OBJECTIVES)} (energy needs the cost model).")
+        if self.trial_cost not in TRIAL_COSTS:
+            raise SearchOptionError(f"unknown trial cost '{self.trial_cost}'; use one of: "
+                                    f"{', '.join(TRIAL_COSTS)}.")
         if not (isinstance(self.max_drop, (int, float)) and 0.0 <= self.max_drop < 1.0):
             raise SearchOptionError(f"--max-drop must be in [0, 1), not {self.max_drop}.")
         if not (self.time_budget > 0 and math.isfinite(self.time_budget)):
@@ -271,12 +279,40 @@ class TrialRunner:
             hit = self.cache[key]
             return dataclasses.replace(hit, number=number, pipeline=pipeline, cached=True)
         fid = self.src.score(model, "judge")
-        cost = (self.timer.relative_latency(model) if self.options.objective == "latency"
-                else len(model_bytes(model)) / len(self.base_bytes))
+        cost = self.trial_cost(model)
         cand = Candidate(number, pipeline, cost, fidelity_drop(fid), fid.cosine, key)
         self.cache[key] = cand
         self.trial_seconds.append(time.perf_counter() - start)  # cache hits are not a guide
         return cand
+
+    def trial_cost(self, model: ir.Model) -> float:
+        """A trial's cost relative to the source: size, predicted or measured latency."""
+        if self.options.objective != "latency":
+            return len(model_bytes(model)) / len(self.base_bytes)
+        if self.options.trial_cost == "predicted":
+            predicted = self.predicted_latency(model)
+            if predicted is not None and math.isfinite(self.base_predicted):
+                return predicted / self.base_predicted
+        return self.timer.relative_latency(model)
+
+    def predicted_latency(self, model: ir.Model) -> float | None:
+        """The cost model's latency of `model` at the timing shapes (None if it cannot price it)."""
+        from winnow.cost_model import predict
+        from winnow.cost_model.targets import known_targets
+        from winnow.driver.report import FALLBACK_TARGET
+
+        target = self.options.target
+        profile = target if target in known_targets() else FALLBACK_TARGET
+        shapes = {name: list(np.shape(value)) for name, value in self.timer.feeds.items()}
+        try:
+            return predict(model, profile, shapes, threads=self.timer.threads).latency_s
+        except WinnowError:
+            return None
+
+    @functools.cached_property
+    def base_predicted(self) -> float:
+        """The source's predicted latency (what predicted trial costs are relative to)."""
+        return self.predicted_latency(_clone(self.base_bytes)) or float("nan")
 
     def share_analyses(self, study: Any) -> None:
         """The analyses every trial reads: taken from the study when a process of this search
@@ -358,7 +394,7 @@ class TrialRunner:
 
         digest = hashlib.sha256(self.base_bytes)
         digest.update(repr((self.options.objective, self.options.target, self.options.max_drop,
-                            self.space.describe())).encode())
+                            self.space.describe(), self.options.trial_cost)).encode())
         return digest.hexdigest()[:16]
 
     def choose(self, finalists: list[Candidate]) -> tuple[Candidate, str]:

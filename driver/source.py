@@ -48,6 +48,10 @@ class Source:
     @property
     def judged_on(self) -> dict[str, str]:
         """Which data judged the trials and the finalists, in words (for summary and manifest)."""
+        if self.zoo is not None and self.zoo.metric_name:
+            return {"trials": f"{self.zoo.metric_name} drop on the {self.zoo.name} calibration "
+                              "split",
+                    "finalists": f"the {self.zoo.name} held-out split ({self.zoo.metric_name})"}
         if self.zoo is not None:
             return {"trials": f"1 - mean output cosine on {sum(_rows(b) for b in self.judge)} "
                               f"samples of the {self.zoo.name} calibration split",
@@ -61,10 +65,13 @@ class Source:
                              "(not fitted on)"}
 
     def score(self, candidate: Any, split: str) -> Fidelity:
-        """Fidelity of `candidate` against the source on 'judge' or 'heldout' data (a zoo model's
-        held-out split is scored with its task metric; trials are judged by output cosine)."""
+        """Fidelity of `candidate` against the source on 'judge' or 'heldout' data (a zoo model
+        with a task metric is scored with it: trials on its calibration split, finalists on its
+        held-out split; other models by output cosine)."""
         if self.zoo is not None and split == "heldout":
             return evaluate_zoo(self.zoo, candidate, "heldout")
+        if self.zoo is not None and self.zoo.metric_name:
+            return evaluate_zoo(self.zoo, candidate, "calibration")
         data = self.judge if split == "judge" else self.heldout
         if split not in self._references:
             from winnow.ir.execute import run

@@ -169,6 +169,21 @@ def _check_pareto_plot_renders(page: Path, tmp_path: Path) -> None:
     assert star > 50, f"no chosen-point star on the rendered page ({star} px)"
 
 
+def test_predicted_trial_cost_prices_a_dropped_block_cheaper(redundant_model):
+    from winnow.driver.search import TrialRunner, lossless_base
+    from winnow.driver.source import resolve
+
+    path, _, _ = redundant_model
+    src = resolve(str(path), _calibration(12, 1))
+    runner = TrialRunner(src, lossless_base(src), SearchOptions(trial_cost="predicted"))
+    base = runner.apply(DEFAULT_PIPELINE)
+    dropped = runner.apply(DEFAULT_PIPELINE + ",drop-layers{count=1},dce")
+    assert runner.trial_cost(base) == pytest.approx(1.0)
+    # One of three blocks gone: at most 1 - 1/3 of the blocks' work is left, and the embedding-
+    # free model is nearly all blocks, so the prediction must fall clearly below the source's.
+    assert 0.4 < runner.trial_cost(dropped) < 0.9
+
+
 def test_in_sample_data_allows_only_moves_that_fit_nothing(redundant_model):
     from winnow.driver.source import resolve
     from winnow.driver.space import build_space
@@ -243,6 +258,7 @@ def test_minilm_metric_on_the_calibration_split_compares_like_with_like():
     (["--target", "rpi"], "unknown target 'rpi'"),
     (["--target", "host", "--max-drop", "1.5"], "--max-drop must be in [0, 1)"),
     (["--target", "host", "--objective", "joules"], "unknown objective"),
+    (["--target", "host", "--trial-cost", "guessed"], "unknown trial cost 'guessed'"),
     (["--target", "host", "--time-budget", "soon"], "is not a duration"),
     (["--target", "host", "--pipeline", "dce"], "--target searches the pipeline itself")])
 def test_search_cli_errors_are_one_sentence_and_write_nothing(tiny_model_path, tmp_path, args,
