@@ -181,12 +181,12 @@ def _schedule_rules(schedules: str) -> list[Any]:
 def _layout_passes(schedules: str) -> list[Any]:
     """Graph passes before legalization: winnow's rules tile convolutions as matmuls, which needs
     channels last (NHWC) and weights HWIO, so the output channel is the vectorized axis; Gelu's
-    erf becomes a polynomial that vectorizes in the matmul's epilogue."""
+    erf and Softmax's exp become polynomials that vectorize."""
     if schedules != "winnow":
         return []
-    from winnow.backends.tvm_schedules import ChannelsLast, VectorizableGelu
+    from winnow.backends.tvm_schedules import ChannelsLast, VectorizableGelu, VectorizableSoftmax
 
-    return [ChannelsLast(), VectorizableGelu()]
+    return [ChannelsLast(), VectorizableGelu(), VectorizableSoftmax()]
 
 
 def lowering_passes(target: Any, schedules: str) -> list[Any]:
