@@ -54,12 +54,13 @@ FAILED_SECONDS = 1e9  # MetaSchedule records a failed candidate as 1e10 s
 
 @dataclasses.dataclass(frozen=True)
 class TuneOptions:
-    """A tuning budget: `trials` candidates measured over all kernels, each build given
-    `builder_timeout` seconds, and the random seed of the search."""
+    """A tuning budget: `trials` candidates measured over all kernels (or only over the kernels
+    named in `kernels`), each build given `builder_timeout` seconds, and the search's seed."""
 
     trials: int
     builder_timeout: float = DEFAULT_BUILDER_TIMEOUT
     seed: int = 0
+    kernels: tuple[str, ...] = ()  # only these kernels, searched again even where held
 
 
 def open_database(folder: str | Path) -> Any:
@@ -307,7 +308,8 @@ def tune(kernels: Any, target: Any, folder: str | Path, options: TuneOptions,
     beside the search's; returns what was done, for the manifest."""
     database = open_database(folder)
     tasks = extract_tasks(kernels, target)
-    todo = _untuned(tasks, database)
+    todo = ([t for t in tasks if t.task_name in options.kernels] if options.kernels
+            else _untuned(tasks, database))
     info = {"trials_budget": options.trials, "kernels": len(tasks),
             "kernels_tuned_now": len(todo), "builder_timeout_s": options.builder_timeout,
             "cost_model": "random", "seconds": 0.0}

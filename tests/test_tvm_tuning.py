@@ -102,6 +102,26 @@ def test_a_packaged_database_keeps_each_kernels_best_valid_record_gzipped(tmp_pa
         tvm_tuning.package_database(tmp_path / "raw", tmp_path / "pkg")
 
 
+def test_named_kernels_are_searched_again_even_where_the_database_holds_them(tmp_path):
+    import onnx_ir as ir
+
+    from winnow.backends import tvm as tvm_backend
+
+    model, shapes = matmul_model(), {"x": [8, 16]}
+    name = commit_schedule(tmp_path, model, shapes)
+    target = tvm_backend.resolve_target("host")
+    lowered = tvm_backend.lower(tvm_backend.to_relax(tvm_backend.prepare(ir.from_proto(model),
+                                                                         shapes)), target)
+    tvm_target = tvm_backend._tvm_target(target)
+    held = tvm_tuning.tune(lowered, tvm_target, tmp_path, tvm_tuning.TuneOptions(0))
+    named = tvm_tuning.tune(lowered, tvm_target, tmp_path,
+                            tvm_tuning.TuneOptions(0, kernels=(name,)))
+    other = tvm_tuning.tune(lowered, tvm_target, tmp_path,
+                            tvm_tuning.TuneOptions(0, kernels=("no_such_kernel",)))
+    assert (held["kernels_tuned_now"], named["kernels_tuned_now"],
+            other["kernels_tuned_now"]) == (0, 1, 0)
+
+
 def test_failed_measurements_are_not_valid_records(tmp_path):
     lines = [[0, [[[], []], [1e10], None, None]], [0, [[[], []], [2e-4, 3e-4], None, None]],
              [0, [[[], []], None, None, None]]]
