@@ -23,7 +23,7 @@ The build and each compile run in a fresh process (`winnow.compile` with the ORT
 check on, the check and calibration inputs 2 random token sequences of 16 given as example
 inputs, --max-drop 1: the weights are random, so a drop means nothing), whose peak RSS (VmHWM)
 is read when it ends, with the peak of each compile phase (the peak is reset between phases)
-and its CPU time (user + system, all threads);
+and its CPU time (user + system, all threads; in all and per phase);
 `(RSS - imports)` leaves out what the process held before loading the model (Python, numpy,
 ONNX Runtime, onnxscript: ~0.35 GB). Outputs: the artifact's `model.onnx` and the source run in
 ONNX Runtime on input_ids [1, 8]; max abs error of the logits (0 for a lossless pipeline), and
@@ -82,15 +82,18 @@ def compile_worker(source: str, out: str, pipeline: str, feeds: str) -> dict:
     from winnow.ir.user_inputs import UserInputs
 
     peaks: dict[str, int] = {}
+    cpu_per_phase: dict[str, float] = {}
     plain_step = progress.step
 
     @contextlib.contextmanager
     def measured_step(message: str, after: float = 1.0):
         peaks["before " + message] = _rss("VmHWM")
         _reset_peak()
+        cpu_start = _cpu_seconds()
         with plain_step(message, after):
             yield
         peaks[message] = _rss("VmHWM")
+        cpu_per_phase[message] = _cpu_seconds() - cpu_start
         _reset_peak()
 
     progress.step = measured_step
@@ -101,7 +104,8 @@ def compile_worker(source: str, out: str, pipeline: str, feeds: str) -> dict:
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     fidelity = result.fidelity or {}
     reports = {p["name"]: p.get("report") or {} for p in result.passes}
-    return {"seconds": seconds, "cpu_seconds": cpu, "phases": result.phases,
+    return {"seconds": seconds, "cpu_seconds": cpu, "cpu_per_phase": cpu_per_phase,
+            "phases": result.phases,
             "baseline_rss": baseline,
             "peak_rss": max([_rss("VmHWM"), *peaks.values()]), "phase_peaks": peaks,
             "pass_seconds": {p["name"]: p["seconds"] for p in result.passes},
@@ -251,11 +255,16 @@ def slope(rows: list[dict]) -> str:
         proper = np.array([sum(v for k, v in r["phases"].items() if k != "emit") for r in ok])
         peak = np.array([r["peak_rss"] / r["weight_bytes"] for r in ok])
         cpu = np.array([r.get("cpu_seconds", np.nan) for r in ok])
+        cpu_proper = np.array([sum(v for k, v in r["cpu_per_phase"].items()
+                                   if not k.startswith("writing")) if "cpu_per_phase" in r
+                               else np.nan for r in ok])
         lines.append(f"`{pipeline}`, least squares over {len(ok)} sizes: "
                      f"{_fit(x, total, 'compile s', unit)}; "
                      f"{_fit(x, proper, 'compile s without writing the artifact', unit)}; "
                      + (f"{_fit(x, cpu, 'compile CPU s', unit)}; " if np.isfinite(cpu).all()
-                        else "") +
+                        else "")
+                     + (f"{_fit(x, cpu_proper, 'compile CPU s without writing', unit)}; "
+                        if np.isfinite(cpu_proper).all() else "") +
                      f"peak RSS / weights {peak.min():.2f}-{peak.max():.2f}")
     return "\n\n".join(lines)
 
