@@ -296,7 +296,8 @@ class TrialRunner:
         return self.timer.relative_latency(model)
 
     def predicted_latency(self, model: ir.Model) -> float | None:
-        """The cost model's latency of `model` at the timing shapes (None if it cannot price it)."""
+        """The cost model's latency of `model` at the timing shapes (None if it cannot price every
+        node: a trial is then timed instead)."""
         from winnow.cost_model import predict
         from winnow.cost_model.targets import known_targets
         from winnow.driver.report import FALLBACK_TARGET
@@ -305,9 +306,10 @@ class TrialRunner:
         profile = target if target in known_targets() else FALLBACK_TARGET
         shapes = {name: list(np.shape(value)) for name, value in self.timer.feeds.items()}
         try:
-            return predict(model, profile, shapes, threads=self.timer.threads).latency_s
+            report = predict(model, profile, shapes, threads=self.timer.threads)
         except WinnowError:
             return None
+        return None if report.unpriced else report.latency_s
 
     @functools.cached_property
     def base_predicted(self) -> float:

@@ -51,14 +51,36 @@ def build_space(model: ir.Model, fitted: bool = True) -> Space:
     regions = find_regions(model)
     counts = {level: len(regions.candidates(level)) for level in ("block", "attention", "mlp")}
     levels = {k: min(MAX_DROPPED, n - 1) for k, n in counts.items() if n >= 2}
-    width = tuple(name for name in ("prune-heads", "prune-channels") if name in passes)
-    modes = _quant_modes(passes)
+    width = tuple(name for name in ("prune-heads", "prune-channels")
+                  if name in passes and _prunable(name, model, regions))
+    modes = tuple(m for m in _quant_modes(passes) if _has_weights(model, m))
     auto = fitted and "exclude" in _option_names(passes.get("quantize"))
     split = fitted and "split-outliers" in passes
     if not fitted:
         modes = tuple(m for m in modes if "static" not in m)
         return Space(levels, width, "fuse" in passes, modes, ("identity",), auto, split, False)
     return Space(levels, width, "fuse" in passes, modes, REPLACEMENTS, auto, split)
+
+
+def _prunable(name: str, model: ir.Model, regions: Any) -> bool:
+    """Whether the width pass `name` finds anything to prune (a trial that cannot apply is lost)."""
+    from winnow.ir.conv_groups import channel_groups
+    from winnow.ir.pruning import prunable_attention
+    from winnow.passes.analysis.channel_importance import traced_mlps
+
+    if name == "prune-heads":
+        return bool(prunable_attention(regions))
+    return bool(traced_mlps(model)[0]) or any(g.prunable for g in channel_groups(model))
+
+
+def _has_weights(model: ir.Model, mode: str) -> bool:
+    """Whether quantize mode `mode` finds an op with a constant weight to quantize."""
+    from winnow.ir.pruning import const_array
+    from winnow.passes.rewrite.quantize import OP_TYPES
+
+    ops = set(OP_TYPES.get(mode, ()))
+    return not ops or any(n.op_type in ops and len(n.inputs) > 1
+                          and const_array(n.inputs[1]) is not None for n in model.graph)
 
 
 def _option_names(cls: Any) -> set[str]:
