@@ -450,19 +450,38 @@ def channel_histogram(layers: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _channels_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
-    layers = result.get("layers") or []
+    layers = [layer for layer in result.get("layers") or [] if layer.get("scores")]
+    groups = result.get("conv_groups") or []
     parts = ["<h2>channel-importance</h2>"]
-    if not layers:
+    if not layers and not groups:
         return parts + [_note(result.get("note", "no MLP channels were scored"))]
-    parts.append(f"<p>Score per MLP intermediate channel ({_e(result.get('score', ''))}): "
-                 "||activation|| × ||down-projection row||, the norm of what the channel adds "
-                 "to the MLP output; the lowest go first.</p>")
-    parts.append(img_tag(channel_histogram(layers), "channel score histogram"))
-    plots.append("channel-importance")
-    rows = [[layer["region"], layer["width"], _fmt(min(layer["scores"]), 4),
-             _fmt(sorted(layer["scores"])[len(layer["scores"]) // 2], 4),
-             _fmt(max(layer["scores"]), 4)] for layer in layers]
-    return parts + [html_table(["MLP", "channels", "min", "median", "max"], rows, numeric=(1, 2, 3, 4))]
+    if layers:
+        parts.append(f"<p>Score per MLP intermediate channel ({_e(result.get('score', ''))}): "
+                     "||activation|| × ||down-projection row||, the norm of what the channel "
+                     "adds to the MLP output; the lowest go first.</p>")
+        parts.append(img_tag(channel_histogram(layers), "channel score histogram"))
+        plots.append("channel-importance")
+        rows = [[layer["region"], layer["width"], *_spread(layer["scores"])] for layer in layers]
+        parts.append(html_table(["MLP", "channels", "min", "median", "max"], rows,
+                                numeric=(1, 2, 3, 4)))
+    if groups:
+        scored = [{"region": g["group"], "scores": g["scores"]} for g in groups if g["scores"]]
+        parts.append("<p>Conv filter groups (channels pruned together with every weight coupled "
+                     "to them); a group that must stay whole says why.</p>")
+        if scored:
+            parts.append(img_tag(channel_histogram(scored[:12]), "conv group score histogram"))
+            plots.append("channel-importance conv groups")
+        rows = [[g["group"], g["channels"], *(_spread(g["scores"]) if g["scores"] else
+                                              ["-", "-", "-"]), g.get("reason", "")]
+                for g in groups]
+        parts.append(html_table(["group", "channels", "min", "median", "max", "kept whole because"],
+                                rows, numeric=(1, 2, 3, 4)))
+    return parts
+
+
+def _spread(scores: Sequence[float]) -> list[str]:
+    ordered = sorted(scores)
+    return [_fmt(ordered[0], 4), _fmt(ordered[len(ordered) // 2], 4), _fmt(ordered[-1], 4)]
 
 
 def _rankings_section(analyses: Mapping[str, Any]) -> list[str]:

@@ -150,3 +150,19 @@ def test_zoo_cnns_prune_exactly_like_zeroing(zoo):
                                    run(pruned, feeds).values()):
         scale = max(1.0, float(np.abs(full_out).max()))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_weight_scores_of_a_conv_group_match_the_filter_norms():
+    from winnow.ir.pruning import const_array
+
+    m, ctx = residual_se_model(), PassContext()
+    PassManager("channel-importance{score=weight}").run(m, ctx)
+    entry = next(g for g in ctx.analyses["channel-importance"]["conv_groups"] if g["group"] == "se1")
+    nodes = {n.name: n for n in m.graph}
+    ws1, ws2 = (const_array(nodes[n].inputs[1]) for n in ("se1", "se2"))
+    want = np.linalg.norm(ws1.reshape(4, -1), axis=1) * np.linalg.norm(
+        ws2.transpose(1, 0, 2, 3).reshape(4, -1), axis=1)
+    np.testing.assert_allclose(entry["scores"], want, rtol=1e-6)
+    fixed = next(g for g in ctx.analyses["channel-importance"]["conv_groups"]
+                 if g["group"] == "conv3")
+    assert fixed["scores"] is None and fixed["reason"] == "'y' is a graph output"

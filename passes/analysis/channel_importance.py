@@ -109,9 +109,20 @@ def conv_activation_scores(model: ir.Model, groups: list[ChannelGroup], batches:
     return scores
 
 
+def shaped_channel_groups(model: ir.Model) -> list[ChannelGroup]:
+    """channel_groups after annotating inferred shapes when a conv's output has none (a foreign
+    file as loaded): the groups need the channel counts. Only value shapes change."""
+    from winnow.passes.rewrite.shape_inference import ShapeInferencePass
+
+    if any(n.op_type in ("Conv", "ConvTranspose") and n.outputs[0].shape is None
+           for n in model.graph):
+        ShapeInferencePass().call(model)
+    return channel_groups(model)
+
+
 def conv_group_entries(model: ir.Model, score: str, batches: list[dict]) -> list[dict[str, Any]]:
     """One entry per conv channel group: its channels and scores, or why it stays whole."""
-    groups = channel_groups(model)
+    groups = shaped_channel_groups(model)
     prunable = [g for g in groups if g.prunable]
     if score == "weight":
         scores = [conv_weight_scores(g) for g in prunable]

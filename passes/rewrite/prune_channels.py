@@ -15,11 +15,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from winnow.errors import PassConfigError
-from winnow.ir.conv_groups import ChannelGroup, channel_groups, prune_group
+from winnow.ir.conv_groups import ChannelGroup, prune_group
 from winnow.ir.conv_refit import capture_targets, refit_readers, refittable
 from winnow.ir.pruning import MlpChannels, projection_output, prune_channels, refit_linear, \
     set_projection
-from winnow.passes.analysis.channel_importance import traced_mlps
+from winnow.passes.analysis.channel_importance import shaped_channel_groups, traced_mlps
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
@@ -71,7 +71,7 @@ class PruneChannelsPass(Pass):
         """Remove the lowest-scored channels of the chosen MLPs and conv groups in place."""
         ctx = PassContext.current()
         mlps, notes = traced_mlps(model) if self.config.kind != "conv" else ([], [])
-        groups = [g for g in channel_groups(model) if g.prunable] \
+        groups = [g for g in shaped_channel_groups(model) if g.prunable] \
             if self.config.kind != "mlp" else []
         mlps, groups = self._chosen(mlps, groups)
         if not (mlps or groups) or self.config.ratio == 0.0:
