@@ -348,6 +348,8 @@ class TrialRunner:
         first_guess = budget_end - (1.0 - TRIAL_SHARE) * self.options.time_budget
         study.set_user_attr(JOB_ATTR, dict(job, deadline=first_guess))
         self.share_analyses(study)
+        with progress.step("the source's outputs on the judging data"):
+            self.src.references("judge")  # before the trials: their times guide the deadline
         done = _completed(study)
         if not study.get_trials(deepcopy=False):
             for plan in seed_plans(self.space)[:self.options.trials]:

@@ -48,7 +48,7 @@ class Source:
     @property
     def judged_on(self) -> dict[str, str]:
         """Which data judged the trials and the finalists, in words (for summary and manifest)."""
-        if self.zoo is not None and self.zoo.metric_name:
+        if self.judges_by_metric:
             return {"trials": f"{self.zoo.metric_name} drop on the {self.zoo.name} calibration "
                               "split",
                     "finalists": f"the {self.zoo.name} held-out split ({self.zoo.metric_name})"}
@@ -65,19 +65,35 @@ class Source:
                              "(not fitted on)"}
 
     def score(self, candidate: Any, split: str) -> Fidelity:
-        """Fidelity of `candidate` against the source on 'judge' or 'heldout' data (a zoo model
-        with a task metric is scored with it: trials on its calibration split, finalists on its
-        held-out split; other models by output cosine)."""
+        """Fidelity of `candidate` against the source on 'judge' or 'heldout' data (a zoo model's
+        held-out split with its task metric, and its calibration split too when
+        `judges_by_metric`; otherwise by output cosine)."""
         if self.zoo is not None and split == "heldout":
             return evaluate_zoo(self.zoo, candidate, "heldout")
-        if self.zoo is not None and self.zoo.metric_name:
+        if split == "judge" and self.judges_by_metric:
             return evaluate_zoo(self.zoo, candidate, "calibration")
         data = self.judge if split == "judge" else self.heldout
+        return evaluate(self.references(split), candidate, data)
+
+    @property
+    def judges_by_metric(self) -> bool:
+        """True when trials are judged by the zoo's task metric on its calibration split: when it
+        has one and the split is no larger than the judging sample (a bigger split, MiniLM's 724
+        sentences, would triple every trial; its trials are judged by output cosine instead)."""
+        return (self.zoo is not None and bool(self.zoo.metric_name)
+                and sum(_rows(b) for b in self.calibration) <= JUDGE_SAMPLES)
+
+    def references(self, split: str) -> list[dict[str, np.ndarray]]:
+        """The source's outputs on the 'judge' or 'heldout' data (computed once; a trial need
+        not pay for them)."""
+        if split == "judge" and self.judges_by_metric:
+            return self.zoo.reference_outputs("calibration")
         if split not in self._references:
             from winnow.ir.execute import run
 
+            data = self.judge if split == "judge" else self.heldout
             self._references[split] = [run(self.model, feeds) for feeds in data]
-        return evaluate(self._references[split], candidate, data)
+        return self._references[split]
 
 
 def fidelity_drop(fid: Fidelity) -> float:
