@@ -5,13 +5,15 @@ database's schedules to every kernel whose workload it holds.
 The kernels tuned are the fused PrimFuncs of the backend's own lowering (layout passes, library
 dispatch, legalization and fusion), so a record found here matches the kernel `build` schedules.
 Kernels no record matches keep winnow's schedule rules. The databases of the small zoo models
-ship with the package (`backends/tvm_databases/<model>-<shapes>/`); `build` applies them when a
-kernel matches,
-so tests, benchmarks and the demo never tune.
+ship with the package (`backends/tvm_databases/<model>-<shapes>/`, each kernel's best record,
+gzipped); `build` applies them, on the CPU they were measured on, when a kernel matches, so
+tests, benchmarks and the demo never tune.
 
 The search replays random traces of MetaSchedule's design space (`replay-trace`), one round of
-`trials / kernels` candidates per kernel, each built and timed: the evolutionary search's learned
-cost model (XGBoost, a heavy extra package) needs far more trials than a 2-core host affords.
+`trials / kernels` candidates per kernel, each built and timed, and winnow's rule schedule of
+each kernel is timed beside them, so a searched schedule is applied only where it measured
+faster: the evolutionary search's learned cost model (XGBoost, a heavy extra package) needs far
+more trials than a 2-core host affords.
 
 MetaSchedule imports `tvm.s_tir.tensor_intrin` in the tuner and in every builder process. TVM's
 script decorator calls `inspect.stack()` for each of its few hundred intrinsics, which resolves
