@@ -153,7 +153,7 @@ def test_the_fast_frame_walk_sees_what_inspect_stack_sees():
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("WINNOW_TVM_TUNING_TEST"),
                     reason="MetaSchedule builds and times real candidates in worker processes "
-                           "(about a minute on the 2-core host), past this file's test-time "
+                           "(25-85 s on the 2-core host), past this file's test-time "
                            "budget; set WINNOW_TVM_TUNING_TEST=1 to run it")
 def test_tuning_database_is_written_to_out_and_reused(tmp_path, monkeypatch):
     model = matmul_model()
