@@ -97,33 +97,70 @@ def require_extra(feature: str, extra: str, modules: tuple[str, ...] | list[str]
 
 
 def runtime_detail(exc: BaseException) -> str:
-    """ONNX Runtime's message on one line without its status prefix or C++ source locations
-    (file:line and the function signature), keeping every detail line."""
+    """ONNX Runtime's message on one line without its status prefix, C++ source locations
+    (file:line and the function signature), failed-check expressions or node signatures,
+    keeping every detail line."""
     import re
 
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", str(exc).strip())
-    text = _drop_cpp_location(text)
+    text = _drop_node_signature(_drop_cpp_location(text))
     lines = [line.strip().rstrip(".") for line in text.splitlines() if line.strip()]
     return "; ".join(line for line in lines if not line.startswith("Please fix"))
 
 
 def _drop_cpp_location(text: str) -> str:
-    """Remove '/path/file.cc:123 [type] ns::Function(args...) ' prefixes from a C++ message."""
+    """Remove 'path/file.cc:123 [type] ns::Function(args...) [with T = ...] ' prefixes (or a
+    bare function name after the location) from a C++ message."""
     import re
 
-    while (match := re.search(r"\S*/\S+\.(?:cc|cpp|cxx|h|hpp):\d+\s*", text)):
+    while (match := re.search(r"[\w./-]*\w\.(?:cc|cpp|cxx|h|hpp):\d+\s*", text)):
         rest = text[match.end():]
         call = re.match(r"[^\s(]*(?:\s[^\s(]+)?\(", rest)
         if call and "::" in call.group(0):
-            depth, end = 0, len(rest)
-            for index in range(call.end() - 1, len(rest)):
-                depth += {"(": 1, ")": -1}.get(rest[index], 0)
-                if depth == 0:
-                    end = index + 1
-                    break
-            rest = rest[end:].lstrip()
-        text = text[:match.start()] + rest
+            rest = rest[_closing(rest, call.end() - 1):].lstrip()
+            if rest.startswith("[with "):
+                rest = rest[_closing(rest, 0):].lstrip()
+        else:
+            rest = re.sub(r"^(?:operator\S*|[A-Za-z_~]\w*(?:\(\))?)\s+", "", rest, count=1)
+        text = text[:match.start()] + _drop_failed_check(rest)
     return text
+
+
+def _closing(text: str, start: int) -> int:
+    """Index just past the bracket that closes the one at `start` (the end if it never does)."""
+    pairs = {"(": ")", "[": "]"}
+    opening, closing = text[start], pairs[text[start]]
+    depth = 0
+    for index in range(start, len(text)):
+        depth += {opening: 1, closing: -1}.get(text[index], 0)
+        if depth == 0:
+            return index + 1
+    return len(text)
+
+
+def _drop_failed_check(rest: str) -> str:
+    """'<C++ condition> was false. <message>' right after a location -> '<message>'
+    (ORT_ENFORCE's wording)."""
+    import re
+
+    check = re.match(r"[^\n]*? was false\.?[ \t]*", rest)
+    if check is None:
+        return rest
+    rest = rest[check.end():]
+    return rest if rest[:1].strip() else "an internal check of ONNX Runtime failed" + rest
+
+
+def _drop_node_signature(text: str) -> str:
+    """'In Node, ("f", FooBar, "", -1) : (inputs) -> (outputs) , Error msg' -> "In node 'f'
+    (FooBar): msg"."""
+    import re
+
+    def label(match: re.Match) -> str:
+        name, op = match.group(1), match.group(2).strip()
+        return f"In node '{name}' ({op}): " if name else f"In an unnamed {op} node: "
+
+    return re.sub(r'In Node, \("([^"]*)", ([^,]+), "[^"]*", -?\d+\) : .*? , Error ', label,
+                  text, flags=re.DOTALL)
 
 
 class LosslessPassError(PassFailedError):

@@ -151,7 +151,15 @@ def run_artifact(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str,
     """Run an artifact's `model.onnx` with ONNX Runtime; returns outputs by name."""
     artifact = load_artifact(path)
     session = _session(artifact.path / MODEL_FILE)
-    check_feed_names([i.name for i in session.get_inputs()], feeds)
+    required = [i.name for i in session.get_inputs()]
+    optional = [i.name for i in session.get_overridable_initializers()]
+    unknown = sorted(set(feeds) - set(required) - set(optional))
+    if unknown:
+        takes = ", ".join(required) or ("no required inputs" if optional else "no inputs")
+        extra = f" and optionally {', '.join(optional)}" if optional else ""
+        raise ExecutionError(f"unknown input(s) {', '.join(unknown)}; the model takes "
+                             f"{takes}{extra}.")
+    check_feed_names(required, feeds, allow_extra=True)
     names = [o.name for o in session.get_outputs()]
     try:
         outs = session.run(names, dict(feeds))

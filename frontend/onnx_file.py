@@ -178,5 +178,16 @@ def load_onnx(path: str | Path) -> ir.Model:
         model = ir.load(path)
     except Exception as exc:  # noqa: BLE001 - onnx-ir raises several types on bad files
         raise ModelFormatError(f"'{path}' could not be read into the IR: {exc}") from None
+    _sort_nodes(model, path)
     model.metadata_props["winnow.source"] = str(path)
     return model
+
+
+def _sort_nodes(model: ir.Model, path: Path) -> None:
+    """Put the nodes of the graph and its subgraphs in topological order (ONNX requires it,
+    some writers do not keep it), refusing a graph whose nodes form a cycle."""
+    try:
+        model.graph.sort()
+    except ValueError:
+        raise ModelFormatError(f"'{path}' is not a valid ONNX model: the graph is not acyclic "
+                               "(some node depends on its own output); re-export the model.") from None
