@@ -190,4 +190,5 @@ def _sort_nodes(model: ir.Model, path: Path) -> None:
         model.graph.sort()
     except ValueError:
         raise ModelFormatError(f"'{path}' is not a valid ONNX model: the graph is not acyclic "
-                               "(some node depends on its own output); re-export the model.") from None
+                               "(some node depends on its own output); re-export the "
+                               "model.") from None
