@@ -186,9 +186,11 @@ def check_feed_names(expected: Sequence[str], feeds: Mapping[str, Any],
 
 
 def run(model: ir.Model, feeds: Mapping[str, np.ndarray], capture: Sequence[str] = (),
-        threads: int = 0) -> dict[str, np.ndarray]:
-    """Run the model on one batch of feeds; returns graph outputs plus captured values by name."""
-    session = get_session(model, capture, threads)
+        threads: int = 0, optimize: bool = False) -> dict[str, np.ndarray]:
+    """Run the model on one batch of feeds; returns graph outputs plus captured values by name.
+    With `optimize`, ORT's graph optimizations run first, as in a deployed session (a QDQ model
+    then runs ORT's integer kernels, whose rounding and saturation differ from the QDQ math)."""
+    session = get_session(model, capture, threads, optimize)
     expected = sorted(i.name for i in session.get_inputs())
     check_feed_names(expected, feeds, allow_extra=True)
     names = [o.name for o in session.get_outputs()]

@@ -164,11 +164,13 @@ def _value_mismatch(ref: Any, got: Any, tol: float, errors: list, cosines: list)
 
 
 def as_runner(model: Any) -> Runner:
-    """A feeds -> outputs callable for an ir.Model, an artifact folder or a callable."""
+    """A feeds -> outputs callable for an ir.Model, an artifact folder or a callable. A model
+    runs as it will be deployed, with ORT's graph optimizations: a static-int8 digits-cnn judged
+    without them kept its accuracy, and lost 1.1 points in the optimized session."""
     if isinstance(model, ir.Model):
         from winnow.ir.execute import run
 
-        return lambda feeds: run(model, feeds)
+        return lambda feeds: run(model, feeds, optimize=True)
     if isinstance(model, (str, Path)):
         from winnow.backends.ort import run_artifact
 
