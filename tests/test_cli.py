@@ -119,7 +119,7 @@ def test_run_errors(tiny_model_path, tmp_path):
     assert missing.exit_code == 2 and "manifest.json is missing" in missing.stderr
     assert invoke("compile", tiny_model_path, "-o", tmp_path / "out").exit_code == 0
     wrong = invoke("run", tmp_path / "out", "--inputs", tmp_path / "wrong.npz")
-    assert wrong.exit_code == 2 and "missing input(s) x" in wrong.stderr
+    assert wrong.exit_code == 2 and "unknown input(s) z; the model takes x" in wrong.stderr
     (tmp_path / "bad.npz").write_text("not an npz")
     bad = invoke("run", tmp_path / "out", "--inputs", tmp_path / "bad.npz")
     assert bad.exit_code == 2 and "is not a readable .npz" in bad.stderr
