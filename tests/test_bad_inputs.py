@@ -332,7 +332,10 @@ def test_read_only_locations_are_one_clear_error(tiny_model_path, tmp_path):
 
 
 HOLD = """
-import os, sys, time
+import os, signal, sys, time
+# A test run started in the background (`make test &`) inherits SIGINT ignored; a user's Ctrl-C
+# reaches a foreground process, whose default handler this restores.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import winnow.{module} as target
 real = target.{function}
 def hold(*args, **kwargs):
