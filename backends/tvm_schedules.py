@@ -226,6 +226,14 @@ class ChannelsLast:
             return mod
 
 
+def _rewrite_functions(mod: tvm.IRModule, rewriter: relax.PyExprMutator) -> tvm.IRModule:
+    """`mod` with every Relax function passed through `rewriter`."""
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 @tvm.transform.module_pass(opt_level=0, name="VectorizableGelu")
 class VectorizableGelu:
     """Rewrite `relax.nn.gelu` (erf form) as x * (1 + erf(x / sqrt 2)) / 2 with TVM's polynomial
@@ -233,11 +241,7 @@ class VectorizableGelu:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         """Rewrite every Relax function of `mod`."""
-        rewriter = _GeluRewriter(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return _rewrite_functions(mod, _GeluRewriter(mod))
 
 
 @relax.expr_functor.mutator
@@ -258,11 +262,7 @@ class VectorizableSoftmax:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         """Rewrite every Relax function of `mod`."""
-        rewriter = _SoftmaxRewriter(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return _rewrite_functions(mod, _SoftmaxRewriter(mod))
 
 
 @relax.expr_functor.mutator

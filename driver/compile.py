@@ -43,7 +43,7 @@ from winnow.passes.instruments import (
     TimingInstrument,
     VerifyInstrument,
 )
-from winnow.driver.source import Source, resolve, source_name, split_batches
+from winnow.driver.source import Source, dynamic_batch, resolve, source_name, split_batches
 from winnow.passes.analysis.calibration import pick_calibration, split_batch
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, pass_label
 from winnow.passes.pipeline import PassSpec, load_pipeline_file
@@ -249,7 +249,7 @@ def _fit_and_judge(src: Source, model: ir.Model, batches: list[dict[str, np.ndar
     if zoo and isinstance(src.spec, str) and src.spec.startswith(("zoo:", "onnx:")):
         return batches, [], f"the {zoo} held-out split"
     if origin == "explicit":
-        fit, first, second = split_batches(batches, _batch_axis_dynamic(model))
+        fit, first, second = split_batches(batches, dynamic_batch(model))
         if first is not fit:
             judge = first + second
             return fit, judge, (f"{len(judge)} held-out calibration batches (the passes fit on "
@@ -257,12 +257,6 @@ def _fit_and_judge(src: Source, model: ir.Model, batches: list[dict[str, np.ndar
         return batches, [], ("the check inputs (the calibration data is too small to hold any "
                              "out)")
     return batches, [], f"the check inputs (in-sample: the passes fit on the {origin} too)"
-
-
-def _batch_axis_dynamic(model: ir.Model) -> bool:
-    """True when every input's first dim is symbolic (a batch can be cut into smaller ones)."""
-    shapes = [v.shape for v in model.graph.inputs if v.name not in model.graph.initializers]
-    return all(s is not None and len(s) > 0 and not isinstance(s[0], int) for s in shapes)
 
 
 def budget_drop(fidelity: Mapping[str, Any]) -> tuple[float, str] | None:

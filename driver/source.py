@@ -121,7 +121,7 @@ def resolve(spec: Any, calibration: Any = None, user_inputs: Any = None,
         judge = _first_samples(batches, JUDGE_SAMPLES)
         return Source(spec, name, model, batches, judge, zoo.split("heldout"), origin, options,
                       zoo, batches)
-    fit, judge, heldout = split_batches(batches, _dynamic_batch(model))
+    fit, judge, heldout = split_batches(batches, dynamic_batch(model))
     return Source(spec, name, model, fit, judge, heldout, origin, options, None, batches)
 
 
@@ -148,9 +148,9 @@ def _first_samples(batches: Sequence[Feeds], limit: int) -> list[Feeds]:
     return out
 
 
-def _dynamic_batch(model: ir.Model) -> bool:
+def dynamic_batch(model: ir.Model) -> bool:
     """True when every input's first dim is symbolic (a batch can be cut into smaller ones)."""
-    shapes = [v.shape for v in model.graph.inputs]
+    shapes = [v.shape for v in model.graph.inputs if v.name not in model.graph.initializers]
     return all(s is not None and len(s) > 0 and not isinstance(s[0], int) for s in shapes)
 
 

@@ -80,11 +80,10 @@ class PruneChannelsPass(Pass):
                 "no MLP with traceable channels and no prunable conv filter group was found; "
                 "nothing was rewritten")}
             return PassResult(model, False)
-        self._conv_r2: dict[str, float] = {}
-        conv_report = self._prune_convs(model, groups, ctx) if groups else {}
+        conv_report, conv_r2 = self._prune_convs(model, groups, ctx) if groups else ({}, {})
         if not mlps:
             ctx.report[self.name] = {"pruned": conv_report,
-                                     **({"refit_r2": self._conv_r2} if self._conv_r2 else {})}
+                                     **({"refit_r2": conv_r2} if conv_r2 else {})}
             return PassResult(model, True)
         scores = self._scores(model, mlps, ctx)
         keeps = {}
@@ -107,8 +106,8 @@ class PruneChannelsPass(Pass):
         if batches:
             report["refit_r2"] = {m.region.name: _refit_down(model, m, targets, batches,
                                                              self.config.ridge) for m in mlps}
-        if self._conv_r2:
-            report["refit_r2"] = {**report.get("refit_r2", {}), **self._conv_r2}
+        if conv_r2:
+            report["refit_r2"] = {**report.get("refit_r2", {}), **conv_r2}
         ctx.report[self.name] = report
         return PassResult(model, True)
 
@@ -126,8 +125,9 @@ class PruneChannelsPass(Pass):
                 [g for g in groups if g.name in wanted])
 
     def _prune_convs(self, model: ir.Model, groups: list[ChannelGroup], ctx: PassContext
-                     ) -> dict[str, list[int]]:
-        """Prune each conv filter group to its highest-scored channels; {group: [before, after]}."""
+                     ) -> tuple[dict[str, list[int]], dict[str, float]]:
+        """Prune each conv filter group to its highest-scored channels (refitting the readers
+        with `refit`); ({group: [before, after]}, {reader: refit R^2})."""
         if self.config.source == "random":
             rng = np.random.default_rng(self.config.seed)
             scores = {g.name: rng.random(g.channels) for g in groups}
@@ -148,10 +148,9 @@ class PruneChannelsPass(Pass):
         targets = capture_targets(model, readers, batches) if readers else []
         for group in groups:
             prune_group(group, keeps[group.name], model.graph)
-        if targets:
-            kept = {m.node: keeps[g.name] for g in groups for m in g.sources()}
-            self._conv_r2 = refit_readers(model, targets, batches, self.config.ridge, kept)
-        return {g.name: [g.channels, int(keeps[g.name].size)] for g in groups}
+        kept = {m.node: keeps[g.name] for g in groups for m in g.sources()}
+        r2 = refit_readers(model, targets, batches, self.config.ridge, kept) if targets else {}
+        return {g.name: [g.channels, int(keeps[g.name].size)] for g in groups}, r2
 
     def _scores(self, model: ir.Model, mlps: list[MlpChannels], ctx: PassContext
                 ) -> dict[str, np.ndarray]:
