@@ -1,7 +1,8 @@
 """`channel-importance`: per MLP intermediate channel j, ||a_j|| x ||W_down[j, :]|| over real
 calibration tokens, where a_j is the channel's activation (the input of the down projection);
 per conv filter group (`ir/conv_groups.py`), the same product summed over the weights that read
-the channel (the channel's RMS activation at each reader x that reader's weights for it).
+the channel (the channel's RMS activation at each reader x that reader's weights for it),
+through Concat / Split index maps to the readers of the tensors the channels reach.
 
 This is the fine-grained, activation-aware score of CFSP (Wang et al. 2024, in the line of
 Wanda): for an MLP it is exactly the Frobenius norm of the rank-one term a_j W_down[j, :] the
@@ -71,16 +72,22 @@ def activation_scores(model: ir.Model, mlps: list[MlpChannels], batches: list[di
 
 def conv_weight_scores(group: ChannelGroup) -> np.ndarray:
     """Data-free score of a conv group's channels: the product of the norms of the filters that
-    write each channel (summed over writers) and of the weights that read it (summed)."""
-    def norms(members: list[Member]) -> np.ndarray:
-        total = np.zeros(group.channels)
-        for m in members:
-            w = const_array(m.node.inputs[m.index]).astype(np.float64)
-            w = np.moveaxis(w, m.axis, 0).reshape(group.channels, -1)
-            total += np.linalg.norm(w, axis=1)
-        return total
+    write each channel (summed over writers) and of the weights that read it (summed, through
+    Concat / Split index maps too)."""
+    writes = np.zeros(group.channels)
+    for m in group.sources():
+        writes += _channel_norms(m, np.arange(group.channels))
+    reads = np.zeros(group.channels)
+    for m, channels, positions in group.readers():
+        np.add.at(reads, channels, _channel_norms(m, positions))
+    return writes * reads
 
-    return norms(group.sources()) * norms(group.sinks())
+
+def _channel_norms(member: Member, positions: np.ndarray) -> np.ndarray:
+    """The norm of a member's weight slice at each of `positions` on its channel axis."""
+    w = np.moveaxis(const_array(member.node.inputs[member.index]).astype(np.float64),
+                    member.axis, 0)
+    return np.linalg.norm(w[positions].reshape(len(positions), -1), axis=1)
 
 
 def conv_activation_scores(model: ir.Model, groups: list[ChannelGroup], batches: list[dict]
@@ -88,8 +95,8 @@ def conv_activation_scores(model: ir.Model, groups: list[ChannelGroup], batches:
     """Per channel of each conv group: sum over the weights that read it of the channel's RMS
     activation at that reader x the norm of the reader's weights for it (CFSP's fine score, as
     for MLP channels)."""
-    readers = [(k, m) for k, g in enumerate(groups) for m in g.sinks()]
-    names = sorted({m.node.inputs[0].name for _, m in readers})
+    readers = [(k, r) for k, g in enumerate(groups) for r in g.readers()]
+    names = sorted({m.node.inputs[0].name for _, (m, _, _) in readers})
     sums = {name: 0.0 for name in names}
     count = {name: 0 for name in names}
     for feeds in batches:
@@ -101,11 +108,10 @@ def conv_activation_scores(model: ir.Model, groups: list[ChannelGroup], batches:
             sums[name] = sums[name] + (x ** 2).sum(axis=1)
             count[name] += x.shape[1]
     scores = [np.zeros(g.channels) for g in groups]
-    for k, m in readers:
+    for k, (m, channels, positions) in readers:
         name = m.node.inputs[0].name
-        rms = np.sqrt(sums[name] / max(count[name], 1))
-        w = np.moveaxis(const_array(m.node.inputs[m.index]).astype(np.float64), m.axis, 0)
-        scores[k] += rms * np.linalg.norm(w.reshape(groups[k].channels, -1), axis=1)
+        rms = np.sqrt(sums[name] / max(count[name], 1))[positions]
+        np.add.at(scores[k], channels, rms * _channel_norms(m, positions))
     return scores
 
 

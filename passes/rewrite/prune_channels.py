@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from winnow.errors import PassConfigError
-from winnow.ir.conv_groups import ChannelGroup, prune_group
+from winnow.ir.conv_groups import ChannelGroup, prune_groups
 from winnow.ir.conv_refit import capture_targets, refit_readers, refittable
 from winnow.ir.pruning import MlpChannels, projection_output, prune_channels, refit_linear, \
     set_projection
@@ -142,13 +142,11 @@ class PruneChannelsPass(Pass):
                 raise PassConfigError(f"prune-channels: channel-importance has no scores for conv "
                                       f"group '{group.name}'.")
             keeps[group.name] = np.sort(np.argsort(-scores[group.name], kind="stable")[:count])
-        readers = list({m.node: None for g in groups for m in g.sinks()
+        readers = list({m.node: None for g in groups for m, _, _ in g.readers()
                         if refittable(m.node)}) if self.config.refit else []
         batches = self._batches(model, ctx) if readers else []
         targets = capture_targets(model, readers, batches) if readers else []
-        for group in groups:
-            prune_group(group, keeps[group.name], model.graph)
-        kept = {m.node: keeps[g.name] for g in groups for m in g.sources()}
+        kept = prune_groups([(g, keeps[g.name]) for g in groups], model.graph)
         r2 = refit_readers(model, targets, batches, self.config.ridge, kept) if targets else {}
         return {g.name: [g.channels, int(keeps[g.name].size)] for g in groups}, r2
 
