@@ -506,7 +506,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--winnow-budget", default=None, metavar="DURATION",
                    help="add winnow's row: `winnow compile --target host` with this search time "
                         "budget per model (e.g. 5m); its compile time is in the notes")
-    p.add_argument("--winnow-trials", type=int, default=16, help="search trials per model")
+    p.add_argument("--winnow-trials", type=int, default=None,
+                   help="search trials per model (default: the compile's, 24)")
     args = p.parse_args(argv)
     args.model_names = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -526,7 +527,8 @@ def _search_options(args: argparse.Namespace) -> Any:
     from winnow.driver import SearchOptions
     from winnow.driver.search import parse_duration
 
-    return SearchOptions(time_budget=parse_duration(args.winnow_budget), trials=args.winnow_trials)
+    trials = {} if args.winnow_trials is None else {"trials": args.winnow_trials}
+    return SearchOptions(time_budget=parse_duration(args.winnow_budget), **trials)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

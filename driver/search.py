@@ -21,7 +21,14 @@ import onnx_ir as ir
 from winnow import progress
 from winnow.driver.fhash import functional_hash
 from winnow.driver.source import Source, fidelity_drop, resolve
-from winnow.driver.space import Space, build_space, pipeline_text, seed_plans, suggest
+from winnow.driver.space import (
+    Space,
+    build_space,
+    follow_up_plans,
+    pipeline_text,
+    seed_plans,
+    suggest,
+)
 from winnow.driver.study import (
     ANALYSES_ATTR,
     JOB_ATTR,
@@ -34,6 +41,8 @@ from winnow.driver.timing import CandidateTimer
 from winnow.errors import WinnowError, require_extra
 from winnow.ir.execute import model_bytes
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
+
+PHASE_ATTR = "winnow.seed_phase"  # study attribute: 0 first seeds queued, 1 follow-ups, 2 the rest
 
 TARGETS = ("host",)
 OBJECTIVES = ("latency", "size")
@@ -352,12 +361,33 @@ class TrialRunner:
             self.src.references("judge")  # before the trials: their times guide the deadline
         done = _completed(study)
         if not study.get_trials(deepcopy=False):
-            for plan in seed_plans(self.space)[:self.options.trials]:
-                study.enqueue_trial(plan, skip_if_exists=True)
+            self.enqueue(study, seed_plans(self.space)[0], phase=0)
         self.run_trials(study, lambda: self.trial_deadline(budget_end, first_guess),
                         initial=len(done))
         cands = _completed(study)
         return cands, sum(c.cached for c in cands)
+
+    def enqueue(self, study: Any, plans: list[dict[str, Any]], phase: int) -> None:
+        """Queue `plans` as the study's next trials (within the trial budget) and record that
+        the study reached `phase` (shared with the workers through the study)."""
+        room = self.options.trials - len(study.get_trials(deepcopy=False))
+        for plan in plans[:max(0, room)]:
+            study.enqueue_trial(plan, skip_if_exists=True)
+        study.set_user_attr(PHASE_ATTR, phase)
+
+    def next_phase(self, study: Any) -> None:
+        """When the queued plans are all taken: after the first seeds, queue the follow-ups
+        they suggest (pairs of moves that held the budget, stronger steps); after those, the
+        other seeds; then TPE samples."""
+        import optuna
+
+        waiting = (optuna.trial.TrialState.WAITING,)
+        phase = study.user_attrs.get(PHASE_ATTR, 2)
+        while phase < 2 and not study.get_trials(deepcopy=False, states=waiting):
+            phase += 1
+            plans = (follow_up_plans(self.space, _results(study), self.options.max_drop)
+                     if phase == 1 else seed_plans(self.space)[1])
+            self.enqueue(study, plans, phase)
 
     def trial_deadline(self, budget_end: float, first_guess: float) -> float:
         """When trials must stop so the finalists and the emit still fit in the budget."""
@@ -379,11 +409,17 @@ class TrialRunner:
             for key, value in cand.to_dict().items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("worker", worker)
+            # Past --max-drop is infeasible: TPE models the plans that held the budget instead
+            # of chasing the cheap, ruined end of the front (3 dropped blocks + half the heads:
+            # +6 perplexity on tiny-gpt).
+            if hasattr(trial, "set_constraint"):  # optuna >= 5
+                trial.set_constraint("drop", over_budget(cand.drop, self.options.max_drop))
             return cand.cost, min(cand.drop, 1e9)
 
         def update(study: Any, trial: Any) -> None:
             if trial.user_attrs.get("over_budget"):
                 return
+            self.next_phase(study)
             bar.update(1)
             bar.set_postfix_str(_best_text(_completed(study), self.options.max_drop))
 
@@ -425,6 +461,11 @@ class TrialRunner:
                f"{self.options.max_drop} on held-out data and was measured at least "
                f"{NOISE_MARGIN:.0%} cheaper than the source")
         return lossless, f"kept the lossless pipeline: {why}"
+
+
+def over_budget(drop: float, max_drop: float) -> float:
+    """TPE's constraint: how far a judged drop is past `max_drop` (<= 0 is feasible)."""
+    return min(drop, 1e9) - max_drop
 
 
 def _shared_analyses(src: Source, base: ir.Model, space: Space) -> tuple[dict, dict]:
@@ -472,6 +513,19 @@ def _completed(study: Any) -> list[Candidate]:
                              float("inf") if drop is None else float(drop),
                              float(attrs.get("cosine") or 0.0), attrs.get("hash", ""),
                              bool(attrs.get("cached"))))
+    return out
+
+
+def _results(study: Any) -> list[tuple[dict[str, Any], float, float]]:
+    """(params, cost, drop) of the study's completed trials."""
+    import optuna
+
+    out = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if "cost" in trial.user_attrs:
+            drop = trial.user_attrs.get("drop")
+            out.append((dict(trial.params), float(trial.user_attrs["cost"]),
+                        float("inf") if drop is None else float(drop)))
     return out
 
 

@@ -40,6 +40,10 @@ OP_TYPES = {"int8-dynamic": ("MatMul", "Gemm", "Attention", "Gather"),
             "int4-weight": ("MatMul",),
             "int8-weight": ("MatMul",),
             "fp16": ("MatMul", "Gemm", "Conv", "Attention")}
+# MatMulConstBOnly: activation x activation MatMuls stay float. DefaultTensorType: a value made
+# by a contrib op that ONNX shape inference cannot type (fuse's SkipSimplifiedLayerNormalization
+# feeding a MatMul on tiny-gpt) is float; without it ORT's quantizers refuse the model.
+EXTRA_OPTIONS = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
 
 
 @dataclass(frozen=True)
@@ -321,7 +325,7 @@ def _dynamic(src: Path, out: Path, spec: QuantSpec, include: Sequence[str]) -> N
     quantize_dynamic(src, out, op_types_to_quantize=list(spec.op_types),
                      per_channel=spec.per_channel, reduce_range=spec.reduce_range,
                      weight_type=_weight_type(spec), nodes_to_quantize=list(include),
-                     extra_options={"MatMulConstBOnly": True})
+                     extra_options=EXTRA_OPTIONS)
 
 
 def _static(src: Path, out: Path, spec: QuantSpec, include: Sequence[str],
@@ -343,7 +347,7 @@ def _static(src: Path, out: Path, spec: QuantSpec, include: Sequence[str],
                     op_types_to_quantize=list(spec.op_types), per_channel=spec.per_channel,
                     reduce_range=spec.reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=_weight_type(spec), nodes_to_quantize=list(include),
-                    calibrate_method=method, extra_options={"MatMulConstBOnly": True})
+                    calibrate_method=method, extra_options=EXTRA_OPTIONS)
 
 
 def _weight_type(spec: QuantSpec):

@@ -1,0 +1,119 @@
+"""The search's final choice: the measured timing of the finalists decides, a finalist measured
+slower than the lossless base never wins; TPE treats trials past the budget as infeasible; the
+follow-up phase queues merged plans once the first seeds are done."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from winnow.driver.search import Candidate, SearchOptions, TrialRunner, over_budget
+from winnow.passes.manager import DEFAULT_PIPELINE
+
+
+class _Timer:
+    def __init__(self, measured):
+        self.measured = measured
+
+    def relative_latency(self, model, repeats=None):
+        return self.measured[model]
+
+
+class _Source:
+    def __init__(self, drops):
+        self.drops = drops
+
+    def score(self, model, split):
+        return types.SimpleNamespace(metric_drop=self.drops[model], cosine=1.0,
+                                     max_abs_error=0.0)
+
+
+def _runner(measured, drops, max_drop=0.01):
+    runner = TrialRunner.__new__(TrialRunner)
+    runner.options = SearchOptions(max_drop=max_drop)
+    runner.timer, runner.src = _Timer(measured), _Source(drops)
+    runner.apply = lambda pipeline: pipeline
+    return runner
+
+
+def _cand(number, pipeline, predicted):
+    return Candidate(number, pipeline, predicted, 0.0, 1.0, pipeline)
+
+
+def test_a_finalist_measured_slower_than_the_base_is_not_chosen():
+    # fp16 was predicted cheapest but runs slower than the source on a CPU without fp16 kernels.
+    runner = _runner({"fp16": 1.17, "int8": 0.71, "drop": 0.85},
+                     {"fp16": 0.0, "int8": 0.004, "drop": 0.002})
+    chosen, message = runner.choose([_cand(1, "fp16", 0.5), _cand(2, "drop", 0.8),
+                                     _cand(3, "int8", 0.9)])
+    assert chosen.pipeline == "int8" and chosen.measured_cost == pytest.approx(0.71)
+    assert "x0.710" in message
+
+
+def test_lossless_is_kept_when_every_finalist_is_measured_slower_or_past_the_budget():
+    runner = _runner({"fp16": 1.02, "int8": 0.5}, {"fp16": 0.0, "int8": 0.02})
+    chosen, message = runner.choose([_cand(1, "fp16", 0.5), _cand(2, "int8", 0.6)])
+    assert chosen.pipeline == DEFAULT_PIPELINE and chosen.number == -1
+    assert "kept the lossless pipeline" in message
+
+
+def test_a_finalist_within_the_noise_margin_of_the_base_is_not_chosen():
+    runner = _runner({"a": 0.99}, {"a": 0.0})
+    assert runner.choose([_cand(1, "a", 0.5)])[0].pipeline == DEFAULT_PIPELINE
+
+
+def test_tpe_constraint_is_the_distance_past_the_budget():
+    assert over_budget(0.004, 0.01) == pytest.approx(-0.006)
+    assert over_budget(0.5, 0.01) == pytest.approx(0.49)
+    assert 1e6 < over_budget(float("inf"), 0.01) < float("inf")  # NaN outputs: finite for TPE
+
+
+def test_follow_ups_are_queued_when_the_first_seeds_are_done():
+    optuna = pytest.importorskip("optuna")
+    from winnow.driver.space import Space, base_plan, seed_plans
+
+    space = Space(drop_levels={"block": 2}, width=(), fuse=False,
+                  quant_modes=("int8-dynamic", "fp16"))
+    runner = TrialRunner.__new__(TrialRunner)
+    runner.options, runner.space = SearchOptions(trials=20), space
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=TrialRunner.sampler_for(runner.options))
+    first, rest = seed_plans(space)
+    runner.enqueue(study, first, phase=0)
+    # A fake judge: int8 per tensor and one dropped block each hold the budget alone.
+    costs = {("int8-dynamic", 0): 0.6, ("none", 1): 0.8, ("int8-dynamic", 1): 0.48}
+
+    def objective(trial):
+        mode = trial.suggest_categorical("quantize.mode", ("none", "int8-dynamic", "fp16"))
+        if mode == "int8-dynamic":
+            trial.suggest_categorical("quantize.per_channel", (True, False))
+        trial.suggest_categorical("drop.level", ("block",))
+        count = trial.suggest_int("drop.count", 0, 2)
+        if count:
+            trial.suggest_categorical("drop.replacement", space.replacements)
+        cost = costs.get((mode, count), 1.0 if mode != "fp16" else 0.9)
+        drop = 0.02 if count == 2 else 0.0
+        trial.set_user_attr("cost", cost)
+        trial.set_user_attr("drop", drop)
+        return cost, drop
+
+    study.optimize(objective, n_trials=len(first),
+                   callbacks=[lambda s, t: runner.next_phase(s)])
+    queued = _waiting(study)
+    merged = dict(base_plan(space), **{"quantize.mode": "int8-dynamic",
+                                       "quantize.per_channel": True, "drop.count": 1,
+                                       "drop.replacement": space.replacements[-1]})
+    assert queued[0] == merged  # 0.6 x 0.8, the cheapest follow-up
+    assert dict(queued[0], **{"quantize.per_channel": False}) in queued
+    study.optimize(objective, n_trials=len(queued),
+                   callbacks=[lambda s, t: runner.next_phase(s)])
+    later = _waiting(study)
+    assert later == [p for p in rest]  # then the other seeds, fp16 among them
+
+
+def _waiting(study):
+    import optuna
+
+    return [t.system_attrs["fixed_params"]
+            for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]

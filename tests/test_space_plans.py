@@ -1,0 +1,96 @@
+"""The search space's plans: seeds in two tiers, follow-ups built from the seeds that held the
+budget, per-tensor int8 in the pipeline text."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from winnow.driver.space import (
+    Space,
+    base_plan,
+    follow_up_plans,
+    pipeline_text,
+    plan_moves,
+    seed_plans,
+    stronger,
+)
+from winnow.passes.manager import PassContext, PassManager
+
+SPACE = Space(drop_levels={"block": 2, "mlp": 3}, width=("prune-heads",), fuse=True,
+              quant_modes=("int8-dynamic", "fp16"), quant_auto_exclude=True, split_outliers=True)
+
+
+def _plan(**moves):
+    return dict(base_plan(SPACE), **moves)
+
+
+DROP_BLOCK = _plan(**{"drop.level": "block", "drop.count": 1, "drop.replacement": "context"})
+INT8 = _plan(**{"quantize.mode": "int8-dynamic", "quantize.per_channel": False,
+                "quantize.exclude": "none", "quantize.outliers": "int8"})
+HEADS = _plan(**{"prune-heads.ratio": 0.25})
+FUSE = _plan(fuse=True)
+
+
+def test_first_seed_tier_holds_per_tensor_and_fused_int8_and_the_rest_comes_later():
+    first, rest = seed_plans(SPACE)
+    assert first[0] == base_plan(SPACE)
+    int8 = [p for p in first if p.get("quantize.mode") == "int8-dynamic"]
+    assert {(p["quantize.per_channel"], p["fuse"]) for p in int8} == {
+        (True, False), (False, False), (True, True)}
+    assert all(p.get("quantize.outliers") == "int8" for p in int8)
+    assert [p["quantize.mode"] for p in rest if p["quantize.mode"] == "fp16"] == ["fp16"]
+    assert {p.get("quantize.outliers") for p in rest} >= {"float", "float-free"}
+    assert not any(p in first for p in rest)
+
+
+def test_plan_moves_names_only_what_a_plan_changes():
+    assert plan_moves(base_plan(SPACE), SPACE) == {}
+    assert set(plan_moves(dict(INT8, fuse=True), SPACE)) == {"quantize", "fuse"}
+    assert plan_moves(DROP_BLOCK, SPACE) == {"drop": {"drop.level": "block", "drop.count": 1,
+                                                      "drop.replacement": "context"}}
+
+
+def test_stronger_steps_one_drop_or_width_move_and_stops_at_the_last_step():
+    assert stronger(DROP_BLOCK, SPACE)["drop.count"] == 2
+    assert stronger(dict(DROP_BLOCK, **{"drop.count": 2}), SPACE) is None  # block allows 2
+    assert stronger(HEADS, SPACE)["prune-heads.ratio"] == 0.5
+    assert stronger(INT8, SPACE) is None and stronger(dict(INT8, fuse=True), SPACE) is None
+
+
+def test_follow_ups_merge_moves_that_held_the_budget_cheapest_first():
+    results = [(base_plan(SPACE), 1.0, 0.0), (INT8, 0.6, 0.004), (DROP_BLOCK, 0.8, 0.008),
+               (HEADS, 0.9, 0.05),  # past the budget: never merged nor stepped
+               (FUSE, 1.1, 0.0)]    # dearer than the source: left alone
+    plans = follow_up_plans(SPACE, results, max_drop=0.01)
+    # Products: INT8 x DROP 0.48, DROP stepped 0.64 (INT8 has no stronger step).
+    assert plans == [dict(INT8, **{k: DROP_BLOCK[k] for k in ("drop.level", "drop.count",
+                                                              "drop.replacement")}),
+                     dict(DROP_BLOCK, **{"drop.count": 2})]
+    assert follow_up_plans(SPACE, results, max_drop=0.01, count=1) == plans[:1]
+    assert follow_up_plans(SPACE, results, max_drop=0.001) == []
+
+
+def test_follow_ups_skip_pairs_that_share_a_move_and_plans_already_tried():
+    int8_pc = dict(INT8, **{"quantize.per_channel": True})
+    merged = dict(INT8, **{"prune-heads.ratio": 0.25})
+    results = [(INT8, 0.6, 0.0), (int8_pc, 0.5, 0.0), (HEADS, 0.9, 0.0), (merged, 0.55, 0.0)]
+    plans = follow_up_plans(SPACE, results, max_drop=0.01, count=10)
+    assert merged not in plans  # tried already
+    assert all(len(plan_moves(p, SPACE)) <= 2 for p in plans)
+    quantized = [p for p in plans if "quantize" in plan_moves(p, SPACE)]
+    assert all("prune-heads" in plan_moves(p, SPACE) for p in quantized)  # never int8 x int8
+
+
+def test_per_tensor_int8_pipeline_quantizes_with_one_scale_per_weight(tiny_model):
+    text = pipeline_text({"quantize": {"mode": "int8-dynamic", "per_channel": False}})
+    assert text.endswith("quantize{mode=int8-dynamic,per_channel=false}")
+    assert "per_channel" not in pipeline_text({"quantize": {"mode": "int8-dynamic",
+                                                            "per_channel": True}})
+    rng = np.random.default_rng(0)
+    feeds = [{v.name: rng.standard_normal([d if isinstance(d, int) else 2 for d in v.shape])
+              .astype(np.float32) for v in tiny_model.graph.inputs}]
+    model = PassManager(text).run(tiny_model, PassContext(calibration=feeds)).model
+    scales = [v for name, v in model.graph.initializers.items() if name.endswith("_scale")]
+    assert scales and all(np.size(v.const_value.numpy()) == 1 for v in scales)
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph)
