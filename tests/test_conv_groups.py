@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import winnow
-from winnow.errors import PassFailedError
+from winnow.errors import PassConfigError, PassFailedError
 from winnow.ir.conv_groups import channel_groups, prune_group, prune_groups, zero_group
 from winnow.ir.execute import model_bytes, run
 from winnow.passes import PassContext, PassManager
@@ -277,3 +277,62 @@ def test_weight_scores_of_a_conv_group_match_the_filter_norms():
     fixed = next(g for g in ctx.analyses["channel-importance"]["conv_groups"]
                  if g["group"] == "conv3")
     assert fixed["scores"] is None and fixed["reason"] == "'y' is a graph output"
+
+
+@pytest.mark.parametrize("op,attrs,wshape", [
+    ("ConvTranspose", {"strides": [2, 2], "pads": [1, 1, 1, 1]}, (5, 4, 4, 4)),
+    ("ConvTranspose", {"strides": [2, 2], "dilations": [1, 2], "output_padding": [1, 1]},
+     (5, 4, 3, 2)),
+    ("Conv", {"strides": [2, 1], "pads": [1, 0, 1, 2]}, (4, 5, 3, 3))])
+def test_refit_features_reproduce_the_readers_output(op, attrs, wshape):
+    """The refit's patches times the weight (in its fitted layout) give ORT's output at every
+    sampled position, for Conv and ConvTranspose readers (the refit solves for exactly this)."""
+    from winnow.ir.conv_refit import _features, _rows, _sample_positions, refittable
+
+    w = RNG.standard_normal(wshape).astype(np.float32)
+    graph = helper.make_graph([helper.make_node(op, ["x", "w"], ["y"], **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 6, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    m = ir.serde.deserialize_model(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    x = RNG.standard_normal((2, 5, 6, 7)).astype(np.float32)
+    y = run(m, {"x": x})["y"].astype(np.float64)
+    node = next(iter(m.graph))
+    assert refittable(node)
+    pos = _sample_positions(y.shape, np.random.default_rng(0))
+    matrix = w.transpose(0, 2, 3, 1).reshape(-1, w.shape[1]) if op == "ConvTranspose" \
+        else w.reshape(w.shape[0], -1).T
+    got = _features(node, x.astype(np.float64), pos) @ matrix
+    np.testing.assert_allclose(got, _rows(y, pos), atol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
+def test_a_conv_ratio_outside_zero_to_one_is_refused(ratio):
+    with pytest.raises(PassConfigError, match="ratio"):
+        PassManager(f"prune-channels{{ratio={ratio},kind=conv}}")
+
+
+def test_refitting_an_unpruned_conv_transpose_gives_back_its_weights():
+    """Fixed point of the refit: fitted to its own outputs, a ConvTranspose reader (written back
+    in its [in, out, kh, kw] layout) keeps its weights and bias."""
+    from winnow.ir.conv_refit import capture_targets, refit_readers
+    from winnow.ir.pruning import const_array
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1], name="a"),
+         helper.make_node("Relu", ["a"], ["r"], name="relu"),
+         helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["y"], strides=[2, 2],
+                          pads=[1, 1, 1, 1], name="t")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("wa", 4, 3, 3, 3), _init("wt", 4, 3, 4, 4), _init("bt", 3)])
+    m = ir.serde.deserialize_model(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    node = next(n for n in m.graph if n.name == "t")
+    before = [const_array(node.inputs[k]).copy() for k in (1, 2)]
+    batches = [{"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    r2 = refit_readers(m, capture_targets(m, [node], batches), batches, ridge=0.0)
+    assert r2["t"] > 1 - 1e-9
+    for want, k in zip(before, (1, 2)):
+        np.testing.assert_allclose(const_array(node.inputs[k]), want, atol=1e-4)
