@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 import winnow.progress
 from winnow import models_zoo
+from winnow.cost_model import predict
 from winnow.measure.timing import available_cpus, latency_ratio
 from winnow.measure.fidelity import evaluate_zoo
 from winnow.passes import PassContext, PassManager
@@ -79,6 +80,25 @@ def speedup(base, model, feeds, repeats, threads):
     return latency_ratio(base, model, feeds, repeats, threads=threads)["median"]
 
 
+def flops_ratio(base, model, feeds):
+    """Cost-model FLOPs of unpruned/pruned at the shapes of `feeds` (FLOPs are the same on every
+    target; the built-in x86 profile spares a host calibration)."""
+    shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+    return (predict(base, "x86-avx2", input_shapes=shapes).flops
+            / predict(model, "x86-avx2", input_shapes=shapes).flops)
+
+
+def flops_without_time(rows, slack=0.02):
+    """A line per (model, kind, ratio, refit) whose FLOPs fell but whose latency did not."""
+    lines = {}
+    for name, kind, ratio, _source, refit, _cos, _metric, _name, flops, speed in rows:
+        if flops > 1 + slack and speed <= 1 + slack:
+            lines[(name, kind, ratio, refit)] = (
+                f"{name} {kind} {ratio:.2f} refit={'yes' if refit else 'no'}: {flops:.2f}x fewer "
+                f"FLOPs but latency ratio {speed:.2f}x")
+    return list(lines.values())
+
+
 def rows_for(zm, base, shared, kind, ratio, sources, seeds, repeats, threads, feeds):
     """Table rows of one (model, kind, ratio): each source and random, with and without refit."""
     pass_name = "prune-heads" if kind == "heads" else "prune-channels"
@@ -98,8 +118,9 @@ def rows_for(zm, base, shared, kind, ratio, sources, seeds, repeats, threads, fe
                      None if rand[0][1] is None else float(np.mean([r[1] for r in rand])),
                      rand[0][2]])
         speed = speedup(base, timed, feeds, repeats, threads)
+        flops = flops_ratio(base, timed, feeds)
         for row in rows[-len(sources) - 1:]:
-            row.append(speed)
+            row += [flops, speed]
             emit(table([row]).splitlines()[-1])
     return rows
 
@@ -110,7 +131,7 @@ def bench_model(name, kinds, ratios, seeds, repeats, threads):
     base = zm.load_ir()
     shared = shared_context(zm, base)
     cos, metric, metric_name = score(zm, base)
-    rows = [[name, "-", 0.0, "original", False, cos, metric, metric_name, 1.0]]
+    rows = [[name, "-", 0.0, "original", False, cos, metric, metric_name, 1.0, 1.0]]
     notes = []
     if "heads" in kinds:
         importance = shared.get_analysis("head-importance", base)
@@ -156,11 +177,11 @@ def target_rows(pipelines, repeats, threads):
 def table(rows):
     """Markdown table of the pruning rows."""
     lines = ["| model | what | ratio removed | chosen by | refit | mean cosine | task metric | "
-             "latency ratio |", "|---|---|---|---|---|---|---|---|"]
-    for name, kind, ratio, source, refit, cos, metric, metric_name, speed in rows:
+             "FLOPs ratio | latency ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, kind, ratio, source, refit, cos, metric, metric_name, flops, speed in rows:
         m = "-" if metric is None else f"{metric_name} {metric:.4f}"
         lines.append(f"| {name} | {kind} | {ratio:.2f} | {source} | {'yes' if refit else 'no'} | "
-                     f"{cos:.4f} | {m} | {speed:.2f}x |")
+                     f"{cos:.4f} | {m} | {flops:.2f}x | {speed:.2f}x |")
     return "\n".join(lines)
 
 
@@ -211,6 +232,7 @@ def main(argv=None):
             r, n = bench_model(name, kinds, ratios, args.seeds, args.repeats, args.threads)
         rows += r
         notes += n
+    notes += flops_without_time(rows)
     text = table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
     if args.target:
         pipelines = [p for p in args.pipelines.split(";") if p] or TARGET_PIPELINES
