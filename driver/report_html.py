@@ -468,6 +468,7 @@ def _channels_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
         scored = [{"region": g["group"], "scores": g["scores"]} for g in groups if g["scores"]]
         parts.append("<p>Conv filter groups (channels pruned together with every weight coupled "
                      "to them); a group that must stay whole says why.</p>")
+        parts.append(f"<p>{_conv_summary(groups)}</p>")
         if scored:
             parts.append(img_tag(channel_histogram(scored[:12]), "conv group score histogram"))
             plots.append("channel-importance conv groups")
@@ -477,6 +478,18 @@ def _channels_section(result: Mapping[str, Any], plots: list[str]) -> list[str]:
         parts.append(html_table(["group", "channels", "min", "median", "max", "kept whole because"],
                                 rows, numeric=(1, 2, 3, 4)))
     return parts
+
+
+def _conv_summary(groups: Sequence[Mapping[str, Any]]) -> str:
+    """Prunable groups and channels, and the tensors whose channels follow them through
+    Concat / Split / Slice index maps."""
+    prunable = [g for g in groups if g.get("prunable")]
+    follow = [g for g in groups if g.get("follows")]
+    fixed = [g for g in groups if not g.get("prunable") and not g.get("follows")]
+    return (f"{len(prunable)} prunable groups ({sum(g['channels'] for g in prunable)} channels); "
+            f"{len(follow)} Concat/Split/Slice outputs follow them "
+            f"({sum(g['channels'] for g in follow)} channels pruned at the mapped positions); "
+            f"{len(fixed)} kept whole ({sum(g['channels'] for g in fixed)} channels).")
 
 
 def _spread(scores: Sequence[float]) -> list[str]:

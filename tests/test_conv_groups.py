@@ -336,3 +336,15 @@ def test_refitting_an_unpruned_conv_transpose_gives_back_its_weights():
     assert r2["t"] > 1 - 1e-9
     for want, k in zip(before, (1, 2)):
         np.testing.assert_allclose(const_array(node.inputs[k]), want, atol=1e-4)
+
+
+def test_the_report_counts_prunable_following_and_fixed_channels():
+    from winnow.driver.report_html import _conv_summary
+
+    m, ctx = cut_model("concat"), PassContext()
+    PassManager("channel-importance{score=weight}").run(m, ctx)
+    entries = ctx.analyses["channel-importance"]["conv_groups"]
+    assert [e["group"] for e in entries if e["follows"]] == ["ab"]
+    assert _conv_summary(entries) == (
+        "2 prunable groups (10 channels); 1 Concat/Split/Slice outputs follow them (10 channels "
+        "pruned at the mapped positions); 1 kept whole (5 channels).")

@@ -137,7 +137,7 @@ def conv_group_entries(model: ir.Model, score: str, batches: list[dict]) -> list
     by_name = {g.name: s for g, s in zip(prunable, scores)}
     return [{"group": g.name, "channels": g.channels, "prunable": g.prunable,
              "scores": by_name[g.name].tolist() if g.prunable else None,
-             **({"reason": g.reason} if g.reason else {}),
+             **({"reason": g.reason} if g.reason else {}), "follows": g.follows,
              "members": [f"{m.role}:{m.node.op_type}:{m.node.name}" for m in g.members]}
             for g in groups]
 
