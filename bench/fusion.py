@@ -24,9 +24,9 @@ import numpy as np
 
 from winnow import models_zoo
 from winnow.ir.execute import model_bytes
-from winnow.measure.timing import (bench_session_options, first_samples, machine_info,
-                                   paired_ratios, session_runner, time_interleaved,
-                                   timing_session)
+from winnow.measure.timing import (available_cpus, bench_session_options, first_samples,
+                                   machine_info, paired_ratios, session_runner,
+                                   time_interleaved, timing_session)
 from winnow.passes import PassContext, PassManager
 from winnow.passes.analysis.calibration import task_options
 from winnow.passes.manager import DEFAULT_PIPELINE
@@ -60,34 +60,55 @@ def ratio_at(unfused, fused, feeds, repeats):
     return paired_ratios(timings["unfused"], timings["fused"])
 
 
-def op_profile(model, feeds, runs=20):
-    """ORT profiler time per op type (microseconds summed over `runs` runs) of one session."""
+def profiled_session(model, folder, tag):
+    """An ORT session as `timing_session` builds it, with ORT's profiler on."""
     import onnxruntime as ort
 
-    options = bench_session_options(os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "fusion")
-        session = ort.InferenceSession(model_bytes(model), options,
-                                       providers=["CPUExecutionProvider"])
-        run = session_runner(session, feeds)
-        for _ in range(runs):
-            run()
-        events = json.loads(Path(session.end_profiling()).read_text())
-    times: collections.Counter = collections.Counter()
+    options = bench_session_options(available_cpus())
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(folder, tag)
+    return ort.InferenceSession(model_bytes(model), options, providers=["CPUExecutionProvider"])
+
+
+def per_run_op_times(events):
+    """ORT profiler events split by run: per run, microseconds per op type."""
+    runs = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"]
+    times = [collections.Counter() for _ in runs]
     for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            times[event["args"]["op_name"]] += event["dur"]
-    return {op: us / runs for op, us in times.items()}
+            for i, (start, end) in enumerate(runs):
+                if start <= event["ts"] <= end:
+                    times[i][event["args"]["op_name"]] += event["dur"]
+                    break
+    return times
+
+
+def op_profiles(models, feeds, runs=20):
+    """Per model, the median over `runs` interleaved profiled runs of the microseconds each op
+    type takes (interleaved like the timing, so a busy spell hits every model alike)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {tag: profiled_session(m, tmp, tag) for tag, m in models.items()}
+        runners = {tag: session_runner(s, feeds) for tag, s in sessions.items()}
+        time_interleaved(runners, repeats=runs, warmup=0)
+        events = {tag: json.loads(Path(s.end_profiling()).read_text())
+                  for tag, s in sessions.items()}
+    result = {}
+    for tag, evs in events.items():
+        per_run = per_run_op_times(evs)
+        ops = set().union(*per_run) if per_run else set()
+        result[tag] = {op: float(np.median([r.get(op, 0) for r in per_run])) for op in ops}
+    return result
 
 
 def profile_note(name, unfused, fused, feeds, batch):
     """Where the time went in an unfused and a fused session: per-op-type ms, largest first."""
-    a, b = op_profile(unfused, feeds), op_profile(fused, feeds)
+    prof = op_profiles({"unfused": unfused, "fused": fused}, feeds)
+    a, b = prof["unfused"], prof["fused"]
     ops = sorted(set(a) | set(b), key=lambda op: -max(a.get(op, 0), b.get(op, 0)))[:8]
     parts = [f"{op} {a.get(op, 0) / 1e3:.2f}->{b.get(op, 0) / 1e3:.2f}" for op in ops]
-    return (f"{name} b{batch}: ORT per-op ms unfused->fused (after ORT's own fusions): "
-            f"{', '.join(parts)}; total {sum(a.values()) / 1e3:.2f}->{sum(b.values()) / 1e3:.2f}")
+    return (f"{name} b{batch}: ORT per-op ms unfused->fused (median of 20 interleaved profiled "
+            f"runs, after ORT's own fusions): {', '.join(parts)}; sum of medians "
+            f"{sum(a.values()) / 1e3:.2f}->{sum(b.values()) / 1e3:.2f}")
 
 
 def bench_model(name, repeats, profile):
