@@ -348,3 +348,13 @@ def test_the_report_counts_prunable_following_and_fixed_channels():
     assert _conv_summary(entries) == (
         "2 prunable groups (10 channels); 1 Concat/Split/Slice outputs follow them (10 channels "
         "pruned at the mapped positions); 1 kept whole (5 channels).")
+
+
+def test_a_reader_with_fewer_rows_than_weights_is_not_refitted():
+    """An SE conv reads one pooled pixel per image: with 2 images and 8 input channels its fit
+    would be underdetermined, so the refit leaves it as pruned (and still refits conv2)."""
+    calibration = [{"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}]
+    m, ctx = residual_se_model(), PassContext(calibration=calibration)
+    m = PassManager("prune-channels{ratio=0.25,refit=true,kind=conv}").run(m, ctx).model
+    fitted = ctx.report["prune-channels"]["refit_r2"]
+    assert "conv2" in fitted and "se1" not in fitted and "se2" not in fitted
