@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fusion import op_profile  # noqa: E402
+from fusion import op_profiles  # noqa: E402
 
 import winnow.progress  # noqa: E402
 from winnow import models_zoo  # noqa: E402
@@ -66,13 +66,16 @@ def flops(model, feeds) -> float:
 
 
 def why_not_faster(base, model, feeds, report) -> str:
-    """ORT's per-op-type ms before -> after, and how many kept widths are not multiples of 8."""
-    a, b = op_profile(base, feeds), op_profile(model, feeds)
+    """ORT's per-op-type ms before -> after (medians of interleaved profiled runs), and how many
+    kept widths are not multiples of 8."""
+    prof = op_profiles({"base": base, "pruned": model}, feeds)
+    a, b = prof["base"], prof["pruned"]
     ops = sorted(set(a) | set(b), key=lambda op: -max(a.get(op, 0), b.get(op, 0)))[:6]
     kept = [after for _, after in report.get("pruned", {}).values()]
     odd = sum(k % 8 != 0 for k in kept)
     parts = ", ".join(f"{op} {a.get(op, 0) / 1e3:.2f}->{b.get(op, 0) / 1e3:.2f}" for op in ops)
-    return (f"ORT per-op ms {parts}; total {sum(a.values()) / 1e3:.2f}->"
+    return (f"ORT per-op ms (median of 20 interleaved profiled runs) {parts}; sum "
+            f"{sum(a.values()) / 1e3:.2f}->"
             f"{sum(b.values()) / 1e3:.2f}; {odd} of {len(kept)} kept widths not a multiple of 8")
 
 
