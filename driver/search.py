@@ -367,27 +367,34 @@ class TrialRunner:
         cands = _completed(study)
         return cands, sum(c.cached for c in cands)
 
-    def enqueue(self, study: Any, plans: list[dict[str, Any]], phase: int) -> None:
+    def enqueue(self, study: Any, plans: list[dict[str, Any]], phase: int) -> int:
         """Queue `plans` as the study's next trials (within the trial budget) and record that
-        the study reached `phase` (shared with the workers through the study)."""
-        room = self.options.trials - len(study.get_trials(deepcopy=False))
-        for plan in plans[:max(0, room)]:
+        the study reached `phase` (shared with the workers through the study); returns how
+        many were queued."""
+        room = max(0, self.options.trials - len(study.get_trials(deepcopy=False)))
+        for plan in plans[:room]:
             study.enqueue_trial(plan, skip_if_exists=True)
         study.set_user_attr(PHASE_ATTR, phase)
+        return min(room, len(plans))
 
     def next_phase(self, study: Any) -> None:
         """When the queued plans are all taken: after the first seeds, queue the follow-ups
-        they suggest (pairs of moves that held the budget, stronger steps); after those, the
-        other seeds; then TPE samples."""
+        they suggest (pairs of moves that held the budget, stronger steps: `follow_up_plans`);
+        after those, the other seeds; from then on the follow-ups of all results so far, and
+        TPE samples when there are none."""
         import optuna
 
-        waiting = (optuna.trial.TrialState.WAITING,)
-        phase = study.user_attrs.get(PHASE_ATTR, 2)
-        while phase < 2 and not study.get_trials(deepcopy=False, states=waiting):
-            phase += 1
-            plans = (follow_up_plans(self.space, _results(study), self.options.max_drop)
-                     if phase == 1 else seed_plans(self.space)[1])
-            self.enqueue(study, plans, phase)
+        phase = study.user_attrs.get(PHASE_ATTR)
+        if phase is None or study.get_trials(deepcopy=False,
+                                             states=(optuna.trial.TrialState.WAITING,)):
+            return
+        if phase == 1:
+            self.enqueue(study, seed_plans(self.space)[1], 2)
+            return
+        plans = follow_up_plans(self.space, _results(study), self.options.max_drop,
+                                tried=_tried(study))
+        if not self.enqueue(study, plans, 1 if phase == 0 else 2) and phase == 0:
+            self.enqueue(study, seed_plans(self.space)[1], 2)
 
     def trial_deadline(self, budget_end: float, first_guess: float) -> float:
         """When trials must stop so the finalists and the emit still fit in the budget."""
@@ -527,6 +534,12 @@ def _results(study: Any) -> list[tuple[dict[str, Any], float, float]]:
             out.append((dict(trial.params), float(trial.user_attrs["cost"]),
                         float("inf") if drop is None else float(drop)))
     return out
+
+
+def _tried(study: Any) -> list[dict[str, Any]]:
+    """The plans of every trial of the study, whatever its state (queued ones too)."""
+    return [dict(t.params or t.system_attrs.get("fixed_params", {}))
+            for t in study.get_trials(deepcopy=False)]
 
 
 def _best_text(cands: list[Candidate], max_drop: float) -> str:

@@ -233,36 +233,35 @@ def plan_moves(plan: Mapping[str, Any], space: Space) -> dict[str, dict[str, Any
     return moves
 
 
-def stronger(plan: Mapping[str, Any], space: Space) -> dict[str, Any] | None:
-    """`plan` with its one drop or width move one step further (None if it has another move or
-    is at its last step)."""
-    moves = plan_moves(plan, space)
-    if len(moves) != 1:
-        return None
-    (move, _), = moves.items()
-    if move == "drop":
-        count = int(plan["drop.count"]) + 1
-        return dict(plan, **{"drop.count": count}) if count <= space.drop_levels[
-            plan["drop.level"]] else None
-    if move in space.width:
-        steps = RATIOS.index(plan[f"{move}.ratio"]) + 1
-        return dict(plan, **{f"{move}.ratio": RATIOS[steps]}) if steps < len(RATIOS) else None
-    return None
+def stronger(plan: Mapping[str, Any], space: Space) -> list[dict[str, Any]]:
+    """`plan` with one of its drop or width moves one step further, one plan per move that has
+    a next step (more layers dropped, the next ratio)."""
+    out = []
+    for move in plan_moves(plan, space):
+        if move == "drop":
+            count = int(plan["drop.count"]) + 1
+            if count <= space.drop_levels[plan["drop.level"]]:
+                out.append(dict(plan, **{"drop.count": count}))
+        elif move in space.width:
+            step = RATIOS.index(plan[f"{move}.ratio"]) + 1
+            if step < len(RATIOS):
+                out.append(dict(plan, **{f"{move}.ratio": RATIOS[step]}))
+    return out
 
 
 def follow_up_plans(space: Space, results: list[tuple[dict[str, Any], float, float]],
-                    max_drop: float, count: int = FOLLOW_UPS) -> list[dict[str, Any]]:
-    """Plans to try after the first seeds: from the (plan, cost, drop) results that held
-    `max_drop` and cost less than the source, every pair of them with no move in common merged
-    into one plan, and each single drop / width move one step further; cheapest first by the
-    product of the costs (a stronger step counted as its cost squared), at most `count`."""
+                    max_drop: float, tried: list[dict[str, Any]] = (),
+                    count: int = FOLLOW_UPS) -> list[dict[str, Any]]:
+    """Plans to try next, from the (plan, cost, drop) results that held `max_drop` and cost less
+    than the source: every pair of them with no move in common merged into one plan, and each
+    with one drop / width move a step further; cheapest first by the product of the costs (a
+    stronger step counted as its cost squared), none of `tried` or the results, at most `count`.
+    Repeated as results come in, it is a greedy search that grows the plans that hold."""
     base = base_plan(space)
     held = [(p, c) for p, c, d in results if d <= max_drop and c < 1.0 and plan_moves(p, space)]
     scored: list[tuple[float, dict[str, Any]]] = []
     for i, (a, cost_a) in enumerate(held):
-        up = stronger(a, space)
-        if up is not None:
-            scored.append((cost_a * cost_a, up))
+        scored += [(cost_a * cost_a, up) for up in stronger(a, space)]
         for b, cost_b in held[i + 1:]:
             moves_a, moves_b = plan_moves(a, space), plan_moves(b, space)
             if set(moves_a) & set(moves_b):
@@ -271,9 +270,19 @@ def follow_up_plans(space: Space, results: list[tuple[dict[str, Any], float, flo
             for choices in (*moves_a.values(), *moves_b.values()):
                 merged.update(choices)
             scored.append((cost_a * cost_b, merged))
-    tried = [p for p, _, _ in results]
+    seen = [*tried, *(p for p, _, _ in results)]
     out: list[dict[str, Any]] = []
     for _, plan in sorted(scored, key=lambda item: item[0]):
-        if plan not in out and plan not in tried:
+        if plan not in out and not any(_same_plan(plan, t) for t in seen):
             out.append(plan)
     return out[:count]
+
+
+def _same_plan(plan: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether two plans make the same choices: equal where both choose, and the same choices
+    set away from their defaults (a trial's params lack what it did not suggest)."""
+    def active(p: Mapping[str, Any]) -> set[str]:
+        return {k for k, v in p.items() if v not in (0, 0.0, False, "none")}
+
+    return active(plan) == active(other) and all(plan[k] == other[k]
+                                                 for k in set(plan) & set(other))

@@ -51,11 +51,14 @@ def test_plan_moves_names_only_what_a_plan_changes():
                                                       "drop.replacement": "context"}}
 
 
-def test_stronger_steps_one_drop_or_width_move_and_stops_at_the_last_step():
-    assert stronger(DROP_BLOCK, SPACE)["drop.count"] == 2
-    assert stronger(dict(DROP_BLOCK, **{"drop.count": 2}), SPACE) is None  # block allows 2
-    assert stronger(HEADS, SPACE)["prune-heads.ratio"] == 0.5
-    assert stronger(INT8, SPACE) is None and stronger(dict(INT8, fuse=True), SPACE) is None
+def test_stronger_steps_each_drop_or_width_move_and_stops_at_the_last_step():
+    assert stronger(DROP_BLOCK, SPACE) == [dict(DROP_BLOCK, **{"drop.count": 2})]
+    assert stronger(dict(DROP_BLOCK, **{"drop.count": 2}), SPACE) == []  # block allows 2
+    assert stronger(HEADS, SPACE) == [dict(HEADS, **{"prune-heads.ratio": 0.5})]
+    assert stronger(INT8, SPACE) == [] and stronger(dict(INT8, fuse=True), SPACE) == []
+    both = dict(DROP_BLOCK, **{"prune-heads.ratio": 0.25, "quantize.mode": "fp16"})
+    assert stronger(both, SPACE) == [dict(both, **{"drop.count": 2}),
+                                     dict(both, **{"prune-heads.ratio": 0.5})]
 
 
 def test_follow_ups_merge_moves_that_held_the_budget_cheapest_first():
@@ -69,6 +72,10 @@ def test_follow_ups_merge_moves_that_held_the_budget_cheapest_first():
                      dict(DROP_BLOCK, **{"drop.count": 2})]
     assert follow_up_plans(SPACE, results, max_drop=0.01, count=1) == plans[:1]
     assert follow_up_plans(SPACE, results, max_drop=0.001) == []
+    # A plan queued or failed before is not proposed again; a trial's params lack the choices
+    # it did not suggest (no replacement when nothing is dropped).
+    tried = [{k: v for k, v in plans[0].items()}]
+    assert follow_up_plans(SPACE, results, max_drop=0.01, tried=tried) == plans[1:]
 
 
 def test_follow_ups_skip_pairs_that_share_a_move_and_plans_already_tried():
@@ -94,3 +101,15 @@ def test_per_tensor_int8_pipeline_quantizes_with_one_scale_per_weight(tiny_model
     scales = [v for name, v in model.graph.initializers.items() if name.endswith("_scale")]
     assert scales and all(np.size(v.const_value.numpy()) == 1 for v in scales)
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph)
+
+
+def test_repeated_follow_ups_grow_a_merged_plan_that_held_by_another_move():
+    int8_drop = dict(INT8, **{k: DROP_BLOCK[k] for k in ("drop.level", "drop.count",
+                                                         "drop.replacement")})
+    results = [(INT8, 0.6, 0.0), (DROP_BLOCK, 0.8, 0.008), (int8_drop, 0.5, 0.009),
+               (HEADS, 0.9, 0.0)]
+    plans = follow_up_plans(SPACE, results, max_drop=0.01, count=10)
+    triple = dict(int8_drop, **{"prune-heads.ratio": 0.25})
+    assert triple in plans
+    assert set(plan_moves(triple, SPACE)) == {"drop", "prune-heads", "quantize"}
+    assert int8_drop not in plans  # tried
