@@ -21,7 +21,7 @@ from winnow.ir.pruning import const_array, refit_linear, set_const_input
 
 ROWS_PER_BATCH = 2048  # output positions sampled per calibration batch and reader
 STAGES = 6  # refit rounds (each one session and one run per calibration batch)
-ROWS_PER_FEATURE = 2  # fewer sampled rows than this per weight leaves the reader as pruned
+MIN_ROWS = 32  # a reader with fewer sampled rows than this or than its inputs is left as pruned
 
 
 @dataclasses.dataclass
@@ -72,8 +72,8 @@ def refit_readers(model: ir.Model, targets: Sequence[ReaderTargets], batches: Se
                   stages: int = STAGES) -> dict[str, float]:
     """Refit every reader on the (pruned) model's inputs at the sampled positions (only the
     output channels `kept_outputs` keeps of a reader whose own filters were pruned too), stage
-    by stage in depth order; {node: R^2} of the readers refitted (one with fewer than
-    ROWS_PER_FEATURE sampled rows per input feature keeps its pruned weights)."""
+    by stage in depth order; {node: R^2} of the readers refitted (one with fewer sampled rows
+    than MIN_ROWS or than input features keeps its pruned weights)."""
     kept_outputs = kept_outputs or {}
     scores = {}
     for stage in _stages(model, [t.node for t in targets], stages):
@@ -86,7 +86,7 @@ def refit_readers(model: ir.Model, targets: Sequence[ReaderTargets], batches: Se
                 features[k].append(_features(t.node, x, t.positions[b]))
         for k, t in enumerate(chosen):
             x = np.concatenate(features[k])
-            if len(x) < ROWS_PER_FEATURE * x.shape[1]:
+            if len(x) < max(MIN_ROWS, x.shape[1]):
                 continue  # e.g. an SE conv on pooled channels: one row per image would overfit
             y = t.outputs[:, kept_outputs[t.node]] if t.node in kept_outputs else t.outputs
             weight, bias = refit_linear(x, y, ridge)

@@ -351,8 +351,8 @@ def test_the_report_counts_prunable_following_and_fixed_channels():
 
 
 def test_a_reader_with_fewer_rows_than_weights_is_not_refitted():
-    """An SE conv reads one pooled pixel per image: with 2 images and 8 input channels its fit
-    would be underdetermined, so the refit leaves it as pruned (and still refits conv2)."""
+    """An SE conv reads one pooled pixel per image: with 2 images its fit would rest on 2 rows,
+    so the refit leaves it as pruned (and still refits conv2: 128 rows, 54 weights)."""
     calibration = [{"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}]
     m, ctx = residual_se_model(), PassContext(calibration=calibration)
     m = PassManager("prune-channels{ratio=0.25,refit=true,kind=conv}").run(m, ctx).model
