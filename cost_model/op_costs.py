@@ -225,7 +225,7 @@ def _inference_proto(model: ir.Model) -> onnx.ModelProto:
             if v not in graph.inputs:
                 graph.inputs.append(v)
                 added.append(v)
-        return ir.serde.serialize_model(model)
+        return _topological(ir.serde.serialize_model(model))
     finally:
         for v, type_, shape in hidden:
             v.type, v.shape = type_, shape
@@ -236,6 +236,39 @@ def _inference_proto(model: ir.Model) -> onnx.ModelProto:
         graph.initializers.clear()
         for v in order:
             graph.initializers[v.name] = v
+
+
+def _topological(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with its main-graph nodes in an order where producers come first (keeping the
+    given order where it already does): ONNX shape inference reads nodes in file order, and ORT's
+    fp16 converter appends the input Casts at the end (every shape of an fp16 digits-vit was
+    unknown)."""
+    import heapq
+
+    nodes = list(proto.graph.node)
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    needs = [{producer[x] for x in n.input if x in producer and producer[x] != i}
+             for i, n in enumerate(nodes)]
+    users: dict[int, list[int]] = {}
+    for i, deps in enumerate(needs):
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    waiting = [len(d) for d in needs]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(nodes) or order == sorted(order):  # a cycle, or already sorted
+        return proto
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes[i] for i in order)
+    return proto
 
 
 def _infer(proto: onnx.ModelProto, data_prop: bool) -> onnx.ModelProto:

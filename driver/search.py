@@ -184,6 +184,7 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.perf_counter() - start)
     search.measures = _measures(Path(out), runner, options)
+    search.measures["finalists"] = [c.to_dict() for c in finalists]
     _record(Path(out), search, url)
     _write_analyses(Path(out), runner)
     _write_report(Path(out), src.name, search, candidates, runner.analyses[0], options)
@@ -444,18 +445,26 @@ class TrialRunner:
                             self.space.describe(), self.options.trial_cost)).encode())
         return digest.hexdigest()[:16]
 
-    def choose(self, finalists: list[Candidate]) -> tuple[Candidate, str]:
-        """Measure the finalists on held-out data (and time them again); the cheapest within
-        budget wins, else the lossless pipeline with the reason."""
-        winners = []
-        for cand in progress.bar(finalists, "finalists"):
+    def choose(self, ranked: list[Candidate]) -> tuple[Candidate, str]:
+        """Judge the candidates, cheapest first, on held-out data and time those that hold the
+        budget there (up to `finalists` of them: one that misses the budget costs no timing
+        slot); the cheapest measured at least NOISE_MARGIN below the source wins, else the
+        lossless pipeline with the reason. The measured time decides: a candidate predicted
+        cheap but measured no faster than the source never wins."""
+        winners, timed, judged = [], [], 0
+        for cand in progress.bar(ranked, "finalists"):
+            if len(timed) >= self.options.finalists:
+                break
+            judged += 1
             model = self.apply(cand.pipeline)
             fid = self.src.score(model, "heldout")
             cand.heldout_drop, cand.heldout_cosine = fidelity_drop(fid), fid.cosine
+            if cand.heldout_drop > self.options.max_drop:
+                continue
             cand.measured_cost = (self.timer.relative_latency(model, repeats=3 * self.options.repeats)
                                   if self.options.objective == "latency" else cand.cost)
-            if (cand.heldout_drop <= self.options.max_drop
-                    and cand.measured_cost < 1.0 - NOISE_MARGIN):
+            timed.append(cand)
+            if cand.measured_cost < 1.0 - NOISE_MARGIN:
                 winners.append(cand)
         if winners:
             best = min(winners, key=lambda c: c.measured_cost)
@@ -463,9 +472,9 @@ class TrialRunner:
                           f"{best.measured_cost:.3f} of the source, held-out drop "
                           f"{best.heldout_drop:.4f} <= {self.options.max_drop}")
         lossless = Candidate(-1, DEFAULT_PIPELINE, 1.0, 0.0, 1.0, "")
-        why = ("no lossy candidate was measured" if not finalists else
-               f"none of the {len(finalists)} finalists both met --max-drop "
-               f"{self.options.max_drop} on held-out data and was measured at least "
+        why = ("no lossy candidate was measured" if not ranked else
+               f"of the {judged} finalists judged on held-out data, {len(timed)} met --max-drop "
+               f"{self.options.max_drop} there and none was measured at least "
                f"{NOISE_MARGIN:.0%} cheaper than the source")
         return lossless, f"kept the lossless pipeline: {why}"
 
@@ -562,11 +571,12 @@ def pareto_front(cands: list[Candidate]) -> list[Candidate]:
 
 def _finalists(cands: list[Candidate], options: SearchOptions) -> list[Candidate]:
     """The cheapest distinct candidates within budget on the judging data, cheaper than the
-    source: they are measured for real and on held-out data."""
+    source, up to twice `finalists` of them: judged on held-out data in this order, and the
+    first `finalists` that hold the budget there are timed for real."""
     unique = {c.hash: c for c in sorted(cands, key=lambda c: c.number, reverse=True)}
     ok = [c for c in unique.values() if c.drop <= options.max_drop and c.cost < 1.0
           and c.pipeline != DEFAULT_PIPELINE]
-    return sorted(ok, key=lambda c: c.cost)[:options.finalists]
+    return sorted(ok, key=lambda c: c.cost)[:2 * options.finalists]
 
 
 def _record(out: Path, search: SearchResult, url: str) -> None:

@@ -58,6 +58,14 @@ def test_lossless_is_kept_when_every_finalist_is_measured_slower_or_past_the_bud
     assert "kept the lossless pipeline" in message
 
 
+def test_a_finalist_past_the_budget_on_held_out_data_takes_no_timing_slot():
+    # The timer knows only "b": timing "a" would raise KeyError.
+    runner = _runner({"b": 0.8, "c": 0.5}, {"a": 0.05, "b": 0.0, "c": 0.0})
+    runner.options = SearchOptions(finalists=1)
+    chosen, _ = runner.choose([_cand(1, "a", 0.5), _cand(2, "b", 0.6), _cand(3, "c", 0.7)])
+    assert chosen.pipeline == "b"  # c, cheaper when measured, is past the one timing slot
+
+
 def test_a_finalist_within_the_noise_margin_of_the_base_is_not_chosen():
     runner = _runner({"a": 0.99}, {"a": 0.0})
     assert runner.choose([_cand(1, "a", 0.5)])[0].pipeline == DEFAULT_PIPELINE
