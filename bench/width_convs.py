@@ -1,7 +1,7 @@
 """Evidence for conv filter pruning (`prune-channels{kind=conv}`, ir/conv_groups.py): digits-cnn and
 ppocr-det with 25% / 50% of every prunable group's filters removed (lowest activation score first),
 with and without the closed-form refit of the readers (ir/conv_refit.py), and on ppocr-det also with
-round_to=8: pass seconds, held-out mean cosine and the zoo's task metric, the cost model's FLOPs
+round_to = the NCHWc block (16 with AVX-512F, else 8): pass seconds, held-out mean cosine and the zoo's task metric, the cost model's FLOPs
 ratio, and the latency ratio unpruned/pruned in ORT fp32 (interleaved runs, median of paired
 ratios, `measure.timing.latency_ratio`) at batch 1 and at the held-out batch. Wherever fewer FLOPs
 did not give less time (or under 3/4 of the FLOPs ratio) a line says so, with ORT's per-op-type
@@ -42,11 +42,21 @@ SLACK = 0.03  # a latency ratio within this of 1.0 is "no faster"
 SHORTFALL = 0.75  # a latency ratio below this share of the FLOPs ratio gets a profile line
 
 
+def nchwc_block() -> int:
+    """Channels per block of ORT's NCHWc conv kernels (MLAS): 16 with AVX-512F, else 8."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 8
+    return 16 if "avx512f" in flags else 8
+
+
 def variants(name: str, ratio: float) -> list[str]:
     """The prune-channels pipelines of one model and ratio."""
     out = [f"prune-channels{{kind=conv,ratio={ratio},refit={r}}}" for r in ("false", "true")]
     if name == "ppocr-det":
-        out.append(f"prune-channels{{kind=conv,ratio={ratio},refit=true,round_to=8}}")
+        out.append(f"prune-channels{{kind=conv,ratio={ratio},refit=true,"
+                   f"round_to={nchwc_block()}}}")
     return out
 
 
@@ -69,16 +79,18 @@ def flops(model, feeds) -> float:
 
 def why_not_faster(base, model, feeds, report) -> str:
     """ORT's per-op-type ms before -> after (medians of interleaved profiled runs), and how many
-    kept widths are not multiples of 8."""
+    kept widths are not a multiple of the NCHWc block."""
     prof = op_profiles({"base": base, "pruned": model}, feeds)
     a, b = prof["base"], prof["pruned"]
     ops = sorted(set(a) | set(b), key=lambda op: -max(a.get(op, 0), b.get(op, 0)))[:6]
     kept = [after for _, after in report.get("pruned", {}).values()]
-    odd = sum(k % 8 != 0 for k in kept)
+    block = nchwc_block()
+    odd = sum(k % block != 0 for k in kept)
     parts = ", ".join(f"{op} {a.get(op, 0) / 1e3:.2f}->{b.get(op, 0) / 1e3:.2f}" for op in ops)
     return (f"ORT per-op ms (median of 20 interleaved profiled runs) {parts}; sum "
             f"{sum(a.values()) / 1e3:.2f}->"
-            f"{sum(b.values()) / 1e3:.2f}; {odd} of {len(kept)} kept widths not a multiple of 8")
+            f"{sum(b.values()) / 1e3:.2f}; {odd} of {len(kept)} kept widths not a multiple of "
+            f"{block} (the NCHWc block)")
 
 
 def bench_model(name, ratios, repeats, threads):
