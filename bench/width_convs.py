@@ -4,8 +4,8 @@ with and without the closed-form refit of the readers (ir/conv_refit.py), and on
 round_to = ORT's NCHWc block (16 with AVX-512F, else 8): pass seconds, held-out mean cosine and
 the zoo's task metric, the cost model's FLOPs ratio, and the latency ratio unpruned/pruned in ORT
 fp32 (interleaved runs, median of paired ratios, `measure.timing.latency_ratio`) at batch 1 and at
-the held-out batch. Wherever fewer FLOPs did not give less time (or under 3/4 of the FLOPs ratio) a line says so, with ORT's per-op-type
-profile of both models (the reason).
+the held-out batch. Wherever fewer FLOPs did not give less time (or under 3/4 of the FLOPs ratio)
+a line says so, with ORT's per-op-type profile of both models (the reason).
 
     nice -n 10 python bench/width_convs.py [--models digits-cnn,ppocr-det] [--ratios 0.25,0.5]
                                            [--repeats 15] [--threads N]

@@ -13,9 +13,10 @@ Concat, Split and Slice *on* the channel axis are index maps (`ir/channel_maps.p
 a group of its own, and an edge says which channel of one sits at which position of the other (an
 offset range). A group nothing maps into is a *root*; the others *follow* (a Concat output follows
 its inputs, Split and Slice outputs follow their input) and are pruned at the mapped positions
-whenever a root is (the Split sizes and Slice bounds rewritten). A group that reaches a graph input or output, a Reshape, a grouped
-(non-depthwise) conv or any op not understood on the channel axis is *fixed*: it is left whole,
-and `reason` says why; a fixed follower fixes every root that maps into it.
+whenever a root is (the Split sizes and Slice bounds rewritten). A group that reaches a graph
+input or output, a Reshape, a grouped (non-depthwise) conv or any op not understood on the channel
+axis is *fixed*: it is left whole, and `reason` says why; a fixed follower fixes every root that
+maps into it.
 """
 
 from __future__ import annotations
@@ -281,7 +282,8 @@ def channel_groups(model: ir.Model) -> list[ChannelGroup]:
     return finder.groups()
 
 
-def prune_group(group: ChannelGroup, keep: Sequence[int], graph: ir.Graph) -> dict[ir.Node, np.ndarray]:
+def prune_group(group: ChannelGroup, keep: Sequence[int], graph: ir.Graph
+                ) -> dict[ir.Node, np.ndarray]:
     """Keep only channels `keep` (sorted indices) of a prunable group, editing every member and
     the followers it maps into; see `prune_groups`."""
     return prune_groups([(group, keep)], graph)

@@ -40,7 +40,8 @@ def refittable(node: ir.Node) -> bool:
         weight = const_array(node.inputs[1])
         pad = node.attributes.get("auto_pad")
         return weight is not None and weight.ndim == 4 and _attr(node, "group", 1) == 1 \
-            and (pad is None or pad.as_string() == "NOTSET") and "output_shape" not in node.attributes
+            and (pad is None or pad.as_string() == "NOTSET") \
+            and "output_shape" not in node.attributes
     if node.op_type == "Gemm":
         alpha = node.attributes.get("alpha")
         beta = node.attributes.get("beta")
@@ -178,7 +179,7 @@ def _set_reader(graph: ir.Graph, node: ir.Node, weight: np.ndarray, bias: np.nda
     old = const_array(node.inputs[1])
     if node.op_type == "Conv":
         new = weight.T.reshape(old.shape[0], *old.shape[1:])
-    elif node.op_type == "ConvTranspose":  # features are (in, kh, kw); the weight is [in, out, kh, kw]
+    elif node.op_type == "ConvTranspose":  # features (in, kh, kw); the weight [in, out, kh, kw]
         new = weight.reshape(old.shape[0], *old.shape[2:], old.shape[1]).transpose(0, 3, 1, 2)
     else:
         new = weight.T if _attr(node, "transB", 0) else weight
