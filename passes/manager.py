@@ -142,6 +142,9 @@ class PassManager:
         modified_any = False
         done: list[str] = []
         with ctx:
+            for p in self.passes:  # passes that need the model as the pipeline received it
+                if hasattr(p, "see_pipeline_input"):
+                    p.see_pipeline_input(model)
             for index, p in enumerate(self.passes):
                 label = pass_label(p)
                 for inst in self.instruments:

@@ -190,9 +190,10 @@ def test_core_installs_alone_in_a_fresh_venv_and_compiles_an_onnx_file(tmp_path,
 CORE_CODE = ("ir", "passes", "backends", "cost_model", "driver", "measure", "cli.py", "errors.py",
              "progress.py", "frontend/__init__.py", "frontend/onnx_file.py")
 # The TVM backend is the `tvm` extra's code (it calls require_extra first), as the zoo is `zoo`'s
-# and the report page's plots (matplotlib) are `report`'s.
+# and the report page's plots (matplotlib) are `report`'s, and distill's training (torch) `torch`'s.
 EXTRA_CODE = ("backends/tvm.py", "backends/tvm_schedules.py", "backends/tvm_tuning.py",
-              "backends/edge_runner.py", "driver/report_html.py")
+              "backends/edge_runner.py", "driver/report_html.py", "ir/torch_exec.py",
+              "passes/rewrite/distill.py")
 
 
 def test_core_code_never_imports_an_optional_package():

@@ -5,6 +5,7 @@ from winnow.passes.rewrite import (  # noqa: F401
     canonicalize,
     cse,
     dce,
+    distill,
     drop_layers,
     fold_constants,
     fuse,

@@ -1,0 +1,142 @@
+"""`distill`: train the float weights of the model so its outputs come back to those of the model
+the pipeline started from (knowledge distillation on the calibration split, in PyTorch through
+`ir/torch_exec.py`). What pruning and dropping removed stays removed; distill re-tunes what is
+left, the step the closed-form refits cannot take (they fit one projection at a time).
+
+The teacher is the model as the pipeline received it, run once on the calibration batches when
+the pipeline starts. One sample in eight of every calibration batch (at least one) is held back: the weights kept are those
+of the step with the lowest held-back loss, so distill never returns a model that does worse on
+data it did not train on than the one it received. Run it after the lossy structural passes and
+before `fuse` / `quantize` (their contrib and integer ops are not trainable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from winnow import progress
+from winnow.errors import PassConfigError, require_extra
+from winnow.passes.base import Pass, PassResult, register_pass
+from winnow.passes.config import option
+from winnow.passes.manager import PassContext
+
+
+@register_pass
+class DistillPass(Pass):
+    """Knowledge distillation of the remaining float weights against the pipeline's input."""
+
+    name = "distill"
+    description = ("train the remaining float weights to reproduce the outputs of the model the "
+                   "pipeline started from (knowledge distillation on calibration data, PyTorch); "
+                   "recovers fidelity after pruning")
+    lossless = False
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of distill."""
+
+        steps: int = option(150, "optimizer steps (one calibration batch each)", min=1)
+        lr: float = option(5e-5, "Adam learning rate", min=0.0)
+        samples: int = option(512, "calibration samples to train and validate on", min=2)
+        check_every: int = option(10, "steps between held-back evaluations", min=1)
+        seed: int = option(0, "seed of the batch order")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._train: list[tuple[dict, dict]] = []
+        self._valid: list[tuple[dict, dict]] = []
+        self._seen = False
+
+    def see_pipeline_input(self, model: ir.Model) -> None:
+        """Record the teacher: the outputs of the model the pipeline received on the calibration
+        batches, each split into rows to train on and rows held back (called by the PassManager
+        before the first pass runs)."""
+        from winnow.ir.execute import run
+        from winnow.passes.analysis.calibration import calibration_batches
+        from winnow.passes.analysis.layer_similarity import limit_samples
+
+        batches = limit_samples(calibration_batches(model, PassContext.current()),
+                                self.config.samples)
+        names = [v.name for v in model.graph.outputs]
+        self._train, self._valid = [], []
+        for batch in progress.bar(batches, "distill: teacher outputs"):
+            rows = next(iter(batch.values())).shape[0]
+            held = rows // 8 or (1 if rows > 1 else 0)
+            for part, split in ((self._train, slice(0, rows - held)),
+                                (self._valid, slice(rows - held, rows))):
+                feeds = {k: v[split] for k, v in batch.items()}
+                if next(iter(feeds.values())).shape[0]:
+                    part.append((feeds, {k: v for k, v in run(model, feeds).items()
+                                         if k in names}))
+        self._seen = True
+
+    def call(self, model: ir.Model) -> PassResult:
+        """Train the float initializers in place; keeps the best held-back step."""
+        require_extra("the distill pass (it trains in PyTorch)", "torch", ("torch",))
+        import torch
+
+        from winnow.ir.torch_exec import TorchGraph
+
+        ctx = PassContext.current()
+        if not self._seen:
+            self.see_pipeline_input(model)  # run alone: the model itself is the teacher
+        if not self._valid or not self._train:
+            raise PassConfigError("distill needs calibration batches of at least 2 samples (one "
+                                  "in eight is held back to choose the weights kept); give more "
+                                  "calibration data")
+        net = TorchGraph(model)
+        train = [(_tensors(f), _tensors(t)) for f, t in self._train]
+        valid = [(_tensors(f), _tensors(t)) for f, t in self._valid]
+        names = [v.name for v in model.graph.outputs]
+        order = np.random.default_rng(self.config.seed)
+        optimizer = torch.optim.Adam(net.parameters(), lr=self.config.lr)
+        first = best = _loss(net, valid, names)
+        best_step, best_state = 0, _state(net)
+        for step in progress.bar(range(1, self.config.steps + 1), "distill"):
+            feeds, target = train[int(order.integers(len(train)))]
+            optimizer.zero_grad()
+            loss = _batch_loss(net(feeds), target, names)
+            loss.backward()
+            optimizer.step()
+            if step % self.config.check_every == 0 or step == self.config.steps:
+                current = _loss(net, valid, names)
+                if current < best:
+                    best, best_step, best_state = current, step, _state(net)
+        net.load_state_dict(best_state)
+        changed = net.write_back() if best_step else 0
+        ctx.report[self.name] = {"steps": self.config.steps, "best_step": best_step,
+                                 "held_back_loss": [round(first, 6), round(best, 6)],
+                                 "trained_tensors": changed,
+                                 "parameters": int(sum(p.numel() for p in net.parameters()))}
+        return PassResult(model, bool(changed))
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def _state(net: Any) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _batch_loss(outputs: list[Any], target: dict[str, Any], names: list[str]) -> Any:
+    """Mean over float outputs of the squared error relative to the teacher's mean square."""
+    total = 0.0
+    for name, out in zip(names, outputs):
+        ref = target[name]
+        if not ref.is_floating_point():
+            continue
+        total = total + ((out - ref) ** 2).mean() / (ref**2).mean().clamp_min(1e-12)
+    return total
+
+
+def _loss(net: Any, pairs: list[tuple[dict, dict]], names: list[str]) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(sum(float(_batch_loss(net(f), t, names)) for f, t in pairs) / len(pairs))

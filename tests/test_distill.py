@@ -1,0 +1,191 @@
+"""The torch runner (`ir/torch_exec.py`) against ONNX Runtime, and `distill` against the torch
+source model: distilling after pruning brings held-out outputs back toward the unpruned model's."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import winnow
+from tests.graphs import HEADER, parse
+from tests.tiny_models import TinyTransformer
+from winnow.errors import PassConfigError, PassFailedError
+from winnow.ir.execute import run
+from winnow.ir.torch_exec import TorchGraph, unsupported_ops
+from winnow.passes import PassContext, PassManager
+
+RNG = np.random.default_rng(0)
+CALIBRATION = [{"x": RNG.standard_normal((16, 6, 32)).astype(np.float32)} for _ in range(6)]
+HELDOUT = np.random.default_rng(1).standard_normal((32, 6, 32)).astype(np.float32)
+
+SHAPES = HEADER + """
+agraph (float[2, 3, 4] x) => (float[2, 12] y, float[2, 1, 4] r, float[3, 2, 4] g, float[2, 2] s)
+<int64[1] zero = {0}, int64[1] one = {1}, int64[1] minus = {-1}, int64[2] two = {2, 2},
+ float[1] cst = {0.5}, int64[2] axes = {1, 2}> {
+    sh = Shape (x)
+    first = Slice (sh, zero, one)
+    dims = Concat <axis = 0> (first, minus)
+    y = Reshape (x, dims)
+    r = ReduceL2 <keepdims = 1> (x, one)
+    idx = Constant <value = int64[3] {2, 0, -1}> ()
+    t = Transpose <perm = [1, 0, 2]> (x)
+    g = Gather <axis = 0> (t, idx)
+    e = Expand (cst, two)
+    a, b = Split <axis = 1, num_outputs = 2> (x)
+    m = ReduceMean <keepdims = 0> (a, axes)
+    n = ReduceMax <keepdims = 0> (b, axes)
+    mn = Min (m, n)
+    s = Sub (e, mn)
+}
+"""
+
+NUMERIC = '<ir_version: 9, opset_import: ["" : 20]>' + """
+agraph (float[2, 3, 8] x, int64[2, 3] ids) => (float[2, 3, 8] y, float[2, 8] p)
+<float[8] scale = {1.0, 0.5, 2.0, 1.5, 1.0, 0.25, 3.0, 1.0}, float[8] bias = {0, 1, 0, -1, 0, 2, 0, 1},
+ float[8, 8] w = {""" + ", ".join(f"{v:.3f}" for v in np.random.default_rng(3).standard_normal(64)) + """},
+ float[5, 8] table = {""" + ", ".join(f"{v:.3f}" for v in np.random.default_rng(4).standard_normal(40)) + """},
+ float lo = {-0.5}, float hi = {0.5}, int64 start = {0}, int64 stop = {3}, int64 step = {1},
+ int64[1] one = {1}> {
+    ln = LayerNormalization <axis = -1, epsilon = 0.00001> (x, scale, bias)
+    mm = MatMul (ln, w)
+    ge = Gelu (mm)
+    sm = Softmax <axis = -1> (ge)
+    em = Gather (table, ids)
+    cl = Clip (em, lo, hi)
+    mk = GreaterOrEqual (cl, lo)
+    ab = Abs (x)
+    sq = Sqrt (ab)
+    ng = Neg (sq)
+    y = Where (mk, sm, ng)
+    pos = Range (start, stop, step)
+    cast = Cast <to = 1> (pos)
+    col = Unsqueeze (cast, one)
+    er = Erf (y)
+    pr = Mul (er, col)
+    p = ReduceSum <keepdims = 0> (pr, one)
+}
+"""
+
+CONV = HEADER + """
+agraph (float[2, 3, 9, 9] x) => (float[2, 4] y)
+<float[4, 3, 3, 3] w = {""" + ", ".join(f"{v:.3f}" for v in np.random.default_rng(5).standard_normal(108)) + """},
+ float[4] b = {0.1, -0.2, 0.3, 0.0}, float[4] s = {1.0, 0.5, 2.0, 1.5}, float[4] m = {0.1, 0.0, -0.1, 0.2},
+ float[4] v = {1.0, 2.0, 0.5, 1.5}, float[4, 4] g = {""" + ", ".join(f"{v:.3f}" for v in np.random.default_rng(6).standard_normal(16)) + """}> {
+    c = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w, b)
+    n = BatchNormalization (c, s, b, m, v)
+    h = HardSigmoid (n)
+    p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (h)
+    a = GlobalAveragePool (p)
+    f = Flatten (a)
+    y = Gemm <transB = 1, alpha = 0.5> (f, g, b)
+}
+"""
+
+
+def _feeds(model):
+    rng = np.random.default_rng(2)
+    feeds = {}
+    for value in model.graph.inputs:
+        shape = list(value.shape)
+        feeds[value.name] = rng.integers(0, 5, shape).astype(np.int64) \
+            if value.dtype == ir.DataType.INT64 else rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("text", [SHAPES, NUMERIC, CONV], ids=["shapes", "numeric", "conv"])
+def test_torch_runner_matches_onnx_runtime(text):
+    model = parse(text)
+    feeds = _feeds(model)
+    expected = run(model, feeds)
+    with torch.no_grad():
+        got = TorchGraph(model)({k: torch.from_numpy(v) for k, v in feeds.items()})
+    assert [v.name for v in model.graph.outputs] == list(expected)
+    for (name, want), out in zip(expected.items(), got):
+        assert out.shape == want.shape, name
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_torch_runner_names_what_it_cannot_run():
+    model = parse(HEADER + """
+agraph (float[2, 4] x) => (float[2, 4] y) {
+    t = Relu (x)
+    y = LpNormalization (t)
+}
+""")
+    assert unsupported_ops(model) == ["LpNormalization"]
+    with pytest.raises(PassConfigError, match="LpNormalization"):
+        TorchGraph(model)
+
+
+def test_float_weights_are_parameters_and_write_back():
+    model = parse(CONV)
+    net = TorchGraph(model)
+    assert {p.numel() for p in net.parameters()} == {108, 4, 16}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(2.0)
+    assert net.write_back() == 6
+    np.testing.assert_allclose(model.graph.initializers["b"].const_value.numpy(),
+                               [0.2, -0.4, 0.6, 0.0], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pruned_pair():
+    """The torch oracle's held-out output, and the exported IR (pruned later per test)."""
+    net = TinyTransformer(layers=2, seed=4)
+    with torch.no_grad():
+        oracle = net(torch.from_numpy(HELDOUT)).numpy()
+    model = winnow.load(net, (torch.randn(2, 6, 32),), dynamic_shapes=({0: "batch"},))
+    return oracle, model
+
+
+def _heldout_error(model, oracle):
+    out = next(iter(run(model, {"x": HELDOUT}).values()))
+    return float(((out - oracle) ** 2).mean() / (oracle**2).mean())
+
+
+def test_distill_recovers_what_pruning_lost(pruned_pair):
+    oracle, source = pruned_pair
+    plain, distilled = source.clone(), source.clone()
+    PassManager("prune-channels{ratio=0.5}").run(plain, PassContext(calibration=CALIBRATION))
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager("prune-channels{ratio=0.5},distill{steps=200,lr=0.003,check_every=20}").run(
+        distilled, ctx)
+    before, after = _heldout_error(plain, oracle), _heldout_error(distilled, oracle)
+    assert before > 1e-3  # pruning half the MLP channels did lose something
+    assert after < 0.7 * before, (before, after)
+    report = ctx.report["distill"]
+    assert report["best_step"] > 0 and report["held_back_loss"][1] < report["held_back_loss"][0]
+    # the structure is untouched: same node count and weight shapes as the pruned model
+    assert len(list(distilled.graph)) == len(list(plain.graph))
+    assert {n: v.shape for n, v in distilled.graph.initializers.items()} == \
+        {n: v.shape for n, v in plain.graph.initializers.items()}
+
+
+def test_distill_keeps_the_input_when_training_only_hurts(pruned_pair):
+    _, source = pruned_pair
+    model = source.clone()
+    PassManager("prune-channels{ratio=0.5}").run(model, PassContext(calibration=CALIBRATION))
+    weights = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager("distill{steps=5,lr=50.0,check_every=1}").run(model, ctx)
+    assert ctx.report["distill"]["best_step"] == 0
+    for name, value in model.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), weights[name])
+
+
+def test_distill_refuses_calibration_of_single_samples(pruned_pair):
+    _, source = pruned_pair
+    single = [{"x": b["x"][:1]} for b in CALIBRATION]
+    with pytest.raises(PassFailedError, match="at least 2 samples"):
+        PassManager("distill").run(source.clone(), PassContext(calibration=single))
+
+
+def test_contrib_ops_are_named_with_their_domain():
+    model = parse(SHAPES)
+    next(n for n in model.graph if n.op_type == "Transpose").domain = "com.microsoft"
+    assert unsupported_ops(model) == ["com.microsoft.Transpose"]
+    with pytest.raises(PassConfigError, match="before fuse / quantize"):
+        TorchGraph(model)
