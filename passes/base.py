@@ -28,7 +28,9 @@ class Pass(PassBase):
     fields are declared with `winnow.passes.config.option`), `preserves` (names of
     analyses still valid after the pass; `ALL_ANALYSES` for passes that change nothing
     an analysis reads) and `lossless` (False for passes that change the outputs).
-    Shared state is reached through `PassContext.current()`.
+    Shared state is reached through `PassContext.current()`. A pass that needs the model as
+    the pipeline received it (a teacher, as `distill` does) defines
+    `see_pipeline_input(model)`: the PassManager calls it before the first pass runs.
     """
 
     name: ClassVar[str] = ""
