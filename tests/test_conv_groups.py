@@ -219,12 +219,12 @@ def test_removing_channels_equals_zeroing_their_readers(name, keep):
 
 def test_pass_prunes_rounds_and_refits_convs():
     calibration = [{"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
-    errors = {}
+    errors, source = {}, residual_se_model()  # one set of weights for both runs and the oracle
     for refit in ("false", "true"):
-        m, ctx = residual_se_model(), PassContext(calibration=calibration)
+        m, ctx = _clone(source), PassContext(calibration=calibration)
         m = PassManager(f"prune-channels{{ratio=0.3,refit={refit},kind=conv}}").run(m, ctx).model
         assert ctx.report["prune-channels"]["pruned"] == {"conv1": [8, 6], "se1": [4, 3]}
-        errors[refit] = np.abs(run(m, FEEDS)["y"] - run(residual_se_model(), FEEDS)["y"]).mean()
+        errors[refit] = np.abs(run(m, FEEDS)["y"] - run(source, FEEDS)["y"]).mean()
     assert all(0 < r2 <= 1 for r2 in ctx.report["prune-channels"]["refit_r2"].values())
     assert errors["true"] < 0.9 * errors["false"]  # on held-out inputs, random weights
 
@@ -364,13 +364,13 @@ def test_the_pass_prunes_and_refits_through_a_concat():
     """prune-channels on Conv->Concat->Conv: both input groups pruned, the Concat's reader sliced
     to the kept positions and refitted (it is only a sink of the follower), error lowered."""
     calibration = [{"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
-    errors = {}
+    errors, source = {}, cut_model("concat")
     for refit in ("false", "true"):
-        m, ctx = cut_model("concat"), PassContext(calibration=calibration)
+        m, ctx = _clone(source), PassContext(calibration=calibration)
         m = PassManager(f"prune-channels{{ratio=0.5,refit={refit},kind=conv}}").run(m, ctx).model
         assert ctx.report["prune-channels"]["pruned"] == {"a": [4, 2], "b": [6, 3]}
         conv = next(n for n in m.graph if n.name == "c")
         assert conv.inputs[1].const_value.shape[1] == 5
-        errors[refit] = np.abs(run(m, FEEDS)["y"] - run(cut_model("concat"), FEEDS)["y"]).mean()
+        errors[refit] = np.abs(run(m, FEEDS)["y"] - run(source, FEEDS)["y"]).mean()
     assert "c" in ctx.report["prune-channels"]["refit_r2"]
-    assert errors["true"] < errors["false"]  # held-out; the Relu keeps the loss unrecoverable
+    assert errors["true"] < 0.9 * errors["false"]  # on held-out inputs
