@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from winnow.driver.space import (
     Space,
@@ -113,3 +114,21 @@ def test_repeated_follow_ups_grow_a_merged_plan_that_held_by_another_move():
     assert triple in plans
     assert set(plan_moves(triple, SPACE)) == {"drop", "prune-heads", "quantize"}
     assert int8_drop not in plans  # tried
+
+
+
+@pytest.mark.slow
+def test_fused_int8_seed_applies_to_tiny_gpt_and_keeps_its_outputs():
+    # Every fuse + int8 trial of tiny-gpt failed in ORT's quantizer ("Unable to find data type
+    # for weight_name='linear'": a value made by a fused contrib op has no ONNX type) until
+    # float is the quantizer's default type.
+    from winnow.driver.search import SearchOptions, TrialRunner, lossless_base
+    from winnow.driver.source import resolve
+
+    src = resolve("zoo:tiny-gpt")
+    runner = TrialRunner(src, lossless_base(src), SearchOptions())
+    fused = dict(seed_plans(runner.space)[0][3])
+    assert fused["fuse"] and fused["quantize.mode"] == "int8-dynamic"
+    choices = {"fuse": {}, "quantize": {"mode": "int8-dynamic", "per_channel": True}}
+    cand = runner.evaluate(0, pipeline_text(choices))
+    assert cand.cosine > 0.999 and cand.drop < 0.05  # perplexity within 0.05 of the source
