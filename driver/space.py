@@ -21,6 +21,10 @@ REPLACEMENTS = ("identity", "linear", "context")
 OUTLIER_SPLITS = {"float": "split-outliers",
                   "float-free": "split-outliers{free_only=true,factor=4}"}
 RATIOS = (0.0, 0.25, 0.5)
+# Distillation after structural moves: bounded in time so one trial stays a trial; the held-back
+# check inside the pass keeps the input weights when training does not help.
+DISTILL = "distill{steps=300,lr=0.001,max_seconds=60}"
+STRUCTURAL = ("drop", "prune-heads", "prune-channels")
 MAX_DROPPED = 3
 # int8 modes searched with one weight scale per output channel or one per tensor: per tensor was
 # the more faithful on tiny-gpt (perplexity +0.04% vs +1.1% per channel) and the faster on
@@ -44,6 +48,7 @@ class Space:
     quant_auto_exclude: bool = False
     split_outliers: bool = False
     refit: bool = True  # width moves refit what reads the pruned heads / channels
+    distill: bool = False  # structural moves may be followed by knowledge distillation
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for the manifest and the study's attributes)."""
@@ -63,10 +68,19 @@ def build_space(model: ir.Model, fitted: bool = True) -> Space:
     modes = tuple(m for m in _quant_modes(passes) if _has_weights(model, m))
     auto = fitted and "exclude" in _option_names(passes.get("quantize"))
     split = fitted and "split-outliers" in passes
+    distill = fitted and "distill" in passes and bool(levels or width) and _has_torch()
     if not fitted:
         modes = tuple(m for m in modes if "static" not in m)
         return Space(levels, width, "fuse" in passes, modes, ("identity",), auto, split, False)
-    return Space(levels, width, "fuse" in passes, modes, REPLACEMENTS, auto, split)
+    return Space(levels, width, "fuse" in passes, modes, REPLACEMENTS, auto, split,
+                 distill=distill)
+
+
+def _has_torch() -> bool:
+    """Whether PyTorch (which distill trains with) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 def _prunable(name: str, model: ir.Model, regions: Any) -> bool:
@@ -118,6 +132,9 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
         ratio = trial.suggest_categorical(f"{name}.ratio", RATIOS)
         if ratio:
             choices[name] = {"ratio": ratio, "refit": space.refit}
+    if space.distill and any(k in choices for k in STRUCTURAL) and \
+            trial.suggest_categorical("distill", (False, True)):
+        choices["distill"] = {}
     mode = "none"
     if space.quant_modes:
         mode = trial.suggest_categorical("quantize.mode", ("none", *space.quant_modes))
@@ -158,8 +175,10 @@ def pipeline_text(choices: Mapping[str, Any]) -> str:
             refit = ",refit=true" if choices[name].get("refit") else ""
             extra = ",round_to=8" if name == "prune-channels" else ""
             parts.append(f"{name}{{ratio={choices[name]['ratio']}{source}{refit}{extra}}}")
-    if any(k in choices for k in ("drop", "prune-heads", "prune-channels")):
+    if any(k in choices for k in STRUCTURAL):
         parts.append("dce")
+    if "distill" in choices:
+        parts.append(DISTILL)
     if "fuse" in choices:
         parts.append("fuse")
     if "quantize" in choices:
@@ -198,9 +217,13 @@ def seed_plans(space: Space) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     for level in sorted(space.drop_levels):
         first.append(dict(base, **{"drop.level": level, "drop.count": 1,
                                    "drop.replacement": space.replacements[-1]}))
-    first += [dict(base, **{f"{name}.ratio": RATIOS[1]}) for name in space.width]
+    structural = [dict(base, **{f"{name}.ratio": RATIOS[1]}) for name in space.width]
+    first += structural
     if space.fuse:
         first.append(dict(base, fuse=True))
+    if space.distill:  # the same structural moves, distilled: they may hold where bare ones fail
+        first += [dict(p, distill=True) for p in first if plan_moves(p, space).keys() & {
+            "drop", *space.width}]
     return first, rest
 
 
@@ -221,11 +244,13 @@ def plan_moves(plan: Mapping[str, Any], space: Space) -> dict[str, dict[str, Any
     """The moves a plan makes, each with the choices that belong to it: 'drop', a width pass
     name, 'fuse', 'quantize' (a move the plan leaves at its default is absent)."""
     moves: dict[str, dict[str, Any]] = {}
+    # distillation belongs to the structural moves it follows, so merged plans keep it
+    distill = {"distill": True} if plan.get("distill") else {}
     if plan.get("drop.count"):
-        moves["drop"] = {k: v for k, v in plan.items() if k.startswith("drop.")}
+        moves["drop"] = {k: v for k, v in plan.items() if k.startswith("drop.")} | distill
     for name in space.width:
         if plan.get(f"{name}.ratio"):
-            moves[name] = {f"{name}.ratio": plan[f"{name}.ratio"]}
+            moves[name] = {f"{name}.ratio": plan[f"{name}.ratio"]} | distill
     if plan.get("fuse"):
         moves["fuse"] = {"fuse": True}
     if plan.get("quantize.mode", "none") != "none":

@@ -189,3 +189,11 @@ def test_contrib_ops_are_named_with_their_domain():
     assert unsupported_ops(model) == ["com.microsoft.Transpose"]
     with pytest.raises(PassConfigError, match="before fuse / quantize"):
         TorchGraph(model)
+
+
+def test_distill_stops_at_its_time_limit(pruned_pair):
+    _, source = pruned_pair
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager("prune-channels{ratio=0.5},distill{steps=1000000,lr=0.001,max_seconds=1}").run(
+        source.clone(), ctx)
+    assert 1 <= ctx.report["distill"]["steps"] < 1000000

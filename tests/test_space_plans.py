@@ -132,3 +132,38 @@ def test_fused_int8_seed_applies_to_tiny_gpt_and_keeps_its_outputs():
     choices = {"fuse": {}, "quantize": {"mode": "int8-dynamic", "per_channel": True}}
     cand = runner.evaluate(0, pipeline_text(choices))
     assert cand.cosine > 0.999 and cand.drop < 0.05  # perplexity within 0.05 of the source
+
+
+DISTILLING = Space(drop_levels={"block": 2}, width=("prune-channels",), fuse=True,
+                   quant_modes=("int8-dynamic",), distill=True)
+
+
+def test_distill_follows_the_structural_moves_and_precedes_fusion_and_int8():
+    text = pipeline_text({"prune-channels": {"ratio": 0.5, "refit": True}, "distill": {},
+                          "fuse": {}, "quantize": {"mode": "int8-dynamic"}})
+    order = [part.split("{")[0] for part in text.split(",") if "=" not in part or "{" in part]
+    assert order.index("dce", order.index("prune-channels")) < order.index("distill") \
+        < order.index("fuse") < order.index("quantize")
+    assert "distill" not in pipeline_text({"quantize": {"mode": "int8-dynamic"}})
+
+
+def test_distilled_seeds_repeat_the_structural_seeds_only():
+    first, _ = seed_plans(DISTILLING)
+    distilled = [p for p in first if p.get("distill")]
+    bare = [dict(p, distill=False) for p in distilled]
+    assert distilled and all(dict(p, distill=False) in [dict(q, distill=False) for q in first
+                                                       if not q.get("distill")] for p in distilled)
+    assert all(set(plan_moves(p, DISTILLING)) & {"drop", "prune-channels"} for p in bare)
+    assert not any(p.get("distill") for p in seed_plans(SPACE)[0])  # a space without distill
+
+
+def test_follow_ups_keep_distillation_when_they_merge_or_grow_a_plan():
+    base = base_plan(DISTILLING)
+    drop = dict(base, **{"drop.level": "block", "drop.count": 1, "drop.replacement": "context",
+                         "distill": True})
+    int8 = dict(base, **{"quantize.mode": "int8-dynamic"})
+    ups = follow_up_plans(DISTILLING, [(drop, 0.8, 0.001), (int8, 0.5, 0.002)], 0.01)
+    merged = [p for p in ups if p.get("quantize.mode") == "int8-dynamic" and p.get("drop.count")]
+    grown = [p for p in ups if p.get("drop.count") == 2]
+    assert merged and all(p.get("distill") for p in merged)
+    assert grown and all(p.get("distill") for p in grown)

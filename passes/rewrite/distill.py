@@ -11,6 +11,7 @@ before `fuse` / `quantize` (their contrib and integer ops are not trainable)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,8 @@ class DistillPass(Pass):
         samples: int = option(512, "calibration samples to train and validate on", min=2)
         check_every: int = option(10, "steps between held-back evaluations", min=1)
         seed: int = option(0, "seed of the batch order")
+        max_seconds: float = option(0.0, "stop training after this many seconds, keeping the "
+                                    "best held-back step so far (0: no limit)", min=0.0)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -95,19 +98,25 @@ class DistillPass(Pass):
         optimizer = torch.optim.Adam(net.parameters(), lr=self.config.lr)
         first = best = _loss(net, valid, names)
         best_step, best_state = 0, _state(net)
+        stop = time.monotonic() + self.config.max_seconds if self.config.max_seconds else None
+        done = 0
         for step in progress.bar(range(1, self.config.steps + 1), "distill"):
             feeds, target = train[int(order.integers(len(train)))]
             optimizer.zero_grad()
             loss = _batch_loss(net(feeds), target, names)
             loss.backward()
             optimizer.step()
-            if step % self.config.check_every == 0 or step == self.config.steps:
+            done = step
+            out_of_time = stop is not None and time.monotonic() > stop
+            if step % self.config.check_every == 0 or step == self.config.steps or out_of_time:
                 current = _loss(net, valid, names)
                 if current < best:
                     best, best_step, best_state = current, step, _state(net)
+            if out_of_time:
+                break
         net.load_state_dict(best_state)
         changed = net.write_back() if best_step else 0
-        ctx.report[self.name] = {"steps": self.config.steps, "best_step": best_step,
+        ctx.report[self.name] = {"steps": done, "best_step": best_step,
                                  "held_back_loss": [round(first, 6), round(best, 6)],
                                  "trained_tensors": changed,
                                  "parameters": int(sum(p.numel() for p in net.parameters()))}
