@@ -219,8 +219,8 @@ def _search_lines(search: Any) -> list[str]:
              f"{search.judged_on['finalists']}",
              "pareto front (cost relative to the source; drop on the judging data):"]
     for cand in search.front:
-        held = ("" if cand.heldout_drop is None else
-                f"  held-out drop {cand.heldout_drop:.4f}, measured x{cand.measured_cost:.3f}")
+        held = "" if cand.heldout_drop is None else f"  held-out drop {cand.heldout_drop:.4f}"
+        held += "" if cand.measured_cost is None else f", measured x{cand.measured_cost:.3f}"
         lines.append(f"  x{cand.cost:.3f}  drop {cand.drop:.4f}  {cand.pipeline}{held}")
     lines.append(search.message)
     return lines

@@ -125,3 +125,16 @@ def _waiting(study):
 
     return [t.system_attrs["fixed_params"]
             for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+
+
+def test_the_summary_prints_finalists_rejected_on_held_out_data_without_a_timing():
+    from winnow.cli import _search_lines
+
+    timed = Candidate(1, "int8", 0.5, 0.001, 0.999, "a", heldout_drop=0.002, measured_cost=0.6)
+    rejected = Candidate(2, "drop", 0.4, 0.002, 0.99, "b", heldout_drop=0.03)
+    search = types.SimpleNamespace(trials=2, seconds=1.0, cache_hits=0, study="sqlite:///s.db",
+                                   judged_on={"trials": "t", "finalists": "f"},
+                                   front=[rejected, timed], message="chose trial 1")
+    lines = _search_lines(search)
+    assert any(line.endswith("drop  held-out drop 0.0300") for line in lines)
+    assert any(line.endswith("held-out drop 0.0020, measured x0.600") for line in lines)
