@@ -195,7 +195,8 @@ def seed_plans(space: Space) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     """Plans tried first (Optuna enqueued trials), in two tiers: nothing and each single move at
     its mildest that most often pays (int8 dynamic per channel and per tensor, alone and fused,
     one drop per level, a quarter of the heads / channels, fusion); then, after the follow-ups
-    the first tier suggests (see `follow_up_plans`), the other number formats and outlier splits."""
+    the first tier suggests (see `follow_up_plans`), the drop / width seeds followed by `distill`,
+    the other number formats and outlier splits."""
     base = base_plan(space)
     first, rest = [dict(base)], []
     for mode in space.quant_modes:
@@ -221,9 +222,10 @@ def seed_plans(space: Space) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     first += structural
     if space.fuse:
         first.append(dict(base, fuse=True))
-    if space.distill:  # the same structural moves, distilled: they may hold where bare ones fail
-        first += [dict(p, distill=True) for p in first if plan_moves(p, space).keys() & {
-            "drop", *space.width}]
+    if space.distill:  # the same structural moves, distilled: they may hold where bare ones
+        # fail, but each trains for up to a minute, so they wait for the second tier
+        rest = [dict(p, distill=True) for p in first if plan_moves(p, space).keys() & {
+            "drop", *space.width}] + rest
     return first, rest
 
 
