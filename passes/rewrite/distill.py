@@ -6,7 +6,8 @@ left, the step the closed-form refits cannot take (they fit one projection at a 
 The teacher is the model as the pipeline received it, run once on the calibration batches when
 the pipeline starts. One sample in eight of every calibration batch (at least one) is held back: the weights kept are those
 of the step with the lowest held-back loss, so distill never returns a model that does worse on
-data it did not train on than the one it received. Run it after the lossy structural passes and
+data it did not train on than the one it received; a check that finds no improvement returns to
+the best weights and halves the learning rate, so one `lr` serves small and pretrained models. Run it after the lossy structural passes and
 before `fuse` / `quantize` (their contrib and integer ops are not trainable)."""
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ class DistillPass(Pass):
                 current = _loss(net, valid, names)
                 if current < best:
                     best, best_step, best_state = current, step, _state(net)
+                else:  # back to the best weights with half the step size
+                    net.load_state_dict(best_state)
+                    lr = optimizer.param_groups[0]["lr"] / 2
+                    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
             if out_of_time:
                 break
         net.load_state_dict(best_state)
