@@ -56,8 +56,8 @@ def test_fuse_makes_contrib_ops_and_keeps_outputs():
 def test_a_fusion_that_changes_outputs_is_refused(monkeypatch):
     real = fuse_module.fuse_for_ort
 
-    def wrong(model):
-        counts = real(model)
+    def wrong(model, attention=True):
+        counts = real(model, attention)
         out = model.graph.outputs[0]
         scale = ir.node("Constant", [], {"value": ir.tensor(np.float32(1.01))})
         bad = ir.node("Mul", [out, scale.outputs[0]])
@@ -100,6 +100,26 @@ def test_digits_vit_fuses_every_attention_block_losslessly():
     PassManager("fuse").run(model, ctx)
     fused = ctx.report["fuse"]["fused"]
     assert fused.get("Attention") == 4 and fused.get("SkipLayerNormalization") == 8
+    data = zm.heldout()[0]
+    np.testing.assert_allclose(run(model, data)["logits"], run(reference, data)["logits"],
+                               atol=1e-4)
+
+
+@pytest.mark.slow
+def test_without_attention_only_norms_and_activations_fuse():
+    """fuse{attention=false} on digits-vit: the same SkipLayerNorm fusions, no attention op, and
+    the outputs of the unfused model."""
+    from winnow import models_zoo
+
+    zm = models_zoo.get("digits-vit")
+    model = zm.load_ir()
+    reference = model.clone()
+    ctx = PassContext(calibration=zm.calibration())
+    assert PassManager("fuse{attention=false}").run(model, ctx).modified
+    fused = ctx.report["fuse"]["fused"]
+    assert fused.get("SkipLayerNormalization") == 8
+    assert not {"Attention", "MultiHeadAttention", "GroupQueryAttention"} & set(fused)
+    assert sum(n.op_type == "Softmax" for n in model.graph) == 4  # attention stays unfused
     data = zm.heldout()[0]
     np.testing.assert_allclose(run(model, data)["logits"], run(reference, data)["logits"],
                                atol=1e-4)

@@ -44,6 +44,9 @@ class FusePass(Pass):
         tolerance: float = option(1e-4, "largest absolute output difference the fused model may "
                                   "show against the original on calibration data", min=0.0)
         samples: int = option(8, "calibration samples the check runs (0 = no check)", min=0)
+        attention: bool = option(True, "also fuse attention (Attention / MultiHeadAttention / "
+                                 "GQA); false keeps to the norm and activation fusions, for CPUs "
+                                 "where ORT's fused attention kernel is the slower one")
 
     def call(self, model: ir.Model) -> PassResult:
         """Fuse in place when the fused copy passes the check; otherwise leave the model as is."""
@@ -51,7 +54,7 @@ class FusePass(Pass):
         batches = self._batches(model, ctx)
         trial = model.clone()
         try:
-            counts = fuse_for_ort(trial)
+            counts = fuse_for_ort(trial, self.config.attention)
             counts.update(index_attention_masks(trial, batches))
         except Exception as exc:  # noqa: BLE001 - onnxscript raises many types on odd graphs
             return self._skip(model, ctx, f"onnxscript's ort_fusions failed: "
@@ -64,7 +67,7 @@ class FusePass(Pass):
         if error > self.config.tolerance:
             return self._skip(model, ctx, f"the fused outputs differ by {error:.3g} (more than "
                               f"tolerance {self.config.tolerance:g}) on calibration data")
-        fuse_for_ort(model)
+        fuse_for_ort(model, self.config.attention)
         index_attention_masks(model, batches)
         ctx.report[self.name] = {"fused": fused_ops(model), "fusions": counts,
                                  "max_abs_error": error, "checked_samples": _rows(batches)}
@@ -84,15 +87,41 @@ class FusePass(Pass):
         return PassResult(model, False)
 
 
-def fuse_for_ort(model: ir.Model) -> dict[str, int]:
-    """Run onnxscript's ORT fusions in place, then fold concatenated constant weights; returns
-    how many times each fusion applied."""
+def fuse_for_ort(model: ir.Model, attention: bool = True) -> dict[str, int]:
+    """Run onnxscript's ORT fusions in place (without `attention`, only its norm and activation
+    fusions), then fold concatenated constant weights; returns how many times each applied."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    _, counts = optimize_for_ort(model)
+    _, counts = optimize_for_ort(model) if attention else (model, _fuse_norms(model))
     oso.fold_constants(model, should_fold=_concat_of_constants)
     RemoveUnusedNodesPass()(model)
     return {k: int(v) for k, v in counts.items() if v}
+
+
+def _fuse_norms(model: ir.Model) -> dict[str, int]:
+    """onnxscript's norm and activation fusions alone (the order `optimize_for_ort` applies
+    them in), then its ORT pattern rules (FusedMatMul and the like)."""
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import ORT_PATTERN_REWRITE_RULES
+    from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
+    from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
+    from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import (
+        fuse_skip_layer_normalization,
+        fuse_skip_rms_normalization,
+    )
+
+    optimize(model)
+    fusions = {"erf_gelu": fuse_erfgelu, "rms_normalization": fuse_rms_normalization,
+               "skip_layer_normalization": fuse_skip_layer_normalization,
+               "skip_rms_normalization": fuse_skip_rms_normalization, "gelu": fuse_gelu,
+               "bias_gelu": fuse_bias_gelu}
+    counts = {name: int(fusion(model)) for name, fusion in fusions.items()}
+    optimize(model)
+    rewrite(model, ORT_PATTERN_REWRITE_RULES)
+    return counts
 
 
 def _concat_of_constants(node: ir.Node) -> bool | None:
