@@ -151,9 +151,11 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
                     "quantize.outliers", ("float", "float-free", "int8"))
     # Fusion with any number format: fuse hands Attention the padding mask, so int8 makes
     # QAttention of it (fuse + int8 measured faster than int8 alone on MiniLM at 8 threads,
-    # about even at 2); fp16 and int4 keep the fused ops in float.
+    # about even at 2); fp16 and int4 keep the fused ops in float. Without attention, only the
+    # norm and activation fusions (ORT's fused CPU attention is slower on tiny-gpt and at b8 on
+    # MiniLM at 2 threads).
     if space.fuse and trial.suggest_categorical("fuse", (False, True)):
-        choices["fuse"] = {}
+        choices["fuse"] = {"attention": trial.suggest_categorical("fuse.attention", (True, False))}
     return choices
 
 
@@ -180,7 +182,7 @@ def pipeline_text(choices: Mapping[str, Any]) -> str:
     if "distill" in choices:
         parts.append(DISTILL)
     if "fuse" in choices:
-        parts.append("fuse")
+        parts.append("fuse" if choices["fuse"].get("attention", True) else "fuse{attention=false}")
     if "quantize" in choices:
         q = choices["quantize"]
         per_tensor = ",per_channel=false" if q.get("per_channel") is False else ""
@@ -211,7 +213,7 @@ def seed_plans(space: Space) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
                      for o in outliers]
             first += [plans[0], dict(plans[0], **{"quantize.per_channel": False})]
             if space.fuse:
-                first.append(dict(plans[0], fuse=True))
+                first += [dict(plans[0], fuse=True, **{"fuse.attention": a}) for a in (True, False)]
             rest += plans[1:]
         else:
             rest.append(plan)
@@ -221,7 +223,7 @@ def seed_plans(space: Space) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     structural = [dict(base, **{f"{name}.ratio": RATIOS[1]}) for name in space.width]
     first += structural
     if space.fuse:
-        first.append(dict(base, fuse=True))
+        first += [dict(base, fuse=True, **{"fuse.attention": a}) for a in (True, False)]
     if space.distill:  # the same structural moves, distilled: they may hold where bare ones
         # fail, but each trains for up to a minute, so they wait for the second tier
         rest = [dict(p, distill=True) for p in first if plan_moves(p, space).keys() & {
@@ -254,7 +256,7 @@ def plan_moves(plan: Mapping[str, Any], space: Space) -> dict[str, dict[str, Any
         if plan.get(f"{name}.ratio"):
             moves[name] = {f"{name}.ratio": plan[f"{name}.ratio"]} | distill
     if plan.get("fuse"):
-        moves["fuse"] = {"fuse": True}
+        moves["fuse"] = {k: v for k, v in plan.items() if k.startswith("fuse")}
     if plan.get("quantize.mode", "none") != "none":
         moves["quantize"] = {k: v for k, v in plan.items() if k.startswith("quantize.")}
     return moves

@@ -168,3 +168,16 @@ def test_follow_ups_keep_distillation_when_they_merge_or_grow_a_plan():
     grown = [p for p in ups if p.get("drop.count") == 2]
     assert merged and all(p.get("distill") for p in merged)
     assert grown and all(p.get("distill") for p in grown)
+
+
+def test_fusion_without_attention_is_a_seed_and_survives_merges():
+    assert pipeline_text({"fuse": {"attention": False}}).endswith(",fuse{attention=false}")
+    assert pipeline_text({"fuse": {"attention": True}}).endswith(",fuse")
+    first, _ = seed_plans(SPACE)
+    int8 = [p for p in first if p.get("quantize.mode") == "int8-dynamic" and p.get("fuse")]
+    assert {p["fuse.attention"] for p in int8} == {True, False}
+    norms = dict(FUSE, **{"fuse.attention": False})
+    assert plan_moves(norms, SPACE)["fuse"] == {"fuse": True, "fuse.attention": False}
+    ups = follow_up_plans(SPACE, [(norms, 0.9, 0.0), (HEADS, 0.8, 0.001)], 0.01)
+    merged = [p for p in ups if p.get("fuse") and p.get("prune-heads.ratio")]
+    assert merged and all(p["fuse.attention"] is False for p in merged)
