@@ -112,6 +112,7 @@ class Candidate:
     heldout_drop: float | None = None
     heldout_cosine: float | None = None
     measured_cost: float | None = None
+    priced: bool = True  # False: the cost model could not price it, so its trial was timed
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (infinite drops as None)."""
@@ -289,21 +290,27 @@ class TrialRunner:
             hit = self.cache[key]
             return dataclasses.replace(hit, number=number, pipeline=pipeline, cached=True)
         fid = self.src.score(model, "judge")
-        cost = self.trial_cost(model)
-        cand = Candidate(number, pipeline, cost, fidelity_drop(fid), fid.cosine, key)
+        cost, priced = self.priced_cost(model)
+        cand = Candidate(number, pipeline, cost, fidelity_drop(fid), fid.cosine, key,
+                         priced=priced)
         self.cache[key] = cand
         self.trial_seconds.append(time.perf_counter() - start)  # cache hits are not a guide
         return cand
 
     def trial_cost(self, model: ir.Model) -> float:
         """A trial's cost relative to the source: size, predicted or measured latency."""
+        return self.priced_cost(model)[0]
+
+    def priced_cost(self, model: ir.Model) -> tuple[float, bool]:
+        """`trial_cost` and whether it is on the cost model's scale (False: measured latency,
+        for a model the cost model cannot price, or with --trial-cost measured)."""
         if self.options.objective != "latency":
-            return len(model_bytes(model)) / len(self.base_bytes)
+            return len(model_bytes(model)) / len(self.base_bytes), True
         if self.options.trial_cost == "predicted":
             predicted = self.predicted_latency(model)
             if predicted is not None and math.isfinite(self.base_predicted):
-                return predicted / self.base_predicted
-        return self.timer.relative_latency(model)
+                return predicted / self.base_predicted, True
+        return self.timer.relative_latency(model), self.options.trial_cost == "measured"
 
     def predicted_latency(self, model: ir.Model) -> float | None:
         """The cost model's latency of `model` at the timing shapes (None if it cannot price every
@@ -447,14 +454,15 @@ class TrialRunner:
 
     def choose(self, ranked: list[Candidate]) -> tuple[Candidate, str]:
         """Judge the candidates, cheapest first, on held-out data and time those that hold the
-        budget there (up to `finalists` of them: one that misses the budget costs no timing
-        slot); the cheapest measured at least NOISE_MARGIN below the source wins, else the
+        budget there (up to `finalists` of them per cost scale, predicted or measured: one that
+        misses the budget costs no timing slot); the cheapest measured at least NOISE_MARGIN below the source wins, else the
         lossless pipeline with the reason. The measured time decides: a candidate predicted
         cheap but measured no faster than the source never wins."""
         winners, timed, judged = [], [], 0
         for cand in progress.bar(ranked, "finalists"):
-            if len(timed) >= self.options.finalists:
-                break
+            # predicted and measured trial costs are on two scales: each kind has its own slots
+            if sum(c.priced == cand.priced for c in timed) >= self.options.finalists:
+                continue
             judged += 1
             model = self.apply(cand.pipeline)
             fid = self.src.score(model, "heldout")
@@ -528,7 +536,7 @@ def _completed(study: Any) -> list[Candidate]:
         out.append(Candidate(trial.number, attrs["pipeline"], float(attrs["cost"]),
                              float("inf") if drop is None else float(drop),
                              float(attrs.get("cosine") or 0.0), attrs.get("hash", ""),
-                             bool(attrs.get("cached"))))
+                             bool(attrs.get("cached")), priced=bool(attrs.get("priced", True))))
     return out
 
 
@@ -571,12 +579,19 @@ def pareto_front(cands: list[Candidate]) -> list[Candidate]:
 
 def _finalists(cands: list[Candidate], options: SearchOptions) -> list[Candidate]:
     """The cheapest distinct candidates within budget on the judging data, cheaper than the
-    source, up to twice `finalists` of them: judged on held-out data in this order, and the
-    first `finalists` that hold the budget there are timed for real."""
+    source, up to twice `finalists` of them with a predicted cost and as many with a measured
+    one: judged on held-out data in this order, and the first `finalists` of each kind that
+    hold the budget there are timed for real."""
     unique = {c.hash: c for c in sorted(cands, key=lambda c: c.number, reverse=True)}
     ok = [c for c in unique.values() if c.drop <= options.max_drop and c.cost < 1.0
           and c.pipeline != DEFAULT_PIPELINE]
-    return sorted(ok, key=lambda c: c.cost)[:2 * options.finalists]
+    # A trial the cost model could not price (fused contrib ops) was timed: its cost is on
+    # another scale than the predictions, so those compete among themselves for their slots.
+    ranked = []
+    for priced in (True, False):
+        ranked += sorted((c for c in ok if c.priced == priced),
+                         key=lambda c: c.cost)[:2 * options.finalists]
+    return ranked
 
 
 def _record(out: Path, search: SearchResult, url: str) -> None:

@@ -4,6 +4,7 @@ follow-up phase queues merged plans once the first seeds are done."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -138,3 +139,20 @@ def test_the_summary_prints_finalists_rejected_on_held_out_data_without_a_timing
     lines = _search_lines(search)
     assert any(line.endswith("drop  held-out drop 0.0300") for line in lines)
     assert any(line.endswith("held-out drop 0.0020, measured x0.600") for line in lines)
+
+
+def test_a_trial_timed_because_it_was_unpriced_gets_its_own_timing_slot():
+    # tiny-gpt: int8 predicted x0.61 (measured 0.90); norm fusion + int8 could not be priced, so
+    # its trial was timed at x0.83, behind every prediction, yet it is the faster one.
+    from winnow.driver.search import _finalists
+
+    runner = _runner({"int8": 0.90, "int8-pt": 0.91, "fused": 0.80},
+                     {"int8": 0.0, "int8-pt": 0.0, "fused": 0.0})
+    runner.options = SearchOptions(finalists=2)
+    cands = [_cand(1, "int8", 0.61), _cand(2, "int8-pt", 0.612),
+             dataclasses.replace(_cand(3, "fused", 0.83), priced=False)]
+    ranked = _finalists(cands, runner.options)
+    assert [c.pipeline for c in ranked] == ["int8", "int8-pt", "fused"]
+    chosen, _ = runner.choose(ranked)
+    assert chosen.pipeline == "fused" and chosen.measured_cost == pytest.approx(0.80)
+    assert [c.measured_cost for c in ranked] == [0.90, 0.91, 0.80]  # all three were timed
