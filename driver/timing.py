@@ -44,3 +44,11 @@ class CandidateTimer:
         timings = time_interleaved({"base": self.base, "cand": cand},
                                    repeats=repeats or self.repeats, warmup=2)
         return 1.0 / paired_ratios(timings["base"], timings["cand"])["median"]
+
+    def relative_latencies(self, models: Mapping[str, ir.Model], repeats: int) -> dict[str, float]:
+        """`relative_latency` of several candidates timed in the same interleaved rounds (a
+        head-to-head: the noise of one run moves them all alike)."""
+        runners = {"base": self.base, **{name: self._session(m) for name, m in models.items()}}
+        timings = time_interleaved(runners, repeats=repeats, warmup=2)
+        return {name: 1.0 / paired_ratios(timings["base"], timings[name])["median"]
+                for name in models}

@@ -14,11 +14,14 @@ from winnow.passes.manager import DEFAULT_PIPELINE
 
 
 class _Timer:
-    def __init__(self, measured):
-        self.measured = measured
+    def __init__(self, measured, together=None):
+        self.measured, self.together = measured, together or measured
 
     def relative_latency(self, model, repeats=None):
         return self.measured[model]
+
+    def relative_latencies(self, models, repeats):
+        return {name: self.together[model] for name, model in models.items()}
 
 
 class _Source:
@@ -156,3 +159,13 @@ def test_a_trial_timed_because_it_was_unpriced_gets_its_own_timing_slot():
     chosen, _ = runner.choose(ranked)
     assert chosen.pipeline == "fused" and chosen.measured_cost == pytest.approx(0.80)
     assert [c.measured_cost for c in ranked] == [0.90, 0.91, 0.80]  # all three were timed
+
+
+def test_the_leading_finalists_are_re_timed_together_before_the_choice():
+    # Timed one after the other, "a" looked cheapest; in the same rounds "b" is, and "c" is no
+    # longer faster than the source by the margin.
+    runner = _runner({"a": 0.70, "b": 0.72, "c": 0.74}, {"a": 0.0, "b": 0.0, "c": 0.0})
+    runner.timer.together = {"a": 0.80, "b": 0.69, "c": 0.99}
+    chosen, message = runner.choose([_cand(1, "a", 0.5), _cand(2, "b", 0.6), _cand(3, "c", 0.7)])
+    assert chosen.pipeline == "b" and chosen.measured_cost == pytest.approx(0.69)
+    assert "x0.690" in message
