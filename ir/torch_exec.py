@@ -139,8 +139,7 @@ def _split(node: ir.Node, x: torch.Tensor, sizes: Any = None) -> tuple[torch.Ten
         sizes = _attr(node, "split")
     if sizes is None:
         count = _attr(node, "num_outputs", len(node.outputs))
-        return torch.tensor_split(x, count, dim=axis) if x.shape[axis] % count == 0 else \
-            torch.split(x, math.ceil(x.shape[axis] / count), dim=axis)
+        return torch.split(x, math.ceil(x.shape[axis] / count), dim=axis)  # the last is smaller
     return torch.split(x, _ints(sizes) if isinstance(sizes, torch.Tensor) else list(sizes), axis)
 
 

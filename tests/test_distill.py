@@ -197,3 +197,30 @@ def test_distill_stops_at_its_time_limit(pruned_pair):
     PassManager("prune-channels{ratio=0.5},distill{steps=1000000,lr=0.001,max_seconds=1}").run(
         source.clone(), ctx)
     assert 1 <= ctx.report["distill"]["steps"] < 1000000
+
+
+@pytest.mark.parametrize("rows,pipeline,message", [
+    ("4", "distill{steps=0}", "steps"),
+    ("4", "distill{lr=-1}", "lr"),
+    ("4", "distill", "at least 2 batches for a model of fixed batch size"),
+    ("N", "distill", "cannot execute LpNormalization"),
+])
+def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, rows, pipeline, message):
+    from click.testing import CliRunner
+
+    from winnow.cli import cli
+
+    source = tmp_path / "lp.onnx"
+    model = parse(HEADER + """
+agraph (float[""" + rows + """, 8] x) => (float[""" + rows + """, 8] y)
+<float[8, 8] w = {""" + ", ".join("0.1" for _ in range(64)) + """}> {
+    t = MatMul (x, w)
+    y = LpNormalization (t)
+}
+""")
+    source.write_bytes(ir.serde.serialize_model(model).SerializeToString())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["--quiet", "compile", str(source), "-o", str(out),
+                                      "--pipeline", pipeline])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and not out.exists()

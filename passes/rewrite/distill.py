@@ -4,11 +4,13 @@ the pipeline started from (knowledge distillation on the calibration split, in P
 left, the step the closed-form refits cannot take (they fit one projection at a time).
 
 The teacher is the model as the pipeline received it, run once on the calibration batches when
-the pipeline starts. One sample in eight of every calibration batch (at least one) is held back: the weights kept are those
+the pipeline starts. One sample in eight of every calibration batch (at least one; whole batches when the model's
+batch size is fixed) is held back: the weights kept are those
 of the step with the lowest held-back loss, so distill never returns a model that does worse on
 data it did not train on than the one it received; a check that finds no improvement returns to
-the best weights and halves the learning rate, so one `lr` serves small and pretrained models. Run it after the lossy structural passes and
-before `fuse` / `quantize` (their contrib and integer ops are not trainable)."""
+the best weights and halves the learning rate, so one `lr` serves small and pretrained models.
+Run it after the lossy structural passes and before `fuse` / `quantize` (their contrib and
+integer ops are not trainable)."""
 
 from __future__ import annotations
 
@@ -65,16 +67,11 @@ class DistillPass(Pass):
         batches = limit_samples(calibration_batches(model, PassContext.current()),
                                 self.config.samples)
         names = [v.name for v in model.graph.outputs]
-        self._train, self._valid = [], []
-        for batch in progress.bar(batches, "distill: teacher outputs"):
-            rows = next(iter(batch.values())).shape[0]
-            held = rows // 8 or (1 if rows > 1 else 0)
-            for part, split in ((self._train, slice(0, rows - held)),
-                                (self._valid, slice(rows - held, rows))):
-                feeds = {k: v[split] for k, v in batch.items()}
-                if next(iter(feeds.values())).shape[0]:
-                    part.append((feeds, {k: v for k, v in run(model, feeds).items()
-                                         if k in names}))
+        pieces = _split_rows(batches) if _batch_is_dynamic(model) else _split_batches(batches)
+        self._train, self._valid = ([(feeds, {k: v for k, v in run(model, feeds).items()
+                                              if k in names})
+                                     for feeds in progress.bar(part, "distill: teacher outputs")]
+                                    for part in pieces)
         self._seen = True
 
     def call(self, model: ir.Model) -> PassResult:
@@ -88,7 +85,8 @@ class DistillPass(Pass):
         if not self._seen:
             self.see_pipeline_input(model)  # run alone: the model itself is the teacher
         if not self._valid or not self._train:
-            raise PassConfigError("distill needs calibration batches of at least 2 samples (one "
+            raise PassConfigError("distill needs calibration batches of at least 2 samples, or "
+                                  "at least 2 batches for a model of fixed batch size (one part "
                                   "in eight is held back to choose the weights kept); give more "
                                   "calibration data")
         net = TorchGraph(model)
@@ -126,6 +124,30 @@ class DistillPass(Pass):
                                  "trained_tensors": changed,
                                  "parameters": int(sum(p.numel() for p in net.parameters()))}
         return PassResult(model, bool(changed))
+
+
+def _batch_is_dynamic(model: ir.Model) -> bool:
+    """Whether every graph input takes any number of rows (its first dimension is symbolic)."""
+    return all(v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)
+               for v in model.graph.inputs)
+
+
+def _split_rows(batches: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Each batch's last eighth of rows (at least one) held back, the rest trained on."""
+    train, valid = [], []
+    for batch in batches:
+        rows = next(iter(batch.values())).shape[0]
+        held = rows // 8 or (1 if rows > 1 else 0)
+        train.append({k: v[:rows - held] for k, v in batch.items()})
+        if held:
+            valid.append({k: v[rows - held:] for k, v in batch.items()})
+    return train, valid
+
+
+def _split_batches(batches: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The last eighth of the batches (at least one) held back whole: the batch size is fixed."""
+    held = len(batches) // 8 or (1 if len(batches) > 1 else 0)
+    return batches[:len(batches) - held], batches[len(batches) - held:]
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
