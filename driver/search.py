@@ -461,7 +461,7 @@ class TrialRunner:
         misses the budget costs no timing slot); the cheapest measured at least NOISE_MARGIN below the source wins, else the
         lossless pipeline with the reason. The measured time decides: a candidate predicted
         cheap but measured no faster than the source never wins."""
-        winners, timed, judged = [], [], 0
+        winners, timed, judged, models = [], [], 0, {}
         for cand in progress.bar(ranked, "finalists"):
             # predicted and measured trial costs are on two scales: each kind has its own slots
             if sum(c.priced == cand.priced for c in timed) >= self.options.finalists:
@@ -472,13 +472,15 @@ class TrialRunner:
             cand.heldout_drop, cand.heldout_cosine = fidelity_drop(fid), fid.cosine
             if cand.heldout_drop > self.options.max_drop:
                 continue
+            models[cand.number] = model
             cand.measured_cost = (self.timer.relative_latency(model, repeats=3 * self.options.repeats)
                                   if self.options.objective == "latency" else cand.cost)
             timed.append(cand)
             if cand.measured_cost < 1.0 - NOISE_MARGIN:
                 winners.append(cand)
         if len(winners) > 1 and self.options.objective == "latency":
-            self.head_to_head(sorted(winners, key=lambda c: c.measured_cost)[:HEAD_TO_HEAD])
+            leaders = sorted(winners, key=lambda c: c.measured_cost)[:HEAD_TO_HEAD]
+            self.head_to_head([(c, models[c.number]) for c in leaders])
             winners = [c for c in winners if c.measured_cost < 1.0 - NOISE_MARGIN]
         if winners:
             best = min(winners, key=lambda c: c.measured_cost)
@@ -493,13 +495,13 @@ class TrialRunner:
         return lossless, f"kept the lossless pipeline: {why}"
 
 
-    def head_to_head(self, leaders: list[Candidate]) -> None:
+    def head_to_head(self, leaders: list[tuple[Candidate, ir.Model]]) -> None:
         """Re-time the cheapest winners against each other in the same interleaved rounds (twice
         the finalists' rounds); each one's measured cost becomes that run's: finalists a few
         percent apart are not separated reliably by timings taken one after the other."""
-        models = {str(c.number): self.apply(c.pipeline) for c in leaders}
+        models = {str(c.number): model for c, model in leaders}
         costs = self.timer.relative_latencies(models, repeats=6 * self.options.repeats)
-        for cand in leaders:
+        for cand, _ in leaders:
             cand.measured_cost = costs[str(cand.number)]
 
 
