@@ -213,6 +213,8 @@ def _compile_search(src: str, out: str, pipeline: str | None, target: str, objec
 
 
 def _search_lines(search: Any) -> list[str]:
+    from winnow.driver.search import by_batch_text
+
     lines = ["", f"search    {search.trials} trials in {search.seconds:.0f} s, functional-hash "
                  f"cache hits {search.cache_hits} ({search.study})",
              f"judged    trials on {search.judged_on['trials']}; finalists on "
@@ -221,6 +223,7 @@ def _search_lines(search: Any) -> list[str]:
     for cand in search.front:
         held = "" if cand.heldout_drop is None else f"  held-out drop {cand.heldout_drop:.4f}"
         held += "" if cand.measured_cost is None else f", measured x{cand.measured_cost:.3f}"
+        held += by_batch_text(cand)
         lines.append(f"  x{cand.cost:.3f}  drop {cand.drop:.4f}  {cand.pipeline}{held}")
     lines.append(search.message)
     return lines

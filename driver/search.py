@@ -37,7 +37,7 @@ from winnow.driver.study import (
     run_trials,
     sqlite_path,
 )
-from winnow.driver.timing import CandidateTimer
+from winnow.driver.timing import CandidateTimer, combined_ratio
 from winnow.errors import WinnowError, require_extra
 from winnow.ir.execute import model_bytes
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
@@ -77,7 +77,7 @@ class SearchOptions:
     study: str | None = None
     finalists: int = 3
     repeats: int = 8
-    timing_batch: int = 8
+    timing_batches: tuple[int, ...] = (1, 8)  # a fixed-batch model is timed at its own batch
     seed: int = 0
     trial_cost: str = "predicted"
 
@@ -95,10 +95,14 @@ class SearchOptions:
             raise SearchOptionError(f"--max-drop must be in [0, 1), not {self.max_drop}.")
         if not (self.time_budget > 0 and math.isfinite(self.time_budget)):
             raise SearchOptionError(f"--time-budget must be positive, not {self.time_budget}.")
-        for name in ("trials", "finalists", "repeats", "timing_batch"):
+        for name in ("trials", "finalists", "repeats"):
             if getattr(self, name) < 1:
                 raise SearchOptionError(f"--{name.replace('_', '-')} must be at least 1, "
                                         f"not {getattr(self, name)}.")
+        object.__setattr__(self, "timing_batches", tuple(self.timing_batches))  # JSON: a list
+        if not self.timing_batches or min(self.timing_batches) < 1:
+            raise SearchOptionError(f"timing batches must be one or more sizes of at least 1, "
+                                    f"not {self.timing_batches}.")
 
 
 @dataclasses.dataclass
@@ -114,7 +118,8 @@ class Candidate:
     cached: bool = False
     heldout_drop: float | None = None
     heldout_cosine: float | None = None
-    measured_cost: float | None = None
+    measured_cost: float | None = None  # geometric mean of measured_ratios
+    measured_ratios: dict[str, float] | None = None  # latency vs the source by batch: b1, b8
     priced: bool = True  # False: the cost model could not price it, so its trial was timed
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,7 +186,9 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     candidates, hits = runner.run_study(url, _job(source, calibration, options, user_inputs),
                                         started_at + options.time_budget)
     finalists = _finalists(candidates, options)
+    finals_start = time.perf_counter()
     chosen, message = runner.choose(finalists)
+    finals_seconds = time.perf_counter() - finals_start
     data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
     result = compile_model(src, out, pipeline=chosen.pipeline, overwrite=overwrite,
                            max_drop=options.max_drop, user_inputs=user_inputs, **data)
@@ -189,6 +196,8 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
                           message, src.judged_on, time.perf_counter() - start)
     search.measures = _measures(Path(out), runner, options)
     search.measures["finalists"] = [c.to_dict() for c in finalists]
+    search.measures["timing"] = {"finalists_seconds": finals_seconds,
+                                 "timed_seconds_by_batch": dict(runner.timer.seconds)}
     _record(Path(out), search, url)
     _write_analyses(Path(out), runner)
     _write_report(Path(out), src.name, search, candidates, runner.analyses[0], options)
@@ -270,7 +279,7 @@ class TrialRunner:
         self.base_bytes = model_bytes(base)
         self.space: Space = build_space(base, fitted=not src.in_sample)
         self.analyses: tuple[dict, dict] = ({}, {})  # see share_analyses
-        self.timer = CandidateTimer(base, src.fit[0], options.timing_batch, options.repeats)
+        self.timer = CandidateTimer(base, src.fit[0], options.timing_batches, options.repeats)
         self.hash_feeds = src.fit[0]
         self.cache: dict[str, Candidate] = {}
         self.trial_seconds: list[float] = []
@@ -452,7 +461,8 @@ class TrialRunner:
 
         digest = hashlib.sha256(self.base_bytes)
         digest.update(repr((self.options.objective, self.options.target, self.options.max_drop,
-                            self.space.describe(), self.options.trial_cost)).encode())
+                            self.space.describe(), self.options.trial_cost,
+                            self.options.timing_batches)).encode())
         return digest.hexdigest()[:16]
 
     def choose(self, ranked: list[Candidate]) -> tuple[Candidate, str]:
@@ -473,8 +483,10 @@ class TrialRunner:
             if cand.heldout_drop > self.options.max_drop:
                 continue
             models[cand.number] = model
-            cand.measured_cost = (self.timer.relative_latency(model, repeats=3 * self.options.repeats)
-                                  if self.options.objective == "latency" else cand.cost)
+            if self.options.objective == "latency":
+                measured(cand, self.timer.latency_ratios(model, repeats=3 * self.options.repeats))
+            else:
+                cand.measured_cost = cand.cost
             timed.append(cand)
             if cand.measured_cost < 1.0 - NOISE_MARGIN:
                 winners.append(cand)
@@ -485,8 +497,8 @@ class TrialRunner:
         if winners:
             best = min(winners, key=lambda c: c.measured_cost)
             return best, (f"chose trial {best.number}: {self.options.objective} x"
-                          f"{best.measured_cost:.3f} of the source, held-out drop "
-                          f"{best.heldout_drop:.4f} <= {self.options.max_drop}")
+                          f"{best.measured_cost:.3f} of the source{by_batch_text(best)}, "
+                          f"held-out drop {best.heldout_drop:.4f} <= {self.options.max_drop}")
         lossless = Candidate(-1, DEFAULT_PIPELINE, 1.0, 0.0, 1.0, "")
         why = ("no lossy candidate was measured" if not ranked else
                f"of the {judged} finalists judged on held-out data, {len(timed)} met --max-drop "
@@ -497,12 +509,29 @@ class TrialRunner:
 
     def head_to_head(self, leaders: list[tuple[Candidate, ir.Model]]) -> None:
         """Re-time the cheapest winners against each other in the same interleaved rounds (twice
-        the finalists' rounds); each one's measured cost becomes that run's: finalists a few
-        percent apart are not separated reliably by timings taken one after the other."""
+        the finalists' rounds, at every timing batch); each one's measured cost becomes that
+        run's: finalists a few percent apart are not separated reliably by timings taken one
+        after the other."""
         models = {str(c.number): model for c, model in leaders}
-        costs = self.timer.relative_latencies(models, repeats=6 * self.options.repeats)
+        ratios = self.timer.latency_ratios_together(models, repeats=6 * self.options.repeats)
         for cand, _ in leaders:
-            cand.measured_cost = costs[str(cand.number)]
+            measured(cand, ratios[str(cand.number)])
+
+
+def measured(cand: Candidate, ratios: dict[str, float]) -> None:
+    """Record a candidate's measured latency ratios by batch and their combined cost."""
+    cand.measured_ratios = dict(ratios)
+    cand.measured_cost = combined_ratio(ratios)
+
+
+def by_batch_text(cand: Candidate) -> str:
+    """' (geometric mean of b1 x0.810, b8 x0.680)' for a candidate timed at more than one
+    batch, else ''."""
+    ratios = cand.measured_ratios or {}
+    if len(ratios) < 2:
+        return ""
+    return " (geometric mean of " + ", ".join(f"{label} x{r:.3f}"
+                                              for label, r in ratios.items()) + ")"
 
 
 def over_budget(drop: float, max_drop: float) -> float:

@@ -1,5 +1,5 @@
-"""The search's final choice: the measured timing of the finalists decides, a finalist measured
-slower than the lossless base never wins; TPE treats trials past the budget as infeasible; the
+"""The search's final choice: the measured timing of the finalists decides (at b1 and b8 alike),
+a finalist measured slower than the lossless base never wins; TPE treats trials past the budget as infeasible; the
 follow-up phase queues merged plans once the first seeds are done."""
 
 from __future__ import annotations
@@ -14,14 +14,20 @@ from winnow.passes.manager import DEFAULT_PIPELINE
 
 
 class _Timer:
+    """Latency ratios by batch (a plain number is a ratio at b8 alone, as for a fixed batch)."""
+
     def __init__(self, measured, together=None):
         self.measured, self.together = measured, together or measured
 
-    def relative_latency(self, model, repeats=None):
-        return self.measured[model]
+    def latency_ratios(self, model, repeats=None):
+        return _by_batch(self.measured[model])
 
-    def relative_latencies(self, models, repeats):
-        return {name: self.together[model] for name, model in models.items()}
+    def latency_ratios_together(self, models, repeats):
+        return {name: _by_batch(self.together[model]) for name, model in models.items()}
+
+
+def _by_batch(ratio):
+    return dict(ratio) if isinstance(ratio, dict) else {"b8": ratio}
 
 
 class _Source:
@@ -169,3 +175,39 @@ def test_the_leading_finalists_are_re_timed_together_before_the_choice():
     chosen, message = runner.choose([_cand(1, "a", 0.5), _cand(2, "b", 0.6), _cand(3, "c", 0.7)])
     assert chosen.pipeline == "b" and chosen.measured_cost == pytest.approx(0.69)
     assert "x0.690" in message
+
+
+def test_a_finalist_fast_only_at_b8_loses_to_one_fast_at_both_batch_sizes():
+    # tiny-gpt's norm fusion + int8 won at b8 and was far less ahead at b1: the cost is the
+    # geometric mean of both ratios, sqrt(1.05 * 0.60) = 0.794 against sqrt(0.80 * 0.75) = 0.775.
+    b8_only, balanced = {"b1": 1.05, "b8": 0.60}, {"b1": 0.80, "b8": 0.75}
+    runner = _runner({"b8-only": b8_only, "balanced": balanced},
+                     {"b8-only": 0.0, "balanced": 0.0})
+    ranked = [_cand(1, "b8-only", 0.5), _cand(2, "balanced", 0.6)]
+    chosen, message = runner.choose(ranked)
+    assert chosen.pipeline == "balanced"
+    assert chosen.measured_cost == pytest.approx((0.80 * 0.75) ** 0.5)
+    assert ranked[0].measured_cost == pytest.approx((1.05 * 0.60) ** 0.5)
+    assert chosen.measured_ratios == balanced and ranked[0].measured_ratios == b8_only
+    assert "b1 x0.800, b8 x0.750" in message
+
+
+def test_the_head_to_head_decides_on_both_batch_sizes():
+    # Apart, "a" is ahead; in the same rounds "a" loses its lead at b1 and "b" wins.
+    runner = _runner({"a": {"b1": 0.70, "b8": 0.70}, "b": {"b1": 0.72, "b8": 0.72}},
+                     {"a": 0.0, "b": 0.0})
+    runner.timer.together = {"a": {"b1": 0.95, "b8": 0.60}, "b": {"b1": 0.74, "b8": 0.74}}
+    chosen, _ = runner.choose([_cand(1, "a", 0.5), _cand(2, "b", 0.6)])
+    assert chosen.pipeline == "b" and chosen.measured_ratios == {"b1": 0.74, "b8": 0.74}
+
+
+def test_the_summary_prints_the_ratio_at_each_batch_size():
+    from winnow.cli import _search_lines
+
+    timed = Candidate(1, "int8", 0.5, 0.001, 0.999, "a", heldout_drop=0.002,
+                      measured_cost=(0.81 * 0.68) ** 0.5, measured_ratios={"b1": 0.81, "b8": 0.68})
+    search = types.SimpleNamespace(trials=1, seconds=1.0, cache_hits=0, study="sqlite:///s.db",
+                                   judged_on={"trials": "t", "finalists": "f"},
+                                   front=[timed], message="chose trial 1")
+    line = next(line for line in _search_lines(search) if "int8" in line)
+    assert line.endswith("measured x0.742 (geometric mean of b1 x0.810, b8 x0.680)")
