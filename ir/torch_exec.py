@@ -342,8 +342,10 @@ class TorchGraph(torch.nn.Module):
             else:
                 self.constants[value.name] = array
 
-    def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The graph outputs for `feeds` (input name -> tensor), in graph order."""
+    def forward(self, feeds: Mapping[str, torch.Tensor],
+                extra: Sequence[str] = ()) -> list[torch.Tensor]:
+        """The graph outputs for `feeds` (input name -> tensor), in graph order, followed by the
+        intermediate values named in `extra`."""
         env: dict[str, Any] = dict(self.constants)
         env.update({name: self.weights[key] for name, key in self.names.items()})
         env.update(feeds)
@@ -355,7 +357,7 @@ class TorchGraph(torch.nn.Module):
             outs = result if isinstance(result, (tuple, list)) else (result,)
             for value, out in zip(node.outputs, outs):
                 env[value.name] = out
-        return [env[v.name] for v in self.graph.outputs]
+        return [env[v.name] for v in self.graph.outputs] + [env[name] for name in extra]
 
     def write_back(self) -> int:
         """Copy the trained parameters into the IR initializers; returns how many changed."""

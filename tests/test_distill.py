@@ -14,6 +14,7 @@ from tests.tiny_models import TinyTransformer
 from winnow.errors import PassConfigError, PassFailedError
 from winnow.ir.execute import run
 from winnow.ir.torch_exec import TorchGraph, unsupported_ops
+from winnow.passes.rewrite.distill import hidden_states
 from winnow.passes import PassContext, PassManager
 
 RNG = np.random.default_rng(0)
@@ -162,6 +163,35 @@ def test_distill_recovers_what_pruning_lost(pruned_pair):
     assert len(list(distilled.graph)) == len(list(plain.graph))
     assert {n: v.shape for n, v in distilled.graph.initializers.items()} == \
         {n: v.shape for n, v in plain.graph.initializers.items()}
+
+
+def test_hidden_states_are_the_normalization_outputs():
+    assert hidden_states(parse(CONV)) == ["n"]
+    assert hidden_states(parse(NUMERIC)) == ["ln"]
+    assert hidden_states(parse(SHAPES)) == []
+
+
+def test_feature_distillation_matches_the_shared_hidden_states(pruned_pair):
+    oracle, source = pruned_pair
+    norms = len(hidden_states(source))
+    assert norms >= 5  # two pre-norm blocks of two LayerNorms each, then the final one
+    plain, distilled = source.clone(), source.clone()
+    PassManager("prune-channels{ratio=0.5}").run(plain, PassContext(calibration=CALIBRATION))
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager("prune-channels{ratio=0.5},distill{steps=200,lr=0.003,check_every=20,hidden=1}"
+                ).run(distilled, ctx)
+    # width pruning keeps every hidden state's name and shape, so all of them are matched
+    assert ctx.report["distill"]["hidden_states"] == norms
+    before, after = _heldout_error(plain, oracle), _heldout_error(distilled, oracle)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_feature_distillation_skips_hidden_states_the_student_lost(pruned_pair):
+    _, source = pruned_pair
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager("drop-layers{count=1},distill{steps=3,hidden=1}").run(source.clone(), ctx)
+    shared = ctx.report["distill"]["hidden_states"]
+    assert 0 < shared < len(hidden_states(source))  # the dropped block's norms are gone
 
 
 def test_distill_keeps_the_input_when_training_only_hurts(pruned_pair):

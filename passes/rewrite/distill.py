@@ -9,6 +9,10 @@ batch size is fixed) is held back: the weights kept are those
 of the step with the lowest held-back loss, so distill never returns a model that does worse on
 data it did not train on than the one it received; a check that finds no improvement returns to
 the best weights and halves the learning rate, so one `lr` serves small and pretrained models.
+With `hidden` > 0 the student also learns the teacher's hidden states: the outputs of the
+normalization layers both models share (same value name and shape; what pruning or dropping
+removed or resized is left out), a far richer signal than the final outputs alone (feature
+distillation). The held-back check still judges the outputs only.
 Run it after the lossy structural passes and before `fuse` / `quantize` (their contrib and
 integer ops are not trainable)."""
 
@@ -26,6 +30,9 @@ from winnow.errors import PassConfigError, require_extra
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
+
+NORMALIZATION_OPS = ("LayerNormalization", "BatchNormalization", "InstanceNormalization",
+                     "GroupNormalization", "RMSNormalization")
 
 
 @register_pass
@@ -49,11 +56,15 @@ class DistillPass(Pass):
         seed: int = option(0, "seed of the batch order")
         max_seconds: float = option(0.0, "stop training after this many seconds, keeping the "
                                     "best held-back step so far (0: no limit)", min=0.0)
+        hidden: float = option(0.0, "weight of matching the hidden states (outputs of the "
+                               "normalization layers the model shares with the teacher) beside "
+                               "the outputs; 0: outputs only", min=0.0)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._train: list[tuple[dict, dict]] = []
         self._valid: list[tuple[dict, dict]] = []
+        self._hidden: list[str] = []
         self._seen = False
 
     def see_pipeline_input(self, model: ir.Model) -> None:
@@ -67,9 +78,9 @@ class DistillPass(Pass):
         batches = limit_samples(calibration_batches(model, PassContext.current()),
                                 self.config.samples)
         names = [v.name for v in model.graph.outputs]
+        self._hidden = hidden_states(model) if self.config.hidden else []
         pieces = _split_rows(batches) if _batch_is_dynamic(model) else _split_batches(batches)
-        self._train, self._valid = ([(feeds, {k: v for k, v in run(model, feeds).items()
-                                              if k in names})
+        self._train, self._valid = ([(feeds, _teacher(run(model, feeds, self._hidden), names))
                                      for feeds in progress.bar(part, "distill: teacher outputs")]
                                     for part in pieces)
         self._seen = True
@@ -93,6 +104,8 @@ class DistillPass(Pass):
         train = [(_tensors(f), _tensors(t)) for f, t in self._train]
         valid = [(_tensors(f), _tensors(t)) for f, t in self._valid]
         names = [v.name for v in model.graph.outputs]
+        hidden = _shared_hidden(net, model, self._hidden, train[0])
+        weight = self.config.hidden / max(len(hidden), 1)
         order = np.random.default_rng(self.config.seed)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.config.lr)
         first = best = _loss(net, valid, names)
@@ -102,7 +115,9 @@ class DistillPass(Pass):
         for step in progress.bar(range(1, self.config.steps + 1), "distill"):
             feeds, target = train[int(order.integers(len(train)))]
             optimizer.zero_grad()
-            loss = _batch_loss(net(feeds), target, names)
+            outputs = net(feeds, hidden)
+            loss = _batch_loss(outputs, target, names) \
+                + weight * _batch_loss(outputs[len(names):], target, hidden)
             loss.backward()
             optimizer.step()
             done = step
@@ -121,9 +136,37 @@ class DistillPass(Pass):
         changed = net.write_back() if best_step else 0
         ctx.report[self.name] = {"steps": done, "best_step": best_step,
                                  "held_back_loss": [round(first, 6), round(best, 6)],
-                                 "trained_tensors": changed,
+                                 "trained_tensors": changed, "hidden_states": len(hidden),
                                  "parameters": int(sum(p.numel() for p in net.parameters()))}
         return PassResult(model, bool(changed))
+
+
+def hidden_states(model: ir.Model) -> list[str]:
+    """The names of the values the normalization layers of the main graph produce (the hidden
+    states feature distillation matches), in graph order."""
+    return [node.outputs[0].name for node in model.graph
+            if node.domain in ("", "ai.onnx") and node.op_type in NORMALIZATION_OPS]
+
+
+def _teacher(values: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    """The teacher's graph outputs as they are, its hidden states in float16 (memory)."""
+    return {k: v if k in outputs or v.dtype != np.float32 else v.astype(np.float16)
+            for k, v in values.items()}
+
+
+def _shared_hidden(net: Any, model: ir.Model, names: list[str],
+                   sample: tuple[dict, dict]) -> list[str]:
+    """The teacher's hidden states the student still computes, with the same shape."""
+    import torch
+
+    produced = {value.name for node in model.graph for value in node.outputs}
+    names = [n for n in names if n in produced]
+    if not names:
+        return []
+    feeds, target = sample
+    with torch.no_grad():
+        values = net(feeds, names)[len(model.graph.outputs):]
+    return [n for n, v in zip(names, values) if tuple(v.shape) == tuple(target[n].shape)]
 
 
 def _batch_is_dynamic(model: ir.Model) -> bool:
@@ -167,6 +210,7 @@ def _batch_loss(outputs: list[Any], target: dict[str, Any], names: list[str]) ->
         ref = target[name]
         if not ref.is_floating_point():
             continue
+        ref = ref.to(out.dtype)
         total = total + ((out - ref) ** 2).mean() / (ref**2).mean().clamp_min(1e-12)
     return total
 
