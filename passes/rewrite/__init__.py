@@ -9,6 +9,7 @@ from winnow.passes.rewrite import (  # noqa: F401
     drop_layers,
     fold_constants,
     fuse,
+    fuse_convs,
     lmul,
     prune_channels,
     prune_heads,
