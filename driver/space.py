@@ -49,6 +49,7 @@ class Space:
     split_outliers: bool = False
     refit: bool = True  # width moves refit what reads the pruned heads / channels
     distill: bool = False  # structural moves may be followed by knowledge distillation
+    fuse_convs: bool = False  # the elementwise ops around Convs may be folded (fuse-convs)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for the manifest and the study's attributes)."""
@@ -69,11 +70,13 @@ def build_space(model: ir.Model, fitted: bool = True) -> Space:
     auto = fitted and "exclude" in _option_names(passes.get("quantize"))
     split = fitted and "split-outliers" in passes
     distill = fitted and "distill" in passes and bool(levels or width) and _has_torch()
+    convs = "fuse-convs" in passes and any(n.op_type == "Conv" for n in model.graph)
     if not fitted:
         modes = tuple(m for m in modes if "static" not in m)
-        return Space(levels, width, "fuse" in passes, modes, ("identity",), auto, split, False)
+        return Space(levels, width, "fuse" in passes, modes, ("identity",), auto, split, False,
+                     fuse_convs=convs)
     return Space(levels, width, "fuse" in passes, modes, REPLACEMENTS, auto, split,
-                 distill=distill)
+                 distill=distill, fuse_convs=convs)
 
 
 def _has_torch() -> bool:
@@ -156,6 +159,11 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
     # MiniLM at 2 threads).
     if space.fuse and trial.suggest_categorical("fuse", (False, True)):
         choices["fuse"] = {"attention": trial.suggest_categorical("fuse.attention", (True, False))}
+    # Conv nets exported op by op (PP-LCNet: scalar affine blocks, HardSwish spelled out) spend
+    # as long in the elementwise ops around their Convs and ORT's layout reorders as in the
+    # Convs; fuse-convs folds them (lossless, checked), with any other move.
+    if space.fuse_convs and trial.suggest_categorical("fuse_convs", (False, True)):
+        choices["fuse-convs"] = {}
     return choices
 
 
@@ -181,6 +189,8 @@ def pipeline_text(choices: Mapping[str, Any]) -> str:
         parts.append("dce")
     if "distill" in choices:
         parts.append(DISTILL)
+    if "fuse-convs" in choices:  # after pruning and distill (they read the exported form)
+        parts.append("fuse-convs")
     if "fuse" in choices:
         parts.append("fuse" if choices["fuse"].get("attention", True) else "fuse{attention=false}")
     if "quantize" in choices:
@@ -224,6 +234,8 @@ def seed_plans(space: Space) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     first += structural
     if space.fuse:
         first += [dict(base, fuse=True, **{"fuse.attention": a}) for a in (True, False)]
+    if space.fuse_convs:
+        first.append(dict(base, fuse_convs=True))
     if space.distill:  # the same structural moves, distilled: they may hold where bare ones
         # fail, but each trains for up to a minute, so they wait for the second tier
         rest = [dict(p, distill=True) for p in first if plan_moves(p, space).keys() & {
@@ -239,6 +251,8 @@ def base_plan(space: Space) -> dict[str, Any]:
     base.update({f"{name}.ratio": 0.0 for name in space.width})
     if space.fuse:
         base["fuse"] = False
+    if space.fuse_convs:
+        base["fuse_convs"] = False
     if space.quant_modes:
         base["quantize.mode"] = "none"
     return base
@@ -246,7 +260,7 @@ def base_plan(space: Space) -> dict[str, Any]:
 
 def plan_moves(plan: Mapping[str, Any], space: Space) -> dict[str, dict[str, Any]]:
     """The moves a plan makes, each with the choices that belong to it: 'drop', a width pass
-    name, 'fuse', 'quantize' (a move the plan leaves at its default is absent)."""
+    name, 'fuse', 'fuse-convs', 'quantize' (a move the plan leaves at its default is absent)."""
     moves: dict[str, dict[str, Any]] = {}
     # distillation belongs to the structural moves it follows, so merged plans keep it
     distill = {"distill": True} if plan.get("distill") else {}
@@ -256,7 +270,9 @@ def plan_moves(plan: Mapping[str, Any], space: Space) -> dict[str, dict[str, Any
         if plan.get(f"{name}.ratio"):
             moves[name] = {f"{name}.ratio": plan[f"{name}.ratio"]} | distill
     if plan.get("fuse"):
-        moves["fuse"] = {k: v for k, v in plan.items() if k.startswith("fuse")}
+        moves["fuse"] = {k: v for k, v in plan.items() if k.startswith("fuse.") or k == "fuse"}
+    if plan.get("fuse_convs"):
+        moves["fuse-convs"] = {"fuse_convs": True}
     if plan.get("quantize.mode", "none") != "none":
         moves["quantize"] = {k: v for k, v in plan.items() if k.startswith("quantize.")}
     return moves

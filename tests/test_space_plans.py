@@ -181,3 +181,41 @@ def test_fusion_without_attention_is_a_seed_and_survives_merges():
     ups = follow_up_plans(SPACE, [(norms, 0.9, 0.0), (HEADS, 0.8, 0.001)], 0.01)
     merged = [p for p in ups if p.get("fuse") and p.get("prune-heads.ratio")]
     assert merged and all(p["fuse.attention"] is False for p in merged)
+
+
+CONVS = Space(drop_levels={}, width=("prune-channels",), fuse=True,
+              quant_modes=("int8-dynamic",), fuse_convs=True)
+
+
+def test_conv_folding_is_a_seed_of_its_own_placed_after_pruning_and_before_int8():
+    first, rest = seed_plans(CONVS)
+    folding = [p for p in first if p.get("fuse_convs")]
+    assert folding == [dict(base_plan(CONVS), fuse_convs=True)]
+    assert not any(p.get("fuse_convs") for p in rest) and not base_plan(CONVS)["fuse_convs"]
+    assert plan_moves(folding[0], CONVS) == {"fuse-convs": {"fuse_convs": True}}
+    # fuse's move keeps its own keys only (fuse_convs starts with "fuse" too)
+    both = dict(folding[0], fuse=True, **{"fuse.attention": False})
+    assert plan_moves(both, CONVS)["fuse"] == {"fuse": True, "fuse.attention": False}
+    text = pipeline_text({"prune-channels": {"ratio": 0.25, "refit": True}, "fuse-convs": {},
+                          "fuse": {}, "quantize": {"mode": "int8-dynamic"}})
+    order = [part.split("{")[0] for part in text.split(",")]
+    assert order.index("prune-channels") < order.index("fuse-convs") < order.index("fuse") \
+        < order.index("quantize")
+    assert "fuse-convs" not in pipeline_text({"fuse": {}})
+    assert not any(p.get("fuse_convs") for p in sum(seed_plans(SPACE), []))  # no Conv there
+
+
+def test_conv_folding_merges_with_a_width_move_that_held():
+    folding = dict(base_plan(CONVS), fuse_convs=True)
+    pruned = dict(base_plan(CONVS), **{"prune-channels.ratio": 0.25})
+    ups = follow_up_plans(CONVS, [(folding, 0.7, 0.0), (pruned, 0.8, 0.001)], 0.01)
+    assert dict(pruned, fuse_convs=True) in ups
+
+
+def test_build_space_offers_conv_folding_only_where_there_are_convs():
+    from tests.test_fuse_convs import lcnet_block
+    from tests.test_fuse import residual_norm_gelu
+    from winnow.driver.space import build_space
+
+    assert build_space(lcnet_block()).fuse_convs
+    assert not build_space(residual_norm_gelu()).fuse_convs
