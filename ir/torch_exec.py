@@ -222,7 +222,11 @@ def _pool(kind: str) -> Op:
 
 def _batch_norm(node: ir.Node, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                 mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, _attr(node, "epsilon", 1e-5))
+    # Spelled out rather than F.batch_norm, which refuses a running mean / variance that
+    # requires grad (distill trains every float initializer, the statistics included).
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    inv = torch.rsqrt(var + _attr(node, "epsilon", 1e-5)) * scale
+    return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
 
 
 def _clip(node: ir.Node, x: torch.Tensor, low: Any = None, high: Any = None) -> torch.Tensor:

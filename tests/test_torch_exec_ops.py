@@ -1,0 +1,37 @@
+"""Op rules of winnow's torch runner (ir/torch_exec.py) that distill trains through: their
+outputs against ONNX Runtime and their gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests.graphs import HEADER, parse
+from winnow.ir.execute import run
+from winnow.ir.torch_exec import TorchGraph
+
+BN_HSWISH = HEADER + """
+agraph (float[2, 3, 5, 7] x) => (float[2, 3, 5, 7] y)
+<float[3] s = {1.5, 0.5, -2.0}, float[3] b = {0.1, -0.2, 0.3}, float[3] m = {0.2, -0.1, 0.0},
+ float[3] v = {0.5, 2.0, 1.0}> {
+    n = BatchNormalization <epsilon = 0.001> (x, s, b, m, v)
+    y = HardSwish (n)
+}
+"""
+
+
+def test_batch_norm_matches_ort_and_trains_its_statistics_too():
+    """distill makes every float initializer a parameter, BatchNormalization's running mean and
+    variance included: the rule must run (F.batch_norm refuses them with requires_grad) and give
+    them gradients, with ORT's output."""
+    model = parse(BN_HSWISH)
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32) * 3
+    want = run(model, {"x": x})["y"]
+    net = TorchGraph(model)
+    (out,) = net({"x": torch.from_numpy(x)})
+    np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    grads = {p.numel(): p.grad for p in net.parameters()}
+    assert len(list(net.parameters())) == 4
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+               for g in grads.values())
