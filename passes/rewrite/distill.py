@@ -112,7 +112,9 @@ class DistillPass(Pass):
         best_step, best_state = 0, _state(net)
         stop = time.monotonic() + self.config.max_seconds if self.config.max_seconds else None
         done = 0
-        for step in progress.bar(range(1, self.config.steps + 1), "distill"):
+        bar = progress.counter("distill", self.config.steps)
+        running = None
+        for step in range(1, self.config.steps + 1):
             feeds, target = train[int(order.integers(len(train)))]
             optimizer.zero_grad()
             outputs = net(feeds, hidden)
@@ -120,7 +122,10 @@ class DistillPass(Pass):
                 + weight * _batch_loss(outputs[len(names):], target, hidden)
             loss.backward()
             optimizer.step()
+            value = float(loss.detach())
+            running = value if running is None else 0.9 * running + 0.1 * value
             done = step
+            bar.update()
             out_of_time = stop is not None and time.monotonic() > stop
             if step % self.config.check_every == 0 or step == self.config.steps or out_of_time:
                 current = _loss(net, valid, names)
@@ -130,8 +135,11 @@ class DistillPass(Pass):
                     net.load_state_dict(best_state)
                     lr = optimizer.param_groups[0]["lr"] / 2
                     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+                bar.set_postfix_str(f"train {running:.4g}, held back {first:.4g} -> {best:.4g} "
+                                    f"(step {best_step}), lr {optimizer.param_groups[0]['lr']:.2g}")
             if out_of_time:
                 break
+        bar.close()
         net.load_state_dict(best_state)
         changed = net.write_back() if best_step else 0
         ctx.report[self.name] = {"steps": done, "best_step": best_step,
