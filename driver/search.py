@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import shutil
@@ -187,7 +188,7 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
                                         started_at + options.time_budget)
     finalists = _finalists(candidates, options)
     finals_start = time.perf_counter()
-    chosen, message = runner.choose(finalists)
+    chosen, message = runner.choose(finalists, started_at + options.time_budget)
     finals_seconds = time.perf_counter() - finals_start
     data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
     result = compile_model(src, out, pipeline=chosen.pipeline, overwrite=overwrite,
@@ -465,16 +466,22 @@ class TrialRunner:
                             self.options.timing_batches)).encode())
         return digest.hexdigest()[:16]
 
-    def choose(self, ranked: list[Candidate]) -> tuple[Candidate, str]:
+    def choose(self, ranked: list[Candidate], budget_end: float = math.inf
+               ) -> tuple[Candidate, str]:
         """Judge the candidates, cheapest first, on held-out data and time those that hold the
         budget there (up to `finalists` of them per cost scale, predicted or measured: one that
-        misses the budget costs no timing slot); the cheapest measured at least NOISE_MARGIN below the source wins, else the
-        lossless pipeline with the reason. The measured time decides: a candidate predicted
-        cheap but measured no faster than the source never wins."""
-        winners, timed, judged, models = [], [], 0, {}
+        misses the budget costs no timing slot); the cheapest measured at least NOISE_MARGIN
+        below the source wins, else the lossless pipeline with the reason. The measured time
+        decides: a candidate predicted cheap but measured no faster than the source never wins.
+        Past `budget_end` (time.time()) no further finalist is judged once one has won: a
+        distilled finalist trains again, a minute or more."""
+        winners, timed, judged, models, late = [], [], 0, {}, 0
         for cand in progress.bar(ranked, "finalists"):
             # predicted and measured trial costs are on two scales: each kind has its own slots
             if sum(c.priced == cand.priced for c in timed) >= self.options.finalists:
+                continue
+            if winners and time.time() > budget_end:
+                late += 1
                 continue
             judged += 1
             model = self.apply(cand.pipeline)
@@ -496,9 +503,12 @@ class TrialRunner:
             winners = [c for c in winners if c.measured_cost < 1.0 - NOISE_MARGIN]
         if winners:
             best = min(winners, key=lambda c: c.measured_cost)
+            unjudged = (f"; {late} more finalist(s) left unjudged: the time budget was spent"
+                        if late else "")
             return best, (f"chose trial {best.number}: {self.options.objective} x"
                           f"{best.measured_cost:.3f} of the source{by_batch_text(best)}, "
-                          f"held-out drop {best.heldout_drop:.4f} <= {self.options.max_drop}")
+                          f"held-out drop {best.heldout_drop:.4f} <= {self.options.max_drop}"
+                          f"{unjudged}")
         lossless = Candidate(-1, DEFAULT_PIPELINE, 1.0, 0.0, 1.0, "")
         why = ("no lossy candidate was measured" if not ranked else
                f"of the {judged} finalists judged on held-out data, {len(timed)} met --max-drop "
@@ -627,18 +637,17 @@ def pareto_front(cands: list[Candidate]) -> list[Candidate]:
 def _finalists(cands: list[Candidate], options: SearchOptions) -> list[Candidate]:
     """The cheapest distinct candidates within budget on the judging data, cheaper than the
     source, up to twice `finalists` of them with a predicted cost and as many with a measured
-    one: judged on held-out data in this order, and the first `finalists` of each kind that
-    hold the budget there are timed for real."""
+    one, the two kinds alternating: judged on held-out data in this order, and the first
+    `finalists` of each kind that hold the budget there are timed for real."""
     unique = {c.hash: c for c in sorted(cands, key=lambda c: c.number, reverse=True)}
     ok = [c for c in unique.values() if c.drop <= options.max_drop and c.cost < 1.0
           and c.pipeline != DEFAULT_PIPELINE]
     # A trial the cost model could not price (fused contrib ops) was timed: its cost is on
     # another scale than the predictions, so those compete among themselves for their slots.
-    ranked = []
-    for priced in (True, False):
-        ranked += sorted((c for c in ok if c.priced == priced),
-                         key=lambda c: c.cost)[:2 * options.finalists]
-    return ranked
+    # The two kinds take turns, so a compile that runs out of time has judged the best of both.
+    kinds = [sorted((c for c in ok if c.priced == priced), key=lambda c: c.cost)
+             [:2 * options.finalists] for priced in (True, False)]
+    return [c for pair in itertools.zip_longest(*kinds) for c in pair if c is not None]
 
 
 def _record(out: Path, search: SearchResult, url: str) -> None:

@@ -5,6 +5,7 @@ follow-up phase queues merged plans once the first seeds are done."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import types
 
 import pytest
@@ -161,10 +162,10 @@ def test_a_trial_timed_because_it_was_unpriced_gets_its_own_timing_slot():
     cands = [_cand(1, "int8", 0.61), _cand(2, "int8-pt", 0.612),
              dataclasses.replace(_cand(3, "fused", 0.83), priced=False)]
     ranked = _finalists(cands, runner.options)
-    assert [c.pipeline for c in ranked] == ["int8", "int8-pt", "fused"]
+    assert [c.pipeline for c in ranked] == ["int8", "fused", "int8-pt"]  # the kinds alternate
     chosen, _ = runner.choose(ranked)
     assert chosen.pipeline == "fused" and chosen.measured_cost == pytest.approx(0.80)
-    assert [c.measured_cost for c in ranked] == [0.90, 0.91, 0.80]  # all three were timed
+    assert [c.measured_cost for c in ranked] == [0.90, 0.80, 0.91]  # all three were timed
 
 
 def test_the_leading_finalists_are_re_timed_together_before_the_choice():
@@ -211,3 +212,15 @@ def test_the_summary_prints_the_ratio_at_each_batch_size():
                                    front=[timed], message="chose trial 1")
     line = next(line for line in _search_lines(search) if "int8" in line)
     assert line.endswith("measured x0.742 (geometric mean of b1 x0.810, b8 x0.680)")
+
+
+def test_past_the_time_budget_no_further_finalist_is_judged_once_one_has_won():
+    # The judge and the timer know only "slow" and "a": judging "b" (a distilled finalist that
+    # would train again) raises KeyError.
+    runner = _runner({"slow": 1.01, "a": 0.7}, {"slow": 0.0, "a": 0.0})
+    ranked = [_cand(1, "slow", 0.4), _cand(2, "a", 0.5), _cand(3, "b", 0.6)]
+    chosen, message = runner.choose(ranked, budget_end=time.time() - 1.0)
+    assert chosen.pipeline == "a"  # "slow" won nothing, so "a" was still judged
+    assert ranked[2].heldout_drop is None and "1 more finalist(s) left unjudged" in message
+    with pytest.raises(KeyError):
+        runner.choose(ranked)  # within the budget "b" is judged
