@@ -222,11 +222,11 @@ def _pool(kind: str) -> Op:
 
 def _batch_norm(node: ir.Node, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                 mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    # Spelled out rather than F.batch_norm, which refuses a running mean / variance that
-    # requires grad (distill trains every float initializer, the statistics included).
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    inv = torch.rsqrt(var + _attr(node, "epsilon", 1e-5)) * scale
-    return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
+    # The running statistics are constants, not weights to train (distill makes every float
+    # initializer a parameter; F.batch_norm refuses statistics that require grad, and a trained
+    # variance can turn negative).
+    return F.batch_norm(x, mean.detach(), var.detach(), scale, bias, False, 0.0,
+                        _attr(node, "epsilon", 1e-5))
 
 
 def _clip(node: ir.Node, x: torch.Tensor, low: Any = None, high: Any = None) -> torch.Tensor:
@@ -255,7 +255,7 @@ def _range(node: ir.Node, start: Any, limit: Any, delta: Any) -> torch.Tensor:
 
 def _constant_of_shape(node: ir.Node, shape: torch.Tensor) -> torch.Tensor:
     value = _attr(node, "value")
-    fill = torch.from_numpy(value.numpy().copy()) if value is not None else torch.zeros(1)
+    fill = _from_numpy(value.numpy()) if value is not None else torch.zeros(1)
     return fill.reshape(()).expand(_ints(shape)).clone()
 
 
@@ -264,7 +264,12 @@ def _constant(node: ir.Node) -> torch.Tensor:
     if value is None:
         raise PassConfigError(f"Constant '{node.name}' without a tensor value is not supported "
                               "by the torch runner")
-    return torch.from_numpy(np.array(value.numpy()))
+    return _from_numpy(value.numpy())
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A copy of `array` on the current default device (the graph's, inside its forward)."""
+    return torch.from_numpy(np.array(array)).to(torch.get_default_device())
 
 
 def _flatten(node: ir.Node, x: torch.Tensor) -> torch.Tensor:
@@ -324,22 +329,24 @@ def trainable(value: ir.Value) -> bool:
 
 
 class TorchGraph(torch.nn.Module):
-    """The main graph of an IR model as a torch module; float initializers (more than one
-    element) are parameters, the rest buffers-like constants."""
+    """The main graph of an IR model as a torch module on `device`; float initializers (more than
+    one element, not named in `frozen`) are parameters, the rest constants."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, device: str = "cpu", frozen: frozenset[str] = frozenset()
+                 ) -> None:
         super().__init__()
         missing = unsupported_ops(model)
         if missing:
             raise PassConfigError("the torch runner cannot execute " + ", ".join(missing)
                                   + "; run distill before fuse / quantize (they add contrib ops)")
         self.graph = model.graph
+        self.device = torch.device(device)
         self.names: dict[str, str] = {}
         self.weights = torch.nn.ParameterDict()
         self.constants: dict[str, torch.Tensor] = {}
         for value in model.graph.initializers.values():
-            array = torch.from_numpy(np.array(value.const_value.numpy()))
-            if trainable(value):
+            array = torch.from_numpy(np.array(value.const_value.numpy())).to(self.device)
+            if trainable(value) and value.name not in frozen:
                 key = f"w{len(self.names)}"
                 self.names[value.name] = key
                 self.weights[key] = torch.nn.Parameter(array)
@@ -349,10 +356,15 @@ class TorchGraph(torch.nn.Module):
     def forward(self, feeds: Mapping[str, torch.Tensor],
                 extra: Sequence[str] = ()) -> list[torch.Tensor]:
         """The graph outputs for `feeds` (input name -> tensor), in graph order, followed by the
-        intermediate values named in `extra`."""
+        intermediate values named in `extra`; feeds must be on the graph's device."""
         env: dict[str, Any] = dict(self.constants)
         env.update({name: self.weights[key] for name, key in self.names.items()})
         env.update(feeds)
+        with self.device:
+            self._run_nodes(env)
+        return [env[v.name] for v in self.graph.outputs] + [env[name] for name in extra]
+
+    def _run_nodes(self, env: dict[str, Any]) -> None:
         for node in self.graph:
             args = [None if v is None or not v.name else env[v.name] for v in node.inputs]
             while args and args[-1] is None:
@@ -361,7 +373,6 @@ class TorchGraph(torch.nn.Module):
             outs = result if isinstance(result, (tuple, list)) else (result,)
             for value, out in zip(node.outputs, outs):
                 env[value.name] = out
-        return [env[v.name] for v in self.graph.outputs] + [env[name] for name in extra]
 
     def write_back(self) -> int:
         """Copy the trained parameters into the IR initializers; returns how many changed."""

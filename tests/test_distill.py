@@ -14,7 +14,7 @@ from tests.tiny_models import TinyTransformer
 from winnow.errors import PassConfigError, PassFailedError
 from winnow.ir.execute import run
 from winnow.ir.torch_exec import TorchGraph, unsupported_ops
-from winnow.passes.rewrite.distill import hidden_states
+from winnow.passes.rewrite.distill import DistillPass, hidden_states, lookup_tables
 from winnow.passes import PassContext, PassManager
 
 RNG = np.random.default_rng(0)
@@ -192,6 +192,63 @@ def test_feature_distillation_skips_hidden_states_the_student_lost(pruned_pair):
     PassManager("drop-layers{count=1},distill{steps=3,hidden=1}").run(source.clone(), ctx)
     shared = ctx.report["distill"]["hidden_states"]
     assert 0 < shared < len(hidden_states(source))  # the dropped block's norms are gone
+
+
+EMBED = '<ir_version: 9, opset_import: ["" : 20]>' + """
+agraph (int64[4, 3] ids) => (float[4, 3, 8] y)
+<float[5, 8] table = {""" + ", ".join(f"{v:.3f}" for v in np.random.default_rng(7).standard_normal(40)) + """},
+ float[8, 8] w = {""" + ", ".join(f"{v:.3f}" for v in np.random.default_rng(8).standard_normal(64)) + """}> {
+    em = Gather (table, ids)
+    y = MatMul (em, w)
+}
+"""
+
+
+def test_lookup_tables_stay_frozen_unless_asked():
+    assert lookup_tables(parse(NUMERIC)) == {"table"}
+    calibration = [_feeds(parse(EMBED)) for _ in range(2)]
+    for embeddings in (False, True):
+        teacher, student = parse(EMBED), parse(EMBED)
+        table = teacher.graph.initializers["table"].const_value.numpy().copy()
+        for name in ("w", "table"):  # both off, so training has a reason to move both
+            value = student.graph.initializers[name]
+            value.const_value = ir.tensor(value.const_value.numpy() * 0.5, name=name)
+        distill = DistillPass(steps=20, lr=0.01, check_every=1, embeddings=embeddings)
+        with PassContext(calibration=calibration) as ctx:
+            distill.see_pipeline_input(teacher)
+            distill.call(student)
+        assert ctx.report["distill"]["best_step"] > 0
+        moved = student.graph.initializers["table"].const_value.numpy()
+        assert (not np.array_equal(moved, table * 0.5)) == embeddings
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA GPU")
+def test_distill_on_cuda_without_a_gpu_is_a_clear_error(pruned_pair):
+    with pytest.raises(PassFailedError, match="no CUDA GPU"):
+        PassManager("distill{device=cuda}").run(pruned_pair[1].clone(),
+                                                PassContext(calibration=CALIBRATION))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text", [SHAPES, NUMERIC, CONV], ids=["shapes", "numeric", "conv"])
+def test_torch_runner_on_cuda_matches_onnx_runtime(text):
+    model = parse(text)
+    feeds = _feeds(model)
+    expected = run(model, feeds)
+    got = TorchGraph(model, "cuda")({k: torch.from_numpy(v).cuda() for k, v in feeds.items()})
+    for value, out in zip(model.graph.outputs, got):
+        np.testing.assert_allclose(out.detach().cpu().numpy(), expected[value.name],
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_distill_on_cuda_recovers_what_pruning_lost(pruned_pair):
+    oracle, source = pruned_pair
+    plain, distilled = source.clone(), source.clone()
+    PassManager("prune-channels{ratio=0.5}").run(plain, PassContext(calibration=CALIBRATION))
+    PassManager("prune-channels{ratio=0.5},distill{steps=200,lr=0.003,check_every=20,"
+                "device=cuda,hidden=1}").run(distilled, PassContext(calibration=CALIBRATION))
+    assert _heldout_error(distilled, oracle) < 0.7 * _heldout_error(plain, oracle)
 
 
 def test_distill_keeps_the_input_when_training_only_hurts(pruned_pair):

@@ -56,6 +56,11 @@ class DistillPass(Pass):
         seed: int = option(0, "seed of the batch order")
         max_seconds: float = option(0.0, "stop training after this many seconds, keeping the "
                                     "best held-back step so far (0: no limit)", min=0.0)
+        device: str = option("cpu", "where to train: cpu, cuda, or auto (cuda when PyTorch sees a "
+                             "GPU); the model that comes out runs wherever it did before",
+                             choices=("cpu", "cuda", "auto"))
+        embeddings: bool = option(False, "train the lookup tables (Gather'ed initializers, such "
+                                  "as token embeddings) too")
         hidden: float = option(0.0, "weight of matching the hidden states (outputs of the "
                                "normalization layers the model shares with the teacher) beside "
                                "the outputs; 0: outputs only", min=0.0)
@@ -100,9 +105,11 @@ class DistillPass(Pass):
                                   "at least 2 batches for a model of fixed batch size (one part "
                                   "in eight is held back to choose the weights kept); give more "
                                   "calibration data")
-        net = TorchGraph(model)
-        train = [(_tensors(f), _tensors(t)) for f, t in self._train]
-        valid = [(_tensors(f), _tensors(t)) for f, t in self._valid]
+        device = _device(self.config.device)
+        frozen = frozenset() if self.config.embeddings else lookup_tables(model)
+        net = TorchGraph(model, device, frozen)
+        train = [(_tensors(f, device), _tensors(t, device)) for f, t in self._train]
+        valid = [(_tensors(f, device), _tensors(t, device)) for f, t in self._valid]
         names = [v.name for v in model.graph.outputs]
         hidden = _shared_hidden(net, model, self._hidden, train[0])
         weight = self.config.hidden / max(len(hidden), 1)
@@ -201,10 +208,30 @@ def _split_batches(batches: list[dict]) -> tuple[list[dict], list[dict]]:
     return batches[:len(batches) - held], batches[len(batches) - held:]
 
 
-def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+def lookup_tables(model: ir.Model) -> frozenset[str]:
+    """The initializers that Gather nodes index (embedding tables): rows are looked up, not
+    multiplied, so distill leaves them as they are unless asked."""
+    return frozenset(node.inputs[0].name for node in model.graph
+                     if node.op_type == "Gather" and node.inputs[0] is not None
+                     and node.inputs[0].is_initializer())
+
+
+def _device(choice: str) -> str:
+    """The torch device of the `device` option; a clear error when CUDA is asked for but absent."""
     import torch
 
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PassConfigError("distill{device=cuda}: PyTorch sees no CUDA GPU here; use "
+                              "device=cpu or device=auto")
+    return choice
+
+
+def _tensors(arrays: dict[str, np.ndarray], device: str = "cpu") -> dict[str, Any]:
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
 
 
 def _state(net: Any) -> dict[str, Any]:
