@@ -122,6 +122,7 @@ class Candidate:
     measured_cost: float | None = None  # geometric mean of measured_ratios
     measured_ratios: dict[str, float] | None = None  # latency vs the source by batch: b1, b8
     priced: bool = True  # False: the cost model could not price it, so its trial was timed
+    seconds: float = 0.0  # how long its trial took (judging it as a finalist takes about as long)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (infinite drops as None)."""
@@ -305,9 +306,9 @@ class TrialRunner:
         fid = self.src.score(model, "judge")
         cost, priced = self.priced_cost(model)
         cand = Candidate(number, pipeline, cost, fidelity_drop(fid), fid.cosine, key,
-                         priced=priced)
+                         priced=priced, seconds=time.perf_counter() - start)
         self.cache[key] = cand
-        self.trial_seconds.append(time.perf_counter() - start)  # cache hits are not a guide
+        self.trial_seconds.append(cand.seconds)  # cache hits are not a guide
         return cand
 
     def trial_cost(self, model: ir.Model) -> float:
@@ -473,14 +474,15 @@ class TrialRunner:
         misses the budget costs no timing slot); the cheapest measured at least NOISE_MARGIN
         below the source wins, else the lossless pipeline with the reason. The measured time
         decides: a candidate predicted cheap but measured no faster than the source never wins.
-        Past `budget_end` (time.time()) no further finalist is judged once one has won: a
-        distilled finalist trains again, a minute or more."""
+        Once one has won, a finalist whose trial took longer than what is left until
+        `budget_end` (time.time()) is not judged: a distilled finalist trains again, a minute
+        or more."""
         winners, timed, judged, models, late = [], [], 0, {}, 0
         for cand in progress.bar(ranked, "finalists"):
             # predicted and measured trial costs are on two scales: each kind has its own slots
             if sum(c.priced == cand.priced for c in timed) >= self.options.finalists:
                 continue
-            if winners and time.time() > budget_end:
+            if winners and time.time() + cand.seconds > budget_end:
                 late += 1
                 continue
             judged += 1
@@ -503,8 +505,8 @@ class TrialRunner:
             winners = [c for c in winners if c.measured_cost < 1.0 - NOISE_MARGIN]
         if winners:
             best = min(winners, key=lambda c: c.measured_cost)
-            unjudged = (f"; {late} more finalist(s) left unjudged: the time budget was spent"
-                        if late else "")
+            unjudged = (f"; {late} more finalist(s) left unjudged: judging them would not fit "
+                        "in the time budget" if late else "")
             return best, (f"chose trial {best.number}: {self.options.objective} x"
                           f"{best.measured_cost:.3f} of the source{by_batch_text(best)}, "
                           f"held-out drop {best.heldout_drop:.4f} <= {self.options.max_drop}"
@@ -593,7 +595,8 @@ def _completed(study: Any) -> list[Candidate]:
         out.append(Candidate(trial.number, attrs["pipeline"], float(attrs["cost"]),
                              float("inf") if drop is None else float(drop),
                              float(attrs.get("cosine") or 0.0), attrs.get("hash", ""),
-                             bool(attrs.get("cached")), priced=bool(attrs.get("priced", True))))
+                             bool(attrs.get("cached")), priced=bool(attrs.get("priced", True)),
+                             seconds=float(attrs.get("seconds") or 0.0)))
     return out
 
 

@@ -214,13 +214,17 @@ def test_the_summary_prints_the_ratio_at_each_batch_size():
     assert line.endswith("measured x0.742 (geometric mean of b1 x0.810, b8 x0.680)")
 
 
-def test_past_the_time_budget_no_further_finalist_is_judged_once_one_has_won():
-    # The judge and the timer know only "slow" and "a": judging "b" (a distilled finalist that
-    # would train again) raises KeyError.
-    runner = _runner({"slow": 1.01, "a": 0.7}, {"slow": 0.0, "a": 0.0})
-    ranked = [_cand(1, "slow", 0.4), _cand(2, "a", 0.5), _cand(3, "b", 0.6)]
-    chosen, message = runner.choose(ranked, budget_end=time.time() - 1.0)
-    assert chosen.pipeline == "a"  # "slow" won nothing, so "a" was still judged
+def test_a_finalist_whose_trial_took_longer_than_the_time_left_is_not_judged_once_one_won():
+    # The judge and the timer do not know "b" (a distilled finalist: its trial trained for
+    # 1000 s and judging it would train again): judging it raises KeyError.
+    runner = _runner({"slow": 1.01, "a": 0.7, "c": 0.8}, {"slow": 0.0, "a": 0.0, "c": 0.0})
+    ranked = [_cand(1, "slow", 0.4), _cand(2, "a", 0.5),
+              dataclasses.replace(_cand(3, "b", 0.6), seconds=1000.0), _cand(4, "c", 0.7)]
+    chosen, message = runner.choose(ranked, budget_end=time.time() + 100.0)
+    assert chosen.pipeline == "a" and ranked[3].measured_cost == pytest.approx(0.8)
     assert ranked[2].heldout_drop is None and "1 more finalist(s) left unjudged" in message
     with pytest.raises(KeyError):
-        runner.choose(ranked)  # within the budget "b" is judged
+        runner.choose(ranked)  # with time enough "b" is judged
+    runner = _runner({"slow": 1.01, "a": 0.7}, {"slow": 0.0, "a": 0.0})
+    late = [_cand(1, "slow", 0.4), dataclasses.replace(_cand(2, "a", 0.5), seconds=1000.0)]
+    assert runner.choose(late, budget_end=time.time())[0].pipeline == "a"  # none had won yet
