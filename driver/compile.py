@@ -174,7 +174,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
         judged_on = f"{len(judge)} judging batches given apart from the calibration data"
     judge_reference = [run(model, feeds) for feeds in judge] if lossy else []
     with _phase(phases, "passes", "running the pipeline"):
-        ctx = PassContext(calibration=fit, options=dict(src.options))
+        ctx = PassContext(calibration=fit, training=src.training, options=dict(src.options))
         model = manager.run(model, ctx, guard=guard).model
     fidelity = None
     if check:

@@ -289,7 +289,8 @@ class TrialRunner:
     def apply(self, pipeline: str) -> ir.Model:
         """The base model rewritten by the lossy part of `pipeline`."""
         model = _clone(self.base_bytes)
-        ctx = PassContext(calibration=self.src.fit, options=dict(self.src.options))
+        ctx = PassContext(calibration=self.src.fit, training=self.src.training,
+                          options=dict(self.src.options))
         ctx.analyses.update(self.analyses[0])
         ctx.analysis_configs.update(self.analyses[1])
         lossy = pipeline[len(DEFAULT_PIPELINE):].lstrip(",")
@@ -553,7 +554,7 @@ def over_budget(drop: float, max_drop: float) -> float:
 
 def _shared_analyses(src: Source, base: ir.Model, space: Space) -> tuple[dict, dict]:
     """Analyses computed once on the base model and seeded into every trial's context."""
-    ctx = PassContext(calibration=src.fit, options=dict(src.options))
+    ctx = PassContext(calibration=src.fit, training=src.training, options=dict(src.options))
     wanted = (["layer-similarity"] if space.drop_levels else []) + (
         ["head-importance"] if "prune-heads" in space.width else [])
     model = _clone(model_bytes(base))

@@ -37,6 +37,7 @@ class Source:
     options: dict[str, Any]
     zoo: Any = None
     calibration: list[Feeds] = dataclasses.field(default_factory=list)
+    training: Any = None  # a zoo model's unlabelled training batches, fetched when asked for
     _references: dict[str, list[dict[str, np.ndarray]]] = dataclasses.field(
         default_factory=dict, repr=False)
 
@@ -119,8 +120,9 @@ def resolve(spec: Any, calibration: Any = None, user_inputs: Any = None,
     options = task_options(spec, model, zoo=zoo)
     if zoo is not None and zoo.split("heldout"):
         judge = _first_samples(batches, JUDGE_SAMPLES)
+        training = zoo.training if zoo.has_training_split and calibration is None else None
         return Source(spec, name, model, batches, judge, zoo.split("heldout"), origin, options,
-                      zoo, batches)
+                      zoo, batches, training)
     fit, judge, heldout = split_batches(batches, dynamic_batch(model))
     return Source(spec, name, model, fit, judge, heldout, origin, options, None, batches)
 

@@ -21,7 +21,7 @@ Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 Runner = Callable[[Mapping[str, np.ndarray]], Outputs]
 KINDS = ("text-embedding", "image-classifier", "causal-lm", "ocr-det", "ocr-rec", "onnx-test")
-SPLITS = ("calibration", "heldout")
+SPLITS = ("calibration", "heldout", "train")
 _EXPORT_MEMO: dict[str, tuple[bytes, dict]] = {}
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                 onnx.TensorProto.DOUBLE)
@@ -53,6 +53,7 @@ class ZooModel(abc.ABC):
     higher_is_better: bool = True
     output_kind: str = "values"
     description: str = ""
+    has_training_split: bool = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -78,6 +79,11 @@ class ZooModel(abc.ABC):
     def calibration(self) -> list[Feeds]:
         """Calibration batches of real data (feed dicts keyed by ONNX input names)."""
         return self.split("calibration")
+
+    def training(self) -> list[Feeds] | None:
+        """Unlabelled batches to train on (distillation), disjoint from the held-out split; None
+        when the model has no split of its own for that (passes then train on calibration)."""
+        return self.split("train") if self.has_training_split else None
 
     def heldout(self) -> list[Feeds]:
         """Held-out batches of real data, disjoint from calibration and training data."""

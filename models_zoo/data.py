@@ -6,6 +6,7 @@ import functools
 import hashlib
 import random
 import re
+from collections.abc import Collection
 
 SEED = 1234
 _HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
@@ -76,6 +77,53 @@ def sentence_split(split: str, calibration: int = 256, heldout: int = 256,
     if split == "heldout":
         return pairs[calibration:calibration + heldout]
     raise ValueError(f"unknown split '{split}'; use 'calibration' or 'heldout'.")
+
+
+def unlabelled_chunks(exclude: Collection[str], max_chars: int = 250) -> list[str]:
+    """Windows of about `max_chars` over the whole corpus text (prose and code, whitespace
+    collapsed; each starts half a window after the last) with every sentence in `exclude`
+    (held-out sentences) cut out: no window spans a cut, and a window still holding a piece of
+    one (a copy spelled differently) is left out. Unlabelled text for distillation."""
+    sentences = sorted({_plain(s) for s in exclude}, key=len, reverse=True)
+    probes = {p for sentence in sentences for p in _probes(sentence)}
+    text = _plain(" ".join(topic_texts().values()))
+    for sentence in sentences:
+        text = text.replace(sentence, "\0")
+    chunks = []
+    for segment in text.split("\0"):
+        chunks += [c for c in _windows(segment.split(), max_chars)
+                   if not any(p in c for p in probes)]
+    return chunks
+
+
+def _windows(words: list[str], max_chars: int) -> list[str]:
+    """Runs of whole words of at most `max_chars` (a longer word stands alone), each starting
+    half a run after the last."""
+    out, start = [], 0
+    while start < len(words):
+        end, size = start, 0
+        while end < len(words) and size + len(words[end]) + 1 <= max_chars:
+            size += len(words[end]) + 1
+            end += 1
+        end = max(end, start + 1)
+        out.append(" ".join(words[start:end]))
+        if end == len(words):
+            break
+        start += max(1, (end - start) // 2)
+    return out
+
+
+def _plain(text: str) -> str:
+    """Text without the quotes and asterisks `_clean` drops, whitespace collapsed."""
+    return " ".join(text.replace('"', "").replace("*", "").split())
+
+
+def _probes(sentence: str, width: int = 24) -> list[str]:
+    """Pieces of a sentence at its start, middle and end (any one found means it is there)."""
+    if len(sentence) <= width:
+        return [sentence]
+    mid = (len(sentence) - width) // 2
+    return [sentence[:width], sentence[mid:mid + width], sentence[-width:]]
 
 
 @functools.cache

@@ -114,6 +114,8 @@ class MiniLM(TorchZooModel):
     output_names = ("embeddings",)
     description = "all-MiniLM-L6-v2 (real weights) + mean pooling + L2 norm, pydoc sentences"
 
+    has_training_split = True
+
     def __init__(self, name: str = "minilm") -> None:
         super().__init__(name)
 
@@ -139,7 +141,12 @@ class MiniLM(TorchZooModel):
             return int(sum(np.prod(s.get_shape()) for s in slices if s.get_dtype().startswith("F")))
 
     def make_split(self, split: str) -> list[Feeds]:
-        """Tokenized batches of real English sentences."""
+        """Tokenized batches of real English sentences; 'train' is every prose run of the corpus
+        that holds no held-out sentence (unlabelled, for distillation)."""
+        if split == "train":
+            heldout = [s for s, _ in data.sentence_split("heldout", SPLIT_SIZE, SPLIT_SIZE)]
+            chunks = data.unlabelled_chunks(heldout)
+            return [encode(chunks[i:i + BATCH]) for i in range(0, len(chunks), BATCH)]
         # Every sentence not held out calibrates: closed-form adapters gain from more tokens.
         sentences = [s for s, _ in data.sentence_split(split, SPLIT_SIZE, SPLIT_SIZE,
                                                        rest_to_calibration=True)]

@@ -27,6 +27,7 @@ class PassContext:
 
     target: str | None = None
     calibration: Any = None
+    training: Any = None  # unlabelled batches (or a callable giving them) that distill trains on
     analyses: dict[str, Any] = dataclasses.field(default_factory=dict)
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -14,7 +14,8 @@ from tests.tiny_models import TinyTransformer
 from winnow.errors import PassConfigError, PassFailedError
 from winnow.ir.execute import run
 from winnow.ir.torch_exec import TorchGraph, unsupported_ops
-from winnow.passes.rewrite.distill import DistillPass, hidden_states, lookup_tables
+from winnow.passes.rewrite.distill import (DistillPass, hidden_states, lookup_tables,
+                                           training_batches)
 from winnow.passes import PassContext, PassManager
 
 RNG = np.random.default_rng(0)
@@ -249,6 +250,20 @@ def test_distill_on_cuda_recovers_what_pruning_lost(pruned_pair):
     PassManager("prune-channels{ratio=0.5},distill{steps=200,lr=0.003,check_every=20,"
                 "device=cuda,hidden=1}").run(distilled, PassContext(calibration=CALIBRATION))
     assert _heldout_error(distilled, oracle) < 0.7 * _heldout_error(plain, oracle)
+
+
+def test_distill_trains_on_the_training_data_when_there_is_some(pruned_pair):
+    _, source = pruned_pair
+    extra = [{"x": b["x"] * 2} for b in CALIBRATION[:2]]
+    assert training_batches(source, PassContext(calibration=CALIBRATION)) == CALIBRATION
+    assert training_batches(source, PassContext(calibration=CALIBRATION, training=lambda: extra)) \
+        is not CALIBRATION
+    got = training_batches(source, PassContext(calibration=CALIBRATION, training=lambda: extra))
+    assert [b["x"].tolist() for b in got] == [b["x"].tolist() for b in extra]
+    ctx = PassContext(calibration=CALIBRATION, training=extra)
+    PassManager("prune-channels{ratio=0.5},distill{steps=5,samples=1000}").run(source.clone(), ctx)
+    # 2 batches of 16 rows: 2 of each held back, the rest trained on; calibration unused
+    assert ctx.report["distill"]["samples"] == [28, 4]
 
 
 def test_distill_keeps_the_input_when_training_only_hurts(pruned_pair):

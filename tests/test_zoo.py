@@ -67,6 +67,31 @@ def test_sentence_splits_are_real_disjoint_and_deterministic():
         data.sentence_split("train")
 
 
+def test_unlabelled_text_holds_no_piece_of_a_held_out_sentence():
+    heldout = [s for s, _ in data.sentence_split("heldout")]
+    chunks = data.unlabelled_chunks(heldout)
+    text = "\n".join(chunks)
+    assert len(text) > 5 * sum(len(s) for s, _ in data.sentence_split("calibration"))
+    assert all(len(c) <= 250 or " " not in c for c in chunks)
+    for sentence in heldout:  # independent of the probes: no half (30+ characters) is there
+        plain = " ".join(sentence.split())
+        half = len(plain) // 2
+        pieces = [plain[:half], plain[half:]] if half >= 30 else [plain]
+        assert not any(piece in text for piece in pieces), sentence
+    # leaving out nothing keeps those sentences: the check above can fail
+    unfiltered = "\n".join(data.unlabelled_chunks([]))
+    assert sum(" ".join(s.split())[:30] in unfiltered for s in heldout) > len(heldout) // 2
+
+
+def test_minilm_training_split_is_tokenized_unlabelled_text():
+    zm = models_zoo.get("minilm")
+    assert zm.has_training_split and not models_zoo.get("digits-cnn").has_training_split
+    batches = zm.training()
+    assert sum(b["input_ids"].shape[0] for b in batches) == len(
+        data.unlabelled_chunks([s for s, _ in data.sentence_split("heldout")]))
+    assert batches[0]["input_ids"].shape[1] == 64 and batches[0]["attention_mask"].sum() > 0
+
+
 def test_byte_splits_partition_the_corpus():
     parts = [data.byte_split(s) for s in ("train", "calibration", "heldout")]
     assert b"".join(parts) == data.corpus_bytes()

@@ -1,18 +1,21 @@
 """`distill`: train the float weights of the model so its outputs come back to those of the model
-the pipeline started from (knowledge distillation on the calibration split, in PyTorch through
-`ir/torch_exec.py`). What pruning and dropping removed stays removed; distill re-tunes what is
-left, the step the closed-form refits cannot take (they fit one projection at a time).
+the pipeline started from (knowledge distillation in PyTorch through `ir/torch_exec.py`, on the
+pass context's training data: a zoo model's unlabelled train split, else the calibration data).
+What pruning and dropping removed stays removed; distill re-tunes what is left, the step the
+closed-form refits cannot take (they fit one projection at a time).
 
-The teacher is the model as the pipeline received it, run once on the calibration batches when
-the pipeline starts. One sample in eight of every calibration batch (at least one; whole batches when the model's
-batch size is fixed) is held back: the weights kept are those
-of the step with the lowest held-back loss, so distill never returns a model that does worse on
-data it did not train on than the one it received; a check that finds no improvement returns to
-the best weights and halves the learning rate, so one `lr` serves small and pretrained models.
+The teacher is the model as the pipeline received it: PyTorch runs a copy of it on each batch as
+training goes (a teacher PyTorch cannot run gives its outputs once, when the pipeline starts).
+One sample in eight of every batch (at least one; whole batches when the model's batch size is
+fixed) is held back: the weights kept are those of the step with the lowest held-back loss, so
+distill never returns a model that does worse on data it did not train on than the one it
+received; a check that finds no improvement returns to the best weights and halves the learning
+rate, so one `lr` serves small and pretrained models, and ten halvings end the training.
 With `hidden` > 0 the student also learns the teacher's hidden states: the outputs of the
 normalization layers both models share (same value name and shape; what pruning or dropping
 removed or resized is left out), a far richer signal than the final outputs alone (feature
-distillation). The held-back check still judges the outputs only.
+distillation). The held-back check still judges the outputs only. Lookup tables (token
+embeddings) stay as they are unless `embeddings`; `device=cuda` trains on a GPU.
 Run it after the lossy structural passes and before `fuse` / `quantize` (their contrib and
 integer ops are not trainable)."""
 
@@ -67,34 +70,37 @@ class DistillPass(Pass):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._train: list[tuple[dict, dict]] = []
+        self._train: list[tuple[dict, dict | None]] = []
         self._valid: list[tuple[dict, dict]] = []
+        self._teacher: ir.Model | None = None
         self._hidden: list[str] = []
         self._seen = False
 
     def see_pipeline_input(self, model: ir.Model) -> None:
-        """Record the teacher: the outputs of the model the pipeline received on the calibration
-        batches, each split into rows to train on and rows held back (called by the PassManager
-        before the first pass runs)."""
+        """Record the teacher, the model the pipeline received: a copy PyTorch runs on each
+        training batch as it comes (its outputs on the held-back rows are computed now), or, when
+        PyTorch cannot run it, its outputs and hidden states on every batch, computed now (called
+        by the PassManager before the first pass runs)."""
         from winnow.ir.execute import run
-        from winnow.passes.analysis.calibration import calibration_batches
+        from winnow.ir.torch_exec import unsupported_ops
         from winnow.passes.analysis.layer_similarity import limit_samples
 
-        batches = limit_samples(calibration_batches(model, PassContext.current()),
+        batches = limit_samples(training_batches(model, PassContext.current()),
                                 self.config.samples)
         names = [v.name for v in model.graph.outputs]
         self._hidden = hidden_states(model) if self.config.hidden else []
-        pieces = _split_rows(batches) if _batch_is_dynamic(model) else _split_batches(batches)
-        self._train, self._valid = ([(feeds, _teacher(run(model, feeds, self._hidden), names))
-                                     for feeds in progress.bar(part, "distill: teacher outputs")]
-                                    for part in pieces)
+        train, valid = _split_rows(batches) if _batch_is_dynamic(model) else _split_batches(batches)
+        self._valid = [(f, _teacher(run(model, f), names))
+                       for f in progress.bar(valid, "distill: teacher outputs")]
+        self._teacher = None if unsupported_ops(model) else model.clone()
+        self._train = [(f, None) for f in train] if self._teacher is not None else [
+            (f, _teacher(run(model, f, self._hidden), names))
+            for f in progress.bar(train, "distill: teacher outputs")]
         self._seen = True
 
     def call(self, model: ir.Model) -> PassResult:
         """Train the float initializers in place; keeps the best held-back step."""
         require_extra("the distill pass (it trains in PyTorch)", "torch", ("torch",))
-        import torch
-
         from winnow.ir.torch_exec import TorchGraph
 
         ctx = PassContext.current()
@@ -108,21 +114,40 @@ class DistillPass(Pass):
         device = _device(self.config.device)
         frozen = frozenset() if self.config.embeddings else lookup_tables(model)
         net = TorchGraph(model, device, frozen)
-        train = [(_tensors(f, device), _tensors(t, device)) for f, t in self._train]
+        teacher = None if self._teacher is None else TorchGraph(
+            self._teacher, device, frozenset(self._teacher.graph.initializers))
+        train = [(_tensors(f, device), t if t is None else _tensors(t, device))
+                 for f, t in self._train]
         valid = [(_tensors(f, device), _tensors(t, device)) for f, t in self._valid]
-        names = [v.name for v in model.graph.outputs]
-        hidden = _shared_hidden(net, model, self._hidden, train[0])
-        weight = self.config.hidden / max(len(hidden), 1)
-        order = np.random.default_rng(self.config.seed)
-        optimizer = torch.optim.Adam(net.parameters(), lr=self.config.lr)
+        targets = _Targets(teacher, [v.name for v in model.graph.outputs], self._hidden)
+        hidden = targets.shared_hidden(net, train[0])
+        report = self._train_loop(net, targets, hidden, train, valid)
+        changed = net.write_back() if report["best_step"] else 0
+        ctx.report[self.name] = {**report, "trained_tensors": changed,
+                                 "samples": [_rows(self._train), _rows(self._valid)],
+                                 "hidden_states": len(hidden),
+                                 "parameters": int(sum(p.numel() for p in net.parameters()))}
+        return PassResult(model, bool(changed))
+
+    def _train_loop(self, net: Any, targets: _Targets, hidden: list[str], train: list,
+                    valid: list) -> dict[str, Any]:
+        """Adam on the training rows; every `check_every` steps the held-back loss decides: a
+        better one is kept, a worse one goes back to the best weights at half the learning rate.
+        Stops at `steps`, at `max_seconds`, or when the rate has been halved ten times over."""
+        import torch
+
+        names, cfg = targets.outputs, self.config
+        weight = cfg.hidden / max(len(hidden), 1)
+        order = np.random.default_rng(cfg.seed)
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         first = best = _loss(net, valid, names)
         best_step, best_state = 0, _state(net)
-        stop = time.monotonic() + self.config.max_seconds if self.config.max_seconds else None
-        done = 0
-        bar = progress.counter("distill", self.config.steps)
-        running = None
-        for step in range(1, self.config.steps + 1):
+        stop = time.monotonic() + cfg.max_seconds if cfg.max_seconds else None
+        bar = progress.counter("distill", cfg.steps)
+        running, step = None, 0
+        for step in range(1, cfg.steps + 1):
             feeds, target = train[int(order.integers(len(train)))]
+            target = targets.of(feeds, target, hidden)
             optimizer.zero_grad()
             outputs = net(feeds, hidden)
             loss = _batch_loss(outputs, target, names) \
@@ -131,29 +156,67 @@ class DistillPass(Pass):
             optimizer.step()
             value = float(loss.detach())
             running = value if running is None else 0.9 * running + 0.1 * value
-            done = step
             bar.update()
             out_of_time = stop is not None and time.monotonic() > stop
-            if step % self.config.check_every == 0 or step == self.config.steps or out_of_time:
+            if step % cfg.check_every == 0 or step == cfg.steps or out_of_time:
                 current = _loss(net, valid, names)
                 if current < best:
                     best, best_step, best_state = current, step, _state(net)
                 else:  # back to the best weights with half the step size
                     net.load_state_dict(best_state)
-                    lr = optimizer.param_groups[0]["lr"] / 2
-                    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+                    optimizer = torch.optim.Adam(net.parameters(),
+                                                 lr=optimizer.param_groups[0]["lr"] / 2)
+                lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix_str(f"train {running:.4g}, held back {first:.4g} -> {best:.4g} "
-                                    f"(step {best_step}), lr {optimizer.param_groups[0]['lr']:.2g}")
-            if out_of_time:
-                break
+                                    f"(step {best_step}), lr {lr:.2g}")
+                if out_of_time or lr < cfg.lr / 1024:
+                    break
         bar.close()
         net.load_state_dict(best_state)
-        changed = net.write_back() if best_step else 0
-        ctx.report[self.name] = {"steps": done, "best_step": best_step,
-                                 "held_back_loss": [round(first, 6), round(best, 6)],
-                                 "trained_tensors": changed, "hidden_states": len(hidden),
-                                 "parameters": int(sum(p.numel() for p in net.parameters()))}
-        return PassResult(model, bool(changed))
+        return {"steps": step, "best_step": best_step,
+                "held_back_loss": [round(first, 6), round(best, 6)]}
+
+
+class _Targets:
+    """What the student learns on a training batch: the torch teacher's outputs and hidden
+    states computed now, or those the teacher gave when the pipeline started."""
+
+    def __init__(self, teacher: Any, outputs: list[str], hidden: list[str]) -> None:
+        self.teacher, self.outputs, self.hidden = teacher, outputs, hidden
+
+    def of(self, feeds: dict, stored: dict | None, hidden: list[str]) -> dict:
+        """The targets of one batch (outputs by name, then the hidden states asked for)."""
+        if stored is not None:
+            return stored
+        import torch
+
+        with torch.no_grad():
+            values = self.teacher(feeds, hidden)
+        return dict(zip(self.outputs + list(hidden), values))
+
+    def shared_hidden(self, net: Any, sample: tuple[dict, dict | None]) -> list[str]:
+        """The teacher's hidden states the student still computes, with the same shape."""
+        import torch
+
+        produced = {value.name for node in net.graph for value in node.outputs}
+        names = [n for n in self.hidden if n in produced]
+        if not names:
+            return []
+        feeds, _ = sample
+        target = self.of(feeds, sample[1], names)
+        with torch.no_grad():
+            values = net(feeds, names)[len(self.outputs):]
+        return [n for n, v in zip(names, values) if tuple(v.shape) == tuple(target[n].shape)]
+
+
+def training_batches(model: ir.Model, ctx: Any) -> list[dict[str, np.ndarray]]:
+    """The context's training batches (unlabelled data to distill on; a zero-argument callable
+    is called), else its calibration batches."""
+    from winnow.passes.analysis.calibration import calibration_batches
+
+    data = getattr(ctx, "training", None)
+    data = data() if callable(data) else data
+    return [dict(b) for b in data] if data else calibration_batches(model, ctx)
 
 
 def hidden_states(model: ir.Model) -> list[str]:
@@ -169,19 +232,9 @@ def _teacher(values: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.
             for k, v in values.items()}
 
 
-def _shared_hidden(net: Any, model: ir.Model, names: list[str],
-                   sample: tuple[dict, dict]) -> list[str]:
-    """The teacher's hidden states the student still computes, with the same shape."""
-    import torch
-
-    produced = {value.name for node in model.graph for value in node.outputs}
-    names = [n for n in names if n in produced]
-    if not names:
-        return []
-    feeds, target = sample
-    with torch.no_grad():
-        values = net(feeds, names)[len(model.graph.outputs):]
-    return [n for n, v in zip(names, values) if tuple(v.shape) == tuple(target[n].shape)]
+def _rows(pairs: list[tuple[dict, Any]]) -> int:
+    """How many samples the (feeds, targets) pairs hold."""
+    return sum(next(iter(feeds.values())).shape[0] for feeds, _ in pairs)
 
 
 def _batch_is_dynamic(model: ir.Model) -> bool:
