@@ -90,11 +90,11 @@ class DistillPass(Pass):
         names = [v.name for v in model.graph.outputs]
         self._hidden = hidden_states(model) if self.config.hidden else []
         train, valid = _split_rows(batches) if _batch_is_dynamic(model) else _split_batches(batches)
-        self._valid = [(f, _teacher(run(model, f), names))
+        self._valid = [(f, _stored_targets(run(model, f), names))
                        for f in progress.bar(valid, "distill: teacher outputs")]
         self._teacher = None if unsupported_ops(model) else model.clone()
         self._train = [(f, None) for f in train] if self._teacher is not None else [
-            (f, _teacher(run(model, f, self._hidden), names))
+            (f, _stored_targets(run(model, f, self._hidden), names))
             for f in progress.bar(train, "distill: teacher outputs")]
         self._seen = True
 
@@ -226,7 +226,7 @@ def hidden_states(model: ir.Model) -> list[str]:
             if node.domain in ("", "ai.onnx") and node.op_type in NORMALIZATION_OPS]
 
 
-def _teacher(values: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+def _stored_targets(values: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
     """The teacher's graph outputs as they are, its hidden states in float16 (memory)."""
     return {k: v if k in outputs or v.dtype != np.float32 else v.astype(np.float16)
             for k, v in values.items()}

@@ -51,7 +51,7 @@ class FusePass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         """Fuse in place when the fused copy passes the check; otherwise leave the model as is."""
         ctx = PassContext.current()
-        batches = self._batches(model, ctx)
+        batches = check_batches(model, ctx, self.config.samples)
         trial = model.clone()
         try:
             counts = fuse_for_ort(trial, self.config.attention)
@@ -72,14 +72,6 @@ class FusePass(Pass):
         ctx.report[self.name] = {"fused": fused_ops(model), "fusions": counts,
                                  "max_abs_error": error, "checked_samples": _rows(batches)}
         return PassResult(model, True)
-
-    def _batches(self, model: ir.Model, ctx: PassContext) -> list[dict[str, np.ndarray]]:
-        from winnow.passes.analysis.calibration import calibration_batches
-        from winnow.passes.analysis.layer_similarity import limit_samples
-
-        if self.config.samples == 0:
-            return []
-        return limit_samples(calibration_batches(model, ctx), self.config.samples)
 
     def _skip(self, model: ir.Model, ctx: PassContext, reason: str) -> PassResult:
         logger.warning("fuse left the model unfused: %s", reason)
@@ -135,6 +127,17 @@ def _concat_of_constants(node: ir.Node) -> bool | None:
 def fused_ops(model: ir.Model) -> dict[str, int]:
     """Contrib-domain (com.microsoft) nodes of the main graph by op type."""
     return dict(collections.Counter(n.op_type for n in model.graph if n.domain == CONTRIB))
+
+
+def check_batches(model: ir.Model, ctx: PassContext, samples: int) -> list[dict[str, np.ndarray]]:
+    """The first `samples` calibration samples a checked rewrite compares outputs on (none for
+    0: no check)."""
+    from winnow.passes.analysis.calibration import calibration_batches
+    from winnow.passes.analysis.layer_similarity import limit_samples
+
+    if samples == 0:
+        return []
+    return limit_samples(calibration_batches(model, ctx), samples)
 
 
 def max_output_error(reference: ir.Model, candidate: ir.Model,

@@ -60,7 +60,7 @@ class FuseConvsPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         """Rewrite in place when the rewritten copy passes the check; else leave the model."""
-        from winnow.passes.rewrite.fuse import max_output_error
+        from winnow.passes.rewrite.fuse import check_batches, max_output_error
 
         ctx = PassContext.current()
         trial = model.clone()
@@ -71,7 +71,7 @@ class FuseConvsPass(Pass):
         if not any(counts.values()):
             ctx.report[self.name] = {"fusions": counts, "note": "no pattern matched"}
             return PassResult(model, False)
-        batches = self._batches(model, ctx)
+        batches = check_batches(model, ctx, self.config.samples)
         error = max_output_error(model, trial, batches)
         if error > self.config.tolerance:
             return self._skip(ctx, model, f"the rewritten outputs differ by {error:.3g} (more "
@@ -80,14 +80,6 @@ class FuseConvsPass(Pass):
         ctx.report[self.name] = {"fusions": counts, "max_abs_error": error,
                                  "opset": model.opset_imports.get("", None)}
         return PassResult(model, True)
-
-    def _batches(self, model: ir.Model, ctx: PassContext) -> list[dict[str, np.ndarray]]:
-        from winnow.passes.analysis.calibration import calibration_batches
-        from winnow.passes.analysis.layer_similarity import limit_samples
-
-        if self.config.samples == 0:
-            return []
-        return limit_samples(calibration_batches(model, ctx), self.config.samples)
 
     def _skip(self, ctx: PassContext, model: ir.Model, reason: str) -> PassResult:
         logger.warning("fuse-convs left the model as it was: %s", reason)
