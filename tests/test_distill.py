@@ -306,6 +306,9 @@ def test_distill_stops_at_its_time_limit(pruned_pair):
     ("4", "distill{lr=-1}", "lr"),
     ("4", "distill", "at least 2 batches for a model of fixed batch size"),
     ("N", "distill", "cannot execute LpNormalization"),
+    ("4", "distill{device=tpu}", "device"),
+    pytest.param("N", "distill{device=cuda}", "no CUDA GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this host has a CUDA GPU")),
 ])
 def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, rows, pipeline, message):
     from click.testing import CliRunner
