@@ -166,6 +166,8 @@ def train_classifier(model: nn.Module, hp: dict) -> dict:
 class DigitsModel(TorchZooModel):
     """A digits classifier trained on first use and cached; metric: held-out accuracy."""
 
+    has_training_split = True  # the images it was trained on (all but the held-out tail)
+
     kind = "image-classifier"
     metric_name = "accuracy"
     output_kind = "logits"

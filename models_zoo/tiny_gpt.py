@@ -159,9 +159,11 @@ def train_lm(model: TinyGPT, hp: dict) -> dict:
 
 
 def byte_windows(split: str) -> np.ndarray:
-    """Non-overlapping int64 windows [n, EVAL_SEQ] of a split's bytes (EVAL_BATCHES batches)."""
+    """Non-overlapping int64 windows [n, EVAL_SEQ] of a split's bytes (EVAL_BATCHES batches; the
+    train split, what distillation learns from, keeps every window)."""
     raw = np.frombuffer(data.byte_split(split), dtype=np.uint8).astype(np.int64)
-    n = min(len(raw) // EVAL_SEQ, EVAL_BATCH * EVAL_BATCHES)
+    n = len(raw) // EVAL_SEQ
+    n = n if split == "train" else min(n, EVAL_BATCH * EVAL_BATCHES)
     return raw[:n * EVAL_SEQ].reshape(n, EVAL_SEQ)
 
 
@@ -185,6 +187,7 @@ class TinyGPTModel(TorchZooModel):
     input_names = ("input_ids",)
     output_names = ("logits",)
     description = "4-layer byte-level decoder (RoPE, GQA 8q/2kv, RMSNorm, SwiGLU), trained here"
+    has_training_split = True  # the bytes it was trained on
 
     def __init__(self, name: str = "tiny-gpt", hparams: dict | None = None) -> None:
         super().__init__(name)

@@ -85,11 +85,27 @@ def test_unlabelled_text_holds_no_piece_of_a_held_out_sentence():
 
 def test_minilm_training_split_is_tokenized_unlabelled_text():
     zm = models_zoo.get("minilm")
-    assert zm.has_training_split and not models_zoo.get("digits-cnn").has_training_split
+    assert zm.has_training_split and not models_zoo.get("ppocr-rec").has_training_split
     batches = zm.training()
     assert sum(b["input_ids"].shape[0] for b in batches) == len(
         data.unlabelled_chunks([s for s, _ in data.sentence_split("heldout")]))
     assert batches[0]["input_ids"].shape[1] == 64 and batches[0]["attention_mask"].sum() > 0
+
+
+def test_digits_and_tiny_gpt_train_on_their_own_training_data_only():
+    from sklearn.datasets import load_digits
+
+    from winnow.models_zoo.digits import digits_split
+
+    train = np.concatenate([b["pixels"] for b in models_zoo.get("digits-vit").training()])
+    held = np.concatenate([b["pixels"] for b in models_zoo.get("digits-vit").heldout()])
+    assert np.array_equal(train, digits_split("train")[0])
+    assert len(train) + len(held) == len(load_digits().target)  # together, every digit once
+    gpt = models_zoo.get("tiny-gpt").training()
+    text = data.byte_split("train")
+    assert sum(b["input_ids"].shape[0] for b in gpt) == len(text) // 64 > 1000
+    first = bytes(gpt[0]["input_ids"][0].astype("uint8"))
+    assert first == text[:64] and first not in data.byte_split("heldout")
 
 
 def test_byte_splits_partition_the_corpus():
