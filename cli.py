@@ -125,8 +125,9 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--no-check", is_flag=True, help="Skip the differential check against the source.")
 @click.option("--eval", "evaluate", is_flag=True,
               help="Score the result on the zoo model's held-out data (always done after lossy passes).")
-@click.option("--max-drop", default=None, type=float, metavar="X",
-              help="Fidelity budget for lossy passes: largest task-metric drop (or 1 - cosine); "
+@click.option("--max-drop", default=None, metavar="X",
+              help="Fidelity budget for lossy passes: largest task-metric drop (or 1 - cosine), "
+                   "or a percentage of the source's metric such as 5% (perplexity); "
                    f"default {DEFAULT_MAX_DROP}, or 0.01 with --target.")
 @click.option("--force", is_flag=True, help="Write the result even when it misses the budget.")
 @click.option("--strict", is_flag=True,
@@ -153,7 +154,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @_input_options
 def compile(src: str, out: str, pipeline: str | None, config: str | None, backend: str,
             timings: bool, dump_ir: str | None, verify_each: bool, no_check: bool, evaluate: bool,
-            max_drop: float | None, force: bool, strict: bool, target: str | None,
+            max_drop: str | None, force: bool, strict: bool, target: str | None,
             tune_trials: int, tune_timeout: float | None, objective: str, time_budget: str,
             trials: int, trial_cost: str, study: str | None, as_json: bool,
             force_overwrite: bool, input_shapes: str | None,
@@ -192,7 +193,7 @@ def compile(src: str, out: str, pipeline: str | None, config: str | None, backen
 
 
 def _compile_search(src: str, out: str, pipeline: str | None, target: str, objective: str,
-                    time_budget: str, trials: int, study: str | None, max_drop: float | None,
+                    time_budget: str, trials: int, study: str | None, max_drop: str | None,
                     overwrite: bool, as_json: bool, user_inputs: Any = None,
                     trial_cost: str = "predicted") -> None:
     from winnow.driver import SearchOptions, search_compile
@@ -203,7 +204,7 @@ def _compile_search(src: str, out: str, pipeline: str | None, target: str, objec
                                 "or drop --target to run the pipeline you give.")
     options = SearchOptions(target=target, objective=objective, trials=trials, study=study,
                             time_budget=parse_duration(time_budget), trial_cost=trial_cost,
-                            max_drop=0.01 if max_drop is None else max_drop)
+                            max_drop="0.01" if max_drop is None else max_drop)
     search = search_compile(src, out, options, overwrite=overwrite, user_inputs=user_inputs)
     if as_json:
         _dump(dict(search.compile.to_dict(), search=search.to_dict()))
@@ -244,8 +245,9 @@ def _print_compile(result: Any, timings: bool) -> None:
         if result.fidelity.get("budget"):
             b = result.fidelity["budget"]
             over = b["drop"] > b["max_drop"]
+            limit = f"{b['max_drop'] * 100:g}%" if b.get("relative") else b["max_drop"]
             lines.append(f"budget    {b['measure']} {b['drop']:.4f} "
-                         f"{'exceeds' if over else '<='} {b['max_drop']}"
+                         f"{'exceeds' if over else '<='} {limit}"
                          + (" (forced)" if b["forced"] and over else ""))
     lines.append(f"wrote     {result.artifact.path}/")
     for name, size in result.file_sizes().items():

@@ -43,7 +43,8 @@ from winnow.passes.instruments import (
     TimingInstrument,
     VerifyInstrument,
 )
-from winnow.driver.source import Source, dynamic_batch, resolve, source_name, split_batches
+from winnow.driver.source import (Source, dynamic_batch, max_drop_text, parse_max_drop,
+                                  relative_drop, resolve, source_name, split_batches)
 from winnow.passes.analysis.calibration import pick_calibration, split_batch
 from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, pass_label
 from winnow.passes.pipeline import PassSpec, load_pipeline_file
@@ -118,7 +119,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   dump_ir: str | Path | None = None, verify_each: bool = False,
                   overwrite: bool = False, check: bool = True, example_inputs: Any = None,
                   dynamic_shapes: Any = None, calibration: Any = None, evaluate: bool = False,
-                  max_drop: float = DEFAULT_MAX_DROP, force: bool = False,
+                  max_drop: float | str = DEFAULT_MAX_DROP, force: bool = False,
                   strict: bool = False, judge_data: Any = None,
                   user_inputs: UserInputs | None = None,
                   backend_options: Mapping[str, Any] | None = None) -> CompileResult:
@@ -129,7 +130,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     `dynamic_shapes` go to `winnow.load` (needed for an nn.Module source).
     Lossy passes get `calibration` (default: the zoo model's calibration split, else example
     inputs). With `evaluate` (and always after a lossy pass) a zoo model is scored on its
-    held-out split; a lossy result whose drop exceeds `max_drop` is refused unless `force`.
+    held-out split; a lossy result whose drop exceeds `max_drop` (a number, or 'N%' of the
+    source's metric) is refused unless `force`.
     Other models are judged on a held-out part of `calibration` that the passes do not fit on
     (or on `judge_data` when given, and then all of `calibration` is fitted on); NaN/inf where
     the source has none, or a changed output count or shape, are refused.
@@ -140,7 +142,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     `backend_options` go to the backend's emit (TVM: target, shapes, schedules).
     """
     emit = get_backend(backend)
-    check_max_drop(max_drop)
+    max_drop, relative = check_max_drop(max_drop)
     check_output(Path(out), overwrite)
     timer = TimingInstrument() if timings else None
     verifier = VerifyInstrument() if verify_each else None
@@ -194,7 +196,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     if lossy:
         fidelity = dict(fidelity or {}, lossy_passes=lossy, calibration=origin,
                         judged_on=judged_on)
-        _enforce_budget(fidelity, max_drop, force)
+        _enforce_budget(fidelity, max_drop, force, relative)
     name = src.name
     passes = pass_entries(manager.passes, recorder, verifier, guard)
     with _phase(phases, "emit", f"writing {out}"):
@@ -227,15 +229,13 @@ def pass_entries(passes: Sequence[PassBase], recorder: RecordInstrument,
     return entries
 
 
-def check_max_drop(max_drop: Any) -> None:
-    """Refuse a fidelity budget that is not a number from 0 to 1."""
+def check_max_drop(max_drop: Any) -> tuple[float, bool]:
+    """The fidelity budget as (drop, relative); a FidelityError for anything but a number from 0
+    to 1 or a percentage."""
     try:
-        value = float(max_drop)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(max_drop, bool) or not 0.0 <= value <= 1.0:
-        raise FidelityError(f"--max-drop (max_drop) must be a number from 0 to 1, the largest "
-                            f"task-metric drop or 1 - cosine to accept; got {max_drop!r}.")
+        return parse_max_drop(max_drop)
+    except ValueError as exc:
+        raise FidelityError(str(exc)) from None
 
 
 def _fit_and_judge(src: Source, model: ir.Model, batches: list[dict[str, np.ndarray]],
@@ -259,13 +259,18 @@ def _fit_and_judge(src: Source, model: ir.Model, batches: list[dict[str, np.ndar
     return batches, [], f"the check inputs (in-sample: the passes fit on the {origin} too)"
 
 
-def budget_drop(fidelity: Mapping[str, Any]) -> tuple[float, str] | None:
+def budget_drop(fidelity: Mapping[str, Any], relative: bool = False) -> tuple[float, str] | None:
     """The drop judged against the budget: the task-metric drop on held-out data when there is
-    one, else 1 - cosine (held-out, or the differential check's)."""
+    one (with `relative`, as a fraction of the source's metric), else 1 - cosine (held-out, or
+    the differential check's)."""
     heldout = fidelity.get("heldout") or {}
     data = fidelity.get("judged_on") or "held-out data"
     if heldout.get("metric_drop") is not None:
-        return float(heldout["metric_drop"]), f"{heldout['metric_name']} drop on {data}"
+        drop, name = float(heldout["metric_drop"]), heldout["metric_name"]
+        if relative:
+            return (relative_drop(drop, heldout.get("reference_metric")),
+                    f"{name} drop on {data} relative to the source's {name}")
+        return drop, f"{name} drop on {data}"
     if heldout.get("cosine") is not None:
         return 1.0 - float(heldout["cosine"]), f"1 - cosine on {data}"
     if fidelity.get("min_cosine") is not None:
@@ -274,9 +279,10 @@ def budget_drop(fidelity: Mapping[str, Any]) -> tuple[float, str] | None:
     return None
 
 
-def _enforce_budget(fidelity: dict[str, Any], max_drop: float, force: bool) -> None:
+def _enforce_budget(fidelity: dict[str, Any], max_drop: float, force: bool,
+                    relative: bool = False) -> None:
     _refuse_changed_outputs(fidelity)
-    judged = budget_drop(fidelity)
+    judged = budget_drop(fidelity, relative)
     if judged is None:
         if not force:
             raise FidelityError("the pipeline has lossy passes but no fidelity could be measured; "
@@ -285,8 +291,8 @@ def _enforce_budget(fidelity: dict[str, Any], max_drop: float, force: bool) -> N
     drop, what = judged
     nonfinite = int(fidelity.get("nonfinite_mismatch") or 0) + int(
         (fidelity.get("heldout") or {}).get("nonfinite_mismatch") or 0)
-    fidelity["budget"] = {"max_drop": max_drop, "drop": drop, "measure": what, "forced": force,
-                          "nonfinite_mismatch": nonfinite}
+    fidelity["budget"] = {"max_drop": max_drop, "relative": relative, "drop": drop,
+                          "measure": what, "forced": force, "nonfinite_mismatch": nonfinite}
     if force:
         return
     if nonfinite:
@@ -295,7 +301,7 @@ def _enforce_budget(fidelity: dict[str, Any], max_drop: float, force: bool) -> N
                             "loosen the pipeline, or pass --force to write it anyway.")
     if not drop <= max_drop:
         raise FidelityError(f"the result misses the fidelity budget: {what} is {drop:.4f}, above "
-                            f"--max-drop {max_drop}; loosen the pipeline, raise --max-drop, or "
+                            f"--max-drop {max_drop_text(max_drop, relative)}; loosen the pipeline, raise --max-drop, or "
                             "pass --force to write it anyway.")
 
 

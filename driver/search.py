@@ -21,7 +21,8 @@ import onnx_ir as ir
 
 from winnow import progress
 from winnow.driver.fhash import functional_hash
-from winnow.driver.source import Source, fidelity_drop, resolve
+from winnow.driver.source import (Source, fidelity_drop, max_drop_text, parse_max_drop,
+                                  resolve)
 from winnow.driver.space import (
     Space,
     build_space,
@@ -72,7 +73,7 @@ class SearchOptions:
 
     target: str = "host"
     objective: str = "latency"
-    max_drop: float = 0.01
+    max_drop: float | str = 0.01  # 'N%': a drop of N percent of the source's task metric
     time_budget: float = 600.0
     trials: int = 24
     study: str | None = None
@@ -81,6 +82,7 @@ class SearchOptions:
     timing_batches: tuple[int, ...] = (1, 8)  # a fixed-batch model is timed at its own batch
     seed: int = 0
     trial_cost: str = "predicted"
+    relative_drop: bool = False  # set from a max_drop given as 'N%'
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -92,8 +94,16 @@ class SearchOptions:
         if self.trial_cost not in TRIAL_COSTS:
             raise SearchOptionError(f"unknown trial cost '{self.trial_cost}'; use one of: "
                                     f"{', '.join(TRIAL_COSTS)}.")
+        if isinstance(self.max_drop, str):
+            try:
+                drop, relative = parse_max_drop(self.max_drop, allow_one=False)
+            except ValueError as exc:
+                raise SearchOptionError(str(exc)) from None
+            object.__setattr__(self, "max_drop", drop)
+            object.__setattr__(self, "relative_drop", relative)
         if not (isinstance(self.max_drop, (int, float)) and 0.0 <= self.max_drop < 1.0):
-            raise SearchOptionError(f"--max-drop must be in [0, 1), not {self.max_drop}.")
+            raise SearchOptionError(f"--max-drop must be in [0, 1) or a percentage such as 5%, "
+                                    f"not {self.max_drop}.")
         if not (self.time_budget > 0 and math.isfinite(self.time_budget)):
             raise SearchOptionError(f"--time-budget must be positive, not {self.time_budget}.")
         for name in ("trials", "finalists", "repeats"):
@@ -104,6 +114,11 @@ class SearchOptions:
         if not self.timing_batches or min(self.timing_batches) < 1:
             raise SearchOptionError(f"timing batches must be one or more sizes of at least 1, "
                                     f"not {self.timing_batches}.")
+
+    @property
+    def budget_text(self) -> str:
+        """--max-drop as people write it: '0.01', or '5%' for a relative budget."""
+        return max_drop_text(self.max_drop, self.relative_drop)
 
 
 @dataclasses.dataclass
@@ -193,7 +208,7 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     finals_seconds = time.perf_counter() - finals_start
     data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
     result = compile_model(src, out, pipeline=chosen.pipeline, overwrite=overwrite,
-                           max_drop=options.max_drop, user_inputs=user_inputs, **data)
+                           max_drop=options.budget_text, user_inputs=user_inputs, **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.perf_counter() - start)
     search.measures = _measures(Path(out), runner, options)
@@ -306,7 +321,8 @@ class TrialRunner:
             return dataclasses.replace(hit, number=number, pipeline=pipeline, cached=True)
         fid = self.src.score(model, "judge")
         cost, priced = self.priced_cost(model)
-        cand = Candidate(number, pipeline, cost, fidelity_drop(fid), fid.cosine, key,
+        cand = Candidate(number, pipeline, cost, fidelity_drop(fid, self.options.relative_drop),
+                         fid.cosine, key,
                          priced=priced, seconds=time.perf_counter() - start)
         self.cache[key] = cand
         self.trial_seconds.append(cand.seconds)  # cache hits are not a guide
@@ -464,7 +480,7 @@ class TrialRunner:
 
         digest = hashlib.sha256(self.base_bytes)
         digest.update(repr((self.options.objective, self.options.target, self.options.max_drop,
-                            self.space.describe(), self.options.trial_cost,
+                            self.options.relative_drop, self.space.describe(), self.options.trial_cost,
                             self.options.timing_batches)).encode())
         return digest.hexdigest()[:16]
 
@@ -489,7 +505,8 @@ class TrialRunner:
             judged += 1
             model = self.apply(cand.pipeline)
             fid = self.src.score(model, "heldout")
-            cand.heldout_drop, cand.heldout_cosine = fidelity_drop(fid), fid.cosine
+            cand.heldout_drop = fidelity_drop(fid, self.options.relative_drop)
+            cand.heldout_cosine = fid.cosine
             if cand.heldout_drop > self.options.max_drop:
                 continue
             models[cand.number] = model
@@ -510,12 +527,12 @@ class TrialRunner:
                         "in the time budget" if late else "")
             return best, (f"chose trial {best.number}: {self.options.objective} x"
                           f"{best.measured_cost:.3f} of the source{by_batch_text(best)}, "
-                          f"held-out drop {best.heldout_drop:.4f} <= {self.options.max_drop}"
+                          f"held-out drop {best.heldout_drop:.4f} <= {self.options.budget_text}"
                           f"{unjudged}")
         lossless = Candidate(-1, DEFAULT_PIPELINE, 1.0, 0.0, 1.0, "")
         why = ("no lossy candidate was measured" if not ranked else
                f"of the {judged} finalists judged on held-out data, {len(timed)} met --max-drop "
-               f"{self.options.max_drop} there and none was measured at least "
+               f"{self.options.budget_text} there and none was measured at least "
                f"{NOISE_MARGIN:.0%} cheaper than the source")
         return lossless, f"kept the lossless pipeline: {why}"
 

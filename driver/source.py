@@ -97,13 +97,48 @@ class Source:
         return self._references[split]
 
 
-def fidelity_drop(fid: Fidelity) -> float:
-    """The drop the budget is judged by: the task-metric drop when there is one, else 1 - cosine;
-    NaN or inf anywhere makes it infinite."""
+def fidelity_drop(fid: Fidelity, relative: bool = False) -> float:
+    """The drop the budget is judged by: the task-metric drop when there is one (with `relative`,
+    as a fraction of the source's metric), else 1 - cosine; NaN or inf anywhere makes it
+    infinite."""
     drop = fid.metric_drop if fid.metric_drop is not None else 1.0 - fid.cosine
+    if relative and fid.metric_drop is not None:
+        drop = relative_drop(drop, fid.reference_metric)
     if not np.isfinite(drop) or not np.isfinite(fid.cosine) or not np.isfinite(fid.max_abs_error):
         return float("inf")
     return float(drop)
+
+
+def relative_drop(drop: float, reference: float | None) -> float:
+    """A task-metric drop as a fraction of the source's metric (infinite when that is 0 and the
+    drop is not)."""
+    scale = abs(float(reference)) if reference is not None else 0.0
+    if scale == 0.0:
+        return 0.0 if drop <= 0 else float("inf")
+    return float(drop) / scale
+
+
+def parse_max_drop(value: Any, allow_one: bool = True) -> tuple[float, bool]:
+    """A fidelity budget as (drop, relative): a number from 0 to 1 (below 1 unless `allow_one`)
+    is an absolute task-metric drop (or 1 - cosine), 'N%' a drop of N percent of the source's
+    metric (1 - cosine for a model without one). ValueError says what is accepted."""
+    text = value.strip() if isinstance(value, str) else value
+    relative = isinstance(text, str) and text.endswith("%")
+    try:
+        number = float(text[:-1]) / 100.0 if relative else float(text)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not (0.0 <= number <= 1.0 and (allow_one or number < 1.0)):
+        bound = "from 0 to 1" if allow_one else "in [0, 1)"
+        raise ValueError(f"--max-drop must be a number {bound} (the largest task-metric drop, or "
+                         f"1 - cosine, to accept) or a percentage of the source's metric such "
+                         f"as 5%; got {value!r}.")
+    return number, relative
+
+
+def max_drop_text(max_drop: float, relative: bool) -> str:
+    """A budget as people write it: '0.01' or '5%'."""
+    return f"{max_drop * 100:g}%" if relative else f"{max_drop:g}"
 
 
 def resolve(spec: Any, calibration: Any = None, user_inputs: Any = None,

@@ -155,7 +155,30 @@ def test_max_drop_must_be_a_number_from_0_to_1(log_model_path, tmp_path, bad):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("bad", ["-1", "nan", "2"])
+@pytest.mark.parametrize("text, expected", [("5%", (0.05, True)), (" 0.5% ", (0.005, True)),
+                                            ("0.01", (0.01, False)), (0.2, (0.2, False))])
+def test_max_drop_is_a_number_or_a_percentage(text, expected):
+    from winnow.driver.source import parse_max_drop
+
+    drop, relative = parse_max_drop(text)
+    assert drop == pytest.approx(expected[0]) and relative is expected[1]
+
+
+def test_a_percentage_budget_is_judged_against_the_source_metric(tmp_path):
+    out = tmp_path / "out"
+    pipeline = "prune-channels{ratio=0.5}"  # no refit: accuracy falls far
+    with pytest.raises(FidelityError, match="accuracy drop on .* relative to the source's accuracy "
+                                            r"is .* above --max-drop 1%"):
+        winnow.compile("zoo:digits-cnn", out, pipeline=pipeline, max_drop="1%")
+    assert not out.exists()
+    forced = winnow.compile("zoo:digits-cnn", out, pipeline=pipeline, max_drop="1%", force=True)
+    held, budget = forced.fidelity["heldout"], forced.fidelity["budget"]
+    ref, cand = held["reference_metric"], held["candidate_metric"]
+    assert budget["relative"] is True and budget["max_drop"] == pytest.approx(0.01)
+    assert budget["drop"] == pytest.approx((ref - cand) / ref) and budget["drop"] > 0.01
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "2", "101%", "-3%", "%"])
 def test_cli_max_drop_is_checked(log_model_path, tmp_path, bad):
     result = CliRunner().invoke(cli, ["--quiet", "compile", str(log_model_path), "-o",
                                       str(tmp_path / "out"), f"--max-drop={bad}"])

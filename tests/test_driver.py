@@ -34,11 +34,22 @@ from tests.tiny_models import TinyTransformer, zero_block_branches
 @pytest.mark.parametrize("kwargs, word", [
     ({"target": "rpi9"}, "target"), ({"objective": "energy"}, "objective"),
     ({"max_drop": -0.1}, "--max-drop"), ({"max_drop": float("nan")}, "--max-drop"),
-    ({"max_drop": 1.0}, "--max-drop"), ({"trials": 0}, "--trials"),
+    ({"max_drop": 1.0}, "--max-drop"), ({"max_drop": "100%"}, "--max-drop"),
+    ({"max_drop": "five%"}, "metric such as 5%; got .five%."), ({"trials": 0}, "--trials"),
     ({"time_budget": 0}, "--time-budget")])
 def test_bad_search_options_are_clear_errors(kwargs, word):
     with pytest.raises(SearchOptionError, match=word):
         SearchOptions(**kwargs)
+
+
+def test_a_percentage_budget_is_relative_and_survives_the_trip_to_a_worker():
+    import dataclasses
+
+    options = SearchOptions(max_drop="5%")
+    assert (options.max_drop, options.relative_drop, options.budget_text) == (0.05, True, "5%")
+    again = SearchOptions(**dataclasses.asdict(options))  # what a study's job record holds
+    assert (again.max_drop, again.relative_drop) == (0.05, True)
+    assert SearchOptions(max_drop="0.05").relative_drop is False
 
 
 def test_parse_duration():
@@ -256,7 +267,8 @@ def test_minilm_metric_on_the_calibration_split_compares_like_with_like():
 
 @pytest.mark.parametrize("args, message", [
     (["--target", "rpi"], "unknown target 'rpi'"),
-    (["--target", "host", "--max-drop", "1.5"], "--max-drop must be in [0, 1)"),
+    (["--target", "host", "--max-drop", "1.5"], "--max-drop must be a number in [0, 1)"),
+    (["--target", "host", "--max-drop", "5%%"], "percentage of the source's metric"),
     (["--target", "host", "--objective", "joules"], "unknown objective"),
     (["--target", "host", "--trial-cost", "guessed"], "unknown trial cost 'guessed'"),
     (["--target", "host", "--time-budget", "soon"], "is not a duration"),
