@@ -73,6 +73,9 @@ DYNAMIC_SETTINGS = (
 REFERENCE = "ORT fp32"
 WINNOW = "winnow --target host"
 MAX_BATCH = {"ppocr-det": 2}  # 320x480 pages: batch 8 would take minutes on 2 cores
+# The fidelity budget issue 12 sets each model (--max-drop of winnow's row; 0.01 elsewhere).
+WINNOW_BUDGETS = {"minilm": "0.01", "digits-cnn": "0.005", "digits-vit": "0.005",
+                  "tiny-gpt": "5%", "ppocr-rec": "0.05"}
 EXTRA_METRICS = {"minilm": ("retrieval_agreement", "topic_top1"), "ppocr-rec": ("char_accuracy",)}
 # Static QDQ quantizes only the compute-heavy ops: with ORT's default op list the additive
 # attention masks (-inf / finfo.min) get quantized too and wreck MiniLM and tiny-gpt. Activations
@@ -335,19 +338,22 @@ class Row:
     notes: list[str]
 
 
-def winnow_variant(zm: Any, work: Path, threads: int, options: Any) -> Variant:
-    """winnow's own row: `winnow compile zoo:NAME --target host` (the search at its budget)."""
+def winnow_variant(zm: Any, work: Path, threads: int, options: Callable[[str], Any]) -> Variant:
+    """winnow's own row: `winnow compile zoo:NAME --target host` with the search options
+    `options(NAME)` gives."""
     from winnow.driver import search_compile
 
     v = Variant(WINNOW)
     with attempt(v, f"{zm.name}: winnow compile --target host"):
+        options = options(zm.name)
         start = time.perf_counter()
         result = search_compile(f"zoo:{zm.name}", work / "winnow", options)
         v.path = work / "winnow" / "model.onnx"
         v.run = ort_runner(v.path, threads)
         pipeline = result.chosen.pipeline.split("dce,", 1)[-1] if "," in result.chosen.pipeline \
             else result.chosen.pipeline
-        v.notes += [f"compiled in {time.perf_counter() - start:.0f} s ({result.trials} trials)",
+        v.notes += [f"--max-drop {options.budget_text}",
+                    f"compiled in {time.perf_counter() - start:.0f} s ({result.trials} trials)",
                     f"chose {pipeline}"]
     return v
 
@@ -355,7 +361,7 @@ def winnow_variant(zm: Any, work: Path, threads: int, options: Any) -> Variant:
 def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequence[int],
             work: Path, winnow: Any = None) -> tuple[list[Row], dict[str, Any]]:
     """Prepare, evaluate and time every variant of one zoo model (and winnow's row when
-    `winnow` holds search options)."""
+    `winnow` gives search options: model name -> SearchOptions)."""
     from winnow.measure.fidelity import OUTPUT_KINDS, evaluate
 
     zm = models_zoo.get(name)
@@ -506,6 +512,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--winnow-budget", default=None, metavar="DURATION",
                    help="add winnow's row: `winnow compile --target host` with this search time "
                         "budget per model (e.g. 5m); its compile time is in the notes")
+    p.add_argument("--winnow-max-drop", default=None, metavar="X",
+                   help="winnow's fidelity budget for every model (default: each model's in "
+                        "WINNOW_BUDGETS, the targets of issue 12)")
     p.add_argument("--winnow-trials", type=int, default=None,
                    help="search trials per model (default: the compile's, 24)")
     args = p.parse_args(argv)
@@ -528,7 +537,15 @@ def _search_options(args: argparse.Namespace) -> Any:
     from winnow.driver.search import parse_duration
 
     trials = {} if args.winnow_trials is None else {"trials": args.winnow_trials}
-    return SearchOptions(time_budget=parse_duration(args.winnow_budget), **trials)
+    budget = parse_duration(args.winnow_budget)
+    SearchOptions(time_budget=budget, max_drop=args.winnow_max_drop or "0.01", **trials)  # checks
+
+    def options_for(name: str) -> Any:
+        """The search options of one model: its issue-12 fidelity budget unless one is given."""
+        max_drop = args.winnow_max_drop or WINNOW_BUDGETS.get(name, "0.01")
+        return SearchOptions(time_budget=budget, max_drop=max_drop, **trials)
+
+    return options_for
 
 
 def main(argv: Sequence[str] | None = None) -> int:
