@@ -22,8 +22,9 @@ OUTLIER_SPLITS = {"float": "split-outliers",
                   "float-free": "split-outliers{free_only=true,factor=4}"}
 RATIOS = (0.0, 0.25, 0.5)
 # Distillation after structural moves: bounded in time so one trial stays a trial; the held-back
-# check inside the pass keeps the input weights when training does not help.
-DISTILL = "distill{steps=300,lr=0.001,max_seconds=60}"
+# check inside the pass keeps the input weights when training does not help. A small model
+# trains on its whole train split and waits out a few noisy checks before halving the rate.
+DISTILL = "distill{steps=2000,lr=0.001,max_seconds=60,samples=2048,patience=5}"
 STRUCTURAL = ("drop", "prune-heads", "prune-channels")
 MAX_DROPPED = 3
 # int8 modes searched with one weight scale per output channel or one per tensor: per tensor was

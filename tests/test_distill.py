@@ -278,6 +278,17 @@ def test_distill_keeps_the_input_when_training_only_hurts(pruned_pair):
         np.testing.assert_array_equal(value.const_value.numpy(), weights[name])
 
 
+@pytest.mark.parametrize("patience", [1, 3])
+def test_the_rate_halves_after_patience_checks_without_improvement(pruned_pair, patience):
+    _, source = pruned_pair
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager(f"distill{{steps=1000,lr=50.0,check_every=1,patience={patience}}}").run(
+        source.clone(), ctx)
+    # every check is worse: halved once per `patience` steps, stopped below lr / 1024 (11 halvings)
+    assert ctx.report["distill"]["best_step"] == 0
+    assert ctx.report["distill"]["steps"] == 11 * patience
+
+
 def test_distill_refuses_calibration_of_single_samples(pruned_pair):
     _, source = pruned_pair
     single = [{"x": b["x"][:1]} for b in CALIBRATION]

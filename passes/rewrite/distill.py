@@ -9,8 +9,9 @@ training goes (a teacher PyTorch cannot run gives its outputs once, when the pip
 One sample in eight of every batch (at least one; whole batches when the model's batch size is
 fixed) is held back: the weights kept are those of the step with the lowest held-back loss, so
 distill never returns a model that does worse on data it did not train on than the one it
-received; a check that finds no improvement returns to the best weights and halves the learning
-rate, so one `lr` serves small and pretrained models, and ten halvings end the training.
+received; `patience` checks in a row that find no improvement return to the best weights and
+halve the learning rate, so one `lr` serves small and pretrained models, and ten halvings end
+the training.
 With `hidden` > 0 the student also learns the teacher's hidden states: the outputs of the
 normalization layers both models share (same value name and shape; what pruning or dropping
 removed or resized is left out), a far richer signal than the final outputs alone (feature
@@ -56,6 +57,8 @@ class DistillPass(Pass):
         lr: float = option(5e-5, "Adam learning rate", min=0.0)
         samples: int = option(512, "calibration samples to train and validate on", min=2)
         check_every: int = option(10, "steps between held-back evaluations", min=1)
+        patience: int = option(1, "held-back evaluations in a row without improvement before "
+                               "the best weights come back at half the learning rate", min=1)
         seed: int = option(0, "seed of the batch order")
         max_seconds: float = option(0.0, "stop training after this many seconds, keeping the "
                                     "best held-back step so far (0: no limit)", min=0.0)
@@ -132,7 +135,8 @@ class DistillPass(Pass):
     def _train_loop(self, net: Any, targets: _Targets, hidden: list[str], train: list,
                     valid: list) -> dict[str, Any]:
         """Adam on the training rows; every `check_every` steps the held-back loss decides: a
-        better one is kept, a worse one goes back to the best weights at half the learning rate.
+        better one is kept; after `patience` worse ones in a row the best weights come back at half
+        the learning rate.
         Stops at `steps`, at `max_seconds`, or when the rate has been halved ten times over."""
         import torch
 
@@ -144,7 +148,7 @@ class DistillPass(Pass):
         best_step, best_state = 0, _state(net)
         stop = time.monotonic() + cfg.max_seconds if cfg.max_seconds else None
         bar = progress.counter("distill", cfg.steps)
-        running, step = None, 0
+        running, step, stale = None, 0, 0
         for step in range(1, cfg.steps + 1):
             feeds, target = train[int(order.integers(len(train)))]
             target = targets.of(feeds, target, hidden)
@@ -160,9 +164,11 @@ class DistillPass(Pass):
             out_of_time = stop is not None and time.monotonic() > stop
             if step % cfg.check_every == 0 or step == cfg.steps or out_of_time:
                 current = _loss(net, valid, names)
+                stale = 0 if current < best else stale + 1
                 if current < best:
                     best, best_step, best_state = current, step, _state(net)
-                else:  # back to the best weights with half the step size
+                elif stale >= cfg.patience:  # back to the best weights with half the step size
+                    stale = 0
                     net.load_state_dict(best_state)
                     optimizer = torch.optim.Adam(net.parameters(),
                                                  lr=optimizer.param_groups[0]["lr"] / 2)
