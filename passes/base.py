@@ -27,7 +27,10 @@ class Pass(PassBase):
     Subclasses set `name`, `description`, optionally `Config` (a frozen dataclass whose
     fields are declared with `winnow.passes.config.option`), `preserves` (names of
     analyses still valid after the pass; `ALL_ANALYSES` for passes that change nothing
-    an analysis reads) and `lossless` (False for passes that change the outputs).
+    an analysis reads), `lossless` (False for passes that change the outputs) and `trains`
+    (True for passes that train weights, as `distill` does: slow, and not repeatable when their
+    training is bounded in seconds, so the search keeps the models such trials made instead of
+    running their pipelines again).
     Shared state is reached through `PassContext.current()`. A pass that needs the model as
     the pipeline received it (a teacher, as `distill` does) defines
     `see_pipeline_input(model)`: the PassManager calls it before the first pass runs.
@@ -38,6 +41,7 @@ class Pass(PassBase):
     Config: ClassVar[type] = EmptyConfig
     preserves: ClassVar[frozenset[str]] = frozenset()
     lossless: ClassVar[bool] = True
+    trains: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if config is not None and options:

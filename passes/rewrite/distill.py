@@ -48,6 +48,7 @@ class DistillPass(Pass):
                    "pipeline started from (knowledge distillation on calibration data, PyTorch); "
                    "recovers fidelity after pruning")
     lossless = False
+    trains = True
 
     @dataclass(frozen=True)
     class Config:
