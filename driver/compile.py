@@ -92,6 +92,16 @@ class CompileResult:
         }
 
 
+@dataclasses.dataclass
+class Rewritten:
+    """A model the pipeline already made from this source (a search trial whose pipeline trains),
+    with the RecordInstrument records of the passes that made it, one per pass in pipeline order:
+    compile_model checks, judges and emits it instead of running the pipeline again."""
+
+    model: ir.Model
+    records: list[dict[str, Any]]
+
+
 def get_backend(name: str) -> Callable[..., Artifact]:
     """The `emit` function of a backend, or a WinnowError listing the valid backends."""
     return backend_module(name).emit
@@ -122,7 +132,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   max_drop: float | str = DEFAULT_MAX_DROP, force: bool = False,
                   strict: bool = False, judge_data: Any = None,
                   user_inputs: UserInputs | None = None,
-                  backend_options: Mapping[str, Any] | None = None) -> CompileResult:
+                  backend_options: Mapping[str, Any] | None = None,
+                  rewritten: Rewritten | None = None) -> CompileResult:
     """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
 
     `source` is anything `winnow.load` takes, or a `driver.source.Source` already resolved (the
@@ -140,6 +151,9 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     `user_inputs` (--input-shapes / --example-inputs) are the check inputs and the default
     calibration data instead of invented ones; fidelity['check_inputs'] records them.
     `backend_options` go to the backend's emit (TVM: target, shapes, schedules).
+    `rewritten` is what `pipeline` already made from this source (the search's trained trial):
+    it is emitted instead of running the pipeline again (its passes' entries say `reused`), and
+    checked against the source, judged on held-out data and held to the budget all the same.
     """
     emit = get_backend(backend)
     max_drop, relative = check_max_drop(max_drop)
@@ -175,9 +189,14 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
         fit, judge = batches, pick_calibration(src.spec, model, judge_data)[0]
         judged_on = f"{len(judge)} judging batches given apart from the calibration data"
     judge_reference = [run(model, feeds) for feeds in judge] if lossy else []
-    with _phase(phases, "passes", "running the pipeline"):
-        ctx = PassContext(calibration=fit, training=src.training, options=dict(src.options))
-        model = manager.run(model, ctx, guard=guard).model
+    if rewritten is None:
+        with _phase(phases, "passes", "running the pipeline"):
+            ctx = PassContext(calibration=fit, training=src.training, options=dict(src.options))
+            model = manager.run(model, ctx, guard=guard).model
+    else:
+        model = rewritten.model
+        fit_ir_version(model)
+        recorder.records = [dict(record, reused=True) for record in rewritten.records]
     fidelity = None
     if check:
         with _phase(phases, "check", "checking against the source"):
@@ -210,7 +229,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
 def pass_entries(passes: Sequence[PassBase], recorder: RecordInstrument,
                  verifier: VerifyInstrument | None, guard: Any = None) -> list[dict[str, Any]]:
     """One manifest entry per pass run: name, every option, lossless, modified, seconds, node
-    counts, its report; `verified` with --verify-each; `rolled_back` when the guard undid it."""
+    counts, its report; `verified` with --verify-each; `rolled_back` when the guard undid it;
+    `reused` when it ran in a search trial whose model was emitted as it was."""
     from winnow.passes.config import config_fields
 
     rolled = {r.get("pass") for r in getattr(guard, "rolled_back", None) or []}
