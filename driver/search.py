@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ from winnow.driver.study import (
 from winnow.driver.timing import CandidateTimer, combined_ratio
 from winnow.errors import WinnowError, require_extra
 from winnow.ir.execute import model_bytes
-from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
+from winnow.passes.instruments import RecordInstrument
+from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, build_pipeline
 
 PHASE_ATTR = "winnow.seed_phase"  # study attribute: 0 first seeds queued, 1 follow-ups, 2 the rest
 
@@ -197,18 +199,24 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     check_output(Path(out), overwrite)
     with progress.step("loading the model and its data"):
         src = resolve(source, calibration, user_inputs)
-        base = lossless_base(src)
+        base_records = RecordInstrument()
+        base = lossless_base(src, [base_records])
     runner = TrialRunner(src, base, options)
     url = options.study or default_url(out)
-    candidates, hits = runner.run_study(url, _job(source, calibration, options, user_inputs),
-                                        started_at + options.time_budget)
-    finalists = _finalists(candidates, options)
-    finals_start = time.perf_counter()
-    chosen, message = runner.choose(finalists, started_at + options.time_budget)
-    finals_seconds = time.perf_counter() - finals_start
-    data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
-    result = compile_model(src, out, pipeline=chosen.pipeline, overwrite=overwrite,
-                           max_drop=options.budget_text, user_inputs=user_inputs, **data)
+    db = sqlite_path(url)  # trained trials are kept beside the study's file
+    folder = db.parent if db is not None and db.parent.is_dir() else None
+    with TrainedModels(options, base_records.records, folder) as trained:
+        runner.trained = trained
+        candidates, hits = runner.run_study(url, _job(source, calibration, options, user_inputs),
+                                            started_at + options.time_budget)
+        finalists = _finalists(candidates, options)
+        finals_start = time.perf_counter()
+        chosen, message = runner.choose(finalists, started_at + options.time_budget)
+        finals_seconds = time.perf_counter() - finals_start
+        data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
+        result = compile_model(src, out, pipeline=chosen.pipeline, overwrite=overwrite,
+                               max_drop=options.budget_text, user_inputs=user_inputs,
+                               rewritten=trained.rewritten(chosen.pipeline), **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.perf_counter() - start)
     search.measures = _measures(Path(out), runner, options)
@@ -278,10 +286,82 @@ def _job(source: Any, calibration: Any, options: SearchOptions,
             "options": dataclasses.asdict(options)}
 
 
-def lossless_base(src: Source) -> ir.Model:
+def lossless_base(src: Source, instruments: Any = ()) -> ir.Model:
     """The source after the lossless default pipeline: what every trial starts from."""
     model = _clone(model_bytes(src.model))
-    return PassManager(DEFAULT_PIPELINE).run(model, PassContext()).model
+    return PassManager(DEFAULT_PIPELINE, instruments).run(model, PassContext()).model
+
+
+def lossy_part(pipeline: str) -> str:
+    """What a candidate's pipeline runs after the lossless default pipeline."""
+    return pipeline[len(DEFAULT_PIPELINE):].lstrip(",")
+
+
+def trains(pipeline: str) -> bool:
+    """Whether a pass of `pipeline` trains weights (`Pass.trains`, as distill does)."""
+    lossy = lossy_part(pipeline)
+    return bool(lossy) and any(getattr(p, "trains", False) for p in build_pipeline(lossy))
+
+
+class TrainedModels:
+    """The models this process's trials made with a pipeline that trains (distill), kept with the
+    records of the passes that made them as ONNX files in a temporary folder (MiniLM: ~90 MB
+    each), so judging the finalists and the emit use them instead of training again (training
+    bounded in seconds does not repeat). Only trials that can still become finalists
+    (`_finalists`) are kept. A finalist that a worker in another process trained is trained again
+    here (the same pipeline: correct, only slower)."""
+
+    def __init__(self, options: SearchOptions, base_records: list[dict[str, Any]],
+                 folder: Path | None = None) -> None:
+        self.options, self.base_records = options, list(base_records)
+        self.folder = tempfile.TemporaryDirectory(prefix="winnow-trained-", dir=folder)
+        # pipeline -> (model file, records of the lossy passes, seconds to judge it)
+        self.kept: dict[str, tuple[Path, list[dict[str, Any]], float]] = {}
+        self.files = itertools.count()
+
+    def __enter__(self) -> TrainedModels:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.folder.cleanup()
+
+    def keep(self, pipeline: str, data: bytes, records: list[dict[str, Any]],
+             judge_seconds: float) -> None:
+        """Keep the serialized model `data` that `pipeline` made, with its passes' records."""
+        path = Path(self.folder.name) / f"{next(self.files)}.onnx"
+        path.write_bytes(data)
+        self.kept[pipeline] = (path, list(records), judge_seconds)
+
+    def keep_finalists(self, cands: Any) -> set[str]:
+        """Drop the kept models that can no longer become finalists among `cands`; returns the
+        pipelines that still can."""
+        wanted = {c.pipeline for c in _finalists(list(cands), self.options)}
+        for pipeline in [p for p in self.kept if p not in wanted]:
+            self.kept.pop(pipeline)[0].unlink(missing_ok=True)
+        return wanted
+
+    def model(self, pipeline: str) -> ir.Model | None:
+        """A fresh copy of the kept model `pipeline` made, or None."""
+        if pipeline not in self.kept:
+            return None
+        return _clone(self.kept[pipeline][0].read_bytes())
+
+    def judge_seconds(self, pipeline: str) -> float | None:
+        """How long judging the kept model of `pipeline` takes (its trial less the training)."""
+        return self.kept[pipeline][2] if pipeline in self.kept else None
+
+    def rewritten(self, pipeline: str) -> Any:
+        """The kept model of `pipeline` with the records of every pass of it, for the emit
+        (`compile_model(rewritten=...)`), or None."""
+        from winnow.driver.compile import Rewritten
+
+        model = self.model(pipeline)
+        if model is None:
+            return None
+        lossy = self.kept[pipeline][1]
+        shift = len(self.base_records)
+        return Rewritten(model, self.base_records + [dict(r, index=r["index"] + shift)
+                                                     for r in lossy])
 
 
 def _clone(data: bytes) -> ir.Model:
@@ -290,6 +370,8 @@ def _clone(data: bytes) -> ir.Model:
 
 class TrialRunner:
     """Evaluates candidates for one source: applies pipelines, hashes, scores, times."""
+
+    trained: TrainedModels | None = None  # the compile's keeps trained trials; a worker's does not
 
     def __init__(self, src: Source, base: ir.Model, options: SearchOptions) -> None:
         self.src, self.options = src, options
@@ -301,20 +383,25 @@ class TrialRunner:
         self.cache: dict[str, Candidate] = {}
         self.trial_seconds: list[float] = []
 
-    def apply(self, pipeline: str) -> ir.Model:
+    def apply(self, pipeline: str, instruments: Any = ()) -> ir.Model:
         """The base model rewritten by the lossy part of `pipeline`."""
         model = _clone(self.base_bytes)
         ctx = PassContext(calibration=self.src.fit, training=self.src.training,
                           options=dict(self.src.options))
         ctx.analyses.update(self.analyses[0])
         ctx.analysis_configs.update(self.analyses[1])
-        lossy = pipeline[len(DEFAULT_PIPELINE):].lstrip(",")
-        return PassManager(lossy).run(model, ctx).model if lossy else model
+        lossy = lossy_part(pipeline)
+        return PassManager(lossy, instruments).run(model, ctx).model if lossy else model
 
     def evaluate(self, number: int, pipeline: str) -> Candidate:
-        """Score one pipeline (cached by functional hash)."""
+        """Score one pipeline (cached by functional hash); a pipeline that trains keeps its
+        model while it can become a finalist (`trained`)."""
         start = time.perf_counter()
-        model = self.apply(pipeline)
+        keep = self.trained is not None and trains(pipeline)
+        records = RecordInstrument()
+        model = self.apply(pipeline, [records] if keep else ())
+        applied = time.perf_counter() - start
+        data = model_bytes(model) if keep else None  # as trained, before anything runs it
         key = functional_hash(model, self.hash_feeds)
         if key in self.cache:
             hit = self.cache[key]
@@ -326,7 +413,28 @@ class TrialRunner:
                          priced=priced, seconds=time.perf_counter() - start)
         self.cache[key] = cand
         self.trial_seconds.append(cand.seconds)  # cache hits are not a guide
+        if data is not None and pipeline in self.trained.keep_finalists(self.cache.values()):
+            self.trained.keep(pipeline, data, records.records, cand.seconds - applied)
         return cand
+
+    def finalist_model(self, cand: Candidate) -> ir.Model:
+        """The model a finalist's pipeline makes: its trial's when kept, else made again (and
+        then kept for the emit when the pipeline trains, so the emit writes the model judged)."""
+        kept = self.trained.model(cand.pipeline) if self.trained is not None else None
+        if kept is not None:
+            return kept
+        if self.trained is None or not trains(cand.pipeline):
+            return self.apply(cand.pipeline)
+        records = RecordInstrument()
+        model = self.apply(cand.pipeline, [records])
+        self.trained.keep(cand.pipeline, model_bytes(model), records.records, 0.0)
+        return model
+
+    def judging_seconds(self, cand: Candidate) -> float:
+        """About how long judging a finalist takes: its trial's time, less the training when
+        its trained model was kept."""
+        kept = self.trained.judge_seconds(cand.pipeline) if self.trained is not None else None
+        return cand.seconds if kept is None else kept
 
     def trial_cost(self, model: ir.Model) -> float:
         """A trial's cost relative to the source: size, predicted or measured latency."""
@@ -492,18 +600,18 @@ class TrialRunner:
         below the source wins, else the lossless pipeline with the reason. The measured time
         decides: a candidate predicted cheap but measured no faster than the source never wins.
         Once one has won, a finalist whose trial took longer than what is left until
-        `budget_end` (time.time()) is not judged: a distilled finalist trains again, a minute
-        or more."""
+        `budget_end` (time.time()) is not judged: a distilled finalist whose model was not kept
+        (a worker's trial) trains again, a minute or more."""
         winners, timed, judged, models, late = [], [], 0, {}, 0
         for cand in progress.bar(ranked, "finalists"):
             # predicted and measured trial costs are on two scales: each kind has its own slots
             if sum(c.priced == cand.priced for c in timed) >= self.options.finalists:
                 continue
-            if winners and time.time() + cand.seconds > budget_end:
+            if winners and time.time() + self.judging_seconds(cand) > budget_end:
                 late += 1
                 continue
             judged += 1
-            model = self.apply(cand.pipeline)
+            model = self.finalist_model(cand)
             fid = self.src.score(model, "heldout")
             cand.heldout_drop = fidelity_drop(fid, self.options.relative_drop)
             cand.heldout_cosine = fid.cosine
