@@ -4,8 +4,10 @@ SkipLayerNormalization, BiasGelu, RotaryEmbedding, ...) with onnxscript's `ort_f
 Lossless by construction and checked: the fused model runs against the original on calibration
 data and replaces it only when every output agrees within `tolerance`; a fusion that changes a
 model's outputs (or that onnxscript fails on) leaves the model as it was, with the reason in the
-report. The weights of each fused Attention (Q, K and V concatenated) are folded into one
-initializer, and an attention bias proven to be the padding mask is replaced by the mask itself
+report. Rotary embeddings over precomputed cos/sin tables, which onnxscript leaves unfused, are
+lowered to RotaryEmbedding by `fuse_rotary.py` first, with or without `attention`. The weights
+of each fused Attention (Q, K and V concatenated) are folded into one initializer, and an
+attention bias proven to be the padding mask is replaced by the mask itself
 (`ir/attention_mask.py`), so ONNX Runtime's quantizers can make QAttention of it.
 """
 
@@ -19,11 +21,13 @@ import onnx_ir as ir
 import onnxscript.optimizer as oso
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from winnow.errors import ExecutionError
 from winnow.ir.attention_mask import index_attention_masks
 from winnow.ir.execute import run
 from winnow.passes.base import Pass, PassResult, register_pass
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
+from winnow.passes.rewrite.fuse_rotary import fuse_rotary_tables
 
 logger = logging.getLogger(__name__)
 CONTRIB = "com.microsoft"
@@ -63,7 +67,10 @@ class FusePass(Pass):
         if not fused:
             ctx.report[self.name] = {"fused": {}, "fusions": {}, "note": "no pattern matched"}
             return PassResult(model, False)
-        error = max_output_error(model, trial, batches)
+        try:
+            error = max_output_error(model, trial, batches)
+        except ExecutionError as exc:
+            return self._skip(model, ctx, f"the fused model does not run: {exc}")
         if error > self.config.tolerance:
             return self._skip(model, ctx, f"the fused outputs differ by {error:.3g} (more than "
                               f"tolerance {self.config.tolerance:g}) on calibration data")
@@ -80,11 +87,14 @@ class FusePass(Pass):
 
 
 def fuse_for_ort(model: ir.Model, attention: bool = True) -> dict[str, int]:
-    """Run onnxscript's ORT fusions in place (without `attention`, only its norm and activation
-    fusions), then fold concatenated constant weights; returns how many times each applied."""
+    """Lower rotary embeddings over constant tables (`fuse_rotary.py`), run onnxscript's ORT
+    fusions in place (without `attention`, only its norm and activation fusions), then fold
+    concatenated constant weights; returns how many times each applied."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    rotary = fuse_rotary_tables(model)
     _, counts = optimize_for_ort(model) if attention else (model, _fuse_norms(model))
+    counts["rotary_embedding_tables"] = rotary
     oso.fold_constants(model, should_fold=_concat_of_constants)
     RemoveUnusedNodesPass()(model)
     return {k: int(v) for k, v in counts.items() if v}
