@@ -5,9 +5,9 @@ Lossless by construction and checked: the fused model runs against the original 
 data and replaces it only when every output agrees within `tolerance`; a fusion that changes a
 model's outputs (or that onnxscript fails on) leaves the model as it was, with the reason in the
 report. Rotary embeddings over precomputed cos/sin tables, which onnxscript leaves unfused, are
-lowered to RotaryEmbedding by `fuse_rotary.py` first, with or without `attention`. The weights
-of each fused Attention (Q, K and V concatenated) are folded into one initializer, and an
-attention bias proven to be the padding mask is replaced by the mask itself
+lowered to RotaryEmbedding by `fuse_rotary.py` first (`rotary`), with or without `attention`.
+The weights of each fused Attention (Q, K and V concatenated) are folded into one initializer,
+and an attention bias proven to be the padding mask is replaced by the mask itself
 (`ir/attention_mask.py`), so ONNX Runtime's quantizers can make QAttention of it.
 """
 
@@ -51,6 +51,8 @@ class FusePass(Pass):
         attention: bool = option(True, "also fuse attention (Attention / MultiHeadAttention / "
                                  "GQA); false keeps to the norm and activation fusions, for CPUs "
                                  "where ORT's fused attention kernel is the slower one")
+        rotary: bool = option(True, "also lower rotary embeddings over precomputed cos/sin "
+                              "tables (half-split, checked) to RotaryEmbedding")
 
     def call(self, model: ir.Model) -> PassResult:
         """Fuse in place when the fused copy passes the check; otherwise leave the model as is."""
@@ -58,7 +60,7 @@ class FusePass(Pass):
         batches = check_batches(model, ctx, self.config.samples)
         trial = model.clone()
         try:
-            counts = fuse_for_ort(trial, self.config.attention)
+            counts = self._fuse(trial)
             counts.update(index_attention_masks(trial, batches))
         except Exception as exc:  # noqa: BLE001 - onnxscript raises many types on odd graphs
             return self._skip(model, ctx, f"onnxscript's ort_fusions failed: "
@@ -74,11 +76,18 @@ class FusePass(Pass):
         if error > self.config.tolerance:
             return self._skip(model, ctx, f"the fused outputs differ by {error:.3g} (more than "
                               f"tolerance {self.config.tolerance:g}) on calibration data")
-        fuse_for_ort(model, self.config.attention)
+        self._fuse(model)
         index_attention_masks(model, batches)
         ctx.report[self.name] = {"fused": fused_ops(model), "fusions": counts,
                                  "max_abs_error": error, "checked_samples": _rows(batches)}
         return PassResult(model, True)
+
+    def _fuse(self, model: ir.Model) -> dict[str, int]:
+        """Rotary embeddings over constant tables first (onnxscript's attention fusions read the
+        RotaryEmbedding ops), then onnxscript's ORT fusions; how many times each applied."""
+        tables = fuse_rotary_tables(model) if self.config.rotary else 0
+        counts = fuse_for_ort(model, self.config.attention)
+        return {**counts, "rotary_embedding_tables": tables} if tables else counts
 
     def _skip(self, model: ir.Model, ctx: PassContext, reason: str) -> PassResult:
         logger.warning("fuse left the model unfused: %s", reason)
@@ -87,14 +96,11 @@ class FusePass(Pass):
 
 
 def fuse_for_ort(model: ir.Model, attention: bool = True) -> dict[str, int]:
-    """Lower rotary embeddings over constant tables (`fuse_rotary.py`), run onnxscript's ORT
-    fusions in place (without `attention`, only its norm and activation fusions), then fold
-    concatenated constant weights; returns how many times each applied."""
+    """Run onnxscript's ORT fusions in place (without `attention`, only its norm and activation
+    fusions), then fold concatenated constant weights; returns how many times each applied."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    rotary = fuse_rotary_tables(model)
     _, counts = optimize_for_ort(model) if attention else (model, _fuse_norms(model))
-    counts["rotary_embedding_tables"] = rotary
     oso.fold_constants(model, should_fold=_concat_of_constants)
     RemoveUnusedNodesPass()(model)
     return {k: int(v) for k, v in counts.items() if v}

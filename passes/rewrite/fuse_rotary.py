@@ -46,7 +46,8 @@ class RotaryFromTables(pattern.RewriteRuleClassBase):
                                   _domain=FUSION_DOMAIN)
 
     def check(self, context, x, cos, sin, **_) -> pattern.MatchResult:
-        """x is [batch, heads, seq, head_dim]; cos and sin are the same rows of half-split tables."""
+        """x is [batch, heads, seq, head_dim]; cos and sin are the same rows of half-split
+        tables."""
         result = pattern.MatchResult()
         if not (_ir_utils.has_rank(x, 4) and isinstance(x.shape[1], int)
                 and isinstance(x.shape[3], int) and x.shape[3] % 2 == 0):
