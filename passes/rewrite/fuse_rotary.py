@@ -5,10 +5,11 @@ onnxscript's `fuse_rotary_embedding` turns the rotate-half pattern `x*cos + cat(
 an intermediate RotaryEmbedding(x, cos, sin) that only its `fuse_cos_sin_cache` lowers to ORT's op,
 and only when cos/sin are computed from inv_freq x position_ids (Hugging Face style). Models that
 keep precomputed tables [max_seq, head_dim] and take rows [start, start + seq) of them are lowered
-here. ORT's op reads the first half of each row (cos_cache / sin_cache [max_seq, head_dim / 2]) at
-positions start + s (position_ids [batch, seq]), which equals the pattern only when both halves of
-every row are equal: the rule checks that on the tables before it rewrites. Matches it refuses
-are inlined back to the original nodes.
+here, straight to ORT's op: onnxscript's pattern and check, then a check and a rewrite of our own.
+ORT's op reads the first half of each row (cos_cache / sin_cache [max_seq, head_dim / 2]) at
+positions start + s (position_ids [batch, seq]), which equals the pattern only when both halves
+of every row are equal, so the rule checks that on the tables before it rewrites (a refused match
+is left as it was).
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, ShapeInferencePass
+from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript.rewriter import _ir_utils, pattern
-
-FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's domain for intermediate fusion functions
+from onnxscript.rewriter.ort_fusions.rotary_embedding import RotaryEmbeddingFusion
 
 
 @dataclass(frozen=True)
@@ -32,27 +32,23 @@ class TableRows:
     start: int
 
 
-class RotaryFromTables(pattern.RewriteRuleClassBase):
-    """Intermediate RotaryEmbedding(x [B, H, S, D], cos, sin) whose cos and sin are rows of constant
-    half-split tables -> com.microsoft.RotaryEmbedding(x, positions, cos_cache, sin_cache)."""
+class RotaryFromTables(RotaryEmbeddingFusion):
+    """x*cos + rotate_half(x)*sin on x [B, H, S, D] (onnxscript's pattern) whose cos and sin are
+    rows of constant half-split tables -> com.microsoft.RotaryEmbedding(x, positions, cos_cache,
+    sin_cache)."""
 
     def __init__(self) -> None:
-        super().__init__("RotaryEmbeddingFromTables")
+        pattern.RewriteRuleClassBase.__init__(self, "RotaryEmbeddingFromTables")
         self._shared: dict[object, ir.Value] = {}  # made once per graph, read by every match
 
-    def pattern(self, op, x, cos, sin):
-        """The intermediate op onnxscript's rotary fusion leaves (not interleaved)."""
-        return op.RotaryEmbedding(x, cos, sin, interleaved=0, _allow_other_attributes=True,
-                                  _domain=FUSION_DOMAIN)
-
-    def check(self, context, x, cos, sin, **_) -> pattern.MatchResult:
-        """x is [batch, heads, seq, head_dim]; cos and sin are the same rows of half-split
-        tables."""
-        result = pattern.MatchResult()
-        if not (_ir_utils.has_rank(x, 4) and isinstance(x.shape[1], int)
-                and isinstance(x.shape[3], int) and x.shape[3] % 2 == 0):
-            return result.fail("x is not [batch, heads, seq, head_dim] with known heads and an "
-                               "even head_dim.", x)
+    def check(self, context, x, cos, sin, **slices) -> pattern.MatchResult:
+        """onnxscript's check (x is [batch, heads, seq, head_dim], split in equal halves), then:
+        cos and sin are the same rows of half-split tables."""
+        result = super().check(context, x=x, cos=cos, sin=sin, **slices)
+        if not result:
+            return result
+        if x.shape[3] % 2:
+            return result.fail("head_dim is odd.", x)
         cos_rows, sin_rows = table_rows(cos, x), table_rows(sin, x)
         if cos_rows is None or sin_rows is None:
             return result.fail("cos / sin are not rows [start, start + seq) of constant tables "
@@ -101,7 +97,8 @@ def table_rows(value: ir.Value, x: ir.Value) -> TableRows | None:
     shape = value.shape
     if shape is None or not 2 <= shape.rank() <= 4 or shape[-1] != x.shape[3]:
         return None
-    if not isinstance(shape[-2], int) and shape[-2].value is None or shape[-2] != x.shape[2]:
+    unknown_rows = not isinstance(shape[-2], int) and shape[-2].value is None
+    if unknown_rows or shape[-2] != x.shape[2]:
         return None
     if any(d != 1 for d in shape[:-2]) or value.dtype != x.dtype:
         return None
@@ -146,13 +143,6 @@ rotary_from_tables_rules = pattern.RewriteRuleSet([RotaryFromTables.rule()])
 
 def fuse_rotary_tables(model: ir.Model) -> int:
     """Lower rotary embeddings over constant half-split tables to com.microsoft.RotaryEmbedding in
-    place; returns how many. Rotate-half patterns it cannot lower stay as they were."""
-    from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
-
+    place (after shape inference: the rule reads x's shape); returns how many."""
     ShapeInferencePass()(model)
-    if not fuse_rotary_embedding(model):
-        return 0
-    count = rotary_from_tables_rules.apply_to_model(model)
-    InlinePass()(model)
-    RemoveUnusedFunctionsPass()(model)
-    return count
+    return rotary_from_tables_rules.apply_to_model(model)
