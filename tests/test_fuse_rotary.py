@@ -112,12 +112,14 @@ def test_other_rotations_are_left_alone(kind):
     assert_matches_torch(net, model)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("kind,count", [("half-split", 2), ("halves-differ", 0)])
-def test_the_rule_alone_checks_the_tables(kind, count):
-    """Without fuse's output check behind it: the rule rewrites only half-split tables."""
-    net = RopeQK(half_split=kind == "half-split")
+def test_the_rule_alone_checks_the_tables(kind, count, per_token):
+    """Without fuse's output check behind it: the rule rewrites only half-split tables, with
+    position_ids [start] or [batch, seq]."""
+    net = RopeQK(half_split=kind == "half-split", start=2)
     model = winnow.load(net, (torch.randn(2, 7, DIM),), dynamic_shapes=({0: "batch", 1: "seq"},))
-    assert fuse_rotary_tables(model) == count
+    assert fuse_rotary_tables(model, per_token) == count
     assert op_count(model, "RotaryEmbedding") == count
     assert_matches_torch(net, model)
 

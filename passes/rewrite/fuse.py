@@ -85,7 +85,8 @@ class FusePass(Pass):
     def _fuse(self, model: ir.Model) -> dict[str, int]:
         """Rotary embeddings over constant tables first (onnxscript's attention fusions read the
         RotaryEmbedding ops), then onnxscript's ORT fusions; how many times each applied."""
-        tables = fuse_rotary_tables(model) if self.config.rotary else 0
+        attention = self.config.attention  # onnxscript's GQA fusion reads per-token positions
+        tables = fuse_rotary_tables(model, attention) if self.config.rotary else 0
         counts = fuse_for_ort(model, self.config.attention)
         return {**counts, "rotary_embedding_tables": tables} if tables else counts
 

@@ -7,9 +7,9 @@ and only when cos/sin are computed from inv_freq x position_ids (Hugging Face st
 keep precomputed tables [max_seq, head_dim] and take rows [start, start + seq) of them are lowered
 here, straight to ORT's op: onnxscript's pattern and check, then a check and a rewrite of our own.
 ORT's op reads the first half of each row (cos_cache / sin_cache [max_seq, head_dim / 2]) at
-positions start + s (position_ids [batch, seq]), which equals the pattern only when both halves
-of every row are equal, so the rule checks that on the tables before it rewrites (a refused match
-is left as it was).
+positions start + s (position_ids [start], or [batch, seq] for onnxscript's GQA fusion), which
+equals the pattern only when both halves of every row are equal, so the rule checks that on the
+tables before it rewrites (a refused match is left as it was).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class RotaryFromTables(RotaryEmbeddingFusion):
     rows of constant half-split tables -> com.microsoft.RotaryEmbedding(x, positions, cos_cache,
     sin_cache)."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_token_positions: bool = False) -> None:
         pattern.RewriteRuleClassBase.__init__(self, "RotaryEmbeddingFromTables")
+        self.per_token_positions = per_token_positions
         self._shared: dict[object, ir.Value] = {}  # made once per graph, read by every match
 
     def check(self, context, x, cos, sin, **slices) -> pattern.MatchResult:
@@ -68,8 +69,14 @@ class RotaryFromTables(RotaryEmbeddingFusion):
                                   num_heads=x.shape[1], _domain="com.microsoft")
 
     def _positions(self, op, x: ir.Value, start: int) -> ir.Value:
-        """position_ids [batch, seq] = start + arange(seq), one per (start, batch, seq) dims: the
-        layout onnxscript's GQA fusion reads (it takes position_ids as [batch, seq])."""
+        """position_ids: [start] (ORT's offset form, a constant), or with `per_token_positions`
+        [batch, seq] = start + arange(seq), the form onnxscript's GQA fusion reads, one per
+        (start, batch, seq) dims."""
+        if not self.per_token_positions:
+            key = ("offset", start)
+            if key not in self._shared:
+                self._shared[key] = op.Constant(value=ir.tensor(np.array([start], np.int64)))
+            return self._shared[key]
         key = ("positions", start, str(x.shape[0]), str(x.shape[2]))
         if key not in self._shared:
             batch, seq = op.Shape(x, start=0, end=1), op.Shape(x, start=2, end=3)
@@ -138,11 +145,10 @@ def is_half_split(table: np.ndarray) -> bool:
     return table.shape[-1] % 2 == 0 and np.array_equal(table[:, :half], table[:, half:])
 
 
-rotary_from_tables_rules = pattern.RewriteRuleSet([RotaryFromTables.rule()])
-
-
-def fuse_rotary_tables(model: ir.Model) -> int:
+def fuse_rotary_tables(model: ir.Model, per_token_positions: bool = False) -> int:
     """Lower rotary embeddings over constant half-split tables to com.microsoft.RotaryEmbedding in
-    place (after shape inference: the rule reads x's shape); returns how many."""
+    place (after shape inference: the rule reads x's shape); returns how many. Attention fusions
+    that follow want `per_token_positions` (position_ids [batch, seq], not [start])."""
     ShapeInferencePass()(model)
-    return rotary_from_tables_rules.apply_to_model(model)
+    rules = pattern.RewriteRuleSet([RotaryFromTables.rule(per_token_positions)])
+    return rules.apply_to_model(model)
