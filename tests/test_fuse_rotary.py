@@ -5,13 +5,16 @@ left alone."""
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 import winnow
 from winnow.ir.execute import run
 from winnow.passes import PassContext, PassManager
+from winnow.passes.rewrite import fuse as fuse_module
 from winnow.passes.rewrite.fuse_rotary import fuse_rotary_tables, is_half_split
 
 DIM, HEADS, KV_HEADS, HEAD_DIM, MAX_SEQ = 32, 4, 2, 8, 24
@@ -127,6 +130,29 @@ def test_the_rule_alone_checks_the_tables(kind, count, per_token):
 def test_rotary_false_leaves_the_rotation_unfused():
     model, report = fused(RopeQK(), "fuse{attention=false,rotary=false}")
     assert op_count(model, "RotaryEmbedding") == 0
+
+
+def test_a_fused_model_that_does_not_run_is_skipped(monkeypatch):
+    """A fusion whose result ONNX Runtime refuses to load (onnxscript's GQA fusion did that with
+    position_ids [start]) leaves the model unfused instead of failing the pass."""
+    real = fuse_module.fuse_for_ort
+
+    def unloadable(model, attention=True):
+        counts = real(model, attention)
+        out = model.graph.outputs[0]
+        axes = ir.node("Constant", [], {"value": ir.tensor(np.array([7], np.int64))})
+        bad = ir.node("ReduceMax", [out, axes.outputs[0]], {"keepdims": 0})
+        model.graph.extend([axes, bad])
+        model.graph.outputs[0] = bad.outputs[0]
+        RemoveUnusedNodesPass()(model)
+        return counts
+
+    monkeypatch.setattr(fuse_module, "fuse_for_ort", unloadable)
+    net = RopeQK()
+    model, report = fused(net, "fuse{attention=false}")
+    assert "does not run" in report["skipped"]
+    assert op_count(model, "RotaryEmbedding") == 0
+    assert_matches_torch(net, model)
 
 
 def test_half_split_check():
