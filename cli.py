@@ -143,7 +143,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
               help="What the search minimises: latency or size.")
 @click.option("--time-budget", default="10m", show_default=True, metavar="DURATION",
               help="The whole compile's time budget, e.g. 90s, 10m, 1h: trials stop when the finalists' check and the emit would no longer fit.")
-@click.option("--trials", default=24, show_default=True, type=int, metavar="N",
+@click.option("--trials", default=48, show_default=True, type=int, metavar="N",
               help="Search trials (a resumed search counts the trials already done).")
 @click.option("--trial-cost", default="predicted", show_default=True, metavar="HOW",
               help="How trials' latency is judged: predicted (the cost model: fast, unmoved by a busy host) or measured (timed against the source). Finalists are always timed.")

@@ -77,7 +77,7 @@ class SearchOptions:
     objective: str = "latency"
     max_drop: float | str = 0.01  # 'N%': a drop of N percent of the source's task metric
     time_budget: float = 600.0
-    trials: int = 24
+    trials: int = 48  # small models get to grow their distilled moves; big ones hit time_budget
     study: str | None = None
     finalists: int = 3
     repeats: int = 8

@@ -26,6 +26,10 @@ RATIOS = (0.0, 0.25, 0.5)
 # trains on its whole train split and waits out a few noisy checks before halving the rate.
 DISTILL = "distill{steps=2000,lr=0.001,max_seconds=60,samples=2048,patience=5}"
 STRUCTURAL = ("drop", "prune-heads", "prune-channels")
+# After whole blocks, one more sub-layer of those left may go ("drop.extra"): at batch 1 a small
+# model's time follows its op count, and an attention sub-layer is most of a block's ops
+# (digits-vit: 2 blocks + 1 attention, distilled, int8: 2.6x at b1 where 2 blocks give 2.0x).
+SUBLAYER_LEVELS = ("attention", "mlp")
 MAX_DROPPED = 3
 # int8 modes searched with one weight scale per output channel or one per tensor: per tensor was
 # the more faithful on tiny-gpt (perplexity +0.04% vs +1.1% per channel) and the faster on
@@ -132,6 +136,9 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
             choices["drop"] = {"level": level, "count": count,
                                "replacement": trial.suggest_categorical("drop.replacement",
                                                                         space.replacements)}
+            extra = _suggest_extra(trial, space, level, count)
+            if extra:
+                choices["drop"]["extra"] = extra
     for name in space.width:
         ratio = trial.suggest_categorical(f"{name}.ratio", RATIOS)
         if ratio:
@@ -168,6 +175,28 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
     return choices
 
 
+def extra_levels(space: Space) -> tuple[str, ...]:
+    """The sub-layer levels whose regions can follow dropped blocks."""
+    return tuple(level for level in SUBLAYER_LEVELS if level in space.drop_levels) \
+        if "block" in space.drop_levels else ()
+
+
+def extra_fits(space: Space, blocks: int, level: str) -> bool:
+    """Whether one `level` sub-layer may go after `blocks` dropped blocks (one of its kind is
+    left, and no more than MAX_DROPPED regions of a level go in all)."""
+    limit = min(space.drop_levels.get(level, 0), space.drop_levels.get("block", 0))
+    return blocks + 1 <= limit
+
+
+def _suggest_extra(trial: Any, space: Space, level: str, count: int) -> str | None:
+    """The sub-layer level of one more region to drop after `count` blocks, or None."""
+    levels = extra_levels(space)
+    if level != "block" or not levels:
+        return None
+    extra = trial.suggest_categorical("drop.extra", ("none", *levels))
+    return extra if extra != "none" and extra_fits(space, count, extra) else None
+
+
 def pipeline_text(choices: Mapping[str, Any]) -> str:
     """The pipeline that applies `choices` after the lossless default pipeline."""
     parts = [DEFAULT_PIPELINE]
@@ -175,6 +204,9 @@ def pipeline_text(choices: Mapping[str, Any]) -> str:
         d = choices["drop"]
         parts.append(f"drop-layers{{count={d['count']},level={d['level']},"
                      f"replacement={d['replacement']}}}")
+        if d.get("extra"):
+            parts.append(f"drop-layers{{count=1,level={d['extra']},"
+                         f"replacement={d['replacement']}}}")
     for name in ("prune-heads", "prune-channels"):
         if name in choices:
             # Head scores are measured once on the source; after a drop the regions changed, so
@@ -229,8 +261,10 @@ def seed_plans(space: Space) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
         else:
             rest.append(plan)
     for level in sorted(space.drop_levels):
-        first.append(dict(base, **{"drop.level": level, "drop.count": 1,
-                                   "drop.replacement": space.replacements[-1]}))
+        seed = {"drop.level": level, "drop.count": 1, "drop.replacement": space.replacements[-1]}
+        if level == "block" and extra_levels(space):
+            seed["drop.extra"] = "none"
+        first.append(dict(base, **seed))
     structural = [dict(base, **{f"{name}.ratio": RATIOS[1]}) for name in space.width]
     first += structural
     if space.fuse:
@@ -288,6 +322,9 @@ def stronger(plan: Mapping[str, Any], space: Space) -> list[dict[str, Any]]:
             count = int(plan["drop.count"]) + 1
             if count <= space.drop_levels[plan["drop.level"]]:
                 out.append(dict(plan, **{"drop.count": count}))
+            if plan["drop.level"] == "block" and plan.get("drop.extra", "none") == "none":
+                out += [dict(plan, **{"drop.extra": level}) for level in extra_levels(space)
+                        if extra_fits(space, count - 1, level)]
         elif move in space.width:
             step = RATIOS.index(plan[f"{move}.ratio"]) + 1
             if step < len(RATIOS):

@@ -15,6 +15,7 @@ from winnow.driver.space import (
     plan_moves,
     seed_plans,
     stronger,
+    suggest,
 )
 from winnow.passes.manager import PassContext, PassManager
 
@@ -53,13 +54,54 @@ def test_plan_moves_names_only_what_a_plan_changes():
 
 
 def test_stronger_steps_each_drop_or_width_move_and_stops_at_the_last_step():
-    assert stronger(DROP_BLOCK, SPACE) == [dict(DROP_BLOCK, **{"drop.count": 2})]
+    # a dropped block steps to two, or is joined by one MLP sub-layer of a block that is left
+    assert stronger(DROP_BLOCK, SPACE) == [dict(DROP_BLOCK, **{"drop.count": 2}),
+                                           dict(DROP_BLOCK, **{"drop.extra": "mlp"})]
     assert stronger(dict(DROP_BLOCK, **{"drop.count": 2}), SPACE) == []  # block allows 2
     assert stronger(HEADS, SPACE) == [dict(HEADS, **{"prune-heads.ratio": 0.5})]
     assert stronger(INT8, SPACE) == [] and stronger(dict(INT8, fuse=True), SPACE) == []
     both = dict(DROP_BLOCK, **{"prune-heads.ratio": 0.25, "quantize.mode": "fp16"})
     assert stronger(both, SPACE) == [dict(both, **{"drop.count": 2}),
+                                     dict(both, **{"drop.extra": "mlp"}),
                                      dict(both, **{"prune-heads.ratio": 0.5})]
+
+
+def test_a_sublayer_joins_dropped_blocks_only_while_one_of_its_kind_is_left():
+    import optuna
+
+    space = Space(drop_levels={"block": 3, "attention": 3, "mlp": 3}, width=(), fuse=False,
+                  quant_modes=())
+    two = {"drop.level": "block", "drop.count": 2, "drop.replacement": "context"}
+    assert stronger(dict(two, **{"drop.extra": "attention"}), space) == [
+        dict(two, **{"drop.count": 3, "drop.extra": "attention"})]  # one extra at most
+    assert [p.get("drop.extra") for p in stronger(two, space)] == [None, "attention", "mlp"]
+    assert [p.get("drop.extra") for p in stronger(dict(two, **{"drop.count": 3}), space)] == []
+    first, _ = seed_plans(space)
+    assert [p["drop.extra"] for p in first if p.get("drop.level") == "block"] == ["none"]
+    study = optuna.create_study()
+    for count in (2, 3):  # 4 blocks: after 3 of them, the last attention must stay
+        study.enqueue_trial(dict(two, **{"drop.count": count, "drop.extra": "attention"}))
+        chosen = suggest(study.ask(), space)["drop"]
+        assert chosen.get("extra") == ("attention" if count == 2 else None)
+
+
+def test_an_extra_sublayer_drop_removes_one_more_region_of_that_kind():
+    import torch
+
+    import winnow
+    from tests.tiny_models import TinyTransformer
+    from winnow.ir.regions import find_regions
+
+    net = TinyTransformer(dim=32, heads=4, layers=3).eval()
+    x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(1))
+    model = winnow.load(net, (x,))
+    text = pipeline_text({"drop": {"level": "block", "count": 1, "replacement": "identity",
+                                   "extra": "attention"}})
+    assert text.count("drop-layers") == 2 and "drop-layers{count=1,level=attention," in text
+    out = PassManager(text).run(model, PassContext(calibration=[{"x": x.numpy()}])).model
+    kinds = [r.kind for r in find_regions(out).sublayers()]
+    # 3 blocks: 1 goes whole, then 1 of the 2 attention sub-layers left; both MLPs stay
+    assert kinds.count("attention") == 1 and kinds.count("mlp") == 2
 
 
 def test_follow_ups_merge_moves_that_held_the_budget_cheapest_first():
@@ -67,10 +109,11 @@ def test_follow_ups_merge_moves_that_held_the_budget_cheapest_first():
                (HEADS, 0.9, 0.05),  # past the budget: never merged nor stepped
                (FUSE, 1.1, 0.0)]    # dearer than the source: left alone
     plans = follow_up_plans(SPACE, results, max_drop=0.01)
-    # Products: INT8 x DROP 0.48, DROP stepped 0.64 (INT8 has no stronger step).
+    # Products: INT8 x DROP 0.48, DROP stepped 0.64 both ways (INT8 has no stronger step).
     assert plans == [dict(INT8, **{k: DROP_BLOCK[k] for k in ("drop.level", "drop.count",
                                                               "drop.replacement")}),
-                     dict(DROP_BLOCK, **{"drop.count": 2})]
+                     dict(DROP_BLOCK, **{"drop.count": 2}),
+                     dict(DROP_BLOCK, **{"drop.extra": "mlp"})]
     assert follow_up_plans(SPACE, results, max_drop=0.01, count=1) == plans[:1]
     assert follow_up_plans(SPACE, results, max_drop=0.001) == []
     # A plan queued or failed before is not proposed again; a trial's params lack the choices
