@@ -442,35 +442,44 @@ class TrialRunner:
 
     def priced_cost(self, model: ir.Model) -> tuple[float, bool]:
         """`trial_cost` and whether it is on the cost model's scale (False: measured latency,
-        for a model the cost model cannot price, or with --trial-cost measured)."""
+        for a model the cost model cannot price, or with --trial-cost measured). A predicted
+        cost is the geometric mean of the predicted ratios at the timing batches, as the
+        finalists' measured cost is of the measured ones."""
         if self.options.objective != "latency":
             return len(model_bytes(model)) / len(self.base_bytes), True
         if self.options.trial_cost == "predicted":
-            predicted = self.predicted_latency(model)
-            if predicted is not None and math.isfinite(self.base_predicted):
-                return predicted / self.base_predicted, True
+            predicted, base = self.predicted_latency(model), self.base_predicted
+            if predicted is not None and base is not None:
+                ratios = [predicted[label] / base[label] for label in base]
+                return float(np.exp(np.mean(np.log(ratios)))), True
         return self.timer.relative_latency(model), self.options.trial_cost == "measured"
 
-    def predicted_latency(self, model: ir.Model) -> float | None:
-        """The cost model's latency of `model` at the timing shapes (None if it cannot price every
-        node: a trial is then timed instead)."""
+    def predicted_latency(self, model: ir.Model) -> dict[str, float] | None:
+        """The cost model's latency of `model` at each timing batch's shapes, by batch label
+        (None if it cannot price every node: a trial is then timed instead)."""
         from winnow.cost_model import predict
         from winnow.cost_model.targets import known_targets
         from winnow.driver.report import FALLBACK_TARGET
 
         target = self.options.target
         profile = target if target in known_targets() else FALLBACK_TARGET
-        shapes = {name: list(np.shape(value)) for name, value in self.timer.feeds.items()}
-        try:
-            report = predict(model, profile, shapes, threads=self.timer.threads)
-        except WinnowError:
-            return None
-        return None if report.unpriced else report.latency_s
+        latency = {}
+        for label, feeds in self.timer.batch_feeds.items():
+            shapes = {name: list(np.shape(value)) for name, value in feeds.items()}
+            try:
+                report = predict(model, profile, shapes, threads=self.timer.threads)
+            except WinnowError:
+                return None
+            if report.unpriced or not report.latency_s > 0:
+                return None
+            latency[label] = report.latency_s
+        return latency
 
     @functools.cached_property
-    def base_predicted(self) -> float:
-        """The source's predicted latency (what predicted trial costs are relative to)."""
-        return self.predicted_latency(_clone(self.base_bytes)) or float("nan")
+    def base_predicted(self) -> dict[str, float] | None:
+        """The source's predicted latency by timing batch (what predicted trial costs are
+        relative to)."""
+        return self.predicted_latency(_clone(self.base_bytes))
 
     def share_analyses(self, study: Any) -> None:
         """The analyses every trial reads: taken from the study when a process of this search
@@ -587,7 +596,8 @@ class TrialRunner:
         import hashlib
 
         digest = hashlib.sha256(self.base_bytes)
-        digest.update(repr((self.options.objective, self.options.target, self.options.max_drop,
+        digest.update(repr(("costs at every timing batch", self.options.objective,
+                            self.options.target, self.options.max_drop,
                             self.options.relative_drop, self.space.describe(), self.options.trial_cost,
                             self.options.timing_batches)).encode())
         return digest.hexdigest()[:16]

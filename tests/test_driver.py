@@ -195,6 +195,29 @@ def test_predicted_trial_cost_prices_a_dropped_block_cheaper(redundant_model):
     assert 0.4 < runner.trial_cost(dropped) < 0.9
 
 
+def test_a_predicted_trial_cost_is_the_geometric_mean_over_the_timing_batches(redundant_model):
+    from winnow.cost_model import predict
+    from winnow.cost_model.targets import known_targets
+    from winnow.driver.report import FALLBACK_TARGET
+    from winnow.driver.search import TrialRunner, lossless_base
+    from winnow.driver.source import resolve
+
+    path, _, _ = redundant_model
+    src = resolve(str(path), _calibration(12, 1))
+    runner = TrialRunner(src, lossless_base(src), SearchOptions(trial_cost="predicted"))
+    base = runner.apply(DEFAULT_PIPELINE)
+    dropped = runner.apply(DEFAULT_PIPELINE + ",drop-layers{count=1},dce")
+    profile = "host" if "host" in known_targets() else FALLBACK_TARGET
+    ratios = []
+    for rows in (1, 8):  # the default timing batches, priced one by one
+        shapes = {"x": [rows, 10, 32]}
+        ratios.append(predict(dropped, profile, shapes, threads=runner.timer.threads)
+                      .latency_s / predict(base, profile, shapes,
+                                           threads=runner.timer.threads).latency_s)
+    assert ratios[0] != pytest.approx(ratios[1], rel=1e-3)  # b1 and b8 price it differently
+    assert runner.trial_cost(dropped) == pytest.approx((ratios[0] * ratios[1]) ** 0.5, rel=1e-6)
+
+
 def test_in_sample_data_allows_only_moves_that_fit_nothing(redundant_model):
     from winnow.driver.source import resolve
     from winnow.driver.space import build_space
