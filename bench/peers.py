@@ -516,7 +516,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="winnow's fidelity budget for every model (default: each model's in "
                         "WINNOW_BUDGETS, the targets of issue 12)")
     p.add_argument("--winnow-trials", type=int, default=None,
-                   help="search trials per model (default: the compile's, 24)")
+                   help="search trials per model (default: the compile's, 48)")
     args = p.parse_args(argv)
     args.model_names = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
