@@ -381,6 +381,7 @@ class TrialRunner:
         self.timer = CandidateTimer(base, src.fit[0], options.timing_batches, options.repeats)
         self.hash_feeds = src.fit[0]
         self.cache: dict[str, Candidate] = {}
+        self.by_pipeline: dict[str, Candidate] = {}  # a plan asked for again is not run again
         self.trial_seconds: list[float] = []
 
     def apply(self, pipeline: str, instruments: Any = ()) -> ir.Model:
@@ -394,8 +395,11 @@ class TrialRunner:
         return PassManager(lossy, instruments).run(model, ctx).model if lossy else model
 
     def evaluate(self, number: int, pipeline: str) -> Candidate:
-        """Score one pipeline (cached by functional hash); a pipeline that trains keeps its
-        model while it can become a finalist (`trained`)."""
+        """Score one pipeline (cached by its text, then by functional hash); a pipeline that
+        trains keeps its model while it can become a finalist (`trained`)."""
+        done = self.by_pipeline.get(pipeline)
+        if done is not None:  # TPE and the seed tiers may ask twice: a distilled plan is a minute
+            return dataclasses.replace(done, number=number, cached=True)
         start = time.perf_counter()
         keep = self.trained is not None and trains(pipeline)
         records = RecordInstrument()
@@ -404,14 +408,16 @@ class TrialRunner:
         data = model_bytes(model) if keep else None  # as trained, before anything runs it
         key = functional_hash(model, self.hash_feeds)
         if key in self.cache:
-            hit = self.cache[key]
-            return dataclasses.replace(hit, number=number, pipeline=pipeline, cached=True)
+            hit = dataclasses.replace(self.cache[key], number=number, pipeline=pipeline,
+                                      cached=True)
+            self.by_pipeline[pipeline] = hit
+            return hit
         fid = self.src.score(model, "judge")
         cost, priced = self.priced_cost(model)
         cand = Candidate(number, pipeline, cost, fidelity_drop(fid, self.options.relative_drop),
                          fid.cosine, key,
                          priced=priced, seconds=time.perf_counter() - start)
-        self.cache[key] = cand
+        self.cache[key] = self.by_pipeline[pipeline] = cand
         self.trial_seconds.append(cand.seconds)  # cache hits are not a guide
         if data is not None and pipeline in self.trained.keep_finalists(self.cache.values()):
             self.trained.keep(pipeline, data, records.records, cand.seconds - applied)
@@ -563,10 +569,13 @@ class TrialRunner:
         """This process's share of the study's trials, with a progress bar over the budget."""
         for cand in _completed(study):
             self.cache.setdefault(cand.hash, cand)
+            self.by_pipeline.setdefault(cand.pipeline, cand)
         bar = progress.counter("search", total=self.options.trials, initial=initial)
         worker = worker_id()
 
         def objective(trial: Any) -> tuple[float, float]:
+            for done in _completed(study):  # other workers' trials too
+                self.by_pipeline.setdefault(done.pipeline, done)
             choices = suggest(trial, self.space)
             cand = self.evaluate(trial.number, pipeline_text(choices))
             for key, value in cand.to_dict().items():

@@ -288,6 +288,8 @@ def base_plan(space: Space) -> dict[str, Any]:
         base["fuse"] = False
     if space.fuse_convs:
         base["fuse_convs"] = False
+    if space.distill:  # a first-tier seed trains only where it says so (else TPE may draw it)
+        base["distill"] = False
     if space.quant_modes:
         base["quantize.mode"] = "none"
     return base
@@ -336,16 +338,18 @@ def follow_up_plans(space: Space, results: list[tuple[dict[str, Any], float, flo
                     max_drop: float, tried: list[dict[str, Any]] = (),
                     count: int = FOLLOW_UPS) -> list[dict[str, Any]]:
     """Plans to try next, from the (plan, cost, drop) results that held `max_drop` and cost less
-    than the source: every pair of them with no move in common merged into one plan, and each
-    with one drop / width move a step further; cheapest first by the product of the costs (a
+    than the source: every pair of them with no move in common merged into one plan (of plans
+    making the same moves, the cheapest), and each with one drop / width move a step further; cheapest first by the product of the costs (a
     stronger step counted as its cost squared), none of `tried` or the results, at most `count`.
     Repeated as results come in, it is a greedy search that grows the plans that hold."""
     base = base_plan(space)
     held = [(p, c) for p, c, d in results if d <= max_drop and c < 1.0 and plan_moves(p, space)]
     scored: list[tuple[float, dict[str, Any]]] = []
-    for i, (a, cost_a) in enumerate(held):
+    for a, cost_a in held:
         scored += [(cost_a * cost_a, up) for up in stronger(a, space)]
-        for b, cost_b in held[i + 1:]:
+    merging = _cheapest_per_moves(held, space)
+    for i, (a, cost_a) in enumerate(merging):
+        for b, cost_b in merging[i + 1:]:
             moves_a, moves_b = plan_moves(a, space), plan_moves(b, space)
             if set(moves_a) & set(moves_b):
                 continue
@@ -359,6 +363,18 @@ def follow_up_plans(space: Space, results: list[tuple[dict[str, Any], float, flo
         if plan not in out and not any(_same_plan(plan, t) for t in seen):
             out.append(plan)
     return out[:count]
+
+
+def _cheapest_per_moves(held: list[tuple[dict[str, Any], float]], space: Space
+                        ) -> list[tuple[dict[str, Any], float]]:
+    """Of the plans making the same set of moves, the cheapest: merges pair only those, so five
+    int8 flavours that all held do not queue five copies of every structural plan."""
+    best: dict[frozenset[str], tuple[dict[str, Any], float]] = {}
+    for plan, cost in held:
+        key = frozenset(plan_moves(plan, space))
+        if key not in best or cost < best[key][1]:
+            best[key] = (plan, cost)
+    return list(best.values())
 
 
 def _same_plan(plan: Mapping[str, Any], other: Mapping[str, Any]) -> bool:

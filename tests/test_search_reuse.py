@@ -135,3 +135,20 @@ def test_only_trained_models_that_can_become_finalists_are_kept(tmp_path):
         assert set(trained.kept) == {"p0", "p1"}
         assert [p for p, f in files.items() if f.exists()] == ["p0", "p1"]
     assert not any(tmp_path.iterdir())  # the folder goes with the search
+
+
+def test_a_plan_asked_for_twice_is_trained_and_judged_once(tiny_path):
+    # TPE and the seed tiers asked for the same distilled plans again: 5 of digits-vit's 36
+    # trials ran a minute-long pipeline a second time
+    src = resolve(str(tiny_path), _calibration())
+    runner = TrialRunner(src, lossless_base(src), SearchOptions(objective="size", max_drop=0.01))
+    pipeline = pipeline_text({"drop": {"level": "block", "count": 1, "replacement": "identity"}}
+                             ) + "," + CountedTrainingPass.name
+    MADE.clear()
+    first = runner.evaluate(0, pipeline)
+    again = runner.evaluate(5, pipeline)
+    assert len(MADE) == 1 and not first.cached and again.cached
+    assert (again.number, again.cost, again.drop, again.hash) == (5, first.cost, first.drop,
+                                                                 first.hash)
+    other = runner.evaluate(6, pipeline.replace("count=1", "count=2"))
+    assert len(MADE) == 2 and not other.cached

@@ -147,6 +147,27 @@ def test_per_tensor_int8_pipeline_quantizes_with_one_scale_per_weight(tiny_model
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph)
 
 
+def test_follow_ups_merge_only_the_cheapest_of_plans_making_the_same_moves():
+    # digits-vit's study held five int8 flavours; each was merged with every structural plan
+    # and the follow-ups never reached a second dropped block before the time budget ran out
+    flavours = [dict(INT8, **{"quantize.per_channel": pc, "quantize.outliers": o})
+                for pc in (True, False) for o in ("int8", "float")]
+    costs = [0.7, 0.62, 0.65, 0.6]
+    results = [(p, c, 0.0) for p, c in zip(flavours, costs)] + [(DROP_BLOCK, 0.8, 0.0)]
+    plans = follow_up_plans(SPACE, results, max_drop=0.01, count=20)
+    merged = [p for p in plans if len(plan_moves(p, SPACE)) == 2]
+    drop = {k: DROP_BLOCK[k] for k in ("drop.level", "drop.count", "drop.replacement")}
+    assert merged == [dict(flavours[3], **drop)]  # the cheapest flavour (0.6), once
+    assert dict(DROP_BLOCK, **{"drop.count": 2}) in plans  # stronger steps are all still there
+
+
+def test_a_first_tier_structural_seed_does_not_train():
+    first, _ = seed_plans(DISTILLING)
+    structural = [p for p in first if plan_moves(p, DISTILLING).keys() & {"drop",
+                                                                          "prune-channels"}]
+    assert structural and all(p["distill"] is False for p in structural)
+
+
 def test_repeated_follow_ups_grow_a_merged_plan_that_held_by_another_move():
     int8_drop = dict(INT8, **{k: DROP_BLOCK[k] for k in ("drop.level", "drop.count",
                                                          "drop.replacement")})
