@@ -23,7 +23,14 @@ def test_a_causal_lm_contributes_its_cross_entropy():
     assert loss == pytest.approx(np.log(256))  # uniform logits: log of the vocabulary
 
 
-@pytest.mark.parametrize("source,zoo", [("zoo:minilm", "minilm"), ("model.onnx", None),
-                                        ("model.onnx", "tiny-gpt")])
-def test_models_without_a_task_loss_contribute_nothing(source, zoo):
+@pytest.mark.parametrize("source,zoo", [("model.onnx", None), ("model.onnx", "tiny-gpt")])
+def test_plain_files_contribute_nothing(source, zoo):
     assert task_options(source, _tagged(zoo)) == {}
+
+
+@pytest.mark.parametrize("zoo,kind", [("minilm", "text-embedding"), ("tiny-gpt", "causal-lm"),
+                                      ("digits-cnn", "image-classifier")])
+def test_zoo_models_say_what_they_are(zoo, kind):
+    options = task_options(f"zoo:{zoo}", _tagged(zoo))
+    assert options["model_kind"] == kind
+    assert ("task_loss" in options) == (zoo == "tiny-gpt")

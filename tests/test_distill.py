@@ -340,3 +340,53 @@ agraph (float[""" + rows + """, 8] x) => (float[""" + rows + """, 8] y)
                                       "--pipeline", pipeline])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and not out.exists()
+
+
+def test_kl_loss_is_the_softmax_divergence_computed_by_hand():
+    from winnow.passes.rewrite.distill import _batch_kl
+
+    rng = np.random.default_rng(5)
+    teacher, student = rng.standard_normal((2, 3, 7)), rng.standard_normal((2, 3, 7))
+
+    def softmax(a):
+        e = np.exp(a - a.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(teacher), softmax(student)
+    want = float(np.mean(np.sum(p * np.log(p / q), axis=-1)))
+    got = _batch_kl([torch.from_numpy(student)], {"y": torch.from_numpy(teacher)}, ["y"])
+    assert float(got) == pytest.approx(want, rel=1e-9)
+    shifted = _batch_kl([torch.from_numpy(teacher + 3.0)], {"y": torch.from_numpy(teacher)}, ["y"])
+    assert abs(float(shifted)) < 1e-12  # logits up to a constant are the same distribution
+
+
+@pytest.mark.parametrize("choice,kind,want", [("auto", "causal-lm", "kl"),
+                                              ("auto", "image-classifier", "mse"),
+                                              ("auto", None, "mse"), ("mse", "causal-lm", "mse"),
+                                              ("kl", None, "kl")])
+def test_auto_loss_follows_the_kind_of_model(choice, kind, want):
+    from winnow.passes.rewrite.distill import output_loss
+
+    assert output_loss(choice, {} if kind is None else {"model_kind": kind}) == want
+
+
+def test_distill_of_logits_trains_on_kl_and_lowers_it(pruned_pair):
+    from winnow.passes.rewrite.distill import _batch_kl
+
+    source = pruned_pair[1]
+    drop = "drop-layers{count=1,level=block,replacement=identity}"
+    runs = {}
+    for pipeline in (drop, drop + ",distill{steps=30,lr=0.001,check_every=5}"):
+        ctx = PassContext(calibration=CALIBRATION, options={"model_kind": "causal-lm"})
+        runs[pipeline] = PassManager(pipeline).run(source.clone(), ctx).model
+    assert ctx.report["distill"]["loss"] == "kl" and ctx.report["distill"]["best_step"] > 0
+    names = [v.name for v in source.graph.outputs]
+
+    def kl(model):  # on rows distill never saw
+        feeds = {"x": HELDOUT}
+        return float(_batch_kl([torch.from_numpy(run(model, feeds)[n]) for n in names],
+                               {n: torch.from_numpy(v) for n, v in run(source, feeds).items()},
+                               names))
+
+    dropped, distilled = (kl(m) for m in runs.values())
+    assert distilled < 0.9 * dropped

@@ -60,16 +60,18 @@ def pick_calibration(source: Any, model: ir.Model, calibration: Any = None, zoo:
 
 def task_options(source: Any, model: ir.Model, zoo: Any = None) -> dict[str, Any]:
     """Pass-context options a zoo model contributes: its per-batch `task_loss` when it has one
-    (das-skip then rewards the task itself, e.g. an LM's cross-entropy, not output cosine).
+    (das-skip then rewards the task itself, e.g. an LM's cross-entropy, not output cosine) and
+    its `model_kind` (distill matches a causal LM's logits by KL divergence).
     `zoo`: the source's zoo entry when the caller already looked it up."""
     entry = zoo if zoo is not None else zoo_entry(source, model)
     if entry is None:  # a plain file never imports the zoo (nor torch through it)
         return {}
     from winnow.models_zoo.base import ZooModel
 
-    if type(entry).task_loss is ZooModel.task_loss:
-        return {}
-    return {"task_loss": entry.task_loss}
+    options: dict[str, Any] = {"model_kind": entry.kind}
+    if type(entry).task_loss is not ZooModel.task_loss:
+        options["task_loss"] = entry.task_loss
+    return options
 
 
 def zoo_entry(source: Any, model: ir.Model) -> Any:
