@@ -149,7 +149,7 @@ def test_das_on_tiny_gpt_rewards_the_lm_loss():
 
     model = winnow.load("zoo:tiny-gpt")
     options = task_options("zoo:tiny-gpt", model)
-    assert set(options) == {"task_loss"}
+    assert set(options) == {"task_loss", "model_kind"} and options["model_kind"] == "causal-lm"
     ctx = PassContext(calibration=models_zoo.get("tiny-gpt").calibration()[:1], options=options)
     result = ctx.get_analysis("das-skip", model, steps=5)
     assert result["loss"] == "task"
