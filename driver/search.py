@@ -567,14 +567,12 @@ class TrialRunner:
 
     def run_trials(self, study: Any, deadline: Any, initial: int = 0) -> int:
         """This process's share of the study's trials, with a progress bar over the budget."""
-        for cand in _completed(study):
-            self.cache.setdefault(cand.hash, cand)
-            self.by_pipeline.setdefault(cand.pipeline, cand)
         bar = progress.counter("search", total=self.options.trials, initial=initial)
         worker = worker_id()
 
         def objective(trial: Any) -> tuple[float, float]:
-            for done in _completed(study):  # other workers' trials too
+            for done in _completed(study):  # a resumed study's and other workers' trials
+                self.cache.setdefault(done.hash, done)
                 self.by_pipeline.setdefault(done.pipeline, done)
             choices = suggest(trial, self.space)
             cand = self.evaluate(trial.number, pipeline_text(choices))

@@ -339,8 +339,9 @@ def follow_up_plans(space: Space, results: list[tuple[dict[str, Any], float, flo
                     count: int = FOLLOW_UPS) -> list[dict[str, Any]]:
     """Plans to try next, from the (plan, cost, drop) results that held `max_drop` and cost less
     than the source: every pair of them with no move in common merged into one plan (of plans
-    making the same moves, the cheapest), and each with one drop / width move a step further; cheapest first by the product of the costs (a
-    stronger step counted as its cost squared), none of `tried` or the results, at most `count`.
+    making the same moves, the cheapest), and each with one drop / width move a step further;
+    cheapest first by the product of the costs (a stronger step counted as its cost squared),
+    none of `tried` or the results, at most `count`.
     Repeated as results come in, it is a greedy search that grows the plans that hold."""
     base = base_plan(space)
     held = [(p, c) for p, c, d in results if d <= max_drop and c < 1.0 and plan_moves(p, space)]

@@ -17,8 +17,8 @@ normalization layers both models share (same value name and shape; what pruning 
 removed or resized is left out), a far richer signal than the final outputs alone (feature
 distillation). The held-back check still judges the outputs only, by the same `loss`: mse, or
 kl for logits (a language model's perplexity follows the KL of its next-token distribution;
-squared error on logits counts shifts the softmax ignores). Lookup tables (token
-embeddings, rotary cos / sin tables) stay as they are unless `embeddings`; `device=cuda` trains on a GPU.
+squared error on logits counts shifts the softmax ignores). Lookup tables (token embeddings,
+rotary cos / sin tables) stay as they are unless `embeddings`; `device=cuda` trains on a GPU.
 Run it after the lossy structural passes and before `fuse` / `quantize` (their contrib and
 integer ops are not trainable)."""
 
@@ -317,16 +317,18 @@ def _state(net: Any) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def _batch_loss(outputs: list[Any], target: dict[str, Any], names: list[str]) -> Any:
-    """Mean over float outputs of the squared error relative to the teacher's mean square."""
-    total = 0.0
+def _float_pairs(outputs: list[Any], target: dict[str, Any], names: list[str]) -> Any:
+    """(student, teacher) tensors of each float output, the teacher's in the student's dtype."""
     for name, out in zip(names, outputs):
         ref = target[name]
-        if not ref.is_floating_point():
-            continue
-        ref = ref.to(out.dtype)
-        total = total + ((out - ref) ** 2).mean() / (ref**2).mean().clamp_min(1e-12)
-    return total
+        if ref.is_floating_point():
+            yield out, ref.to(out.dtype)
+
+
+def _batch_loss(outputs: list[Any], target: dict[str, Any], names: list[str]) -> Any:
+    """Mean over float outputs of the squared error relative to the teacher's mean square."""
+    return sum((((out - ref) ** 2).mean() / (ref**2).mean().clamp_min(1e-12)
+                for out, ref in _float_pairs(outputs, target, names)), 0.0)
 
 
 def _batch_kl(outputs: list[Any], target: dict[str, Any], names: list[str]) -> Any:
@@ -334,12 +336,8 @@ def _batch_kl(outputs: list[Any], target: dict[str, Any], names: list[str]) -> A
     import torch
 
     total = 0.0
-    for name, out in zip(names, outputs):
-        ref = target[name]
-        if not ref.is_floating_point():
-            continue
-        teacher = torch.log_softmax(ref.to(out.dtype), dim=-1)
-        student = torch.log_softmax(out, dim=-1)
+    for out, ref in _float_pairs(outputs, target, names):
+        teacher, student = torch.log_softmax(ref, dim=-1), torch.log_softmax(out, dim=-1)
         total = total + (teacher.exp() * (teacher - student)).sum(-1).mean()
     return total
 
