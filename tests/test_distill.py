@@ -390,3 +390,8 @@ def test_distill_of_logits_trains_on_kl_and_lowers_it(pruned_pair):
 
     dropped, distilled = (kl(m) for m in runs.values())
     assert distilled < 0.9 * dropped
+
+
+def test_an_unknown_loss_is_a_clear_error():
+    with pytest.raises(PassConfigError, match="'loss' must be one of auto, mse, kl; got 'foo'"):
+        PassManager("distill{loss=foo}")
