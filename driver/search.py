@@ -54,12 +54,15 @@ OBJECTIVES = ("latency", "size")
 # or timed against the source; the finalists are always timed.
 TRIAL_COSTS = ("predicted", "measured")
 NOISE_MARGIN = 0.03  # a finalist must be at least this much cheaper than the source to win
-# --time-budget is the whole compile's (counted from the start, loading and analyses included):
-# trials stop when re-timing the finalists, judging them on held-out data and the emit would no
-# longer fit, each priced at this many trials (from this process's mean trial time); before any
-# trial has run, at TRIAL_SHARE of the budget.
+# --time-budget is the whole compile's (counted from the call, loading and analyses included).
+# Trials stop when what must follow would no longer fit, each part priced from this process's
+# trials (`TrialClock`): the trial about to start (the longest of its kind: one that trains runs a
+# minute on MiniLM), the finalists' check (FINISH_TRIALS trials' judging each, one more for the
+# head-to-head), the emit (one pipeline run and one scoring, as the longest trial's judging) and a
+# SAFETY_SHARE of the budget. Before any trial has run, they stop at TRIAL_SHARE of the budget.
 FINISH_TRIALS = 1.5
 TRIAL_SHARE = 0.75
+SAFETY_SHARE = 0.03  # the CLI's start, the manifest and report, the process's exit, a busy host
 
 
 HEAD_TO_HEAD = 3  # the cheapest measured finalists re-timed together before the choice
@@ -186,16 +189,18 @@ def parse_duration(text: str) -> float:
 
 def search_compile(source: Any, out: str | Path, options: SearchOptions | None = None, *,
                    overwrite: bool = False, calibration: Any = None,
-                   user_inputs: Any = None) -> SearchResult:
+                   user_inputs: Any = None, started_at: float | None = None) -> SearchResult:
     """Search pass combinations for `source`, then compile the chosen one into `out`;
     `user_inputs` (--input-shapes / --example-inputs) are the data the search fits and judges on
-    and the final compile's check inputs."""
+    and the final compile's check inputs. The time budget counts from `started_at` (time.time()
+    when the compile was asked for, e.g. by the CLI), else from this call."""
+    started_at = started_at or time.time()
     from winnow.backends.manifest import check_output
     from winnow.driver.compile import compile_model
 
     require_extra("winnow compile --target (the search)", "search", ("optuna",))
     options = options or SearchOptions()
-    start, started_at = time.perf_counter(), time.time()
+    budget_end = started_at + options.time_budget
     check_output(Path(out), overwrite)
     with progress.step("loading the model and its data"):
         src = resolve(source, calibration, user_inputs)
@@ -208,21 +213,24 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
     with TrainedModels(options, base_records.records, folder) as trained:
         runner.trained = trained
         candidates, hits = runner.run_study(url, _job(source, calibration, options, user_inputs),
-                                            started_at + options.time_budget)
+                                            budget_end)
         finalists = _finalists(candidates, options)
         finals_start = time.perf_counter()
-        chosen, message = runner.choose(finalists, started_at + options.time_budget)
-        finals_seconds = time.perf_counter() - finals_start
+        chosen, message = runner.choose(finalists, runner.clock.finish_by(budget_end))
+        emit_start = time.perf_counter()
+        finals_seconds = emit_start - finals_start
         data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
         result = compile_model(src, out, pipeline=chosen.pipeline, overwrite=overwrite,
                                max_drop=options.budget_text, user_inputs=user_inputs,
                                rewritten=trained.rewritten(chosen.pipeline), **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
-                          message, src.judged_on, time.perf_counter() - start)
+                          message, src.judged_on, time.time() - started_at)
     search.measures = _measures(Path(out), runner, options)
     search.measures["finalists"] = [c.to_dict() for c in finalists]
     search.measures["timing"] = {"finalists_seconds": finals_seconds,
-                                 "timed_seconds_by_batch": dict(runner.timer.seconds)}
+                                 "timed_seconds_by_batch": dict(runner.timer.seconds),
+                                 "emit_seconds": time.perf_counter() - emit_start,
+                                 "estimated": runner.clock.estimates()}
     _record(Path(out), search, url)
     _write_analyses(Path(out), runner)
     _write_report(Path(out), src.name, search, candidates, runner.analyses[0], options)
@@ -364,6 +372,75 @@ class TrainedModels:
                                                      for r in lossy])
 
 
+@dataclasses.dataclass(frozen=True)
+class TrialTime:
+    """How long one trial of this process took, and how much of it ran the passes."""
+
+    seconds: float
+    applied: float  # running the pipeline (distill's training included)
+    trains: bool  # a pass of it trains: its model is kept, so judging it again skips the passes
+
+    @property
+    def judging(self) -> float:
+        """About how long judging its model as a finalist takes (before the timing)."""
+        return self.seconds - self.applied if self.trains else self.seconds
+
+
+class TrialClock:
+    """This process's trial times and what they price: the trial about to start, the finalists'
+    check and the emit, so that trials stop in time for the compile to end within its budget."""
+
+    def __init__(self, options: SearchOptions) -> None:
+        self.options = options
+        self.times: list[TrialTime] = []
+
+    def record(self, seconds: float, applied: float, trains: bool) -> None:
+        """Note a trial this process ran (cache hits are no guide and are not noted)."""
+        self.times.append(TrialTime(seconds, applied, trains))
+
+    @property
+    def margin(self) -> float:
+        """Seconds of the budget kept free for what is not priced (SAFETY_SHARE of it)."""
+        return SAFETY_SHARE * self.options.time_budget
+
+    def judging_seconds(self) -> float:
+        """The finalists' check: FINISH_TRIALS trials' judging per finalist, and as much again
+        for the head-to-head."""
+        mean = float(np.mean([t.judging for t in self.times]))
+        return (self.options.finalists + 1) * FINISH_TRIALS * mean
+
+    def emit_seconds(self) -> float:
+        """The emit runs the chosen pipeline once (unless its trained model was kept), scores it
+        once on held-out data and writes it: as long as the longest trial's judging."""
+        return max(t.judging for t in self.times)
+
+    def finish_by(self, budget_end: float) -> float:
+        """When judging finalists must end (time.time()) so the emit fits before `budget_end`."""
+        if not self.times:
+            return budget_end - self.margin
+        return budget_end - self.margin - self.emit_seconds()
+
+    def deadline(self, budget_end: float, first_guess: float, next_trains: bool) -> float:
+        """When the next trial (one that trains or not) may start no more: it must end before
+        the finalists' check, and the emit after it, would no longer fit before `budget_end`.
+        Before any trial has run, and for the first trial of a kind, `first_guess` at the
+        latest."""
+        if not self.times:
+            return first_guess
+        kind = [t.seconds for t in self.times if t.trains == next_trains]
+        trial = max(kind or [t.seconds for t in self.times])
+        deadline = self.finish_by(budget_end) - self.judging_seconds() - trial
+        return deadline if kind else min(first_guess, deadline)
+
+    def estimates(self) -> dict[str, float]:
+        """The priced parts in seconds (the manifest's record, beside the measured ones)."""
+        if not self.times:
+            return {"margin_seconds": self.margin}
+        return {"finalists_seconds": self.judging_seconds(), "emit_seconds": self.emit_seconds(),
+                "margin_seconds": self.margin,
+                "longest_trial_seconds": max(t.seconds for t in self.times)}
+
+
 def _clone(data: bytes) -> ir.Model:
     return ir.serde.deserialize_model(onnx.load_from_string(data))
 
@@ -382,7 +459,7 @@ class TrialRunner:
         self.hash_feeds = src.fit[0]
         self.cache: dict[str, Candidate] = {}
         self.by_pipeline: dict[str, Candidate] = {}  # a plan asked for again is not run again
-        self.trial_seconds: list[float] = []
+        self.clock = TrialClock(options)
 
     def apply(self, pipeline: str, instruments: Any = ()) -> ir.Model:
         """The base model rewritten by the lossy part of `pipeline`."""
@@ -401,7 +478,8 @@ class TrialRunner:
         if done is not None:  # TPE and the seed tiers may ask twice: a distilled plan is a minute
             return dataclasses.replace(done, number=number, cached=True)
         start = time.perf_counter()
-        keep = self.trained is not None and trains(pipeline)
+        training = trains(pipeline)
+        keep = self.trained is not None and training
         records = RecordInstrument()
         model = self.apply(pipeline, [records] if keep else ())
         applied = time.perf_counter() - start
@@ -418,7 +496,7 @@ class TrialRunner:
                          fid.cosine, key,
                          priced=priced, seconds=time.perf_counter() - start)
         self.cache[key] = self.by_pipeline[pipeline] = cand
-        self.trial_seconds.append(cand.seconds)  # cache hits are not a guide
+        self.clock.record(cand.seconds, applied, training)
         if data is not None and pipeline in self.trained.keep_finalists(self.cache.values()):
             self.trained.keep(pipeline, data, records.records, cand.seconds - applied)
         return cand
@@ -524,7 +602,8 @@ class TrialRunner:
         done = _completed(study)
         if not study.get_trials(deepcopy=False):
             self.enqueue(study, seed_plans(self.space)[0], phase=0)
-        self.run_trials(study, lambda: self.trial_deadline(budget_end, first_guess),
+        self.run_trials(study, lambda: self.clock.deadline(budget_end, first_guess,
+                                                           self.next_trains(study)),
                         initial=len(done))
         cands = _completed(study)
         return cands, sum(c.cached for c in cands)
@@ -558,12 +637,15 @@ class TrialRunner:
         if not self.enqueue(study, plans, 1 if phase == 0 else 2) and phase == 0:
             self.enqueue(study, seed_plans(self.space)[1], 2)
 
-    def trial_deadline(self, budget_end: float, first_guess: float) -> float:
-        """When trials must stop so the finalists and the emit still fit in the budget."""
-        if not self.trial_seconds:
-            return first_guess
-        finish = (self.options.finalists + 1) * FINISH_TRIALS * float(np.mean(self.trial_seconds))
-        return budget_end - finish
+    def next_trains(self, study: Any) -> bool:
+        """Whether the study's next trial may train: the next queued plan says; one that TPE
+        draws may whenever the space distills."""
+        import optuna
+
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if waiting:
+            return bool(waiting[0].system_attrs.get("fixed_params", {}).get("distill"))
+        return self.space.distill
 
     def run_trials(self, study: Any, deadline: Any, initial: int = 0) -> int:
         """This process's share of the study's trials, with a progress bar over the budget."""
@@ -617,8 +699,9 @@ class TrialRunner:
         below the source wins, else the lossless pipeline with the reason. The measured time
         decides: a candidate predicted cheap but measured no faster than the source never wins.
         Once one has won, a finalist whose trial took longer than what is left until
-        `budget_end` (time.time()) is not judged: a distilled finalist whose model was not kept
-        (a worker's trial) trains again, a minute or more."""
+        `budget_end` (time.time(): when judging must end for the emit to fit) is not judged: a
+        distilled finalist whose model was not kept (a worker's trial) trains again, a minute or
+        more."""
         winners, timed, judged, models, late = [], [], 0, {}, 0
         for cand in progress.bar(ranked, "finalists"):
             # predicted and measured trial costs are on two scales: each kind has its own slots
