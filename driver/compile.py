@@ -46,7 +46,13 @@ from winnow.passes.instruments import (
 from winnow.driver.source import (Source, dynamic_batch, max_drop_text, parse_max_drop,
                                   relative_drop, resolve, source_name, split_batches)
 from winnow.passes.analysis.calibration import pick_calibration, split_batch
-from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, pass_label
+from winnow.passes.manager import (
+    DEFAULT_PIPELINE,
+    LOSSLESS_PIPELINE,
+    PassContext,
+    PassManager,
+    pass_label,
+)
 from winnow.passes.pipeline import PassSpec, load_pipeline_file
 
 Pipeline = str | Sequence[PassSpec | PassBase]
@@ -107,13 +113,18 @@ def get_backend(name: str) -> Callable[..., Artifact]:
     return backend_module(name).emit
 
 
-def resolve_pipeline(pipeline: Pipeline | None, config: str | Path | None) -> Pipeline:
-    """The pipeline to run: `pipeline`, the YAML file `config`, or DEFAULT_PIPELINE."""
+def resolve_pipeline(pipeline: Pipeline | None, config: str | Path | None,
+                     backend: str = "ort") -> Pipeline:
+    """The pipeline to run: `pipeline`, the YAML file `config`, or the lossless default
+    (DEFAULT_PIPELINE, then the finishing passes on the ORT backend: TVM compiles for fixed
+    shapes, where a run-time crop of the sequence axis has nothing to gain)."""
     if config is not None:
         if pipeline is not None:
             raise PipelineError("give either a pipeline or a pipeline config file, not both.")
         return load_pipeline_file(config)
-    return DEFAULT_PIPELINE if pipeline is None else pipeline
+    if pipeline is None:
+        return LOSSLESS_PIPELINE if backend == "ort" else DEFAULT_PIPELINE
+    return pipeline
 
 
 @contextlib.contextmanager
@@ -151,9 +162,9 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     `user_inputs` (--input-shapes / --example-inputs) are the check inputs and the default
     calibration data instead of invented ones; fidelity['check_inputs'] records them.
     `backend_options` go to the backend's emit (TVM: target, shapes, schedules).
-    `rewritten` is what `pipeline` already made from this source (the search's trained trial):
-    it is emitted instead of running the pipeline again (its passes' entries say `reused`), and
-    checked against the source, judged on held-out data and held to the budget all the same.
+    `rewritten` is what the first passes of `pipeline` (one per record) already made from this
+    source (the search's trained trial): those do not run again (their entries say `reused`),
+    the passes after them (the finishing ones) run on it, and the result is checked against the source, judged on held-out data and held to the budget all the same.
     """
     emit = get_backend(backend)
     max_drop, relative = check_max_drop(max_drop)
@@ -162,7 +173,7 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     verifier = VerifyInstrument() if verify_each else None
     recorder = RecordInstrument()
     instruments = [i for i in (timer, verifier, recorder) if i]
-    manager = PassManager(resolve_pipeline(pipeline, config), instruments)
+    manager = PassManager(resolve_pipeline(pipeline, config, backend), instruments)
     if dump_ir is not None:
         if Path(dump_ir).resolve().is_relative_to(Path(out).resolve()):
             raise OutputError(f"the IR dump folder '{dump_ir}' is inside the output folder "
@@ -189,14 +200,18 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
         fit, judge = batches, pick_calibration(src.spec, model, judge_data)[0]
         judged_on = f"{len(judge)} judging batches given apart from the calibration data"
     judge_reference = [run(model, feeds) for feeds in judge] if lossy else []
+    ctx = PassContext(calibration=fit, training=src.training, options=dict(src.options))
     if rewritten is None:
         with _phase(phases, "passes", "running the pipeline"):
-            ctx = PassContext(calibration=fit, training=src.training, options=dict(src.options))
             model = manager.run(model, ctx, guard=guard).model
     else:
         model = rewritten.model
         fit_ir_version(model)
         recorder.records = [dict(record, reused=True) for record in rewritten.records]
+        rest = manager.passes[len(rewritten.records):]
+        if rest:  # the pipeline goes on past the kept model (the finishing passes)
+            with _phase(phases, "passes", "running the rest of the pipeline"):
+                model = PassManager(rest, instruments).run(model, ctx, guard=guard).model
     fidelity = None
     if check:
         with _phase(phases, "check", "checking against the source"):

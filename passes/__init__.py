@@ -11,11 +11,12 @@ from winnow.passes.base import (
     registered_passes,
 )
 from winnow.passes.config import option
-from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager
+from winnow.passes.manager import DEFAULT_PIPELINE, LOSSLESS_PIPELINE, PassContext, PassManager
 from winnow.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 
 __all__ = ["ALL_ANALYSES", "AnalysisPass", "Pass", "PassResult", "get_pass_class", "plugin_problems",
-           "register_pass", "registered_passes", "option", "DEFAULT_PIPELINE", "PassContext", "PassManager",
+           "register_pass", "registered_passes", "option", "DEFAULT_PIPELINE", "LOSSLESS_PIPELINE",
+           "PassContext", "PassManager",
            "PassSpec", "format_pipeline", "parse_pipeline", "RulePass"]
 
 

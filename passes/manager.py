@@ -16,6 +16,20 @@ from winnow.passes.instruments import Instrument, LosslessGuard
 from winnow.passes.pipeline import PassSpec, format_pipeline, format_value, parse_pipeline
 
 DEFAULT_PIPELINE = "shape-inference,fold-constants,canonicalize,cse,dce"
+# Lossless passes that go after every other one: trim-padding crops the sequence axis at run time,
+# which leaves the shapes that pruning, fusion, distill and the cost model read unknown.
+FINISHING_PIPELINE = "trim-padding"
+
+
+def finished(pipeline: str) -> str:
+    """`pipeline` followed by the finishing passes (unchanged when it already ends with them)."""
+    if pipeline.rstrip(", ").endswith(FINISHING_PIPELINE):
+        return pipeline
+    return f"{pipeline},{FINISHING_PIPELINE}" if pipeline.strip() else FINISHING_PIPELINE
+
+
+# What `winnow compile` runs without --pipeline on the ORT backend.
+LOSSLESS_PIPELINE = finished(DEFAULT_PIPELINE)
 
 _CURRENT: contextvars.ContextVar[PassContext | None] = contextvars.ContextVar(
     "winnow_pass_context", default=None)

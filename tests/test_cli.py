@@ -53,7 +53,7 @@ def test_compile_json_and_overwrite(tiny_model_path, tmp_path):
     assert info["files"]["model.onnx"] == (out / "model.onnx").stat().st_size
     again = invoke("compile", tiny_model_path, "-o", out, "--json", "--force-overwrite")
     assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout)["pipeline"] == winnow.passes.DEFAULT_PIPELINE
+    assert json.loads(again.stdout)["pipeline"] == winnow.passes.LOSSLESS_PIPELINE
 
 
 def test_compile_with_config_file(tiny_external_model_path, tmp_path):

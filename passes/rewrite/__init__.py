@@ -17,4 +17,5 @@ from winnow.passes.rewrite import (  # noqa: F401
     shape_inference,
     smooth_activations,
     split_outliers,
+    trim_padding,
 )

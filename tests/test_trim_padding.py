@@ -1,0 +1,169 @@
+"""trim-padding: crops the positions every row masks, matches torch on padded inputs, and leaves
+models alone whose outputs carry the sequence axis or read masked positions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from torch import nn
+
+import winnow
+from winnow.errors import WinnowError
+from winnow.ir.execute import run
+from winnow.passes.manager import FINISHING_PIPELINE, PassContext, PassManager, finished
+
+VOCAB, DIM, SEQ = 40, 16, 12
+
+
+class MaskedEncoder(nn.Module):
+    """Token + position embeddings, one masked self-attention and MLP, then `pool`: 'masked' mean
+    over kept positions (sentence-transformers), 'all' positions, or 'none' (hidden states)."""
+
+    def __init__(self, pool: str = "masked") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pool = pool
+        self.tokens, self.positions = nn.Embedding(VOCAB, DIM), nn.Embedding(SEQ, DIM)
+        self.qkv, self.out = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        seq = input_ids.shape[1]
+        x = self.tokens(input_ids) + self.positions.weight[:seq]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        bias = (1.0 - attention_mask[:, None, :].float()) * torch.finfo(torch.float32).min
+        att = torch.softmax(q @ k.transpose(-1, -2) / DIM**0.5 + bias, dim=-1)
+        x = x + self.out(att @ v)
+        x = x + self.mlp(x)
+        if self.pool == "none":
+            return x
+        mask = attention_mask[..., None].float() if self.pool == "masked" else torch.ones_like(x)
+        return (x * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def _padded(lengths: list[int], seed: int = 0, left: bool = False) -> dict[str, np.ndarray]:
+    """Rows of random tokens, `lengths` of them kept, random other tokens behind the padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB, (len(lengths), SEQ)).astype(np.int64)
+    mask = np.zeros((len(lengths), SEQ), np.int64)
+    for r, n in enumerate(lengths):
+        if left:
+            mask[r, SEQ - n:] = 1
+        else:
+            mask[r, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _load(pool: str = "masked") -> tuple[nn.Module, ir.Model]:
+    net = MaskedEncoder(pool).eval()
+    feeds = _padded([SEQ, 5])
+    example = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
+    axes = {0: "batch", 1: "seq"}
+    return net, winnow.load(net, example, dynamic_shapes=(dict(axes), dict(axes)))
+
+
+def _trim(model: ir.Model, pipeline: str = "trim-padding") -> tuple[ir.Model, dict]:
+    ctx = PassContext(calibration=[_padded([7, 3, SEQ], seed=1)])
+    out = PassManager(pipeline).run(model, ctx).model
+    return out, ctx.report["trim-padding"]
+
+
+def _torch(net: nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(feeds["input_ids"]),
+                   torch.from_numpy(feeds["attention_mask"])).numpy()
+
+
+def test_trimmed_model_matches_torch_and_runs_only_the_kept_positions():
+    net, model = _load()
+    trimmed, report = _trim(model)
+    assert report["trimmed"] == ["input_ids", "attention_mask"] and report["max_abs_error"] < 1e-5
+    feeds = _padded([3, 5], seed=2)
+    got = run(trimmed, feeds, capture=["input_ids_trimmed", "attention_mask_trimmed"])
+    assert got["input_ids_trimmed"].shape == (2, 5)
+    assert got["attention_mask_trimmed"].shape == (2, 5)
+    out = next(v for k, v in got.items() if not k.endswith("_trimmed"))
+    np.testing.assert_allclose(out, _torch(net, feeds), atol=1e-5)
+
+
+def test_left_padding_and_full_rows_are_never_cropped():
+    net, model = _load()
+    trimmed, _ = _trim(model)
+    for feeds in (_padded([3, 5], seed=3, left=True), _padded([SEQ, 2], seed=4)):
+        got = run(trimmed, feeds, capture=["input_ids_trimmed"])
+        assert got["input_ids_trimmed"].shape == (2, SEQ)
+        out = next(v for k, v in got.items() if k != "input_ids_trimmed")
+        np.testing.assert_allclose(out, _torch(net, feeds), atol=1e-5)
+
+
+def test_an_all_padding_batch_keeps_one_position():
+    net, model = _load()
+    trimmed, _ = _trim(model)
+    feeds = _padded([0, 0], seed=5)
+    got = run(trimmed, feeds, capture=["input_ids_trimmed"])
+    assert got["input_ids_trimmed"].shape == (2, 1)
+    out = next(v for k, v in got.items() if k != "input_ids_trimmed")
+    np.testing.assert_allclose(out, _torch(net, feeds), atol=1e-5)
+
+
+def test_outputs_with_the_sequence_axis_are_left_alone():
+    _, model = _load("none")
+    nodes = len(model.graph)
+    trimmed, report = _trim(model)
+    assert report["trimmed"] == [] and "carries the sequence axis" in report["note"]
+    assert len(trimmed.graph) == nodes
+
+
+def test_outputs_that_read_padding_roll_the_trim_back():
+    _, model = _load("all")
+    nodes = len(model.graph)
+    trimmed, report = _trim(model)
+    assert report["trimmed"] == [] and "read masked positions" in report["skipped"]
+    assert len(trimmed.graph) == nodes
+
+
+def test_a_named_mask_that_does_not_exist_lists_the_inputs(tmp_path):
+    _, model = _load()
+    with pytest.raises(WinnowError, match="its inputs are input_ids, attention_mask"):
+        _trim(model, "trim-padding{mask=nope}")
+    path = tmp_path / "enc.onnx"
+    ir.save(model, path)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "winnow", "compile", str(path), "--pipeline",
+                           "trim-padding{mask=nope}", "-o", str(out), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no input 'nope'" in proc.stdout + proc.stderr
+    assert not out.exists()
+
+
+def test_finished_appends_the_finishing_passes_once():
+    assert finished("dce") == f"dce,{FINISHING_PIPELINE}"
+    assert finished(f"dce,{FINISHING_PIPELINE}") == f"dce,{FINISHING_PIPELINE}"
+    assert winnow.passes.LOSSLESS_PIPELINE == f"{winnow.passes.DEFAULT_PIPELINE},trim-padding"
+
+
+def test_compile_runs_the_finishing_passes_after_a_kept_model(tmp_path):
+    from winnow.driver.compile import Rewritten, compile_model
+
+    net, model = _load()
+    path = tmp_path / "enc.onnx"
+    ir.save(model, path)
+    kept = PassManager("dce").run(winnow.load(path), PassContext()).model
+    record = {"index": 0, "name": "dce", "modified": False, "seconds": 0.0,
+              "nodes": {"before": len(kept.graph), "after": len(kept.graph)}, "report": None}
+    result = compile_model(str(path), tmp_path / "out", pipeline="dce,trim-padding",
+                           rewritten=Rewritten(kept, [record]),
+                           calibration=[_padded([7, 3, SEQ], seed=1)])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    entries = {p["name"]: p for p in manifest["passes"]}
+    assert entries["dce"].get("reused") and entries["trim-padding"]["modified"]
+    assert result.pipeline.endswith("trim-padding")
+    feeds = _padded([4, 2], seed=6)
+    emitted = run(ir.load(tmp_path / "out" / "model.onnx"), feeds)
+    np.testing.assert_allclose(next(iter(emitted.values())), _torch(net, feeds), atol=1e-5)
