@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import shlex
 import sys
@@ -305,13 +306,28 @@ def _rows(feeds: Feeds) -> int:
     return int(next(iter(feeds.values())).shape[0])
 
 
-def first_rows(batches: Sequence[Feeds], count: int) -> dict[str, np.ndarray]:
-    """The first `count` samples of a split (batches concatenated; repeated when too few)."""
+def first_rows(batches: Sequence[Feeds], count: int, start: int = 0) -> dict[str, np.ndarray]:
+    """`count` samples of a split from sample `start` on (batches concatenated; wrapping
+    around when too few)."""
     out = {}
     for name in batches[0]:
         full = np.concatenate([b[name] for b in batches])
-        out[name] = np.ascontiguousarray(np.take(full, np.arange(count) % len(full), axis=0))
+        rows = (start + np.arange(count)) % len(full)
+        out[name] = np.ascontiguousarray(np.take(full, rows, axis=0))
     return out
+
+
+def row_groups(batches: Sequence[Feeds], size: int, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` consecutive groups of `size` held-out samples (the first `count * size`)."""
+    return [first_rows(batches, size, i * size) for i in range(count)]
+
+
+def rotating(run: Callable[[Feeds], Any], groups: Sequence[Feeds]) -> Callable[[], Any]:
+    """A runner that feeds `run` the next group on each call: every variant is called once per
+    interleaved round, so in each round all of them run the same samples (paired ratios stay
+    fair) while the rounds cover samples of every length, not one."""
+    calls = itertools.count()
+    return lambda: run(groups[next(calls) % len(groups)])
 
 
 def outputs_on(variant: Variant, batches: Sequence[Feeds], label: str) -> list[Outputs] | None:
@@ -359,9 +375,10 @@ def winnow_variant(zm: Any, work: Path, threads: int, options: Callable[[str], A
 
 
 def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequence[int],
-            work: Path, winnow: Any = None) -> tuple[list[Row], dict[str, Any]]:
+            work: Path, winnow: Any = None, rotate: int = 1) -> tuple[list[Row], dict[str, Any]]:
     """Prepare, evaluate and time every variant of one zoo model (and winnow's row when
-    `winnow` gives search options: model name -> SearchOptions)."""
+    `winnow` gives search options: model name -> SearchOptions); each batch size is timed on
+    `rotate` groups of held-out samples in turn."""
     from winnow.measure.fidelity import OUTPUT_KINDS, evaluate
 
     zm = models_zoo.get(name)
@@ -386,9 +403,9 @@ def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequenc
     used = [min(b, MAX_BATCH.get(name, b)) for b in batches]
     shapes = {}
     for b in dict.fromkeys(used):
-        feeds = first_rows(heldout, b)
-        shapes[b] = {k: list(v.shape) for k, v in feeds.items()}
-        runners = {n: (lambda v=v: v.run(feeds)) for n, v in runnable.items()}
+        groups = row_groups(heldout, b, rotate)
+        shapes[b] = {k: list(v.shape) for k, v in groups[0].items()}
+        runners = {n: rotating(v.run, groups) for n, v in runnable.items()}
         result = time_interleaved(runners, repeats=repeats, warmup=warmup,
                                   desc=f"{name}: timing batch {b}")
         for n, t in result.items():
@@ -399,7 +416,7 @@ def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequenc
         notes = list(v.notes) + ([v.error] if v.error else [])
         rows.append(Row(name, v.name, {b: timings.get(v.name, {}).get(b) for b in used}, cosine,
                         metrics, v.size_mb, notes))
-    info = {"batches": used, "shapes": shapes, "metric": zm.metric_name,
+    info = {"batches": used, "shapes": shapes, "rotate": rotate, "metric": zm.metric_name,
             "higher_is_better": zm.higher_is_better, "description": zm.description,
             "heldout_samples": sum(_rows(b) for b in heldout)}
     return rows, info
@@ -453,8 +470,11 @@ def report(rows: Sequence[Row], infos: Mapping[str, Mapping[str, Any]], args: ar
     for name, info in infos.items():
         shapes = "; ".join(", ".join(f"{k} {v}" for k, v in s.items())
                            for s in info["shapes"].values())
-        inputs.append(f"- **{name}** ({info['description']}): timed on the first held-out "
-                      f"samples, shapes {shapes}; fidelity on {info['heldout_samples']} held-out "
+        groups = info.get("rotate", 1)
+        timed_on = (f"the first {groups} groups of held-out samples in turn (one group a round)"
+                    if groups > 1 else "the first held-out samples")
+        inputs.append(f"- **{name}** ({info['description']}): timed on {timed_on}, "
+                      f"shapes {shapes}; fidelity on {info['heldout_samples']} held-out "
                       f"samples; task metric {info['metric']} "
                       f"({'higher' if info['higher_is_better'] else 'lower'} is better)")
     text = [
@@ -503,6 +523,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated zoo names (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=20, help="timed rounds (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: %(default)s)")
+    p.add_argument("--rotate", type=int, default=16, metavar="N",
+                   help="time each batch size on N groups of held-out samples in turn, one group "
+                        "a round, so inputs of every length count, not the first ones only "
+                        "(default: %(default)s; 1: always the first samples)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for ORT and torch (default: the CPUs this process may use)")
     p.add_argument("--batches", default="1,8",
@@ -521,8 +545,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.model_names = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
     args.threads = args.threads or available_cpus()
-    if args.repeats < 1 or not args.batch_sizes or min(args.batch_sizes) < 1:
-        p.error("--repeats and every batch size must be at least 1")
+    if args.repeats < 1 or args.rotate < 1 or not args.batch_sizes or min(args.batch_sizes) < 1:
+        p.error("--repeats, --rotate and every batch size must be at least 1")
     unknown = [m for m in args.model_names if m not in models_zoo.names()]
     if unknown:
         p.error(f"unknown zoo model(s) {', '.join(unknown)}; available: "
@@ -570,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.chdir(work):
                 model_rows, infos[name] = measure(name, args.threads, args.repeats,
                                                   args.warmup, args.batch_sizes, work,
-                                                  _search_options(args))
+                                                  _search_options(args), args.rotate)
             rows += model_rows
     seconds = time.perf_counter() - start
     text = report(rows, infos, args, command, machine, started, seconds)
@@ -582,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.with_suffix(".json").write_text(json.dumps(jsonable({
         "command": command, "machine": machine, "seconds": seconds,
         "settings": {"threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
-                     "batches": args.batch_sizes},
+                     "batches": args.batch_sizes, "rotate": args.rotate},
         "models": infos, "rows": [dataclasses.asdict(r) for r in rows]}), indent=2) + "\n")
     print(text)
     print(f"saved {out} and {out.with_suffix('.json').name}", file=sys.stderr)
