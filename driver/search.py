@@ -44,7 +44,13 @@ from winnow.driver.timing import CandidateTimer, combined_ratio
 from winnow.errors import WinnowError, require_extra
 from winnow.ir.execute import model_bytes
 from winnow.passes.instruments import RecordInstrument
-from winnow.passes.manager import DEFAULT_PIPELINE, PassContext, PassManager, build_pipeline
+from winnow.passes.manager import (
+    DEFAULT_PIPELINE,
+    PassContext,
+    PassManager,
+    build_pipeline,
+    finished,
+)
 
 PHASE_ATTR = "winnow.seed_phase"  # study attribute: 0 first seeds queued, 1 follow-ups, 2 the rest
 
@@ -220,7 +226,8 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
         emit_start = time.perf_counter()
         finals_seconds = emit_start - finals_start
         data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
-        result = compile_model(src, out, pipeline=chosen.pipeline, overwrite=overwrite,
+        # the chosen pipeline, then the finishing passes (trim-padding) no trial needs to run
+        result = compile_model(src, out, pipeline=finished(chosen.pipeline), overwrite=overwrite,
                                max_drop=options.budget_text, user_inputs=user_inputs,
                                rewritten=trained.rewritten(chosen.pipeline), **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
