@@ -627,7 +627,8 @@ class TrialRunner:
 
     def next_phase(self, study: Any) -> None:
         """When the queued plans are all taken: after the first seeds, queue the follow-ups
-        they suggest (pairs of moves that held the budget, stronger steps: `follow_up_plans`);
+        they suggest (the best plan with each numerics move, then pairs of moves that held the
+        budget and stronger steps: `follow_up_plans`);
         after those, the other seeds; from then on the follow-ups of all results so far, and
         TPE samples when there are none."""
         import optuna

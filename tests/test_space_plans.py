@@ -283,3 +283,31 @@ def test_build_space_offers_conv_folding_only_where_there_are_convs():
 
     assert build_space(lcnet_block()).fuse_convs
     assert not build_space(residual_norm_gelu()).fuse_convs
+
+
+def test_the_best_plan_so_far_is_merged_with_each_numerics_move_before_other_follow_ups():
+    # digits-vit at 0.005: 2 blocks + 1 attention, distilled, won at 2.1x without its int8 (2.3x
+    # by hand): its stronger steps and its merges with a pruned-and-quantized plan came first,
+    # and the 48 trials ran out with its int8 merge queued next
+    space = Space(drop_levels={"block": 3, "attention": 3}, width=("prune-heads",), fuse=True,
+                  quant_modes=("int8-dynamic",), distill=True)
+    base = base_plan(space)
+    two = dict(base, **{"drop.level": "block", "drop.count": 2, "drop.replacement": "context",
+                        "drop.extra": "attention", "distill": True})
+    int8 = dict(base, **{"quantize.mode": "int8-dynamic", "quantize.per_channel": False})
+    fused = dict(base, fuse=True, **{"fuse.attention": True})
+    heads_int8 = dict(int8, **{"prune-heads.ratio": 0.25})
+    results = [(int8, 0.85, 0.0), (fused, 0.86, 0.0), (two, 0.53, 0.004),
+               (heads_int8, 0.8, 0.004), (dict(base, **{"prune-heads.ratio": 0.5}), 0.7, 0.02)]
+    plans = follow_up_plans(space, results, max_drop=0.005, count=3)
+    # two x int8 0.45 and two x fused 0.456 come before two stepped (0.28) and two x heads_int8
+    # (0.42); the merges keep the distillation of the dropped blocks
+    assert plans[:2] == [dict(two, **{"quantize.mode": "int8-dynamic",
+                                      "quantize.per_channel": False}),
+                         dict(two, fuse=True, **{"fuse.attention": True})]
+    assert plans[2] == dict(two, **{"drop.count": 3})  # then as before: cheapest first
+    # the best plan's numerics merges tried, the others follow in the old order
+    later = follow_up_plans(space, results, max_drop=0.005, tried=plans[:2], count=10)
+    assert later[0] == plans[2] and dict(two, **{"prune-heads.ratio": 0.25,
+                                                 "quantize.mode": "int8-dynamic",
+                                                 "quantize.per_channel": False}) in later
