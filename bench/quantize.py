@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import Variant, attempt, first_rows, ort_runner  # noqa: E402
+from peers import Variant, attempt, ort_runner, rotating, row_groups  # noqa: E402
 
 from winnow import models_zoo, progress  # noqa: E402
 from winnow.measure.timing import available_cpus, machine_info, paired_ratios, time_interleaved  # noqa: E402
@@ -163,9 +163,10 @@ def _notes(report: dict[str, Any]) -> list[str]:
 
 
 def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, warmup: int,
-            batches: Sequence[int], work: Path, artifacts: Sequence[Path] = ()
+            batches: Sequence[int], work: Path, artifacts: Sequence[Path] = (), rotate: int = 16
             ) -> tuple[list[dict], dict]:
-    """Build, score and time every variant of one zoo model."""
+    """Build, score and time every variant of one zoo model (each batch size on `rotate` groups
+    of held-out samples in turn, as bench/peers.py does)."""
     from winnow.measure.fidelity import OUTPUT_KINDS, cosines, evaluate
 
     zm = models_zoo.get(name)
@@ -189,8 +190,8 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
         rows[v.name].update(cosine=ev.cosine, cosine_min=float(cos.min()),
                             metrics=ev.candidate_metrics)
     for b in batches:
-        feeds = first_rows(heldout, b)
-        runners = {v.name: (lambda v=v: v.run(feeds)) for v in runnable}
+        groups = row_groups(heldout, b, rotate)
+        runners = {v.name: rotating(v.run, groups) for v in runnable}
         timing = time_interleaved(runners, repeats=repeats, warmup=warmup,
                                   desc=f"{name}: timing batch {b}")
         for n, t in timing.items():
@@ -198,9 +199,9 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
                 timing[REFERENCE], t)["median"]}
             if PEER in timing:
                 rows[n]["timings"][b]["vs_peer"] = paired_ratios(timing[PEER], t)["median"]
-    info = {"metric": zm.metric_name, "shapes": {b: {k: list(v.shape) for k, v in
-                                                     first_rows(heldout, b).items()}
-                                                 for b in batches},
+    info = {"metric": zm.metric_name, "rotate": rotate,
+            "shapes": {b: {k: list(v.shape) for k, v in row_groups(heldout, b, 1)[0].items()}
+                       for b in batches},
             "heldout_samples": sum(int(next(iter(f.values())).shape[0]) for f in heldout)}
     return list(rows.values()), info
 
@@ -240,6 +241,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="timed rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--batches", default="1,8", help="batch sizes to time")
+    p.add_argument("--rotate", type=int, default=16, metavar="N",
+                   help="time on N groups of held-out samples in turn, one group a round")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
     p.add_argument("--quick", action="store_true", help=f"only the first {len(QUICK)} pipelines")
     p.add_argument("--pipelines", default=None,
@@ -272,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             work = Path(scratch) / name
             work.mkdir()
             rows, info = measure(name, args.pipeline_list, args.threads, args.repeats,
-                                 args.warmup, args.batch_sizes, work, args.artifact_list)
+                                 args.warmup, args.batch_sizes, work, args.artifact_list,
+                                 args.rotate)
             tables.append(markdown(name, rows, info, args.batch_sizes))
             data[name] = {"rows": rows, "info": info}
     m = machine
@@ -282,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['available_cpus']} available); "
         f"onnxruntime {m['onnxruntime']}; load average at start {m.get('load_average')}. "
         f"{args.threads} ORT threads, no spinning; {args.warmup} warm-up + {args.repeats} timed "
-        "rounds, all variants of a model interleaved in each round.", "",
+        "rounds, all variants of a model interleaved in each round, each round on the next of "
+        f"{args.rotate} groups of held-out samples.", "",
         *[t + "\n" for t in tables],
         "- vs fp32: median of per-round paired ratios fp32 / variant (above 1 is faster); vs pc "
         "int8: the same against ORT dyn int8 (channel), the peer to beat; "
