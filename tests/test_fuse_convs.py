@@ -100,7 +100,8 @@ def test_affines_and_hardswish_fold_and_outputs_match_the_reference():
     assert ops == {"Conv": 3, "HardSwish": 2, "BatchNormalization": 1}, ops
     assert model.opset_imports[""] == 14
     assert ctx.report["fuse-convs"]["fusions"] == {"conv_affine": 2, "hardswish": 2,
-                                                   "affine_conv": 1, "affine_batchnorm": 1}
+                                                   "affine_conv": 1, "affine_batchnorm": 1,
+                                                   "global_pool": 0}
     np.testing.assert_allclose(run(model, feeds(1))["y"], want, rtol=1e-4, atol=1e-4)
 
 
@@ -122,6 +123,44 @@ def test_an_offset_folded_through_padding_is_refused(monkeypatch):
     assert not PassManager("fuse-convs").run(model, ctx).modified
     assert "differ" in ctx.report["fuse-convs"]["skipped"]
     assert op_counts(model) == before and model.opset_imports[""] == 12
+
+
+def pooled_head(reduce_op: str, keepdims: int, axes: list[int]) -> ir.Model:
+    """x -> Conv3x3 -> Relu -> `reduce_op` over `axes` -> y (opset 18: axes is an input)."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((C, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(axes, np.int64), "axes")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node(reduce_op, ["r", "axes"], ["y"], keepdims=keepdims)]
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["n", 3, 7, 9])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], inits)
+    return ir.serde.deserialize_model(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9))
+
+
+@pytest.mark.parametrize("reduce_op,keepdims,pool", [("ReduceMean", 0, "GlobalAveragePool"),
+                                                     ("ReduceMax", 1, "GlobalMaxPool")])
+def test_a_spatial_reduction_becomes_a_global_pool(reduce_op, keepdims, pool):
+    model = pooled_head(reduce_op, keepdims, [2, -1])
+    x = np.random.default_rng(2).standard_normal((2, 3, 7, 9)).astype(np.float32)
+    want = reference(model, {"x": x})
+    ctx = PassContext(calibration=[{"x": x}])
+    assert PassManager("fuse-convs").run(model, ctx).modified
+    ops = op_counts(model)
+    assert ops.get(pool) == 1 and reduce_op not in ops
+    assert ops.get("Flatten", 0) == (1 - keepdims)
+    got = run(model, {"x": x})["y"]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reduction_over_other_axes_stays():
+    model = pooled_head("ReduceMean", 0, [1, 2])
+    ctx = PassContext(calibration=[{"x": np.ones((1, 3, 7, 9), np.float32)}])
+    assert not PassManager("fuse-convs").run(model, ctx).modified
+    assert "ReduceMean" in op_counts(model)
 
 
 def test_nothing_to_fuse_leaves_the_model():

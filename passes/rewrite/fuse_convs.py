@@ -13,7 +13,10 @@ them than in its convolutions. In order:
 3. a scalar affine before an unpadded Conv folds into that Conv (onnxscript `affine_conv`);
 4. a scalar affine left on a 4-D feature map becomes a `BatchNormalization` (mean 0, variance 1,
    epsilon 0: the same x * s + t), which ORT turns into a blocked depthwise 1x1 conv, so the
-   tensor stays in the NCHWc layout instead of being reordered out and back.
+   tensor stays in the NCHWc layout instead of being reordered out and back;
+5. a `ReduceMean` / `ReduceMax` over both spatial axes of a 4-D map (a classifier's global pool,
+   as torch's `x.mean(dim=(2, 3))` exports) becomes `GlobalAveragePool` / `GlobalMaxPool` (then
+   `Flatten` when the reduction dropped the axes), which ORT also runs in the NCHWc layout.
 
 Lossless in exact arithmetic and checked like `fuse`: the rewritten copy must match the original
 on calibration data within `tolerance`, else the model is left as it was, with the reason.
@@ -57,6 +60,8 @@ class FuseConvsPass(Pass):
                                  "the opset to 14 when needed")
         batchnorm: bool = option(True, "turn scalar affines left on 4-D tensors into "
                                  "BatchNormalization")
+        global_pool: bool = option(True, "turn ReduceMean/ReduceMax over both spatial axes of a "
+                                   "4-D tensor into GlobalAveragePool/GlobalMaxPool")
 
     def call(self, model: ir.Model) -> PassResult:
         """Rewrite in place when the rewritten copy passes the check; else leave the model."""
@@ -65,7 +70,8 @@ class FuseConvsPass(Pass):
         ctx = PassContext.current()
         trial = model.clone()
         try:
-            counts = fuse_convs(trial, self.config.hardswish, self.config.batchnorm)
+            counts = fuse_convs(trial, self.config.hardswish, self.config.batchnorm,
+                                self.config.global_pool)
         except Exception as exc:  # noqa: BLE001 - onnxscript and the version converter raise many
             return self._skip(ctx, model, f"{type(exc).__name__}: {exc}")
         if not any(counts.values()):
@@ -87,8 +93,9 @@ class FuseConvsPass(Pass):
         return PassResult(model, False)
 
 
-def fuse_convs(model: ir.Model, hardswish: bool = True, batchnorm: bool = True) -> dict[str, int]:
-    """Apply the four rewrites in place (see the module docstring); how often each applied."""
+def fuse_convs(model: ir.Model, hardswish: bool = True, batchnorm: bool = True,
+               global_pool: bool = True) -> dict[str, int]:
+    """Apply the five rewrites in place (see the module docstring); how often each applied."""
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
     from onnxscript.rewriter.rules.common import (
         affine_conv_fusion_rule,
@@ -111,6 +118,13 @@ def fuse_convs(model: ir.Model, hardswish: bool = True, batchnorm: bool = True) 
 
         ShapeInferencePass()(model)  # the channel count of each affine's input
         counts["affine_batchnorm"] = _apply(model, [AffineToBatchNorm().rule()])
+    counts["global_pool"] = 0
+    if global_pool:
+        from winnow.passes.rewrite.shape_inference import ShapeInferencePass
+
+        ShapeInferencePass()(model)  # the rank of each reduction's input
+        counts["global_pool"] = _apply(model, [SpatialReduceToGlobalPool.rule(op)
+                                               for op in GLOBAL_POOLS])
     RemoveUnusedNodesPass()(model)
     return counts
 
@@ -165,3 +179,38 @@ class AffineToBatchNorm(pattern.RewriteRuleClassBase):
             x, vector(float(get_singleton_value(scale)), f"{stem}_scale"),
             vector(float(get_singleton_value(offset)), f"{stem}_bias"),
             vector(0.0, f"{stem}_mean"), vector(1.0, f"{stem}_var"), epsilon=0.0)
+
+
+GLOBAL_POOLS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
+
+
+class SpatialReduceToGlobalPool(pattern.RewriteRuleClassBase):
+    """ReduceMean/ReduceMax(x, axes=[2, 3]) of a 4-D float x -> GlobalAveragePool/GlobalMaxPool,
+    then Flatten when keepdims=0 (axes given as the opset-18 input)."""
+
+    def __init__(self, reduce_op: str) -> None:
+        super().__init__(f"{reduce_op}_to_global_pool")
+        self.reduce_op = reduce_op
+
+    def pattern(self, op, x, axes):
+        return getattr(op, self.reduce_op)(x, axes, _allow_other_attributes=True,
+                                           _outputs=["reduced"])
+
+    def check(self, context, x, axes, reduced) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.shape is None or len(x.shape) != 4 or x.dtype != ir.DataType.FLOAT:
+            return result.fail("not a 4-D float32 tensor")
+        if axes.const_value is None:
+            return result.fail("the axes are not constant")
+        if sorted(int(a) % 4 for a in axes.const_value.numpy().reshape(-1)) != [2, 3]:
+            return result.fail("not a reduction over both spatial axes")
+        node = reduced.producer()
+        if node.attributes.get_int("noop_with_empty_axes", 0):
+            return result.fail("noop_with_empty_axes is set")
+        return result
+
+    def rewrite(self, op, x, axes, reduced):
+        pooled = getattr(op, GLOBAL_POOLS[self.reduce_op])(x)
+        if reduced.producer().attributes.get_int("keepdims", 1):
+            return pooled
+        return op.Flatten(pooled, axis=1)
