@@ -20,6 +20,7 @@ from winnow.driver.source import resolve
 from winnow.driver.space import pipeline_text, seed_plans
 from winnow.ir.execute import model_bytes, run
 from winnow.passes import Pass, PassResult, register_pass
+from winnow.passes.manager import finished
 from tests.tiny_models import TinyTransformer, zero_block_branches
 
 MADE: list[bytes] = []  # every model the training pass made, in call order
@@ -87,7 +88,7 @@ def test_a_distilled_finalist_is_trained_once_and_emitted_as_its_trial_made_it(t
     assert trial.keys() == got.keys()
     assert all(np.array_equal(trial[name], got[name]) for name in trial)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["pipeline"] == result.chosen.pipeline
+    assert manifest["pipeline"] == finished(result.chosen.pipeline)  # then trim-padding
     heldout = manifest["fidelity"]["heldout"]
     assert heldout["cosine"] == pytest.approx(result.chosen.heldout_cosine, abs=1e-9)
     # The held-out error of the emitted model against the source, computed here apart.
@@ -98,9 +99,10 @@ def test_a_distilled_finalist_is_trained_once_and_emitted_as_its_trial_made_it(t
                 for name, got_out in run(chosen, feeds).items())
     assert error > 1e-4  # the noise shows: a model trained again would not match
     assert heldout["max_abs_error"] == pytest.approx(error, rel=1e-5)
-    entries = manifest["passes"]
+    *entries, finishing = manifest["passes"]  # the finishing pass runs on the kept model
     assert [e["name"] for e in entries][-1] == CountedTrainingPass.name
     assert all(e.get("reused") for e in entries) and entries[-1]["modified"]
+    assert finishing["name"] == "trim-padding" and not finishing.get("reused")
 
 
 def test_a_finalist_another_process_trained_is_trained_again_once_and_that_model_is_emitted(
