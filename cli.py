@@ -492,12 +492,13 @@ def run_cmd(artifact: str, inputs_path: str | None, input_shapes: str | None,
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, metavar="R", help="Timed runs per artifact.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, metavar="W", help="Untimed runs per artifact first.")
 @click.option("--random-feeds", is_flag=True, help="Random feeds even when the source is a zoo model.")
+@click.option("--rotate", type=click.IntRange(min=1), default=16, show_default=True, metavar="N", help="Zoo feeds: time N groups of held-out samples in turn, one a round (1: the first samples only).")
 @click.option("--no-rss", is_flag=True, help="Skip the peak-memory measurement (a fresh process per artifact).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_input_options
 def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq: int | None,
-          repeats: int, warmup: int, random_feeds: bool, no_rss: bool, as_json: bool,
-          input_shapes: str | None, example_inputs: str | None) -> None:
+          repeats: int, warmup: int, random_feeds: bool, rotate: int, no_rss: bool,
+          as_json: bool, input_shapes: str | None, example_inputs: str | None) -> None:
     """Time ARTIFACT (and OTHER_DIR): median/min/max latency, A/B ratio, peak RSS.
 
     --input-shapes / --example-inputs replace the feeds --batch and --seq would build."""
@@ -505,7 +506,7 @@ def bench(artifact: str, other: str | None, threads: int | None, batch: int, seq
 
     result = run_bench(artifact, other, threads=threads, batch=batch, seq=seq, repeats=repeats,
                        warmup=warmup, random=random_feeds, memory=not no_rss,
-                       user_inputs=_user_inputs(input_shapes, example_inputs))
+                       user_inputs=_user_inputs(input_shapes, example_inputs), rotate=rotate)
     if as_json:
         _dump(result.to_dict())
     else:

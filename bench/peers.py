@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import itertools
 import json
 import shlex
 import sys
@@ -55,6 +54,7 @@ from winnow.measure.timing import (
     available_cpus,
     machine_info,
     paired_ratios,
+    rotating,
     time_interleaved,
     timing_session,
 )
@@ -320,14 +320,6 @@ def first_rows(batches: Sequence[Feeds], count: int, start: int = 0) -> dict[str
 def row_groups(batches: Sequence[Feeds], size: int, count: int) -> list[dict[str, np.ndarray]]:
     """`count` consecutive groups of `size` held-out samples (the first `count * size`)."""
     return [first_rows(batches, size, i * size) for i in range(count)]
-
-
-def rotating(run: Callable[[Feeds], Any], groups: Sequence[Feeds]) -> Callable[[], Any]:
-    """A runner that feeds `run` the next group on each call: every variant is called once per
-    interleaved round, so in each round all of them run the same samples (paired ratios stay
-    fair) while the rounds cover samples of every length, not one."""
-    calls = itertools.count()
-    return lambda: run(groups[next(calls) % len(groups)])
 
 
 def outputs_on(variant: Variant, batches: Sequence[Feeds], label: str) -> list[Outputs] | None:

@@ -41,10 +41,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import Variant, attempt, ort_runner, rotating, row_groups  # noqa: E402
+from peers import Variant, attempt, ort_runner, row_groups  # noqa: E402
 
 from winnow import models_zoo, progress  # noqa: E402
-from winnow.measure.timing import available_cpus, machine_info, paired_ratios, time_interleaved  # noqa: E402
+from winnow.measure.timing import (  # noqa: E402
+    available_cpus,
+    machine_info,
+    paired_ratios,
+    rotating,
+    time_interleaved,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE = "ORT fp32"

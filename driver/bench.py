@@ -15,6 +15,7 @@ from winnow.measure.timing import (
     available_cpus,
     paired_ratios,
     peak_rss_mb,
+    rotating,
     time_interleaved,
     timing_session,
 )
@@ -71,8 +72,9 @@ def _symbolic(spec: Spec, axis: int) -> bool:
 
 
 def zoo_feeds(name: str, specs: Sequence[Spec], batch: int = 1,
-              seq: int | None = None) -> dict[str, np.ndarray]:
-    """The first `batch` held-out samples of zoo model `name` (repeated when it has fewer).
+              seq: int | None = None, start: int = 0) -> dict[str, np.ndarray]:
+    """`batch` held-out samples of zoo model `name` from sample `start` on (wrapping around when
+    it has fewer).
 
     `seq` crops symbolic second axes (never pads: real data is not invented).
     """
@@ -86,7 +88,8 @@ def zoo_feeds(name: str, specs: Sequence[Spec], batch: int = 1,
     feeds = {}
     for spec in specs:
         full = np.concatenate([b[spec["name"]] for b in batches])
-        rows = np.take(full, np.arange(batch) % len(full), axis=0) if full.ndim else full
+        picked = (start + np.arange(batch)) % len(full) if full.ndim else None
+        rows = np.take(full, picked, axis=0) if full.ndim else full
         if seq is not None and full.ndim >= 2 and _symbolic(spec, 1):
             if seq > rows.shape[1]:
                 raise SourceError(f"the held-out data of zoo:{name} has sequence length "
@@ -95,6 +98,21 @@ def zoo_feeds(name: str, specs: Sequence[Spec], batch: int = 1,
             rows = rows[:, :seq]
         feeds[spec["name"]] = np.ascontiguousarray(rows.astype(_dtype(spec), copy=False))
     return feeds
+
+
+def feed_groups(manifest: Mapping[str, Any], batch: int = 1, seq: int | None = None,
+                random: bool = False, user_inputs: UserInputs | None = None, rotate: int = 1
+                ) -> tuple[list[dict[str, np.ndarray]], str]:
+    """`rotate` consecutive groups of `batch` zoo held-out samples to time in turn (one group
+    for other feeds, which do not vary), and the description of `build_feeds`."""
+    feeds, description = build_feeds(manifest, batch, seq, random, user_inputs)
+    source = str(manifest.get("source") or "")
+    if rotate <= 1 or user_inputs is not None or random or not source.startswith("zoo:"):
+        return [feeds], description
+    specs = manifest.get("inputs") or []
+    groups = [feeds] + [zoo_feeds(source[4:], specs, batch, seq, i * batch)
+                        for i in range(1, rotate)]
+    return groups, f"{description}, {rotate} groups of {batch} in turn"
 
 
 def build_feeds(manifest: Mapping[str, Any], batch: int = 1, seq: int | None = None,
@@ -224,26 +242,30 @@ class BenchResult:
 def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int | None = None,
           batch: int = 1, seq: int | None = None, repeats: int = 20, warmup: int = 5,
           random: bool = False, memory: bool = True,
-          user_inputs: UserInputs | None = None) -> BenchResult:
+          user_inputs: UserInputs | None = None, rotate: int = 16) -> BenchResult:
     """Time `artifact` (and `other`, interleaved A B A B ...) on the same feeds.
 
     Feeds come from A's manifest: the zoo's held-out data for `zoo:NAME` sources (unless
-    `random`), random data shaped by the input specs otherwise; `user_inputs` (--input-shapes /
-    --example-inputs) replace both, and `batch`/`seq` then do not apply. Peak RSS is measured
-    afterwards, each artifact in a fresh process.
+    `random`), `rotate` groups of `batch` samples timed in turn (each round both artifacts run
+    the same group), so samples of every length count; random data shaped by the input specs
+    otherwise; `user_inputs` (--input-shapes / --example-inputs) replace both, and `batch`/`seq`
+    then do not apply. Peak RSS is measured afterwards (first group), each artifact in a fresh
+    process.
     """
-    for name, value in (("batch", batch), ("repeats", repeats)):
+    for name, value in (("batch", batch), ("repeats", repeats), ("rotate", rotate)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, not {value}.")
     threads = available_cpus() if threads is None else threads
     benches = [_open("A", artifact, threads)]
     if other is not None:
         benches.append(_open("B", other, threads))
-    feeds, description = build_feeds(benches[0].manifest, batch, seq, random, user_inputs)
+    groups, description = feed_groups(benches[0].manifest, batch, seq, random, user_inputs,
+                                      rotate)
+    feeds = groups[0]
     for b in benches[1:]:
         _check_inputs(b, feeds, benches[0])
     outputs = [b.run(feeds) for b in benches]  # fails early, with a clear message
-    timings = time_interleaved({b.label: (lambda b=b: b.run(feeds)) for b in benches},
+    timings = time_interleaved({b.label: rotating(b.run, groups) for b in benches},
                                repeats=repeats, warmup=warmup, desc="timing")
     rss: dict[str, float | None] = {b.label: None for b in benches}
     if memory:
@@ -269,6 +291,7 @@ def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int
     settings = {"threads": threads, "batch": batch if user_inputs is None else None,
                 "seq": _seq_used(feeds, benches[0].manifest),
                 "repeats": repeats, "warmup": warmup, "feeds": description,
+                "feed_groups": len(groups),
                 "graph_optimization": "all", "spin_wait": False}
     inputs = [{"name": k, "dtype": v.dtype.name, "shape": list(v.shape)} for k, v in feeds.items()]
     return BenchResult(settings, inputs, artifacts, timings, ratio, agreement, warnings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -10,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,14 @@ def session_runner(session: Any, feeds: Mapping[str, np.ndarray]) -> Callable[[]
     names = {i.name for i in session.get_inputs()}
     own = {k: v for k, v in feeds.items() if k in names}
     return lambda: session.run(None, own)
+
+
+def rotating(run: Callable[[Any], Any], groups: Sequence[Any]) -> Callable[[], Any]:
+    """A runner that feeds `run` the next group on each call: every variant is called once per
+    interleaved round, so in each round all of them run the same samples (paired ratios stay
+    fair) while the rounds cover samples of every length, not one."""
+    calls = itertools.count()
+    return lambda: run(groups[next(calls) % len(groups)])
 
 
 def latency_ratio(base: Any, candidate: Any, feeds: Mapping[str, np.ndarray], repeats: int = 20,

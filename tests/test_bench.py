@@ -13,8 +13,15 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from winnow.driver.bench import INT_HIGH, build_feeds, random_feeds, zoo_feeds
-from winnow.measure.timing import Timing, available_cpus, paired_ratios, peak_rss_mb, time_interleaved
+from winnow.driver.bench import INT_HIGH, build_feeds, feed_groups, random_feeds, zoo_feeds
+from winnow.measure.timing import (
+    Timing,
+    available_cpus,
+    paired_ratios,
+    peak_rss_mb,
+    rotating,
+    time_interleaved,
+)
 from winnow.cli import cli
 from winnow.driver.compile import compile_model
 from winnow.errors import ExecutionError, SourceError, UnsupportedModelError
@@ -141,6 +148,20 @@ def test_zoo_source_uses_heldout_data():
     assert text.startswith("random") and random["pixels"].shape == (1, 1, 8, 8)
     with pytest.raises(SourceError, match="no input"):
         zoo_feeds("digits-cnn", [{"name": "other", "dtype": "float32", "shape": [1]}])
+
+
+def test_zoo_feeds_rotate_through_consecutive_heldout_groups():
+    from winnow import models_zoo
+
+    specs = [{"name": "pixels", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
+    manifest = {"inputs": specs, "source": "zoo:digits-cnn"}
+    groups, description = feed_groups(manifest, batch=2, rotate=3)
+    rows = np.concatenate([b["pixels"] for b in models_zoo.get("digits-cnn").heldout()])
+    assert [g["pixels"].shape for g in groups] == [(2, 1, 8, 8)] * 3
+    for i, group in enumerate(groups):
+        np.testing.assert_array_equal(group["pixels"], rows[2 * i:2 * i + 2])
+    assert "3 groups of 2 in turn" in description
+    assert len(feed_groups(manifest, batch=2, rotate=3, random=True)[0]) == 1
 
 
 def test_timing_statistics_and_noise_warning():
@@ -291,7 +312,7 @@ def test_peers_rotates_the_timed_samples_in_step_across_variants():
     groups = peers.row_groups(split, 2, 3)
     assert [g["x"][:, 0].tolist() for g in groups] == [[0, 1], [2, 3], [4, 0]]
     seen: dict[str, list[int]] = {"A": [], "B": []}
-    runners = {k: peers.rotating(lambda f, k=k: seen[k].append(int(f["x"][0, 0])), groups)
+    runners = {k: rotating(lambda f, k=k: seen[k].append(int(f["x"][0, 0])), groups)
                for k in seen}
     time_interleaved(runners, repeats=4, warmup=1)
     assert seen["A"] == seen["B"] == [0, 2, 4, 0, 2]
