@@ -222,7 +222,7 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
                                             budget_end)
         finalists = _finalists(candidates, options)
         finals_start = time.perf_counter()
-        chosen, message = runner.choose(finalists, runner.clock.finish_by(budget_end))
+        chosen, message = runner.choose(finalists, budget_end - runner.clock.margin)
         emit_start = time.perf_counter()
         finals_seconds = emit_start - finals_start
         data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
@@ -386,6 +386,7 @@ class TrialTime:
     seconds: float
     applied: float  # running the pipeline (distill's training included)
     trains: bool  # a pass of it trains: its model is kept, so judging it again skips the passes
+    judged: bool = True  # False: it failed, or its model was an earlier trial's (not scored)
 
     @property
     def judging(self) -> float:
@@ -401,9 +402,14 @@ class TrialClock:
         self.options = options
         self.times: list[TrialTime] = []
 
-    def record(self, seconds: float, applied: float, trains: bool) -> None:
-        """Note a trial this process ran (cache hits are no guide and are not noted)."""
-        self.times.append(TrialTime(seconds, applied, trains))
+    def record(self, seconds: float, applied: float, trains: bool, judged: bool = True) -> None:
+        """Note a trial this process ran its passes for (one answered from the cache by its
+        pipeline's text cost nothing and is not noted)."""
+        self.times.append(TrialTime(seconds, applied, trains, judged))
+
+    def _judged(self) -> list[TrialTime]:
+        """The trials that were scored (all of them while none was)."""
+        return [t for t in self.times if t.judged] or self.times
 
     @property
     def margin(self) -> float:
@@ -413,13 +419,13 @@ class TrialClock:
     def judging_seconds(self) -> float:
         """The finalists' check: FINISH_TRIALS trials' judging per finalist, and as much again
         for the head-to-head."""
-        mean = float(np.mean([t.judging for t in self.times]))
+        mean = float(np.mean([t.judging for t in self._judged()]))
         return (self.options.finalists + 1) * FINISH_TRIALS * mean
 
     def emit_seconds(self) -> float:
         """The emit runs the chosen pipeline once (unless its trained model was kept), scores it
         once on held-out data and writes it: as long as the longest trial's judging."""
-        return max(t.judging for t in self.times)
+        return max(t.judging for t in self._judged())
 
     def finish_by(self, budget_end: float) -> float:
         """When judging finalists must end (time.time()) so the emit fits before `budget_end`."""
@@ -488,11 +494,17 @@ class TrialRunner:
         training = trains(pipeline)
         keep = self.trained is not None and training
         records = RecordInstrument()
-        model = self.apply(pipeline, [records] if keep else ())
+        try:
+            model = self.apply(pipeline, [records] if keep else ())
+        except WinnowError:  # a failed trial took its time too: the deadline must know it
+            failed = time.perf_counter() - start
+            self.clock.record(failed, failed, training, judged=False)
+            raise
         applied = time.perf_counter() - start
         data = model_bytes(model) if keep else None  # as trained, before anything runs it
         key = functional_hash(model, self.hash_feeds)
         if key in self.cache:
+            self.clock.record(time.perf_counter() - start, applied, training, judged=False)
             hit = dataclasses.replace(self.cache[key], number=number, pipeline=pipeline,
                                       cached=True)
             self.by_pipeline[pipeline] = hit
@@ -706,16 +718,18 @@ class TrialRunner:
         misses the budget costs no timing slot); the cheapest measured at least NOISE_MARGIN
         below the source wins, else the lossless pipeline with the reason. The measured time
         decides: a candidate predicted cheap but measured no faster than the source never wins.
-        Once one has won, a finalist whose trial took longer than what is left until
-        `budget_end` (time.time(): when judging must end for the emit to fit) is not judged: a
-        distilled finalist whose model was not kept (a worker's trial) trains again, a minute or
-        more."""
+        Once one has won, a finalist is not judged when judging it and then the emit would not
+        end before `budget_end` (time.time()): each priced at its trial's time (the emit runs
+        the chosen pipeline again: the slowest of it and the winners so far), less the
+        training when its trained model was kept (a worker's trial trains again, a minute or
+        more)."""
         winners, timed, judged, models, late = [], [], 0, {}, 0
         for cand in progress.bar(ranked, "finalists"):
             # predicted and measured trial costs are on two scales: each kind has its own slots
             if sum(c.priced == cand.priced for c in timed) >= self.options.finalists:
                 continue
-            if winners and time.time() + self.judging_seconds(cand) > budget_end:
+            emit = max(self.judging_seconds(c) for c in (*winners, cand))
+            if winners and time.time() + self.judging_seconds(cand) + emit > budget_end:
                 late += 1
                 continue
             judged += 1

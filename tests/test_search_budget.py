@@ -4,6 +4,7 @@ end less a safety margin; judging finalists ends in time for the emit."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -47,6 +48,33 @@ def test_the_first_trial_of_a_kind_starts_no_later_than_before_any_trial_was_tim
     assert clock.deadline(END, END - 250.0, next_trains=True) == END - 250.0
     assert clock.deadline(END, END - 250.0, next_trains=False) == pytest.approx(
         END - 30.0 - 2.0 - 4 * FINISH_TRIALS * 2.0 - 2.0)
+
+
+def test_a_failed_or_cached_trial_counts_for_the_next_trial_but_not_for_judging():
+    clock = _clock()
+    clock.record(4.0, applied=1.0, trains=False)
+    clock.record(50.0, applied=50.0, trains=True, judged=False)  # distill failed after 50 s
+    clock.record(60.0, applied=58.0, trains=True, judged=False)  # trained to an earlier model
+    assert clock.judging_seconds() == pytest.approx(4 * FINISH_TRIALS * 4.0)
+    assert clock.emit_seconds() == 4.0
+    assert clock.deadline(END, END - 25.0, next_trains=True) == pytest.approx(
+        END - 3.0 - 4.0 - 24.0 - 60.0)
+
+
+def test_a_finalist_is_judged_only_when_its_judging_and_the_emit_after_it_fit():
+    from tests.test_search_choice import _cand, _runner
+
+    runner = _runner({"a": 0.7, "c": 0.6}, {"a": 0.0, "c": 0.0})
+    slow_winner = dataclasses.replace(_cand(1, "a", 0.5), seconds=40.0)
+    quick = dataclasses.replace(_cand(2, "c", 0.6), seconds=10.0)
+    # "c" alone would fit in 45 s, but if "a" stays chosen its emit takes 40 s more
+    chosen, message = runner.choose([slow_winner, quick], budget_end=time.time() + 45.0)
+    assert chosen.pipeline == "a" and quick.heldout_drop is None
+    assert "1 more finalist(s) left unjudged" in message
+    runner = _runner({"a": 0.7, "c": 0.6}, {"a": 0.0, "c": 0.0})
+    chosen, _ = runner.choose([dataclasses.replace(slow_winner, seconds=20.0), quick],
+                              budget_end=time.time() + 45.0)
+    assert chosen.pipeline == "c"  # 10 s + an emit of at most 20 s fit
 
 
 def test_trials_stop_so_that_the_finalists_and_the_emit_still_fit(monkeypatch):
