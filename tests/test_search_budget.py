@@ -127,3 +127,28 @@ def test_the_next_trial_trains_when_the_queued_plan_distills_or_tpe_may_draw_dis
     runner.space = Space(drop_levels={"block": 2}, width=(), fuse=False, quant_modes=())
     study.ask()
     assert runner.next_trains(study) is False
+
+
+def test_the_budget_counts_from_the_callers_start(tmp_path):
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    import torch
+
+    import winnow
+    from tests.tiny_models import TinyTransformer
+    from winnow.driver import search_compile
+    from winnow.passes.manager import DEFAULT_PIPELINE
+
+    module = TinyTransformer(dim=16, heads=2, layers=2).eval()
+    x = torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "model.onnx"
+    onnx.save(ir.to_proto(winnow.load(module, (x,), {"x": {0: torch.export.Dim("batch")}})), path)
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((2, 6, 16)).astype(np.float32)} for _ in range(6)]
+    # asked for an hour ago with a minute's budget: no trial may start, the lossless pipeline
+    # is emitted all the same
+    result = search_compile(path, tmp_path / "out", SearchOptions(time_budget=60.0),
+                            calibration=data, started_at=time.time() - 3600.0)
+    assert result.trials == 0 and result.chosen.pipeline == DEFAULT_PIPELINE
+    assert result.seconds >= 3600.0 and (tmp_path / "out" / "model.onnx").exists()
