@@ -261,8 +261,8 @@ def _measures(out: Path, runner: TrialRunner, options: SearchOptions) -> dict[st
     return extra
 
 
-def _write_report(out: Path, source: str, search: SearchResult, candidates: list[Candidate], analyses: dict[str, Any],
-                  options: SearchOptions) -> None:
+def _write_report(out: Path, source: str, search: SearchResult, candidates: list[Candidate],
+                  analyses: dict[str, Any], options: SearchOptions) -> None:
     """OUT/report.html (with matplotlib; without the report extra the manifest says so)."""
     from winnow.backends.manifest import jsonable
 
@@ -707,8 +707,8 @@ class TrialRunner:
         digest = hashlib.sha256(self.base_bytes)
         digest.update(repr(("costs at every timing batch", self.options.objective,
                             self.options.target, self.options.max_drop,
-                            self.options.relative_drop, self.space.describe(), self.options.trial_cost,
-                            self.options.timing_batches)).encode())
+                            self.options.relative_drop, self.space.describe(),
+                            self.options.trial_cost, self.options.timing_batches)).encode())
         return digest.hexdigest()[:16]
 
     def choose(self, ranked: list[Candidate], budget_end: float = math.inf
