@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from typing import Any
 
@@ -17,6 +18,7 @@ from winnow.driver.compile import DEFAULT_MAX_DROP
 from winnow.errors import WinnowError
 
 
+STARTED_AT = time.time()  # about the command's start: --time-budget counts from here
 GLOBAL_FLAGS = ("--debug", "--quiet")
 JSON_KEY = "winnow.json"
 
@@ -205,7 +207,8 @@ def _compile_search(src: str, out: str, pipeline: str | None, target: str, objec
     options = SearchOptions(target=target, objective=objective, trials=trials, study=study,
                             time_budget=parse_duration(time_budget), trial_cost=trial_cost,
                             max_drop="0.01" if max_drop is None else max_drop)
-    search = search_compile(src, out, options, overwrite=overwrite, user_inputs=user_inputs)
+    search = search_compile(src, out, options, overwrite=overwrite, user_inputs=user_inputs,
+                            started_at=STARTED_AT)
     if as_json:
         _dump(dict(search.compile.to_dict(), search=search.to_dict()))
         return

@@ -253,6 +253,15 @@ def _range(node: ir.Node, start: Any, limit: Any, delta: Any) -> torch.Tensor:
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
 
 
+def _cumsum(node: ir.Node, x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    dim, reverse = int(axis.reshape(-1)[0]), bool(_attr(node, "reverse", 0))
+    ordered = x.flip(dim) if reverse else x
+    out = torch.cumsum(ordered, dim=dim, dtype=x.dtype)
+    if _attr(node, "exclusive", 0):
+        out = out - ordered
+    return out.flip(dim) if reverse else out
+
+
 def _constant_of_shape(node: ir.Node, shape: torch.Tensor) -> torch.Tensor:
     value = _attr(node, "value")
     fill = _from_numpy(value.numpy()) if value is not None else torch.zeros(1)
@@ -301,7 +310,7 @@ OPS: dict[str, Op] = {
     "Shape": _shape, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Slice": _slice,
     "Gather": _gather, "GatherElements": _gather_elements, "GatherND": _gather_nd,
     "Expand": _expand, "Reshape": _reshape, "Transpose": _transpose, "Concat": _concat,
-    "Split": _split, "Flatten": _flatten, "Cast": _cast, "Range": _range,
+    "Split": _split, "Flatten": _flatten, "Cast": _cast, "Range": _range, "CumSum": _cumsum,
     "ConstantOfShape": _constant_of_shape, "Constant": _constant,
     "ReduceSum": _reduce(torch.sum), "ReduceMean": _reduce(torch.mean),
     "ReduceMax": _reduce(torch.amax), "ReduceMin": _reduce(torch.amin),

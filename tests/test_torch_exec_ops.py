@@ -38,3 +38,23 @@ def test_batch_norm_matches_ort_and_trains_scale_and_bias_only():
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in trained)
     got = sorted(p.detach().numpy().tolist() for p in trained)
     np.testing.assert_allclose(got, [[0.1, -0.2, 0.3], [1.5, 0.5, -2.0]], rtol=1e-6)
+
+
+CUMSUM = HEADER + """
+agraph (float[2, 5, 3] x) => (float[2, 5, 3] y)
+<int64 axis = {1}> {
+    y = CumSum <exclusive = EXCLUSIVE, reverse = REVERSE> (x, axis)
+}
+"""
+
+
+def test_cumsum_matches_ort_in_every_mode():
+    """drop-layers' context adapters use a running mean (CumSum): distill trains through it."""
+    x = np.random.default_rng(1).standard_normal((2, 5, 3)).astype(np.float32)
+    for exclusive in (0, 1):
+        for reverse in (0, 1):
+            model = parse(CUMSUM.replace("EXCLUSIVE", str(exclusive))
+                          .replace("REVERSE", str(reverse)))
+            want = run(model, {"x": x})["y"]
+            (got,) = TorchGraph(model)({"x": torch.from_numpy(x)})
+            np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5, atol=1e-5)
