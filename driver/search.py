@@ -226,10 +226,12 @@ def search_compile(source: Any, out: str | Path, options: SearchOptions | None =
         emit_start = time.perf_counter()
         finals_seconds = emit_start - finals_start
         data = {} if src.zoo is not None else {"calibration": src.fit, "judge_data": src.heldout}
-        # the chosen pipeline, then the finishing passes (trim-padding) no trial needs to run
-        result = compile_model(src, out, pipeline=finished(chosen.pipeline), overwrite=overwrite,
-                               max_drop=options.budget_text, user_inputs=user_inputs,
-                               rewritten=trained.rewritten(chosen.pipeline), **data)
+        # the chosen pipeline with the finishing passes (trim-padding) no trial needs to run:
+        # before its quantization, or after a kept trained model that is already quantized
+        rewritten = trained.rewritten(chosen.pipeline)
+        result = compile_model(src, out, pipeline=finished(chosen.pipeline, rewritten is not None),
+                               overwrite=overwrite, max_drop=options.budget_text,
+                               user_inputs=user_inputs, rewritten=rewritten, **data)
     search = SearchResult(result, chosen, pareto_front(candidates), len(candidates), hits, url,
                           message, src.judged_on, time.time() - started_at)
     search.measures = _measures(Path(out), runner, options)

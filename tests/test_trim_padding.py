@@ -142,9 +142,12 @@ def test_a_named_mask_that_does_not_exist_lists_the_inputs(tmp_path):
     assert not out.exists()
 
 
-def test_finished_appends_the_finishing_passes_once():
+def test_finished_puts_the_finishing_passes_before_quantization_once():
     assert finished("dce") == f"dce,{FINISHING_PIPELINE}"
     assert finished(f"dce,{FINISHING_PIPELINE}") == f"dce,{FINISHING_PIPELINE}"
+    quantized = "dce,split-outliers,quantize{mode=int8-dynamic,exclude=[auto]}"
+    assert finished(quantized) == f"dce,{FINISHING_PIPELINE},{quantized[4:]}"
+    assert finished(quantized, at_end=True) == f"{quantized},{FINISHING_PIPELINE}"
     assert winnow.passes.LOSSLESS_PIPELINE == f"{winnow.passes.DEFAULT_PIPELINE},trim-padding"
 
 
@@ -167,3 +170,17 @@ def test_compile_runs_the_finishing_passes_after_a_kept_model(tmp_path):
     feeds = _padded([4, 2], seed=6)
     emitted = run(ir.load(tmp_path / "out" / "model.onnx"), feeds)
     np.testing.assert_allclose(next(iter(emitted.values())), _torch(net, feeds), atol=1e-5)
+
+
+def test_dynamic_int8_sees_the_padding_so_trim_goes_before_it():
+    """Dynamic quantization takes its scales over every position, padding included: after it,
+    cropping changes the outputs and the check refuses it; before it, the crop holds."""
+    _, model = _load()
+    _, report = _trim(model,
+                          "quantize{mode=int8-dynamic,per_channel=false},trim-padding")
+    assert report["trimmed"] == [] and "read masked positions" in report["skipped"]
+    _, model = _load()
+    before, report = _trim(model, "trim-padding,quantize{mode=int8-dynamic,per_channel=false}")
+    assert report["trimmed"] == ["input_ids", "attention_mask"]
+    got = run(before, _padded([3, 5], seed=7), capture=["input_ids_trimmed"])
+    assert got["input_ids_trimmed"].shape == (2, 5)
