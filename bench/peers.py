@@ -358,8 +358,8 @@ def winnow_variant(zm: Any, work: Path, threads: int, options: Callable[[str], A
         result = search_compile(f"zoo:{zm.name}", work / "winnow", options)
         v.path = work / "winnow" / "model.onnx"
         v.run = ort_runner(v.path, threads)
-        pipeline = result.chosen.pipeline.split("dce,", 1)[-1] if "," in result.chosen.pipeline \
-            else result.chosen.pipeline
+        emitted = result.compile.pipeline  # the chosen plan with the finishing passes
+        pipeline = emitted.split("dce,", 1)[-1] if "dce," in emitted else emitted
         v.notes += [f"--max-drop {options.budget_text}",
                     f"compiled in {time.perf_counter() - start:.0f} s ({result.trials} trials)",
                     f"chose {pipeline}"]
