@@ -399,7 +399,7 @@ def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequenc
         shapes[b] = {k: list(v.shape) for k, v in groups[0].items()}
         runners = {n: rotating(v.run, groups) for n, v in runnable.items()}
         result = time_interleaved(runners, repeats=repeats, warmup=warmup,
-                                  desc=f"{name}: timing batch {b}")
+                                  desc=f"{name}: timing batch {b}", period=len(groups))
         for n, t in result.items():
             timings[n][b] = {**t.to_dict(), "speedup": _speedup(result, n)}
     rows = []

@@ -199,7 +199,7 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
         groups = row_groups(heldout, b, rotate)
         runners = {v.name: rotating(v.run, groups) for v in runnable}
         timing = time_interleaved(runners, repeats=repeats, warmup=warmup,
-                                  desc=f"{name}: timing batch {b}")
+                                  desc=f"{name}: timing batch {b}", period=len(groups))
         for n, t in timing.items():
             rows[n]["timings"][b] = {**t.to_dict(), "speedup": paired_ratios(
                 timing[REFERENCE], t)["median"]}

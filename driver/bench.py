@@ -266,7 +266,7 @@ def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int
         _check_inputs(b, feeds, benches[0])
     outputs = [b.run(feeds) for b in benches]  # fails early, with a clear message
     timings = time_interleaved({b.label: rotating(b.run, groups) for b in benches},
-                               repeats=repeats, warmup=warmup, desc="timing")
+                               repeats=repeats, warmup=warmup, desc="timing", period=len(groups))
     rss: dict[str, float | None] = {b.label: None for b in benches}
     if memory:
         from winnow.progress import step

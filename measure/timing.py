@@ -28,6 +28,7 @@ class Timing:
 
     name: str
     samples: list[float]
+    period: int = 1  # runs cycle through this many input groups (`rotating`): run i fed group i % period
 
     @property
     def median(self) -> float:
@@ -46,20 +47,27 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        """Slowest run over fastest run (1.0 = perfectly steady)."""
-        return self.max / self.min if self.min > 0 else float("inf")
+        """Slowest run over fastest run (1.0 = perfectly steady); with rotated inputs, the widest
+        such ratio among runs of one input group (inputs of other lengths take other times),
+        over all runs when no group ran twice."""
+        same_input = [g for g in (self.samples[r::self.period] for r in range(self.period))
+                      if len(g) > 1] if self.period > 1 else []
+        groups = same_input or [self.samples]
+        return max((max(g) / min(g) if min(g) > 0 else float("inf")) for g in groups)
 
     @property
     def noisy(self) -> bool:
-        """True when the slowest run is far from the fastest (a busy machine)."""
-        return self.max > NOISY_SPREAD * self.min
+        """True when the slowest run is far from the fastest on the same inputs (a busy
+        machine)."""
+        return self.spread > NOISY_SPREAD
 
     def noise_warning(self) -> str | None:
         """A plain one-line warning when the timing is noisy, else None."""
         if not self.noisy:
             return None
-        return (f"warning: {self.name} timings are noisy: the slowest run ({self.max * 1e3:.3g} ms) "
-                f"is {self.spread:.1f}x the fastest ({self.min * 1e3:.3g} ms); the machine is busy "
+        return (f"warning: {self.name} timings are noisy: the slowest run on the same inputs is "
+                f"{self.spread:.1f}x the fastest (all runs: {self.min * 1e3:.3g} to "
+                f"{self.max * 1e3:.3g} ms); the machine is busy "
                 "or throttling; close other programs or raise --repeats.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,11 +137,13 @@ def latency_ratio(base: Any, candidate: Any, feeds: Mapping[str, np.ndarray], re
 
 
 def time_interleaved(runners: Mapping[str, Callable[[], Any]], repeats: int = 20,
-                     warmup: int = 3, desc: str | None = None) -> dict[str, Timing]:
+                     warmup: int = 3, desc: str | None = None, period: int = 1
+                     ) -> dict[str, Timing]:
     """Time each runner `repeats` times, interleaved round by round, after `warmup` rounds.
 
     Rounds alternate the order (A B C, then C B A) so no runner always follows the same one.
-    `desc` shows a progress bar over the rounds.
+    `desc` shows a progress bar over the rounds; `period` is the number of input groups the
+    runners rotate through (`rotating`), so noise is judged among runs on the same inputs.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, not {repeats}.")
@@ -153,7 +163,7 @@ def time_interleaved(runners: Mapping[str, Callable[[], Any]], repeats: int = 20
             start = time.perf_counter()
             runners[name]()
             samples[name].append(time.perf_counter() - start)
-    return {n: Timing(n, s) for n, s in samples.items()}
+    return {n: Timing(n, s, period) for n, s in samples.items()}
 
 
 def paired_ratios(base: Timing, other: Timing) -> dict[str, float]:

@@ -175,6 +175,17 @@ def test_timing_statistics_and_noise_warning():
     assert ratios == {"median": 3.0, "min": 2.0, "max": 4.0}
 
 
+def test_rotated_timings_judge_noise_among_runs_on_the_same_inputs():
+    """Two input groups of very different lengths, steady on each: not noisy; the same spread
+    inside one group is."""
+    steady = Timing("a", [1.0, 3.0, 1.01, 3.03, 0.99, 2.98], period=2)
+    assert steady.spread == pytest.approx(1.01 / 0.99) and not steady.noisy
+    assert Timing("a", steady.samples).noisy  # unrotated, the lengths look like noise
+    busy = Timing("a", [1.0, 3.0, 2.0, 3.0], period=2)
+    assert busy.spread == pytest.approx(2.0) and busy.noisy
+    assert Timing("a", [1.0, 3.0], period=2).noisy  # no group ran twice: all runs judged
+
+
 def test_time_interleaved_alternates_order():
     calls: list[str] = []
     result = time_interleaved({"A": lambda: calls.append("A"), "B": lambda: calls.append("B")},
