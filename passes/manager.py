@@ -16,27 +16,28 @@ from winnow.passes.instruments import Instrument, LosslessGuard
 from winnow.passes.pipeline import PassSpec, format_pipeline, format_value, parse_pipeline
 
 DEFAULT_PIPELINE = "shape-inference,fold-constants,canonicalize,cse,dce"
-# Lossless passes that go after the structural ones: trim-padding crops the sequence axis at run
-# time, which leaves the shapes that pruning, fusion, distill and the cost model read unknown. They
-# go before the numerics passes: dynamic int8 takes its scales over every position of a tensor,
-# padding included, so on a quantized model cropping changes the outputs and is refused.
-FINISHING_PIPELINE = "trim-padding"
+# Lossless, checked passes that go after the structural ones: fuse-convs folds what pruning and
+# distill read in its exported form; trim-padding crops the sequence axis at run time, which leaves
+# the shapes that pruning, fusion, distill and the cost model read unknown. They go before the
+# numerics passes: dynamic int8 takes its scales over every position of a tensor, padding included,
+# so on a quantized model cropping changes the outputs and is refused.
+FINISHING_PIPELINE = "fuse-convs,trim-padding"
 NUMERICS_PASSES = ("smooth-activations", "split-outliers", "quantize", "bfp", "lmul")
 
 
 def finished(pipeline: str, at_end: bool = False) -> str:
-    """`pipeline` with the finishing passes before its first numerics pass (at its end when it
-    has none, or with `at_end`: a model already made by the whole pipeline); unchanged when it
-    already has them."""
+    """`pipeline` with those finishing passes it lacks before its first numerics pass (at its end
+    when it has none, or with `at_end`: a model already made by the whole pipeline)."""
     from winnow.passes.pipeline import format_pipeline, parse_pipeline
 
     specs = parse_pipeline(pipeline) if pipeline.strip() else []
-    finishing = parse_pipeline(FINISHING_PIPELINE)
-    if any(s.name in {f.name for f in finishing} for s in specs):
+    present = {s.name for s in specs}
+    missing = [f for f in parse_pipeline(FINISHING_PIPELINE) if f.name not in present]
+    if not missing:
         return pipeline
     at = len(specs) if at_end else next(
         (i for i, s in enumerate(specs) if s.name in NUMERICS_PASSES), len(specs))
-    return format_pipeline(specs[:at] + finishing + specs[at:])
+    return format_pipeline(specs[:at] + missing + specs[at:])
 
 
 # What `winnow compile` runs without --pipeline on the ORT backend.

@@ -148,7 +148,9 @@ def test_finished_puts_the_finishing_passes_before_quantization_once():
     quantized = "dce,split-outliers,quantize{mode=int8-dynamic,exclude=[auto]}"
     assert finished(quantized) == f"dce,{FINISHING_PIPELINE},{quantized[4:]}"
     assert finished(quantized, at_end=True) == f"{quantized},{FINISHING_PIPELINE}"
-    assert winnow.passes.LOSSLESS_PIPELINE == f"{winnow.passes.DEFAULT_PIPELINE},trim-padding"
+    assert finished("dce,fuse-convs") == "dce,fuse-convs,trim-padding"  # only what it lacks
+    assert FINISHING_PIPELINE.endswith("trim-padding")
+    assert winnow.passes.LOSSLESS_PIPELINE == f"{winnow.passes.DEFAULT_PIPELINE},{FINISHING_PIPELINE}"
 
 
 def test_compile_runs_the_finishing_passes_after_a_kept_model(tmp_path):

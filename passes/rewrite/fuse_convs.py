@@ -68,6 +68,10 @@ class FuseConvsPass(Pass):
         from winnow.passes.rewrite.fuse import check_batches, max_output_error
 
         ctx = PassContext.current()
+        if not any(node.op_type == "Conv" for node in model.graph):
+            # nothing to fold into, and no copy made: the pass finishes every ORT pipeline
+            ctx.report[self.name] = {"fusions": {}, "note": "the model has no Conv"}
+            return PassResult(model, False)
         trial = model.clone()
         try:
             counts = fuse_convs(trial, self.config.hardswish, self.config.batchnorm,
