@@ -491,7 +491,7 @@ def report(rows: Sequence[Row], infos: Mapping[str, Mapping[str, Any]], args: ar
         "",
         markdown(rows, infos, args.batch_sizes),
         "",
-        "- ms: median latency of one run; `*`: noisy (slowest run > 1.5x the fastest).",
+        "- ms: median latency of one run; `*`: noisy (slowest run > 1.5x the fastest on the same input group).",
         "- vs fp32: speed-up over ORT fp32, the median of per-round paired ratios "
         "(fp32 / variant; above 1 is faster).",
         "- cosine vs fp32: mean per-sample cosine of the outputs against ORT fp32 on the "

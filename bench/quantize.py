@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *[t + "\n" for t in tables],
         "- vs fp32: median of per-round paired ratios fp32 / variant (above 1 is faster); vs pc "
         "int8: the same against ORT dyn int8 (channel), the peer to beat; "
-        "`*`: noisy (slowest run > 1.5x the fastest).",
+        "`*`: noisy (slowest run > 1.5x the fastest on the same input group).",
         "- cosine: per-sample cosine against ORT fp32 on the held-out split, mean (min).",
         "- exclude=[auto]: budget is the calibration loss (mean 1 - cosine on 32 calibration "
         "samples), not the held-out one.", ""])
