@@ -28,8 +28,6 @@ NUMERICS_PASSES = ("smooth-activations", "split-outliers", "quantize", "bfp", "l
 def finished(pipeline: str, at_end: bool = False) -> str:
     """`pipeline` with those finishing passes it lacks before its first numerics pass (at its end
     when it has none, or with `at_end`: a model already made by the whole pipeline)."""
-    from winnow.passes.pipeline import format_pipeline, parse_pipeline
-
     specs = parse_pipeline(pipeline) if pipeline.strip() else []
     present = {s.name for s in specs}
     missing = [f for f in parse_pipeline(FINISHING_PIPELINE) if f.name not in present]

@@ -80,51 +80,38 @@ def _torch(net: nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
                    torch.from_numpy(feeds["attention_mask"])).numpy()
 
 
-def test_trimmed_model_matches_torch_and_runs_only_the_kept_positions():
+def _cropped_and_output(trimmed: ir.Model, feeds: dict[str, np.ndarray]
+                        ) -> tuple[dict[str, tuple[int, ...]], np.ndarray]:
+    """The shapes of the cropped inputs inside the trimmed model, and its output."""
+    names = ["input_ids_trimmed", "attention_mask_trimmed"]
+    got = run(trimmed, feeds, capture=names)
+    return {n: got[n].shape for n in names}, next(v for k, v in got.items() if k not in names)
+
+
+@pytest.mark.parametrize("feeds,length", [
+    (_padded([3, 5], seed=2), 5),  # right padding: cropped to the longest row
+    (_padded([3, 5], seed=3, left=True), SEQ),  # left padding is never cropped
+    (_padded([SEQ, 2], seed=4), SEQ),  # a full row keeps every position
+    (_padded([0, 0], seed=5), 1),  # all padding: one position is kept
+])
+def test_trimmed_model_matches_torch_and_runs_only_the_kept_positions(feeds, length):
     net, model = _load()
     trimmed, report = _trim(model)
     assert report["trimmed"] == ["input_ids", "attention_mask"] and report["max_abs_error"] < 1e-5
-    feeds = _padded([3, 5], seed=2)
-    got = run(trimmed, feeds, capture=["input_ids_trimmed", "attention_mask_trimmed"])
-    assert got["input_ids_trimmed"].shape == (2, 5)
-    assert got["attention_mask_trimmed"].shape == (2, 5)
-    out = next(v for k, v in got.items() if not k.endswith("_trimmed"))
+    shapes, out = _cropped_and_output(trimmed, feeds)
+    assert set(shapes.values()) == {(2, length)}
     np.testing.assert_allclose(out, _torch(net, feeds), atol=1e-5)
 
 
-def test_left_padding_and_full_rows_are_never_cropped():
-    net, model = _load()
-    trimmed, _ = _trim(model)
-    for feeds in (_padded([3, 5], seed=3, left=True), _padded([SEQ, 2], seed=4)):
-        got = run(trimmed, feeds, capture=["input_ids_trimmed"])
-        assert got["input_ids_trimmed"].shape == (2, SEQ)
-        out = next(v for k, v in got.items() if k != "input_ids_trimmed")
-        np.testing.assert_allclose(out, _torch(net, feeds), atol=1e-5)
-
-
-def test_an_all_padding_batch_keeps_one_position():
-    net, model = _load()
-    trimmed, _ = _trim(model)
-    feeds = _padded([0, 0], seed=5)
-    got = run(trimmed, feeds, capture=["input_ids_trimmed"])
-    assert got["input_ids_trimmed"].shape == (2, 1)
-    out = next(v for k, v in got.items() if k != "input_ids_trimmed")
-    np.testing.assert_allclose(out, _torch(net, feeds), atol=1e-5)
-
-
-def test_outputs_with_the_sequence_axis_are_left_alone():
-    _, model = _load("none")
+@pytest.mark.parametrize("pool,key,reason", [
+    ("none", "note", "carries the sequence axis"),  # per-token outputs
+    ("all", "skipped", "read masked positions"),  # pooling without the mask: rolled back
+])
+def test_models_whose_outputs_see_the_padding_are_left_alone(pool, key, reason):
+    _, model = _load(pool)
     nodes = len(model.graph)
     trimmed, report = _trim(model)
-    assert report["trimmed"] == [] and "carries the sequence axis" in report["note"]
-    assert len(trimmed.graph) == nodes
-
-
-def test_outputs_that_read_padding_roll_the_trim_back():
-    _, model = _load("all")
-    nodes = len(model.graph)
-    trimmed, report = _trim(model)
-    assert report["trimmed"] == [] and "read masked positions" in report["skipped"]
+    assert report["trimmed"] == [] and reason in report[key]
     assert len(trimmed.graph) == nodes
 
 

@@ -193,9 +193,7 @@ class Prologue:
 def kept_length(prologue: Prologue, mask: ir.Value) -> ir.Value:
     """max(1, 1 + the last position any row of `mask` keeps), as an int64 [1]."""
     add = prologue.add
-    as_float = add("Cast", [mask], to=ir.DataType.FLOAT)
-    kept = add("Cast", [add("Not", [add("Equal", [as_float, prologue.const("zero", 0.0)])])],
-               to=ir.DataType.FLOAT)
+    kept = add("Cast", [add("Cast", [mask], to=ir.DataType.BOOL)], to=ir.DataType.FLOAT)
     any_row = add("ReduceMax", [kept, prologue.const("batch_axis", [0])], keepdims=0)
     seq = add("Cast", [add("Shape", [mask], start=1, end=2)], to=ir.DataType.FLOAT)
     one = prologue.const("one", 1.0)
@@ -215,19 +213,15 @@ def padded_check_feeds(batches: Sequence[Mapping[str, np.ndarray]], found: Padde
     for feeds in batches:
         if found.mask.name not in feeds:
             continue
-        out.append(dict(feeds))
         mask = np.asarray(feeds[found.mask.name])
         rows, length = mask.shape
-        padded = {**feeds, found.mask.name: mask.copy()}
         keep = rng.integers(1, max(2, length // 2 + 1), rows)
+        behind = np.arange(length)[None, :] >= keep[:, None]
+        padded = {**feeds, found.mask.name: np.where(behind, 0, mask).astype(mask.dtype)}
         for value in found.cropped:
-            if value is found.mask:
-                continue
-            data = np.asarray(feeds[value.name]).copy()
-            for r in range(rows):
-                data[r, keep[r]:] = rng.permutation(data.reshape(-1))[:length - keep[r]]
-            padded[value.name] = data
-        for r in range(rows):
-            padded[found.mask.name][r, keep[r]:] = 0
-        out.append(padded)
+            if value is not found.mask:
+                data = np.asarray(feeds[value.name]).copy()
+                data[behind] = rng.choice(data.reshape(-1), int(behind.sum()))
+                padded[value.name] = data
+        out += [dict(feeds), padded]
     return out
