@@ -1,17 +1,23 @@
-"""Real text shipped with Python: sentences and raw bytes from `pydoc_data.topics`."""
+"""Real text shipped with Python: sentences and raw bytes from `pydoc_data.topics`, and the
+docstrings of the standard library as more unlabelled text."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import random
 import re
+import sysconfig
 from collections.abc import Collection
+from pathlib import Path
 
 SEED = 1234
 _HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 _BAD = re.compile(r"::=|>>>|\*\*\*|[{}\[\]\\|]|\.\.\.|\s{2,}")
+_NOT_DOCUMENTATION = frozenset({"test", "tests", "idlelib", "site-packages", "lib2to3"})
+MIN_DOCSTRING = 80  # characters; shorter docstrings are mostly one-line summaries
 
 
 def topic_texts() -> dict[str, str]:
@@ -80,20 +86,48 @@ def sentence_split(split: str, calibration: int = 256, heldout: int = 256,
 
 
 def unlabelled_chunks(exclude: Collection[str], max_chars: int = 250) -> list[str]:
-    """Windows of about `max_chars` over the whole corpus text (prose and code, whitespace
+    """Windows of about `max_chars` over every unlabelled text (prose and code, whitespace
     collapsed; each starts half a window after the last) with every sentence in `exclude`
     (held-out sentences) cut out: no window spans a cut, and a window still holding a piece of
     one (a copy spelled differently) is left out. Unlabelled text for distillation."""
     sentences = sorted({_plain(s) for s in exclude}, key=len, reverse=True)
     probes = {p for sentence in sentences for p in _probes(sentence)}
-    text = _plain(" ".join(topic_texts().values()))
+    text = _plain(" ".join(unlabelled_texts()))
     for sentence in sentences:
         text = text.replace(sentence, "\0")
+    probes = {p for p in probes if p in text}  # the few left after the cuts: far fewer checks
     chunks = []
     for segment in text.split("\0"):
         chunks += [c for c in _windows(segment.split(), max_chars)
                    if not any(p in c for p in probes)]
     return chunks
+
+
+def unlabelled_texts() -> list[str]:
+    """The pydoc topic texts, then the standard library's docstrings (unlabelled text)."""
+    return [*topic_texts().values(), *stdlib_docstrings()]
+
+
+@functools.cache
+def stdlib_docstrings() -> tuple[str, ...]:
+    """Module, class and function docstrings of at least MIN_DOCSTRING characters from the
+    standard library's .py files, in sorted path order (tests, idlelib, lib2to3 left out)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = [p for p in sorted(root.rglob("*.py"))
+             if _NOT_DOCUMENTATION.isdisjoint(p.relative_to(root).parts[:-1])]
+    return tuple(doc for path in paths for doc in _docstrings(path))
+
+
+def _docstrings(path: Path) -> list[str]:
+    """The long docstrings of one source file (module first, then its classes and functions
+    breadth first); none when the file does not parse."""
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):
+        return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds))
+    return [d for d in docs if d and len(d) >= MIN_DOCSTRING]
 
 
 def _windows(words: list[str], max_chars: int) -> list[str]:
