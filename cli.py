@@ -252,6 +252,9 @@ def _print_compile(result: Any, timings: bool) -> None:
             lines.append(f"budget    {b['measure']} {b['drop']:.4f} "
                          f"{'exceeds' if over else '<='} {limit}"
                          + (" (forced)" if b["forced"] and over else ""))
+    runtime = result.artifact.manifest.get("runtime")
+    if runtime:
+        lines.append(f"runtime   {runtime_text(runtime)}")
     lines.append(f"wrote     {result.artifact.path}/")
     for name, size in result.file_sizes().items():
         lines.append(f"  {name:<34} {_size(size):>10}")
@@ -261,6 +264,23 @@ def _print_compile(result: Any, timings: bool) -> None:
     if timings:
         lines += ["", result.timing_table()]
     click.echo("\n".join(lines))
+
+
+def runtime_text(runtime: dict[str, Any]) -> str:
+    """The manifest's tuned thread counts as one line, e.g. 'b1 1 (0.0114 vs 0.0154 ms on 2)'."""
+    chosen = runtime.get("intra_op_num_threads") or {}
+    if not chosen:
+        return runtime.get("note", "threads: every CPU")
+    default = runtime.get("default_threads")
+    parts = []
+    for label, threads in chosen.items():
+        medians = runtime.get("median_ms", {}).get(label, {})
+        if threads == default:
+            parts.append(f"{label} {threads} (every CPU)")
+        else:
+            parts.append(f"{label} {threads} ({medians.get(str(threads), 0):.3g} vs "
+                         f"{medians.get(str(default), 0):.3g} ms on {default})")
+    return "ORT intra-op threads: " + ", ".join(parts)
 
 
 def _pass_lines(passes: list[dict[str, Any]]) -> list[str]:

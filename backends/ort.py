@@ -28,6 +28,7 @@ from winnow.backends.manifest import (
 from winnow.errors import ExecutionError, runtime_detail
 from winnow.frontend.onnx_file import check_external_data
 from winnow.ir.execute import (
+    LARGE_MODEL_BYTES,
     check_feed_names,
     has_external_data,
     release_large_sessions,
@@ -54,9 +55,12 @@ logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
 def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
          fidelity: dict[str, Any] | None = None, source: str | None = None,
          overwrite: bool = False, external_data: bool | None = None,
-         passes: list[dict[str, Any]] | None = None) -> Artifact:
+         passes: list[dict[str, Any]] | None = None,
+         runtime_feeds: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> Artifact:
     """Write the ORT artifact folder `out_dir` atomically and return what was written; `passes`
-    (what each pass did, with its report) goes into the manifest."""
+    (what each pass did, with its report) goes into the manifest. With `runtime_feeds` (feeds by
+    batch label) the written model's fastest thread count per batch is measured here and
+    recorded as the manifest's `runtime` section, which winnow's runners follow."""
     with staging(out_dir, overwrite) as tmp:
         names = write_model(model, tmp, external_data)
         release_large_sessions()  # the converter loads the weights once more
@@ -66,8 +70,28 @@ def emit(model: ir.Model, out_dir: str | Path, *, pipeline_text: str,
         manifest = {**artifact_manifest(model, "ort", tmp, names, pipeline_text=pipeline_text,
                                         source=source, passes=passes, fidelity=fidelity),
                     **_versions(), "ort_format": ort_format}
+        if runtime_feeds:
+            manifest["runtime"] = tune_runtime(model, tmp / MODEL_FILE, runtime_feeds)
         write_manifest(tmp, manifest)
     return Artifact(Path(out_dir), [*names, MANIFEST_FILE], manifest)
+
+
+def tune_runtime(model: ir.Model, path: Path,
+                 feeds: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """The `runtime` manifest section: the fastest intra-op thread count per batch label, or why
+    it was not measured (the default, every CPU, then applies)."""
+    from winnow.measure.threads import fastest_threads
+
+    if weight_bytes(model) > LARGE_MODEL_BYTES:
+        return {"intra_op_num_threads": {}, "note": "not tuned: a large model (one session per "
+                "thread count would hold its weights again); every CPU"}
+    try:
+        return fastest_threads(path, feeds).to_dict()
+    except (TypeError, AttributeError, NameError):
+        raise  # a mistake in winnow's tuning code, not a model ORT refuses
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return {"intra_op_num_threads": {}, "note": f"not tuned: {reason}"}
 
 
 def _versions() -> dict[str, str]:
@@ -137,10 +161,10 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     return Artifact(path, [*manifest.get("files", {}), MANIFEST_FILE], manifest)
 
 
-def _session(path: Path) -> ort.InferenceSession:
+def _session(path: Path, threads: int = 0) -> ort.InferenceSession:
     check_external_data(onnx.load(str(path), load_external_data=False), path.parent)
     try:
-        return ort.InferenceSession(str(path), session_options(),
+        return ort.InferenceSession(str(path), session_options(threads),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         raise ExecutionError(f"ONNX Runtime cannot load '{path}': "
@@ -148,9 +172,14 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def run_artifact(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run an artifact's `model.onnx` with ONNX Runtime; returns outputs by name."""
+    """Run an artifact's `model.onnx` with ONNX Runtime, at the thread count its manifest records
+    for this batch (ORT's default when none); returns outputs by name."""
+    from winnow.measure.threads import threads_for
+
     artifact = load_artifact(path)
-    session = _session(artifact.path / MODEL_FILE)
+    rows = max((np.asarray(v).shape[0] for v in feeds.values() if np.asarray(v).ndim), default=1)
+    session = _session(artifact.path / MODEL_FILE,
+                       threads_for(artifact.manifest.get("runtime"), rows, default=0))
     required = [i.name for i in session.get_inputs()]
     optional = [i.name for i in session.get_overridable_initializers()]
     unknown = sorted(set(feeds) - set(required) - set(optional))

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from winnow import models_zoo, progress
+from winnow.measure.threads import thread_candidates
 from winnow.measure.timing import (
     Timing,
     available_cpus,
@@ -134,16 +135,45 @@ def attempt(variant: Variant, message: str) -> Iterator[None]:
 quiet_output = progress.quiet_libraries
 
 
-def ort_runner(path: Path, threads: int) -> Callable[[Feeds], Outputs]:
-    """The timing session (benchmark.timing_session) of a model file as a runner of named outputs."""
-    session = timing_session(path, threads)
-    names = [o.name for o in session.get_outputs()]
-    inputs = {i.name for i in session.get_inputs()}
+def ort_runner(path: Path, threads: int | Mapping[int, int]) -> Callable[[Feeds], Outputs]:
+    """The timing session (benchmark.timing_session) of a model file as a runner of named
+    outputs; `threads` is one intra-op thread count, or one per batch size (rows -> threads,
+    a session each)."""
+    by_rows = dict(threads) if isinstance(threads, Mapping) else {}
+    other = by_rows[max(by_rows)] if by_rows else threads  # rows no entry names
+    sessions = {t: timing_session(path, t) for t in {*by_rows.values(), other}}
+    names = [o.name for o in sessions[other].get_outputs()]
+    inputs = {i.name for i in sessions[other].get_inputs()}
 
     def run(feeds: Feeds) -> Outputs:
+        session = sessions[by_rows.get(_rows(feeds), other)]
         return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in inputs})))
 
     return run
+
+
+def tune_threads(variants: Sequence[Variant], heldout: Sequence[Feeds], batches: Sequence[int],
+                 name: str) -> None:
+    """Give every ORT variant its fastest intra-op thread count per batch size: a winnow artifact
+    (a model file beside its manifest) the count its manifest records (tuned when it was
+    compiled), every other one the count measured here (`measure.threads.fastest_threads` on
+    the first held-out group)."""
+    from winnow.backends.manifest import MANIFEST_FILE, read_manifest
+    from winnow.measure.threads import fastest_threads, threads_for
+
+    for v in variants:
+        if v.run is None or v.path is None:
+            continue
+        with attempt(v, f"{name}: {v.name}: choosing the thread count"):
+            if (v.path.parent / MANIFEST_FILE).is_file():
+                runtime = read_manifest(v.path.parent).get("runtime")
+                chosen = {b: threads_for(runtime, b) for b in batches}
+            else:
+                feeds = {f"b{b}": row_groups(heldout, b, 1)[0] for b in batches}
+                choice = fastest_threads(v.path, feeds).threads
+                chosen = {b: choice[f"b{b}"] for b in batches}
+            v.run = ort_runner(v.path, chosen)
+            v.notes.append("ORT threads " + ", ".join(f"b{b} {t}" for b, t in chosen.items()))
 
 
 def torch_runner(zm: Any) -> Callable[[Feeds], Outputs]:
@@ -367,10 +397,12 @@ def winnow_variant(zm: Any, work: Path, threads: int, options: Callable[[str], A
 
 
 def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequence[int],
-            work: Path, winnow: Any = None, rotate: int = 1) -> tuple[list[Row], dict[str, Any]]:
+            work: Path, winnow: Any = None, rotate: int = 1,
+            tune: bool = True) -> tuple[list[Row], dict[str, Any]]:
     """Prepare, evaluate and time every variant of one zoo model (and winnow's row when
     `winnow` gives search options: model name -> SearchOptions); each batch size is timed on
-    `rotate` groups of held-out samples in turn."""
+    `rotate` groups of held-out samples in turn; with `tune` every ORT variant runs at its own
+    fastest thread count per batch size (`tune_threads`), else at `threads`."""
     from winnow.measure.fidelity import OUTPUT_KINDS, evaluate
 
     zm = models_zoo.get(name)
@@ -390,9 +422,11 @@ def measure(name: str, threads: int, repeats: int, warmup: int, batches: Sequenc
         ev = evaluate(reference, outs, heldout, metric=metric, output_kind=kind)
         fidelity[v.name] = (ev.cosine, ev.candidate_metrics)
 
+    used = [min(b, MAX_BATCH.get(name, b)) for b in batches]
+    if tune:
+        tune_threads(variants, heldout, list(dict.fromkeys(used)), name)
     runnable = {v.name: v for v in variants if v.run is not None}
     timings: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in runnable}
-    used = [min(b, MAX_BATCH.get(name, b)) for b in batches]
     shapes = {}
     for b in dict.fromkeys(used):
         groups = row_groups(heldout, b, rotate)
@@ -479,7 +513,7 @@ def report(rows: Sequence[Row], infos: Mapping[str, Mapping[str, Any]], args: ar
         f"onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}, "
         f"winnow {m['winnow']}.",
         "",
-        f"Settings: {args.threads} threads for ONNX Runtime (intra-op) and torch; all ORT graph "
+        f"Settings: {_threads_setting(args)}; all ORT graph "
         "optimizations on; no spin-waiting (ORT allow_spinning=0, OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY')}) so interleaved runners do not steal each other's "
         f"cores; {args.warmup} warm-up + {args.repeats} timed rounds, every variant of a model "
@@ -507,6 +541,16 @@ def report(rows: Sequence[Row], infos: Mapping[str, Mapping[str, Any]], args: ar
     return "\n".join(text) + "\n"
 
 
+def _threads_setting(args: argparse.Namespace) -> str:
+    if args.fixed_threads:
+        return f"{args.threads} threads for ONNX Runtime (intra-op) and torch"
+    return (f"{args.threads} threads for torch; every ORT variant at its own fastest intra-op "
+            f"thread count per batch size among {thread_candidates(args.threads)} (in the notes: "
+            "measured before timing, 15 interleaved rounds, a count below "
+            f"{args.threads} only when >= 5% faster; winnow's row at the count its manifest "
+            "records, measured when it was compiled)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -521,6 +565,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(default: %(default)s; 1: always the first samples)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for ORT and torch (default: the CPUs this process may use)")
+    p.add_argument("--fixed-threads", action="store_true",
+                   help="run every ORT variant at --threads instead of at its own fastest count "
+                        "per batch size (measured first; winnow's from its manifest)")
     p.add_argument("--batches", default="1,8",
                    help="comma-separated batch sizes to time (default: %(default)s)")
     p.add_argument("--out", default=None,
@@ -586,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.chdir(work):
                 model_rows, infos[name] = measure(name, args.threads, args.repeats,
                                                   args.warmup, args.batch_sizes, work,
-                                                  _search_options(args), args.rotate)
+                                                  _search_options(args), args.rotate,
+                                                  not args.fixed_threads)
             rows += model_rows
     seconds = time.perf_counter() - start
     text = report(rows, infos, args, command, machine, started, seconds)

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import Variant, attempt, ort_runner, row_groups  # noqa: E402
+from peers import Variant, attempt, ort_runner, row_groups, tune_threads  # noqa: E402
 
 from winnow import models_zoo, progress  # noqa: E402
 from winnow.measure.timing import (  # noqa: E402
@@ -169,10 +169,11 @@ def _notes(report: dict[str, Any]) -> list[str]:
 
 
 def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, warmup: int,
-            batches: Sequence[int], work: Path, artifacts: Sequence[Path] = (), rotate: int = 16
-            ) -> tuple[list[dict], dict]:
+            batches: Sequence[int], work: Path, artifacts: Sequence[Path] = (), rotate: int = 16,
+            tune: bool = True) -> tuple[list[dict], dict]:
     """Build, score and time every variant of one zoo model (each batch size on `rotate` groups
-    of held-out samples in turn, as bench/peers.py does)."""
+    of held-out samples in turn, as bench/peers.py does; with `tune` each at its own fastest
+    thread count per batch size, as there)."""
     from winnow.measure.fidelity import OUTPUT_KINDS, cosines, evaluate
 
     zm = models_zoo.get(name)
@@ -183,6 +184,8 @@ def measure(name: str, pipelines: Sequence[str], threads: int, repeats: int, war
     heldout = zm.heldout()
     metric = zm.task_metric("heldout")
     kind = zm.output_kind if zm.output_kind in OUTPUT_KINDS else "values"
+    if tune:
+        tune_threads(variants, heldout, batches, name)
     runnable = [v for v in variants if v.run is not None]
     outputs = {v.name: [v.run(f) for f in progress.bar(heldout, f"{name}: {v.name} held-out")]
                for v in runnable}
@@ -250,6 +253,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rotate", type=int, default=16, metavar="N",
                    help="time on N groups of held-out samples in turn, one group a round")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    p.add_argument("--fixed-threads", action="store_true",
+                   help="every variant at --threads, not at its own fastest count per batch size")
     p.add_argument("--quick", action="store_true", help=f"only the first {len(QUICK)} pipelines")
     p.add_argument("--pipelines", default=None,
                    help="';'-separated winnow pipelines instead ('none': only peers and artifacts)")
@@ -264,6 +269,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                           if args.pipelines else list(QUICK if args.quick else PIPELINES))
     args.artifact_list = [Path(a) for a in args.artifacts.split(",") if a]
     return args
+
+
+def _threads_setting(args: argparse.Namespace) -> str:
+    if args.fixed_threads:
+        return f"{args.threads} ORT threads"
+    return (f"each variant at its own fastest ORT thread count per batch size (up to "
+            f"{args.threads}; in the notes; artifacts at their manifest's)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             work.mkdir()
             rows, info = measure(name, args.pipeline_list, args.threads, args.repeats,
                                  args.warmup, args.batch_sizes, work, args.artifact_list,
-                                 args.rotate)
+                                 args.rotate, not args.fixed_threads)
             tables.append(markdown(name, rows, info, args.batch_sizes))
             data[name] = {"rows": rows, "info": info}
     m = machine
@@ -291,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Command: `{command}` ({time.perf_counter() - start:.0f} s)", "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['available_cpus']} available); "
         f"onnxruntime {m['onnxruntime']}; load average at start {m.get('load_average')}. "
-        f"{args.threads} ORT threads, no spinning; {args.warmup} warm-up + {args.repeats} timed "
+        f"{_threads_setting(args)}, no spinning; {args.warmup} warm-up + {args.repeats} timed "
         "rounds, all variants of a model interleaved in each round, each round on the next of "
         f"{args.rotate} groups of held-out samples.", "",
         *[t + "\n" for t in tables],

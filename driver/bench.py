@@ -12,7 +12,6 @@ import numpy as np
 
 from winnow.measure.timing import (
     Timing,
-    available_cpus,
     paired_ratios,
     peak_rss_mb,
     rotating,
@@ -20,6 +19,7 @@ from winnow.measure.timing import (
     timing_session,
 )
 from winnow.errors import ExecutionError, SourceError, UnsupportedModelError
+from winnow.measure.threads import threads_for
 from winnow.ir.user_inputs import UserInputs
 
 DEFAULT_SEQ = 64  # symbolic non-batch dims of random feeds when --seq is not given
@@ -146,13 +146,14 @@ def open_session(model_path: Path, threads: int) -> Any:
 
 @dataclasses.dataclass
 class Bench:
-    """One artifact under test: its folder, manifest, model file and session."""
+    """One artifact under test: its folder, manifest, model file, session and its thread count."""
 
     label: str
     path: Path
     manifest: dict[str, Any]
     model_path: Path
     session: Any
+    threads: int
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
         """Run once; a failure names the artifact."""
@@ -163,7 +164,8 @@ class Bench:
                                  f"feeds: {str(exc).strip().splitlines()[0]}") from None
 
 
-def _open(label: str, path: str | Path, threads: int) -> Bench:
+def _artifact(path: str | Path) -> tuple[Any, Path]:
+    """An ORT artifact (manifest checked) and its model file; other artifacts are refused."""
     from winnow.backends.ort import MODEL_FILE, load_artifact
 
     artifact = load_artifact(path)
@@ -175,8 +177,18 @@ def _open(label: str, path: str | Path, threads: int) -> Bench:
     if not model_path.is_file():
         raise SourceError(f"artifact '{path}' has no {MODEL_FILE}; winnow bench times ONNX "
                           "Runtime artifacts.")
+    return artifact, model_path
+
+
+def _open(label: str, artifact: Any, model_path: Path, threads: int) -> Bench:
     return Bench(label, artifact.path, artifact.manifest, model_path,
-                 open_session(model_path, threads))
+                 open_session(model_path, threads), threads)
+
+
+def _rows(feeds: Mapping[str, np.ndarray]) -> int:
+    """The batch of a feed dict: its inputs' first axis (1 for scalars only)."""
+    sizes = [np.asarray(v).shape[0] for v in feeds.values() if np.asarray(v).ndim >= 1]
+    return max(sizes, default=1)
 
 
 def _check_inputs(bench: Bench, feeds: Mapping[str, np.ndarray], first: Bench) -> None:
@@ -209,7 +221,7 @@ class BenchResult:
         s = self.settings
         shapes = ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in self.inputs)
         lines = [f"feeds     {s['feeds']}: {shapes or 'no inputs'}",
-                 f"settings  {s['threads']} threads, all ORT graph optimizations, "
+                 f"settings  {_threads_text(s['threads'])}, all ORT graph optimizations, "
                  f"no spin-waiting, {s['warmup']} warm-up + {s['repeats']} timed runs each"
                  f"{', interleaved' if len(self.artifacts) > 1 else ''}", ""]
         lines.append(f"{'':<3}{'median ms':>11}{'min ms':>10}{'max ms':>10}{'peak RSS MB':>13}"
@@ -239,13 +251,22 @@ class BenchResult:
         return "\n".join(lines)
 
 
+def _threads_text(threads: Mapping[str, int]) -> str:
+    counts = set(threads.values())
+    if len(counts) == 1:
+        (count,) = counts
+        return f"{count} thread{'s' if count > 1 else ''}"
+    return "threads " + ", ".join(f"{label} {count}" for label, count in threads.items())
+
+
 def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int | None = None,
           batch: int = 1, seq: int | None = None, repeats: int = 20, warmup: int = 5,
           random: bool = False, memory: bool = True,
           user_inputs: UserInputs | None = None, rotate: int = 16) -> BenchResult:
     """Time `artifact` (and `other`, interleaved A B A B ...) on the same feeds.
 
-    Feeds come from A's manifest: the zoo's held-out data for `zoo:NAME` sources (unless
+    Each artifact runs at `threads` ORT intra-op threads, by default at the count its manifest
+    records for this batch (measured at compile), else every CPU. Feeds come from A's manifest: the zoo's held-out data for `zoo:NAME` sources (unless
     `random`), `rotate` groups of `batch` samples timed in turn (each round both artifacts run
     the same group), so samples of every length count; random data shaped by the input specs
     otherwise; `user_inputs` (--input-shapes / --example-inputs) replace both, and `batch`/`seq`
@@ -255,13 +276,13 @@ def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int
     for name, value in (("batch", batch), ("repeats", repeats), ("rotate", rotate)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, not {value}.")
-    threads = available_cpus() if threads is None else threads
-    benches = [_open("A", artifact, threads)]
-    if other is not None:
-        benches.append(_open("B", other, threads))
-    groups, description = feed_groups(benches[0].manifest, batch, seq, random, user_inputs,
+    loaded = [_artifact(artifact)] + ([_artifact(other)] if other is not None else [])
+    groups, description = feed_groups(loaded[0][0].manifest, batch, seq, random, user_inputs,
                                       rotate)
     feeds = groups[0]
+    benches = [_open(label, art, model_path,
+                     threads or threads_for(art.manifest.get("runtime"), _rows(feeds)))
+               for label, (art, model_path) in zip("AB", loaded)]
     for b in benches[1:]:
         _check_inputs(b, feeds, benches[0])
     outputs = [b.run(feeds) for b in benches]  # fails early, with a clear message
@@ -274,7 +295,7 @@ def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int
         with step("measuring peak memory in fresh processes"), \
                 tempfile.TemporaryDirectory(prefix="winnow-bench-") as scratch:
             for b in benches:
-                rss[b.label] = peak_rss_mb(b.model_path, feeds, threads, Path(scratch))
+                rss[b.label] = peak_rss_mb(b.model_path, feeds, b.threads, Path(scratch))
     artifacts = [{"label": b.label, "path": str(b.path), "source": b.manifest.get("source"),
                   "pipeline": b.manifest.get("pipeline"), **timings[b.label].to_dict(),
                   "spread": timings[b.label].spread, "peak_rss_mb": rss[b.label]}
@@ -288,7 +309,10 @@ def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int
         ratio = {**r, "pairs": repeats, "speedup": speed["median"]}
         agreement = _agreement(benches, outputs)
     warnings = [w for w in (timings[b.label].noise_warning() for b in benches) if w]
-    settings = {"threads": threads, "batch": batch if user_inputs is None else None,
+    settings = {"threads": {b.label: b.threads for b in benches},
+                "threads_from": "--threads" if threads else "each artifact's manifest (tuned at "
+                                "compile; every CPU when it records none)",
+                "batch": batch if user_inputs is None else None,
                 "seq": _seq_used(feeds, benches[0].manifest),
                 "repeats": repeats, "warmup": warmup, "feeds": description,
                 "feed_groups": len(groups),

@@ -43,6 +43,7 @@ from winnow.passes.instruments import (
     TimingInstrument,
     VerifyInstrument,
 )
+from winnow.driver.timing import timing_feeds
 from winnow.driver.source import (Source, dynamic_batch, max_drop_text, parse_max_drop,
                                   relative_drop, resolve, source_name, split_batches)
 from winnow.passes.analysis.calibration import pick_calibration, split_batch
@@ -57,6 +58,7 @@ from winnow.passes.pipeline import PassSpec, load_pipeline_file
 
 Pipeline = str | Sequence[PassSpec | PassBase]
 DEFAULT_MAX_DROP = 0.02
+RUNTIME_BATCHES = (1, 8)  # the batch sizes the emitted model's thread count is tuned at
 GUARD_SAMPLES = 2  # samples the lossless guard runs after each pass
 
 
@@ -144,7 +146,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
                   strict: bool = False, judge_data: Any = None,
                   user_inputs: UserInputs | None = None,
                   backend_options: Mapping[str, Any] | None = None,
-                  rewritten: Rewritten | None = None) -> CompileResult:
+                  rewritten: Rewritten | None = None,
+                  tune_threads: bool = True) -> CompileResult:
     """Load `source`, run the pipeline (default DEFAULT_PIPELINE), check it and emit to `out`.
 
     `source` is anything `winnow.load` takes, or a `driver.source.Source` already resolved (the
@@ -161,7 +164,9 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
     changed the outputs (recorded in fidelity['rolled_back']); with `strict` that fails instead.
     `user_inputs` (--input-shapes / --example-inputs) are the check inputs and the default
     calibration data instead of invented ones; fidelity['check_inputs'] records them.
-    `backend_options` go to the backend's emit (TVM: target, shapes, schedules).
+    `backend_options` go to the backend's emit (TVM: target, shapes, schedules). With
+    `tune_threads` the ORT backend measures the emitted model's fastest thread count at batch 1
+    and 8 (on the first calibration rows) and records it in the manifest.
     `rewritten` is what the first passes of `pipeline` (one per record) already made from this
     source (the search's trained trial): those do not run again (their entries say `reused`),
     the passes after them (the finishing ones) run on it, and the result is checked against the source, judged on held-out data and held to the budget all the same.
@@ -233,9 +238,13 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
         _enforce_budget(fidelity, max_drop, force, relative)
     name = src.name
     passes = pass_entries(manager.passes, recorder, verifier, guard)
+    options = dict(backend_options or {})
+    if backend == "ort" and tune_threads:
+        options["runtime_feeds"] = timing_feeds(model, batches[0] if batches else feeds_for(model),
+                                                RUNTIME_BATCHES)
     with _phase(phases, "emit", f"writing {out}"):
         artifact = emit(model, out, pipeline_text=manager.text, fidelity=fidelity, source=name,
-                        overwrite=overwrite, passes=passes, **(backend_options or {}))
+                        overwrite=overwrite, passes=passes, **options)
     return CompileResult(artifact, name, manager.text, before[0], node_count(model), before[1],
                          param_stats(model), fidelity, timer.records if timer else [], phases,
                          passes)

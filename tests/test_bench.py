@@ -69,7 +69,7 @@ def test_bench_single_artifact_table(artifacts):
     a, _ = artifacts
     result = invoke("bench", a, "--repeats", 3, "--no-rss", "--threads", 1)
     assert result.exit_code == 0, result.output
-    for needle in ("median ms", "min ms", "max ms", "peak RSS MB", str(a), "1 threads"):
+    for needle in ("median ms", "min ms", "max ms", "peak RSS MB", str(a), "1 thread"):
         assert needle in result.stdout
     assert "A/B latency ratio" not in result.stdout
 
@@ -271,7 +271,8 @@ def test_layer_drop_script_and_winnow_bench_time_one_drop_alike(tmp_path, monkey
     """bench/layer_drop.py's latency column and `winnow bench` time the same way: sessions with the
     same threads and no spin-waiting, fed one sample (the script once reported 2.43x where `winnow
     bench` measured 1.26x: its sessions spun and it timed a 60-row batch). Checked on the sessions
-    themselves, not on timings, which a shared CI host makes noisy."""
+    themselves, not on timings, which a shared CI host makes noisy. `--threads` sets winnow
+    bench to the script's count (by default it follows each manifest's tuned count)."""
     script = _layer_drop_script()
     spy, script_runs = _SessionSpy(monkeypatch), set()
 
@@ -291,7 +292,8 @@ def test_layer_drop_script_and_winnow_bench_time_one_drop_alike(tmp_path, monkey
     assert invoke("compile", "zoo:digits-vit", "-o", dropped, "--max-drop", "1", "--pipeline",
                   f"drop-layers{{regions=[{region}],replacement=linear}}").exit_code == 0
     spy.take()
-    result = invoke("bench", dropped, "--vs", base, "--repeats", 3, "--no-rss", "--json")
+    result = invoke("bench", dropped, "--vs", base, "--repeats", 3, "--no-rss", "--json",
+                    "--threads", available_cpus())
     assert result.exit_code == 0, result.output
     bench_runs = spy.take()
     assert len(bench_runs) == 1 and script_runs == bench_runs, (script_runs, bench_runs)
