@@ -141,8 +141,9 @@ class MiniLM(TorchZooModel):
             return int(sum(np.prod(s.get_shape()) for s in slices if s.get_dtype().startswith("F")))
 
     def make_split(self, split: str) -> list[Feeds]:
-        """Tokenized batches of real English sentences; 'train' is every prose run of the corpus
-        that holds no held-out sentence (unlabelled, for distillation)."""
+        """Tokenized batches of real English sentences; 'train' is every window of the pydoc
+        topics and the standard library's docstrings that holds no held-out sentence
+        (unlabelled, for distillation)."""
         if split == "train":
             heldout = [s for s, _ in data.sentence_split("heldout", SPLIT_SIZE, SPLIT_SIZE)]
             chunks = data.unlabelled_chunks(heldout)
