@@ -13,8 +13,8 @@ can afford many more steps. This script moves only data, never results it made u
         --weights OUT --then 'fuse{attention=false}' --to ARTIFACT
         here: the pipeline's passes before distill on the same export and calibration, the
         trained tensors put in by name (every name and shape must match), then --then; writes
-        ARTIFACT/model.onnx and a manifest that `bench/quantize.py --artifacts` times and scores
-        on the zoo's held-out split
+        the ORT artifact ARTIFACT (as `winnow compile` does) that `bench/quantize.py
+        --artifacts` times and scores on the zoo's held-out split
 
 The passes before distill only decide shapes (which heads and channels go); every tensor they
 produce that distill trains is replaced, so the artifact is the model trained there.
@@ -134,13 +134,23 @@ def assemble(args: argparse.Namespace) -> None:
         value.const_value = ir.tensor(array, name=name)
     if args.then:
         PassManager(args.then).run(model, PassContext(calibration=ctx.calibration))
-    out = Path(args.to)
-    out.mkdir(parents=True, exist_ok=True)
-    ir.save(model, out / MODEL)
+    _emit(model, args, ctx.calibration[0], len(weights))
+
+
+def _emit(model: ir.Model, args: argparse.Namespace, feeds: dict[str, np.ndarray],
+          replaced: int) -> None:
+    """Write the artifact as `winnow compile --target host` does (the ORT backend, its thread
+    count tuned at b1 and b8), with the weights' origin in the manifest's pass list."""
+    from winnow.backends.ort import emit
+    from winnow.driver.compile import RUNTIME_BATCHES
+    from winnow.driver.timing import timing_feeds
+
     pipeline = ",".join(p for p in (args.pipeline, args.then) if p)
-    (out / "manifest.json").write_text(json.dumps({"pipeline": pipeline, "trained_on": str(
-        args.weights), "tensors_replaced": len(weights)}, indent=1))
-    print(f"replaced {len(weights)} trained tensors; wrote {out / MODEL}")
+    origin = [{"name": "distill_offload", "trained_on": str(args.weights),
+               "tensors_replaced": replaced}]
+    emit(model, args.to, pipeline_text=pipeline, source=f"zoo:{args.model}", overwrite=True,
+         passes=origin, runtime_feeds=timing_feeds(model, feeds, RUNTIME_BATCHES))
+    print(f"replaced {replaced} trained tensors; wrote {Path(args.to) / MODEL}")
 
 
 def main(argv: list[str] | None = None) -> None:
