@@ -509,7 +509,7 @@ def run_cmd(artifact: str, inputs_path: str | None, input_shapes: str | None,
 @cli.command()
 @click.argument("artifact")
 @click.option("--vs", "other", default=None, metavar="OTHER_DIR", help="A second artifact, timed interleaved with the first (A B A B ...).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="ONNX Runtime intra-op threads [default: the CPUs this process may use].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="ONNX Runtime intra-op threads [default: each artifact's manifest count for this batch, tuned at compile; else the CPUs this process may use].")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="B", help="Size of each input's symbolic first dim.")
 @click.option("--seq", type=click.IntRange(min=1), default=None, metavar="S", help="Size of the other symbolic dims [random feeds: 64; zoo feeds: their own length, cropped to S].")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, metavar="R", help="Timed runs per artifact.")

@@ -76,11 +76,16 @@ def fastest_threads(model: Any, feeds_by_label: Mapping[str, Feeds],
 
 
 def _choose(timings: Mapping[Any, Any], label: str, counts: Sequence[int], default: int) -> int:
-    """The default count unless another one is faster by at least MIN_GAIN (paired rounds)."""
-    best, best_gain = default, 1.0 / (1.0 - MIN_GAIN)
+    """The default count unless another one is faster by at least MIN_GAIN both in the median
+    of paired rounds and in the fastest run: a busy host (another process on the cores) slows
+    the many-thread runs of most rounds, but not the fastest, so it cannot pass for a gain."""
+    need = 1.0 / (1.0 - MIN_GAIN)
+    base = timings[(label, default)]
+    best, best_gain = default, need
     for t in counts:
-        gain = paired_ratios(timings[(label, default)], timings[(label, t)])["median"]
-        if t != default and gain >= best_gain:
+        gain = paired_ratios(base, timings[(label, t)])["median"]
+        fastest_gain = base.min / timings[(label, t)].min
+        if t != default and gain >= best_gain and fastest_gain >= need:
             best, best_gain = t, gain
     return best
 

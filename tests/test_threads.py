@@ -60,6 +60,14 @@ def test_a_smaller_count_is_chosen_only_when_clearly_faster(one_ms, expected):
     assert threads_mod._choose(_timings(1.0, one_ms), "b1", [1, 2], 2) == expected
 
 
+def test_a_busy_host_does_not_pass_for_a_gain():
+    """Two threads slowed in most rounds by another process (median 1.6 ms) but as fast as ever
+    in the quiet ones (1.0 ms, against one thread's steady 1.3 ms): two threads stay."""
+    busy = {("b8", 2): Timing("d", [1.6e-3] * 7 + [1.0e-3] * 2),
+            ("b8", 1): Timing("o", [1.3e-3] * 9)}
+    assert threads_mod._choose(busy, "b8", [1, 2], 2) == 2
+
+
 def _matmul_model(batch: str | int = "batch") -> onnx.ModelProto:
     w = helper.make_tensor("w", TensorProto.FLOAT, [16, 8],
                            np.random.default_rng(0).normal(size=128).astype(np.float32))
