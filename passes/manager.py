@@ -17,11 +17,12 @@ from winnow.passes.pipeline import PassSpec, format_pipeline, format_value, pars
 
 DEFAULT_PIPELINE = "shape-inference,fold-constants,canonicalize,cse,dce"
 # Lossless, checked passes that go after the structural ones: fuse-convs folds what pruning and
-# distill read in its exported form; trim-padding crops the sequence axis at run time, which leaves
+# distill read in its exported form; split-skip-norms keeps residual adds and layer norms apart
+# (ORT's fused SkipLayerNormalization CPU kernel is the slower form); trim-padding crops the sequence axis at run time, which leaves
 # the shapes that pruning, fusion, distill and the cost model read unknown. They go before the
 # numerics passes: dynamic int8 takes its scales over every position of a tensor, padding included,
 # so on a quantized model cropping changes the outputs and is refused.
-FINISHING_PIPELINE = "fuse-convs,trim-padding"
+FINISHING_PIPELINE = "fuse-convs,split-skip-norms,trim-padding"
 NUMERICS_PASSES = ("smooth-activations", "split-outliers", "quantize", "bfp", "lmul")
 
 

@@ -102,7 +102,7 @@ def test_a_distilled_finalist_is_trained_once_and_emitted_as_its_trial_made_it(t
     entries = [e for e in manifest["passes"] if e.get("reused")]
     finishing = manifest["passes"][len(entries):]  # the finishing passes run on the kept model
     assert [e["name"] for e in entries][-1] == CountedTrainingPass.name and entries[-1]["modified"]
-    assert [e["name"] for e in finishing] == ["fuse-convs", "trim-padding"]
+    assert [e["name"] for e in finishing] == ["fuse-convs", "split-skip-norms", "trim-padding"]
 
 
 def test_a_finalist_another_process_trained_is_trained_again_once_and_that_model_is_emitted(

@@ -135,7 +135,7 @@ def test_finished_puts_the_finishing_passes_before_quantization_once():
     quantized = "dce,split-outliers,quantize{mode=int8-dynamic,exclude=[auto]}"
     assert finished(quantized) == f"dce,{FINISHING_PIPELINE},{quantized[4:]}"
     assert finished(quantized, at_end=True) == f"{quantized},{FINISHING_PIPELINE}"
-    assert finished("dce,fuse-convs") == "dce,fuse-convs,trim-padding"  # only what it lacks
+    assert finished("dce,fuse-convs") == "dce,fuse-convs,split-skip-norms,trim-padding"  # only what it lacks
     assert FINISHING_PIPELINE.endswith("trim-padding")
     assert winnow.passes.LOSSLESS_PIPELINE == f"{winnow.passes.DEFAULT_PIPELINE},{FINISHING_PIPELINE}"
 

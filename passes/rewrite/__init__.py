@@ -17,5 +17,6 @@ from winnow.passes.rewrite import (  # noqa: F401
     shape_inference,
     smooth_activations,
     split_outliers,
+    split_skip_norms,
     trim_padding,
 )
