@@ -215,6 +215,8 @@ def compile_model(source: Any, out: str | Path, *, pipeline: Pipeline | None = N
         recorder.records = [dict(record, reused=True) for record in rewritten.records]
         rest = manager.passes[len(rewritten.records):]
         if rest:  # the pipeline goes on past the kept model (the finishing passes)
+            if guard is not None:  # judge them against the kept (trained) model, not the source
+                guard.rebase(model)
             with _phase(phases, "passes", "running the rest of the pipeline"):
                 model = PassManager(rest, instruments).run(model, ctx, guard=guard).model
     fidelity = None

@@ -173,3 +173,42 @@ def test_dynamic_int8_sees_the_padding_so_trim_goes_before_it():
     assert report["trimmed"] == ["input_ids", "attention_mask"]
     got = run(before, _padded([3, 5], seed=7), capture=["input_ids_trimmed"])
     assert got["input_ids_trimmed"].shape == (2, 5)
+
+
+
+def test_finishing_passes_are_judged_against_the_kept_model_not_the_source(tmp_path):
+    """A kept trial model is trained (its outputs differ from the source's on purpose): the
+    lossless passes after it (here cse) must be checked against it, or every one is rolled back."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from winnow.driver.compile import Rewritten, compile_model
+
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 3, 3],
+                                rng.normal(size=18).astype(np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r1"]), helper.make_node("Relu", ["c"], ["r2"]),
+         helper.make_node("Add", ["r1", "r2"], ["y"])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 4, 4])], [weight])
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]),
+              path)
+    kept = winnow.load(path)
+    w = kept.graph.initializers["w"]
+    w.const_value = ir.tensor(w.const_value.numpy() * 2.0 + 0.1)  # "trained"
+    record = {"index": 0, "name": "dce", "modified": True, "seconds": 0.0,
+              "nodes": {"before": 2, "after": 2}, "report": None}
+    compile_model(str(path), tmp_path / "out", pipeline="dce,cse",
+                  rewritten=Rewritten(kept, [record]),
+                  calibration=[{"x": rng.normal(size=(4, 1, 4, 4)).astype(np.float32)}])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["fidelity"]["max_abs_error"] > 1e-2  # it really differs from the source
+    assert manifest["fidelity"]["rolled_back"] == []
+    out = ir.load(tmp_path / "out" / "model.onnx")
+    assert [n.op_type for n in out.graph] == ["Conv", "Relu", "Add"]  # cse's merge was kept
+    x = rng.normal(size=(3, 1, 4, 4)).astype(np.float32)
+    emitted = run(out, {"x": x})["y"]
+    np.testing.assert_allclose(emitted, run(kept, {"x": x})["y"], atol=1e-5)  # the kept model
