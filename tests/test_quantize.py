@@ -72,6 +72,18 @@ def test_every_mode_stays_close_to_float_and_changes_the_graph(mode, op, min_cos
     assert ctx.report["quantize"]["quantized"] == 2
 
 
+def test_fp16_model_is_topologically_sorted_and_clones():
+    """ORT's float16 converter appends the input Cast after the node that reads it; the pass
+    sorts the graph (ONNX requires it), so later passes can clone the model."""
+    model = mlp()
+    quantize(model, "quantize{mode=fp16}")
+    produced = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+    for node in model.graph:
+        assert all(v is None or v.name in produced for v in node.inputs), node.op_type
+        produced |= {v.name for v in node.outputs}
+    model.clone()  # onnx_ir refuses a value read before the node that makes it
+
+
 def test_excluding_a_node_by_name_keeps_it_float():
     model = mlp()
     ctx = quantize(model, "quantize{exclude=[fc2]}")

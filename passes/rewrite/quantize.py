@@ -249,8 +249,11 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
 
 
 def replace_model(model: ir.Model, proto: onnx.ModelProto) -> None:
-    """Put the graph (and opsets, functions) of `proto` into `model`, keeping its metadata."""
+    """Put the graph (and opsets, functions) of `proto` into `model`, keeping its metadata; its
+    nodes sorted topologically (ORT's float16 converter appends the input casts after the nodes
+    that read them, which ONNX forbids and onnx_ir cannot clone)."""
     new = ir.serde.deserialize_model(proto)
+    new.graph.sort()
     model.graph = new.graph
     model.ir_version = new.ir_version
     model.functions.clear()
