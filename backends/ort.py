@@ -174,12 +174,11 @@ def _session(path: Path, threads: int = 0) -> ort.InferenceSession:
 def run_artifact(path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run an artifact's `model.onnx` with ONNX Runtime, at the thread count its manifest records
     for this batch (ORT's default when none); returns outputs by name."""
-    from winnow.measure.threads import threads_for
+    from winnow.measure.threads import batch_rows, threads_for
 
     artifact = load_artifact(path)
-    rows = max((np.asarray(v).shape[0] for v in feeds.values() if np.asarray(v).ndim), default=1)
     session = _session(artifact.path / MODEL_FILE,
-                       threads_for(artifact.manifest.get("runtime"), rows, default=0))
+                       threads_for(artifact.manifest.get("runtime"), batch_rows(feeds), default=0))
     required = [i.name for i in session.get_inputs()]
     optional = [i.name for i in session.get_overridable_initializers()]
     unknown = sorted(set(feeds) - set(required) - set(optional))

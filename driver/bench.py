@@ -19,7 +19,7 @@ from winnow.measure.timing import (
     timing_session,
 )
 from winnow.errors import ExecutionError, SourceError, UnsupportedModelError
-from winnow.measure.threads import threads_for
+from winnow.measure.threads import batch_rows, threads_for
 from winnow.ir.user_inputs import UserInputs
 
 DEFAULT_SEQ = 64  # symbolic non-batch dims of random feeds when --seq is not given
@@ -185,12 +185,6 @@ def _open(label: str, artifact: Any, model_path: Path, threads: int) -> Bench:
                  open_session(model_path, threads), threads)
 
 
-def _rows(feeds: Mapping[str, np.ndarray]) -> int:
-    """The batch of a feed dict: its inputs' first axis (1 for scalars only)."""
-    sizes = [np.asarray(v).shape[0] for v in feeds.values() if np.asarray(v).ndim >= 1]
-    return max(sizes, default=1)
-
-
 def _check_inputs(bench: Bench, feeds: Mapping[str, np.ndarray], first: Bench) -> None:
     names = [i.name for i in bench.session.get_inputs()]
     if sorted(names) != sorted(feeds):
@@ -281,7 +275,7 @@ def bench(artifact: str | Path, other: str | Path | None = None, *, threads: int
                                       rotate)
     feeds = groups[0]
     benches = [_open(label, art, model_path,
-                     threads or threads_for(art.manifest.get("runtime"), _rows(feeds)))
+                     threads or threads_for(art.manifest.get("runtime"), batch_rows(feeds)))
                for label, (art, model_path) in zip("AB", loaded)]
     for b in benches[1:]:
         _check_inputs(b, feeds, benches[0])

@@ -90,6 +90,11 @@ def _choose(timings: Mapping[Any, Any], label: str, counts: Sequence[int], defau
     return best
 
 
+def batch_rows(feeds: Feeds) -> int:
+    """The batch of a feed dict: its inputs' largest first axis (1 when all are scalars)."""
+    return max((np.shape(v)[0] for v in feeds.values() if np.ndim(v) >= 1), default=1)
+
+
 def threads_for(runtime: Mapping[str, Any] | None, rows: int, default: int | None = None) -> int:
     """The thread count a manifest's `runtime` section gives for a batch of `rows`: the entry of
     the largest timed batch not above `rows` (else the smallest), or `default` (every CPU)."""

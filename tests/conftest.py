@@ -150,3 +150,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         f"({', '.join(f'{v} {k}' for k, v in sorted(passed.items()))}), skipped {OUTCOMES['skipped']}")
     for reason, count in SKIP_REASONS.most_common():
         terminalreporter.write_line(f"  skipped {count}: {reason}")
+
+
+@pytest.fixture
+def peers_script():
+    """bench/peers.py as a module (bench/ on the path while it imports its siblings)."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("peers_script", bench / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    sys.path.insert(0, str(bench))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    return module

@@ -302,25 +302,10 @@ def test_layer_drop_script_and_winnow_bench_time_one_drop_alike(tmp_path, monkey
     assert all(shape[0] == 1 for _, shape in shapes), shapes
 
 
-def _peers_script():
-    """bench/peers.py as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("peers_script", REPO / "bench" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return module
-
-
-def test_peers_rotates_the_timed_samples_in_step_across_variants():
+def test_peers_rotates_the_timed_samples_in_step_across_variants(peers_script):
     """Each round, every interleaved variant runs the same group of held-out samples, and the
     rounds walk through consecutive groups (wrapping around the split)."""
-    peers = _peers_script()
+    peers = peers_script
     split = [{"x": np.arange(0, 3)[:, None]}, {"x": np.arange(3, 5)[:, None]}]
     groups = peers.row_groups(split, 2, 3)
     assert [g["x"][:, 0].tolist() for g in groups] == [[0, 1], [2, 3], [4, 0]]

@@ -5,7 +5,6 @@ never a timing assert."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,6 @@ from winnow.measure.threads import (
 )
 from winnow.measure.timing import Timing, available_cpus
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("cpus, expected", [(1, [1]), (2, [1, 2]), (6, [1, 2, 4, 6]),
@@ -143,22 +141,8 @@ def test_run_artifact_follows_the_manifest(tiny_model_path, tmp_path, monkeypatc
     np.testing.assert_allclose(next(iter(out.values())), expected[0], rtol=1e-4, atol=1e-5)
 
 
-def _peers_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("peers_threads", REPO / "bench" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return module
-
-
-def test_peers_runner_uses_the_session_of_each_batch(tmp_path, monkeypatch):
-    peers = _peers_script()
+def test_peers_runner_uses_the_session_of_each_batch(tmp_path, monkeypatch, peers_script):
+    peers = peers_script
     path = tmp_path / "mm.onnx"
     onnx.save(_matmul_model(), path)
     made = {}
