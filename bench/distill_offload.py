@@ -59,7 +59,7 @@ def _join_parts(folder: Path, name: str) -> Path:
 
 
 def _save_batches(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
-    np.savez(path, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+    np.savez_compressed(path, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
 
 
 def _load_batches(path: Path) -> list[dict[str, np.ndarray]]:

@@ -17,6 +17,10 @@ from winnow.models_zoo.base import Feeds, Outputs, TorchZooModel, first
 MAX_LENGTH = 64
 BATCH = 32
 SPLIT_SIZE = 256
+# Window sizes (characters) of the unlabelled train split: long windows, then windows about as
+# long as the held-out sentences (median 24 tokens), so the pooled embedding of short inputs is
+# trained too.
+TRAIN_WINDOWS = (250, 120)
 
 
 def model_folder() -> str:
@@ -141,12 +145,12 @@ class MiniLM(TorchZooModel):
             return int(sum(np.prod(s.get_shape()) for s in slices if s.get_dtype().startswith("F")))
 
     def make_split(self, split: str) -> list[Feeds]:
-        """Tokenized batches of real English sentences; 'train' is every window of the pydoc
-        topics and the standard library's docstrings that holds no held-out sentence
-        (unlabelled, for distillation)."""
+        """Tokenized batches of real English sentences; 'train' is every window (of each
+        TRAIN_WINDOWS size) of the pydoc topics and the standard library's docstrings that
+        holds no held-out sentence (unlabelled, for distillation)."""
         if split == "train":
             heldout = [s for s, _ in data.sentence_split("heldout", SPLIT_SIZE, SPLIT_SIZE)]
-            chunks = data.unlabelled_chunks(heldout)
+            chunks = [c for size in TRAIN_WINDOWS for c in data.unlabelled_chunks(heldout, size)]
             return [encode(chunks[i:i + BATCH]) for i in range(0, len(chunks), BATCH)]
         # Every sentence not held out calibrates: closed-form adapters gain from more tokens.
         sentences = [s for s, _ in data.sentence_split(split, SPLIT_SIZE, SPLIT_SIZE,

@@ -14,7 +14,7 @@ from tests.tiny_models import TinyTransformer
 from winnow.errors import PassConfigError, PassFailedError
 from winnow.ir.execute import run
 from winnow.ir.torch_exec import TorchGraph, unsupported_ops
-from winnow.passes.rewrite.distill import (DistillPass, hidden_states, lookup_tables,
+from winnow.passes.rewrite.distill import (DistillPass, hidden_states, lookup_tables, regroup,
                                            training_batches)
 from winnow.passes import PassContext, PassManager
 
@@ -148,13 +148,14 @@ def _heldout_error(model, oracle):
     return float(((out - oracle) ** 2).mean() / (oracle**2).mean())
 
 
-def test_distill_recovers_what_pruning_lost(pruned_pair):
+@pytest.mark.parametrize("batch", [0, 48])
+def test_distill_recovers_what_pruning_lost(pruned_pair, batch):
     oracle, source = pruned_pair
     plain, distilled = source.clone(), source.clone()
     PassManager("prune-channels{ratio=0.5}").run(plain, PassContext(calibration=CALIBRATION))
     ctx = PassContext(calibration=CALIBRATION)
-    PassManager("prune-channels{ratio=0.5},distill{steps=200,lr=0.003,check_every=20}").run(
-        distilled, ctx)
+    PassManager("prune-channels{ratio=0.5},"
+                f"distill{{steps=200,lr=0.003,check_every=20,batch={batch}}}").run(distilled, ctx)
     before, after = _heldout_error(plain, oracle), _heldout_error(distilled, oracle)
     assert before > 1e-3  # pruning half the MLP channels did lose something
     assert after < 0.7 * before, (before, after)
@@ -276,6 +277,32 @@ def test_distill_keeps_the_input_when_training_only_hurts(pruned_pair):
     assert ctx.report["distill"]["best_step"] == 0
     for name, value in model.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), weights[name])
+
+
+def test_regroup_keeps_every_row_in_order_and_groups_by_shape():
+    rng = np.random.default_rng(7)
+    long = [{"x": rng.standard_normal((n, 6, 2)).astype(np.float32)} for n in (16, 16, 5)]
+    short = {"x": rng.standard_normal((4, 3, 2)).astype(np.float32)}
+    got = regroup([long[0], short, *long[1:]], 24)
+    assert [b["x"].shape for b in got] == [(24, 6, 2), (13, 6, 2), (4, 3, 2)]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got[:2]]),
+                                  np.concatenate([b["x"] for b in long]))
+    np.testing.assert_array_equal(got[2]["x"], short["x"])
+
+
+def test_distill_batch_regroups_the_rows_before_holding_back(pruned_pair):
+    _, source = pruned_pair
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager("prune-channels{ratio=0.5},distill{steps=5,batch=3}").run(source.clone(), ctx)
+    # 96 rows in 32 batches of 3: one of each held back (6 batches of 16 would hold back 12)
+    assert ctx.report["distill"]["samples"] == [64, 32]
+
+
+def test_distill_batch_on_a_fixed_batch_model_is_a_clear_error():
+    model = parse(SHAPES)
+    ctx = PassContext(calibration=[_feeds(model) for _ in range(4)])
+    with pytest.raises((PassConfigError, PassFailedError), match="batch size is fixed"):
+        PassManager("distill{batch=4}").run(model, ctx)
 
 
 @pytest.mark.parametrize("patience", [1, 3])

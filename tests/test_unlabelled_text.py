@@ -72,6 +72,16 @@ def test_no_held_out_sentence_nor_its_probes_in_any_train_chunk(heldout, chunks)
     assert sum(any(p in docs for p in data._probes(data._plain(s))) for s in heldout) >= 3
 
 
+def test_sentence_length_windows_hold_no_held_out_sentence_either(heldout):
+    short = data.unlabelled_chunks(heldout, 120)
+    assert all(len(c) <= 120 or " " not in c for c in short)  # a longer word stands alone
+    text = "\n".join(short)
+    for sentence in heldout:
+        plain = data._plain(sentence)
+        assert plain not in text, sentence
+        assert not any(p in text for p in data._probes(plain)), sentence
+
+
 @pytest.mark.parametrize("obj", [json, textwrap.TextWrapper, inspect.Signature])
 def test_stdlib_docstring_text_is_in_the_train_chunks(chunks, obj):
     phrase = " ".join(inspect.cleandoc(obj.__doc__).split())[:60]

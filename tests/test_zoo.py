@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import winnow
 from winnow import models_zoo
+from winnow.models_zoo.minilm import TRAIN_WINDOWS
 from winnow.errors import ExecutionError, OutputError, SourceError
 from winnow.measure.fidelity import evaluate_zoo
 from winnow.frontend import EXAMPLE_FEEDS_KEY
@@ -87,9 +88,17 @@ def test_minilm_training_split_is_tokenized_unlabelled_text():
     zm = models_zoo.get("minilm")
     assert zm.has_training_split and not models_zoo.get("ppocr-rec").has_training_split
     batches = zm.training()
-    assert sum(b["input_ids"].shape[0] for b in batches) == len(
-        data.unlabelled_chunks([s for s, _ in data.sentence_split("heldout")]))
+    heldout = [s for s, _ in data.sentence_split("heldout")]
+    windows = [data.unlabelled_chunks(heldout, size) for size in TRAIN_WINDOWS]
+    assert sum(b["input_ids"].shape[0] for b in batches) == sum(len(w) for w in windows)
     assert batches[0]["input_ids"].shape[1] == 64 and batches[0]["attention_mask"].sum() > 0
+    # the long windows first, then the sentence-length ones: shorter on average, and about as
+    # long as the held-out sentences they stand in for
+    tokens = np.concatenate([b["attention_mask"].sum(1) for b in batches])
+    long, short = tokens[:len(windows[0])], tokens[len(windows[0]):]
+    held = np.concatenate([b["attention_mask"].sum(1) for b in zm.split("heldout")])
+    assert np.median(short) < 0.7 * np.median(long)
+    assert abs(np.median(short) - np.median(held)) < 0.5 * np.median(held)
 
 
 def test_digits_and_tiny_gpt_train_on_their_own_training_data_only():
