@@ -31,6 +31,8 @@ import onnx_ir as ir
 
 from winnow.ir.torch_exec import trainable
 from winnow.passes import PassContext, PassManager
+from winnow.passes.instruments import Instrument
+from winnow.passes.manager import build_pipeline, pass_label
 from winnow.passes.rewrite.distill import lookup_tables
 
 MODEL = "model.onnx"
@@ -93,12 +95,17 @@ def export(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    """Run the pipeline on the exported model; save what distill trained in parts."""
+    """Run the pipeline on the exported model; save what distill trained in parts. With
+    --init, distill starts from earlier trained tensors (put in after the passes before it)
+    and still learns the exported model's outputs."""
     src, out = Path(args.source), Path(args.to)
     model = ir.load(_join_parts(src, MODEL))
     training = _load_batches(src / TRAINING) if (src / TRAINING).exists() else None
     ctx = PassContext(calibration=_load_batches(src / CALIBRATION), training=training)
-    PassManager(args.pipeline).run(model, ctx)
+    passes = build_pipeline(args.pipeline)
+    start = [pass_label(p) for p in passes].index("distill")
+    instruments = [_PutWeights(start - 1, _load_weights(Path(args.init)))] if args.init else []
+    PassManager(passes, instruments).run(model, ctx)
     frozen = lookup_tables(model)
     tensors = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()
                if trainable(v) and v.name not in frozen}
@@ -114,6 +121,36 @@ def train(args: argparse.Namespace) -> None:
     print(json.dumps(ctx.report.get("distill", {})))
 
 
+class _PutWeights(Instrument):
+    """After pass `index`, the trained tensors go into the model by name."""
+
+    def __init__(self, index: int, weights: dict[str, np.ndarray]) -> None:
+        self.index, self.weights = index, weights
+
+    def after_pass(self, index: int, label: str, model: ir.Model, modified: bool) -> None:
+        """Put the tensors in after the pass just before distill."""
+        if index == self.index:
+            _put_weights(model, self.weights)
+
+
+def _load_weights(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the weights*.npz parts in `folder`."""
+    weights = {}
+    for path in sorted(folder.glob("weights*.npz")):
+        weights.update(np.load(path))
+    return weights
+
+
+def _put_weights(model: ir.Model, weights: dict[str, np.ndarray]) -> None:
+    """Replace the initializers named in `weights`; every name and shape must match."""
+    for name, array in weights.items():
+        value = model.graph.initializers.get(name)
+        if value is None or tuple(value.shape) != array.shape:
+            raise SystemExit(f"trained tensor '{name}' {array.shape} does not fit this model "
+                             f"({None if value is None else tuple(value.shape)})")
+        value.const_value = ir.tensor(array, name=name)
+
+
 def assemble(args: argparse.Namespace) -> None:
     """The passes before distill here, the trained tensors put in, then --then; an artifact."""
     from winnow import models_zoo
@@ -123,15 +160,8 @@ def assemble(args: argparse.Namespace) -> None:
     ctx = PassContext(calibration=zoo.make_split("calibration"))
     before, _ = _split_pipeline(args.pipeline)
     PassManager(before).run(model, ctx)
-    weights = {}
-    for path in sorted(Path(args.weights).glob("weights*.npz")):
-        weights.update(np.load(path))
-    for name, array in weights.items():
-        value = model.graph.initializers.get(name)
-        if value is None or tuple(value.shape) != array.shape:
-            raise SystemExit(f"trained tensor '{name}' {array.shape} does not fit this model "
-                             f"({None if value is None else tuple(value.shape)})")
-        value.const_value = ir.tensor(array, name=name)
+    weights = _load_weights(Path(args.weights))
+    _put_weights(model, weights)
     if args.then:
         PassManager(args.then).run(model, PassContext(calibration=ctx.calibration))
     _emit(model, args, ctx.calibration[0], len(weights))
@@ -165,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--from", dest="source", required=True)
     t.add_argument("--pipeline", required=True)
     t.add_argument("--to", required=True)
+    t.add_argument("--init", default="", help="a folder of trained weights*.npz to start from")
     t.add_argument("--part-mb", type=int, default=15)
     a = sub.add_parser("assemble")
     a.add_argument("--model", default="minilm")
