@@ -103,6 +103,25 @@ def unlabelled_chunks(exclude: Collection[str], max_chars: int = 250) -> list[st
     return chunks
 
 
+def unlabelled_sentences(exclude: Collection[str]) -> list[str]:
+    """Prose sentences of the standard library's docstrings, cleaned as the labelled ones are
+    (so shaped like the held-out sentences), deduplicated, in docstring order; none is a
+    sentence in `exclude` or holds a piece of one. Unlabelled text for distillation."""
+    held = {_plain(s) for s in exclude}
+    seen, found = set(), []
+    for doc in stdlib_docstrings():
+        for paragraph in _paragraphs(doc):
+            for raw in _SENTENCE_END.split(paragraph):
+                sentence = _clean(raw)
+                if sentence and sentence.lower() not in seen:
+                    seen.add(sentence.lower())
+                    found.append(sentence)
+    text = "\n".join(_plain(s) for s in found)
+    probes = {p for sentence in held for p in _probes(sentence) if p in text}
+    return [s for s in found if _plain(s) not in held
+            and not any(p in _plain(s) for p in probes)]
+
+
 def unlabelled_texts() -> list[str]:
     """The pydoc topic texts, then the standard library's docstrings (unlabelled text)."""
     return [*topic_texts().values(), *stdlib_docstrings()]

@@ -19,7 +19,7 @@ BATCH = 32
 SPLIT_SIZE = 256
 # Window sizes (characters) of the unlabelled train split: long windows, then windows about as
 # long as the held-out sentences (median 24 tokens), so the pooled embedding of short inputs is
-# trained too.
+# trained too; the docstrings' prose sentences follow them.
 TRAIN_WINDOWS = (250, 120)
 
 
@@ -147,10 +147,12 @@ class MiniLM(TorchZooModel):
     def make_split(self, split: str) -> list[Feeds]:
         """Tokenized batches of real English sentences; 'train' is every window (of each
         TRAIN_WINDOWS size) of the pydoc topics and the standard library's docstrings that
-        holds no held-out sentence (unlabelled, for distillation)."""
+        holds no held-out sentence, then the docstrings' prose sentences (unlabelled, for
+        distillation)."""
         if split == "train":
             heldout = [s for s, _ in data.sentence_split("heldout", SPLIT_SIZE, SPLIT_SIZE)]
             chunks = [c for size in TRAIN_WINDOWS for c in data.unlabelled_chunks(heldout, size)]
+            chunks += data.unlabelled_sentences(heldout)
             return [encode(chunks[i:i + BATCH]) for i in range(0, len(chunks), BATCH)]
         # Every sentence not held out calibrates: closed-form adapters gain from more tokens.
         sentences = [s for s, _ in data.sentence_split(split, SPLIT_SIZE, SPLIT_SIZE,

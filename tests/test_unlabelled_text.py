@@ -82,6 +82,22 @@ def test_sentence_length_windows_hold_no_held_out_sentence_either(heldout):
         assert not any(p in text for p in data._probes(plain)), sentence
 
 
+def test_docstring_sentences_are_clean_prose_and_hold_no_held_out_sentence(heldout):
+    found = data.unlabelled_sentences(heldout)
+    assert len(found) > 5 * len(data.sentence_split("calibration", rest_to_calibration=True))
+    assert all(data._clean(s) == s for s in found)  # shaped as the held-out sentences are
+    assert len({s.lower() for s in found}) == len(found)
+    text = "\n".join(data._plain(s) for s in found)
+    for sentence in heldout:
+        plain = data._plain(sentence)
+        assert plain not in text, sentence
+        assert not any(p in text for p in data._probes(plain)), sentence
+    # the docstrings do hold held-out text: without the filter some would come through
+    everything = data.unlabelled_sentences([])
+    assert sum(any(p in "\n".join(everything) for p in data._probes(data._plain(s)))
+               for s in heldout) >= 1
+
+
 @pytest.mark.parametrize("obj", [json, textwrap.TextWrapper, inspect.Signature])
 def test_stdlib_docstring_text_is_in_the_train_chunks(chunks, obj):
     phrase = " ".join(inspect.cleandoc(obj.__doc__).split())[:60]

@@ -90,12 +90,13 @@ def test_minilm_training_split_is_tokenized_unlabelled_text():
     batches = zm.training()
     heldout = [s for s, _ in data.sentence_split("heldout")]
     windows = [data.unlabelled_chunks(heldout, size) for size in TRAIN_WINDOWS]
-    assert sum(b["input_ids"].shape[0] for b in batches) == sum(len(w) for w in windows)
+    sentences = data.unlabelled_sentences(heldout)
+    assert sum(b["input_ids"].shape[0] for b in batches) == sum(map(len, windows)) + len(sentences)
     assert batches[0]["input_ids"].shape[1] == 64 and batches[0]["attention_mask"].sum() > 0
     # the long windows first, then the sentence-length ones: shorter on average, and about as
     # long as the held-out sentences they stand in for
     tokens = np.concatenate([b["attention_mask"].sum(1) for b in batches])
-    long, short = tokens[:len(windows[0])], tokens[len(windows[0]):]
+    long, short = tokens[:len(windows[0])], tokens[len(windows[0]):-len(sentences)]
     held = np.concatenate([b["attention_mask"].sum(1) for b in zm.split("heldout")])
     assert np.median(short) < 0.7 * np.median(long)
     assert abs(np.median(short) - np.median(held)) < 0.5 * np.median(held)
