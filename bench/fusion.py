@@ -30,7 +30,7 @@ from winnow.measure.timing import (available_cpus, bench_session_options, first_
 from winnow.passes import PassContext, PassManager
 from winnow.passes.analysis.calibration import task_options
 from winnow.passes.manager import DEFAULT_PIPELINE
-from winnow.passes.rewrite.fuse import max_output_error
+from winnow.passes.checked import max_output_error
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8)

@@ -14,86 +14,52 @@ and an attention bias proven to be the padding mask is replaced by the mask itse
 from __future__ import annotations
 
 import collections
-import logging
 from dataclasses import dataclass
-import numpy as np
+
 import onnx_ir as ir
 import onnxscript.optimizer as oso
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from winnow.errors import ExecutionError
 from winnow.ir.attention_mask import index_attention_masks
-from winnow.ir.execute import run
-from winnow.passes.base import Pass, PassResult, register_pass
+from winnow.passes.base import register_pass
+from winnow.passes.checked import CheckedRewrite, CheckOptions
 from winnow.passes.config import option
-from winnow.passes.manager import PassContext
 from winnow.passes.rewrite.fuse_rotary import fuse_rotary_tables
-
-logger = logging.getLogger(__name__)
 CONTRIB = "com.microsoft"
 
 
 @register_pass
-class FusePass(Pass):
+class FusePass(CheckedRewrite):
     """Fuse attention, normalization and activation patterns into ONNX Runtime contrib ops."""
 
     name = "fuse"
     description = ("Fuse attention, SkipLayerNorm, BiasGelu, RMSNorm, rotary embeddings into ORT "
                    "contrib ops (onnxscript ort_fusions); kept only when outputs match.")
+    unchanged_report = {"fused": {}, "fusions": {}}
+    fallible = True  # onnxscript raises many types on odd graphs
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(CheckOptions):
         """Options of fuse."""
 
-        tolerance: float = option(1e-4, "largest absolute output difference the fused model may "
-                                  "show against the original on calibration data", min=0.0)
-        samples: int = option(8, "calibration samples the check runs (0 = no check)", min=0)
         attention: bool = option(True, "also fuse attention (Attention / MultiHeadAttention / "
                                  "GQA); false keeps to the norm and activation fusions, for CPUs "
                                  "where ORT's fused attention kernel is the slower one")
         rotary: bool = option(True, "also lower rotary embeddings over precomputed cos/sin "
                               "tables (half-split, checked) to RotaryEmbedding")
 
-    def call(self, model: ir.Model) -> PassResult:
-        """Fuse in place when the fused copy passes the check; otherwise leave the model as is."""
-        ctx = PassContext.current()
-        batches = check_batches(model, ctx, self.config.samples)
-        trial = model.clone()
-        try:
-            counts = self._fuse(trial)
-            counts.update(index_attention_masks(trial, batches))
-        except Exception as exc:  # noqa: BLE001 - onnxscript raises many types on odd graphs
-            return self._skip(model, ctx, f"onnxscript's ort_fusions failed: "
-                              f"{type(exc).__name__}: {exc}")
-        fused = fused_ops(trial)
-        if not fused:
-            ctx.report[self.name] = {"fused": {}, "fusions": {}, "note": "no pattern matched"}
-            return PassResult(model, False)
-        try:
-            error = max_output_error(model, trial, batches)
-        except ExecutionError as exc:
-            return self._skip(model, ctx, f"the fused model does not run: {exc}")
-        if error > self.config.tolerance:
-            return self._skip(model, ctx, f"the fused outputs differ by {error:.3g} (more than "
-                              f"tolerance {self.config.tolerance:g}) on calibration data")
-        self._fuse(model)
-        index_attention_masks(model, batches)
-        ctx.report[self.name] = {"fused": fused_ops(model), "fusions": counts,
-                                 "max_abs_error": error, "checked_samples": _rows(batches)}
-        return PassResult(model, True)
-
-    def _fuse(self, model: ir.Model) -> dict[str, int]:
+    def rewrite(self, model: ir.Model, feeds: list) -> dict | str:
         """Rotary embeddings over constant tables first (onnxscript's attention fusions read the
-        RotaryEmbedding ops), then onnxscript's ORT fusions; how many times each applied."""
+        RotaryEmbedding ops), then onnxscript's ORT fusions, then the attention masks the feeds
+        prove to be padding masks indexed; the fused ops and how often each fusion applied."""
         attention = self.config.attention  # onnxscript's GQA fusion reads per-token positions
         tables = fuse_rotary_tables(model, attention) if self.config.rotary else 0
         counts = fuse_for_ort(model, self.config.attention)
-        return {**counts, "rotary_embedding_tables": tables} if tables else counts
-
-    def _skip(self, model: ir.Model, ctx: PassContext, reason: str) -> PassResult:
-        logger.warning("fuse left the model unfused: %s", reason)
-        ctx.report[self.name] = {"fused": {}, "fusions": {}, "skipped": reason}
-        return PassResult(model, False)
+        if tables:
+            counts["rotary_embedding_tables"] = tables
+        counts.update(index_attention_masks(model, feeds))
+        fused = fused_ops(model)
+        return {"fused": fused, "fusions": counts} if fused else "no pattern matched"
 
 
 def fuse_for_ort(model: ir.Model, attention: bool = True) -> dict[str, int]:
@@ -146,29 +112,3 @@ def fused_ops(model: ir.Model) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph if n.domain == CONTRIB))
 
 
-def check_batches(model: ir.Model, ctx: PassContext, samples: int) -> list[dict[str, np.ndarray]]:
-    """The first `samples` calibration samples a checked rewrite compares outputs on (none for
-    0: no check)."""
-    from winnow.passes.analysis.calibration import calibration_batches
-    from winnow.passes.analysis.layer_similarity import limit_samples
-
-    if samples == 0:
-        return []
-    return limit_samples(calibration_batches(model, ctx), samples)
-
-
-def max_output_error(reference: ir.Model, candidate: ir.Model,
-                     batches: list[dict[str, np.ndarray]]) -> float:
-    """Largest absolute difference of any floating output over the batches (0 with none)."""
-    worst = 0.0
-    for feeds in batches:
-        want, got = run(reference, feeds), run(candidate, feeds)
-        for name, r in want.items():
-            if np.issubdtype(np.asarray(r).dtype, np.floating) and np.size(r):
-                diff = np.abs(np.asarray(got[name], np.float64) - np.asarray(r, np.float64))
-                worst = max(worst, float(np.nanmax(diff)) if not np.isnan(diff).all() else 0.0)
-    return worst
-
-
-def _rows(batches: list[dict[str, np.ndarray]]) -> int:
-    return sum(int(next(iter(b.values())).shape[0]) for b in batches if b)

@@ -21,7 +21,6 @@ every row masks it, so left padding or padding in the middle is never cropped.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,11 +28,11 @@ import numpy as np
 import onnx_ir as ir
 
 from winnow.errors import PassConfigError
-from winnow.passes.base import Pass, PassResult, register_pass
+from winnow.passes.base import register_pass
+from winnow.passes.checked import CheckedRewrite, CheckOptions, check_batches
 from winnow.passes.config import option
 from winnow.passes.manager import PassContext
 
-logger = logging.getLogger(__name__)
 CHECK_SEED = 0
 
 
@@ -46,16 +45,18 @@ class PaddedInputs:
 
 
 @register_pass
-class TrimPaddingPass(Pass):
+class TrimPaddingPass(CheckedRewrite):
     """Crop the sequence positions every row's mask drops before the model runs on them."""
 
     name = "trim-padding"
     description = ("Crop trailing sequence positions that every row's attention mask drops, at the "
                    "graph's inputs (padded encoders whose outputs have no sequence axis); kept only "
                    "when outputs match on padded feeds.")
+    unchanged_report = {"trimmed": []}
+    checked_on = "padded feeds: the outputs read masked positions"
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(CheckOptions):
         """Options of trim-padding."""
 
         mask: str = option("", "name of the mask input (default: the one rank-2 input whose name "
@@ -64,35 +65,22 @@ class TrimPaddingPass(Pass):
                                   "show against the original on padded calibration feeds", min=0.0)
         samples: int = option(8, "calibration samples the check runs", min=1)
 
-    def call(self, model: ir.Model) -> PassResult:
-        """Crop in place when the preconditions hold and the trimmed copy passes the check."""
-        from winnow.passes.rewrite.fuse import check_batches, max_output_error
-        from winnow.passes.rewrite.fuse_convs import adopt
-
-        ctx = PassContext.current()
+    def precondition(self, model: ir.Model) -> str | None:
+        """Why the model cannot be trimmed, if it cannot."""
         found = padded_inputs(model, self.config.mask)
-        if isinstance(found, str):
-            ctx.report[self.name] = {"trimmed": [], "note": found}
-            return PassResult(model, False)
-        trial = model.clone()
-        insert_trim(trial, [v.name for v in found.cropped], found.mask.name)
-        batches = padded_check_feeds(check_batches(model, ctx, self.config.samples), found)
-        if not batches:
-            return self._skip(ctx, model, "no calibration feeds carry the mask input")
-        error = max_output_error(model, trial, batches)
-        if error > self.config.tolerance:
-            return self._skip(ctx, model, f"the trimmed outputs differ by {error:.3g} (more than "
-                              f"tolerance {self.config.tolerance:g}) on padded feeds: the outputs "
-                              "read masked positions")
-        adopt(model, trial)
-        ctx.report[self.name] = {"trimmed": [v.name for v in found.cropped],
-                                 "mask": found.mask.name, "max_abs_error": error}
-        return PassResult(model, True)
+        return found if isinstance(found, str) else None
 
-    def _skip(self, ctx: PassContext, model: ir.Model, reason: str) -> PassResult:
-        logger.warning("trim-padding left the model as it was: %s", reason)
-        ctx.report[self.name] = {"trimmed": [], "skipped": reason}
-        return PassResult(model, False)
+    def check_feeds(self, model: ir.Model, ctx: PassContext) -> list | str:
+        """Calibration feeds padded at the end, so that trimming has positions to drop."""
+        found = padded_inputs(model, self.config.mask)
+        feeds = padded_check_feeds(check_batches(model, ctx, self.config.samples), found)
+        return feeds or "no calibration feeds carry the mask input"
+
+    def rewrite(self, model: ir.Model, feeds: list) -> dict:
+        """Insert the crop at the inputs."""
+        found = padded_inputs(model, self.config.mask)
+        insert_trim(model, [v.name for v in found.cropped], found.mask.name)
+        return {"trimmed": [v.name for v in found.cropped], "mask": found.mask.name}
 
 
 def padded_inputs(model: ir.Model, mask_name: str = "") -> PaddedInputs | str:
