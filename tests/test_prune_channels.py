@@ -106,6 +106,23 @@ def test_refit_lowers_the_heldout_error(net):
     assert errors["true"] < errors["false"]
 
 
+@pytest.mark.parametrize("ratio, round_to, kept", [
+    (0.25, 1, [128, 64]),   # the 64 lowest scores overall are all block 1's
+    (0.5, 1, [128, 1]),     # all 128 would go: one is kept
+    (0.3, 16, [128, 64]),   # 77 go, block 1 keeps 51, rounded up to 64
+])
+def test_global_scope_takes_the_lowest_scores_wherever_they_are(ratio, round_to, kept):
+    quiet = TinyTransformer(layers=2, seed=4)
+    with torch.no_grad():  # block 1's MLP writes 100x less into the residual: its channels rank last
+        quiet.blocks[1].mlp[2].weight.mul_(0.01)
+    _, ctx = prune(quiet, f"prune-channels{{ratio={ratio},scope=global,round_to={round_to}}}")
+    pruned = ctx.report["prune-channels"]["pruned"]
+    assert [pruned["blocks.0.mlp"][1], pruned["blocks.1.mlp"][1]] == kept
+    _, ctx = prune(quiet, f"prune-channels{{ratio={ratio},round_to={round_to}}}")  # per layer
+    per_layer = ctx.report["prune-channels"]["pruned"]
+    assert per_layer["blocks.0.mlp"][1] == per_layer["blocks.1.mlp"][1] < 128
+
+
 def test_only_the_named_mlp_is_pruned(net):
     _, ctx = prune(net, "prune-channels{ratio=0.5,regions=[blocks.1.mlp]}")
     assert ctx.report["prune-channels"]["pruned"] == {"blocks.1.mlp": [128, 64]}
@@ -116,6 +133,8 @@ def test_bad_input_is_refused(net):
         PassManager("prune-channels{ratio=1.0}")
     with pytest.raises(PassConfigError, match="round_to"):
         PassManager("prune-channels{round_to=4}")
+    with pytest.raises(PassConfigError, match="scope"):
+        PassManager("prune-channels{ratio=0.5,scope=model}")
     with pytest.raises(PassFailedError, match="no prunable MLP or conv group named 'blocks.7.mlp'.*blocks.0.mlp"):
         prune(net, "prune-channels{ratio=0.5,regions=[blocks.7.mlp]}")
     ctx = PassContext()

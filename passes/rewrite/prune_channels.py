@@ -50,6 +50,9 @@ class PruneChannelsPass(Pass):
 
         ratio: float = option(0.0, "fraction of each MLP's intermediate channels to remove, in "
                               "[0, 1)")
+        scope: str = option("layer", "MLP channels: remove ratio of every MLP's, or ratio of all "
+                            "of them at once, the lowest scores wherever they are (every MLP "
+                            "keeps at least round_to)", choices=("layer", "global"))
         regions: tuple[str, ...] = option((), "MLP sub-layers or conv groups to prune (default: "
                                           "every one)")
         kind: str = option("all", "what to prune: MLP channels, conv filter groups or both",
@@ -86,11 +89,12 @@ class PruneChannelsPass(Pass):
                                      **({"refit_r2": conv_r2} if conv_r2 else {})}
             return PassResult(model, True)
         scores = self._scores(model, mlps, ctx)
+        counts = kept_counts(mlps, scores, self.config.ratio, self.config.round_to,
+                             self.config.scope)
         keeps = {}
         for mlp in mlps:
-            count = kept_width(mlp.width, self.config.ratio, self.config.round_to)
             keeps[mlp.region.name] = np.sort(np.argsort(-scores[mlp.region.name],
-                                                        kind="stable")[:count])
+                                                        kind="stable")[:counts[mlp.region.name]])
         batches = self._batches(model, ctx) if self.config.refit else []
         targets = _vectors(model, batches, [projection_output(m.down).name for m in mlps]) \
             if batches else {}
@@ -170,6 +174,21 @@ class PruneChannelsPass(Pass):
         from winnow.passes.analysis.layer_similarity import limit_samples
 
         return limit_samples(calibration_batches(model, ctx), self.config.samples)
+
+
+def kept_counts(mlps: list[MlpChannels], scores: dict[str, np.ndarray], ratio: float,
+                round_to: int, scope: str) -> dict[str, int]:
+    """How many channels each MLP keeps: `ratio` of each (scope 'layer'), or `ratio` of all
+    channels with the lowest scores going first wherever they are (scope 'global'; each MLP's
+    count then rounded up to a multiple of `round_to`, at least `round_to`)."""
+    if scope == "layer":
+        return {m.region.name: kept_width(m.width, ratio, round_to) for m in mlps}
+    owner = np.concatenate([np.full(m.width, i) for i, m in enumerate(mlps)])
+    order = np.argsort(np.concatenate([scores[m.region.name] for m in mlps]), kind="stable")
+    removed = np.bincount(owner[order[:round(ratio * owner.size)]], minlength=len(mlps))
+    return {m.region.name: min(m.width, max(round_to, -(-(m.width - int(gone)) // round_to)
+                                            * round_to))
+            for m, gone in zip(mlps, removed)}
 
 
 def _refit_down(model: ir.Model, mlp: MlpChannels, targets: dict[str, np.ndarray],
