@@ -241,10 +241,25 @@ def at_least_opset_13(path: Path, out: Path, notes: list[str]) -> Path:
     return out
 
 
+def pre_process(name: str, source: Path, pre: Path) -> tuple[Path, str]:
+    """ORT's quant_pre_process of `source` into `pre` (symbolic shape inference first, then
+    without it), or `source` itself when both fail; the path to quantize and a note saying which."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with attempt(Variant("pre"), f"{name}: quant_pre_process"):
+        quant_pre_process(str(source), str(pre))
+    if pre.is_file():
+        return pre, "after quant_pre_process"
+    with attempt(Variant("pre"), f"{name}: quant_pre_process (no symbolic shapes)"):
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+    if pre.is_file():
+        return pre, "after quant_pre_process without symbolic shape inference"
+    return source, "quant_pre_process failed; quantized the export directly"
+
+
 def prepare(zm: Any, work: Path, threads: int) -> list[Variant]:
     """Build every variant of a zoo model (failures are recorded on the variant)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from winnow.backends.ort import write_model
     from winnow.models_zoo import TorchZooModel
@@ -268,16 +283,7 @@ def prepare(zm: Any, work: Path, threads: int) -> list[Variant]:
         return list(variants.values())
     blocks = count_ops(fp32.path, ("Softmax",))
 
-    pre = work / "pre.onnx"
-    pre_note = "after quant_pre_process"
-    with attempt(Variant("pre"), f"{zm.name}: quant_pre_process"):
-        quant_pre_process(str(fp32.path), str(pre))
-    if not pre.is_file():
-        with attempt(Variant("pre"), f"{zm.name}: quant_pre_process (no symbolic shapes)"):
-            quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
-            pre_note = "after quant_pre_process without symbolic shape inference"
-    if not pre.is_file():
-        pre, pre_note = fp32.path, "quant_pre_process failed; quantized the export directly"
+    pre, pre_note = pre_process(zm.name, fp32.path, work / "pre.onnx")
 
     dyn = variants["ORT dyn int8"]
     with attempt(dyn, f"{zm.name}: quantize_dynamic"):

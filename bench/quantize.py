@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import Variant, attempt, ort_runner, row_groups, tune_threads  # noqa: E402
+from peers import Variant, attempt, ort_runner, pre_process, row_groups, tune_threads  # noqa: E402
 
 from winnow import models_zoo, progress  # noqa: E402
 from winnow.measure.timing import (  # noqa: E402
@@ -78,7 +78,6 @@ QUICK = PIPELINES[1:6]
 def ort_peers(zm: Any, work: Path, threads: int) -> list[Variant]:
     """ORT fp32 and ORT's dynamic int8, per tensor and per channel."""
     from onnxruntime.quantization import quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from winnow.backends.ort import write_model
 
@@ -88,10 +87,7 @@ def ort_peers(zm: Any, work: Path, threads: int) -> list[Variant]:
         write_model(zm.load_ir(), work / "fp32")
         fp32.path = work / "fp32" / "model.onnx"
         fp32.run = ort_runner(fp32.path, threads)
-    pre = work / "pre.onnx"
-    with attempt(Variant("pre"), f"{zm.name}: quant_pre_process"):
-        quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
-    source = pre if pre.is_file() else fp32.path
+    source, _ = pre_process(zm.name, fp32.path, work / "pre.onnx") if fp32.path else (None, "")
     out = [fp32]
     for label, per_channel in (("ORT dyn int8 (tensor)", False), ("ORT dyn int8 (channel)", True)):
         v = Variant(label)
