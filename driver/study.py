@@ -146,6 +146,7 @@ def run_trials(study: Any, objective: Callable[[Any], Any], budget: int,
         ran += 1
         return objective(trial)
 
+    watched: set[int] = set()
     while time.time() < (deadline() if callable(deadline) else deadline):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -155,7 +156,27 @@ def run_trials(study: Any, objective: Callable[[Any], Any], budget: int,
         if TrialState.WAITING in states or len(trials) < trial_limit(study, budget):
             study.optimize(guarded, n_trials=1, catch=catch, callbacks=[callback])
         elif TrialState.RUNNING in states:
+            watch_running(study, trials, watched)
             time.sleep(POLL_S)
         else:
             break
     return ran
+
+
+def watch_running(study: Any, trials: list[Any], watched: set[int]) -> None:
+    """Record one heartbeat for each trial that has been running longer than the grace period
+    (once per trial): a process killed after creating a trial but before its first heartbeat
+    leaves a trial Optuna never counts as stale; from this heartbeat on it is failed and
+    re-queued after the grace period unless its process is alive and beating."""
+    from optuna.trial import TrialState
+
+    storage = study._storage  # Optuna keeps the storage and trial ids private
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
+        return
+    now = time.time()
+    for trial in trials:
+        started = trial.datetime_start.timestamp() if trial.datetime_start else now
+        if (trial.state == TrialState.RUNNING and trial._trial_id not in watched
+                and now - started > GRACE_S):
+            storage.record_heartbeat(trial._trial_id)
+            watched.add(trial._trial_id)

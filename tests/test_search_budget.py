@@ -152,3 +152,24 @@ def test_the_budget_counts_from_the_callers_start(tmp_path):
                             calibration=data, started_at=time.time() - 3600.0)
     assert result.trials == 0 and result.chosen.pipeline == DEFAULT_PIPELINE
     assert result.seconds >= 3600.0 and (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_a_trial_left_running_without_a_heartbeat_is_re_queued(tmp_path, monkeypatch):
+    import optuna
+
+    from winnow.driver import study as study_mod
+
+    monkeypatch.setattr(study_mod, "GRACE_S", 1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = study_mod.open_storage(f"sqlite:///{tmp_path / 'search.db'}")
+    study = optuna.create_study(storage=storage)
+    orphan = study.ask()  # RUNNING, no heartbeat: its process died before the first one
+    orphan.suggest_float("x", 0.0, 1.0)
+    time.sleep(1.5)
+    start = time.time()
+    ran = study_mod.run_trials(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), 1,
+                               start + 60.0, lambda study, trial: None, ())
+    # re-queued after one more grace period and run here, not waited on until the deadline
+    assert ran == 1 and time.time() - start < 30.0
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
