@@ -10,7 +10,7 @@ import pytest
 from tests.graphs import HEADER, parse
 from winnow.ir.execute import run
 from winnow.passes import PassContext, PassManager
-from winnow.passes.checked import CheckedRewrite
+from winnow.passes import CheckedRewrite
 
 SCALE = HEADER + """
 agraph (float[2, 3] x) => (float[2, 3] y) <float[3] w = {1.0, 2.0, 3.0}> {
