@@ -21,7 +21,7 @@ PUBLIC_API: dict[str, tuple[str, ...]] = {
                       "plugin_problems", "register_pass", "registered_passes", "option",
                       "DEFAULT_PIPELINE", "LOSSLESS_PIPELINE", "PassContext", "PassManager",
                       "PassSpec",
-                      "format_pipeline", "parse_pipeline", "RulePass"),
+                      "format_pipeline", "parse_pipeline", "RulePass", "CheckedRewrite"),
     "winnow.passes.instruments": ("Instrument", "TimingInstrument", "DumpIRInstrument",
                                   "VerifyInstrument", "RecordInstrument"),
     "winnow.testing": ("mlp", "transformer_block", "gqa_attention", "conv_block", "random_inputs",
