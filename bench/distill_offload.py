@@ -103,8 +103,13 @@ def train(args: argparse.Namespace) -> None:
     training = _load_batches(src / TRAINING) if (src / TRAINING).exists() else None
     ctx = PassContext(calibration=_load_batches(src / CALIBRATION), training=training)
     passes = build_pipeline(args.pipeline)
-    start = [pass_label(p) for p in passes].index("distill")
-    instruments = [_PutWeights(start - 1, _load_weights(Path(args.init)))] if args.init else []
+    instruments = []
+    if args.init:
+        labels = [pass_label(p) for p in passes]
+        if "distill" not in labels:
+            raise SystemExit("--init gives distill its starting weights: --pipeline has no "
+                             "distill step")
+        instruments.append(_PutWeights(labels.index("distill"), _load_weights(Path(args.init))))
     PassManager(passes, instruments).run(model, ctx)
     frozen = lookup_tables(model)
     tensors = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()
@@ -122,13 +127,13 @@ def train(args: argparse.Namespace) -> None:
 
 
 class _PutWeights(Instrument):
-    """After pass `index`, the trained tensors go into the model by name."""
+    """Before pass `index` (distill), the trained tensors go into the model by name."""
 
     def __init__(self, index: int, weights: dict[str, np.ndarray]) -> None:
         self.index, self.weights = index, weights
 
-    def after_pass(self, index: int, label: str, model: ir.Model, modified: bool) -> None:
-        """Put the tensors in after the pass just before distill."""
+    def before_pass(self, index: int, label: str, model: ir.Model) -> None:
+        """Put the tensors in just before distill runs."""
         if index == self.index:
             _put_weights(model, self.weights)
 

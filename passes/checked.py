@@ -9,6 +9,7 @@ checked (`check_feeds`).
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,15 +44,17 @@ class CheckedRewrite(Pass):
     unchanged_report: ClassVar[dict[str, Any]] = {}
     # the rewrite runs third-party rewriters that raise on odd graphs: an error skips the pass
     fallible: ClassVar[bool] = False
+    # what the check's feeds are, in the reason given when the outputs differ
+    checked_on: ClassVar[str] = "calibration data"
 
     def precondition(self, model: ir.Model) -> str | None:
         """Why the pass has nothing to do on `model` (no copy is made then), else None."""
         return None
 
+    @abc.abstractmethod
     def rewrite(self, model: ir.Model, feeds: list[Feeds]) -> dict[str, Any] | str:
         """Rewrite `model` (the copy) in place: the report fields of what changed, or a note
         saying why nothing did."""
-        raise NotImplementedError
 
     def check_feeds(self, model: ir.Model, ctx: PassContext) -> list[Feeds] | str:
         """The feeds the copy is checked on, or why there are none to check on."""
@@ -87,8 +90,6 @@ class CheckedRewrite(Pass):
         ctx.report[self.name] = {**fields, "max_abs_error": error,
                                  "checked_samples": _rows(feeds)}
         return PassResult(model, True)
-
-    checked_on: ClassVar[str] = "calibration data"
 
     def _skip(self, ctx: PassContext, model: ir.Model, reason: str) -> PassResult:
         logger.warning("%s left the model as it was: %s", self.name, reason)

@@ -345,6 +345,8 @@ def test_distill_stops_at_its_time_limit(pruned_pair):
     ("4", "distill", "at least 2 batches for a model of fixed batch size"),
     ("N", "distill", "cannot execute LpNormalization"),
     ("4", "distill{device=tpu}", "device"),
+    ("4", "distill{batch=2}", "batch size is fixed"),
+    ("4", "distill{batch=-1}", "batch"),
     pytest.param("N", "distill{device=cuda}", "no CUDA GPU", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this host has a CUDA GPU")),
 ])

@@ -67,3 +67,12 @@ def test_weights_that_do_not_fit_are_refused_by_name(offload, exported, tmp_path
     model = ir.load(offload._join_parts(exported, offload.MODEL))
     with pytest.raises(SystemExit, match=f"'{name}'.*does not fit"):
         offload._put_weights(model, {name: np.zeros((3, 3, 3), np.float32)})
+
+
+def test_init_without_a_distill_step_is_refused_and_writes_nothing(offload, exported, tmp_path):
+    _train(offload, exported, tmp_path / "a", 1)
+    args = ["train", "--from", str(exported), "--to", str(tmp_path / "b"),
+            "--pipeline", "prune-channels{ratio=0.5}", "--init", str(tmp_path / "a")]
+    with pytest.raises(SystemExit, match="--pipeline has no distill step"):
+        offload.main(args)
+    assert not (tmp_path / "b").exists()

@@ -25,6 +25,7 @@ from winnow.passes.base import register_pass
 from winnow.passes.checked import CheckedRewrite, CheckOptions
 from winnow.passes.config import option
 from winnow.passes.rewrite.fuse_rotary import fuse_rotary_tables
+
 CONTRIB = "com.microsoft"
 
 
@@ -110,5 +111,3 @@ def _concat_of_constants(node: ir.Node) -> bool | None:
 def fused_ops(model: ir.Model) -> dict[str, int]:
     """Contrib-domain (com.microsoft) nodes of the main graph by op type."""
     return dict(collections.Counter(n.op_type for n in model.graph if n.domain == CONTRIB))
-
-
