@@ -3,6 +3,8 @@ source model: distilling after pruning brings held-out outputs back toward the u
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -14,8 +16,8 @@ from tests.tiny_models import TinyTransformer
 from winnow.errors import PassConfigError, PassFailedError
 from winnow.ir.execute import run
 from winnow.ir.torch_exec import TorchGraph, unsupported_ops
-from winnow.passes.rewrite.distill import (DistillPass, hidden_states, lookup_tables, regroup,
-                                           training_batches)
+from winnow.passes.rewrite.distill import (DistillPass, cosine_lr, hidden_states, lookup_tables,
+                                           regroup, training_batches)
 from winnow.passes import PassContext, PassManager
 
 RNG = np.random.default_rng(0)
@@ -148,14 +150,15 @@ def _heldout_error(model, oracle):
     return float(((out - oracle) ** 2).mean() / (oracle**2).mean())
 
 
-@pytest.mark.parametrize("batch", [0, 48])
-def test_distill_recovers_what_pruning_lost(pruned_pair, batch):
+@pytest.mark.parametrize("batch,schedule", [(0, "plateau"), (48, "plateau"), (0, "cosine")])
+def test_distill_recovers_what_pruning_lost(pruned_pair, batch, schedule):
     oracle, source = pruned_pair
     plain, distilled = source.clone(), source.clone()
     PassManager("prune-channels{ratio=0.5}").run(plain, PassContext(calibration=CALIBRATION))
     ctx = PassContext(calibration=CALIBRATION)
     PassManager("prune-channels{ratio=0.5},"
-                f"distill{{steps=200,lr=0.003,check_every=20,batch={batch}}}").run(distilled, ctx)
+                f"distill{{steps=200,lr=0.003,check_every=20,batch={batch},schedule={schedule}}}"
+                ).run(distilled, ctx)
     before, after = _heldout_error(plain, oracle), _heldout_error(distilled, oracle)
     assert before > 1e-3  # pruning half the MLP channels did lose something
     assert after < 0.7 * before, (before, after)
@@ -314,6 +317,38 @@ def test_the_rate_halves_after_patience_checks_without_improvement(pruned_pair, 
     # every check is worse: halved once per `patience` steps, stopped below lr / 1024 (11 halvings)
     assert ctx.report["distill"]["best_step"] == 0
     assert ctx.report["distill"]["steps"] == 11 * patience
+
+
+def test_cosine_lr_warms_up_then_decays_to_zero():
+    assert cosine_lr(0.5, 0.0) == 0.0
+    assert cosine_lr(0.5, 0.01) == pytest.approx(0.25)  # half-way through the 2% warm-up
+    assert cosine_lr(0.5, 0.02) == pytest.approx(0.5)
+    assert cosine_lr(0.5, 0.51) == pytest.approx(0.25)  # half-way through the decay
+    assert cosine_lr(0.5, 0.755) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)) / 2)
+    assert cosine_lr(0.5, 1.0) == pytest.approx(0.0)
+    assert cosine_lr(0.5, 3.0) == pytest.approx(0.0)
+
+
+def test_the_cosine_schedule_runs_every_step_without_halving(pruned_pair):
+    _, source = pruned_pair
+    ctx = PassContext(calibration=CALIBRATION)
+    PassManager("distill{steps=40,lr=50.0,check_every=1,schedule=cosine}").run(source.clone(), ctx)
+    # the plateau schedule stops this run after 11 steps (see above); cosine goes to the end and
+    # still keeps the best held-back weights, here the ones it received
+    assert ctx.report["distill"]["steps"] == 40
+    assert ctx.report["distill"]["best_step"] == 0
+
+
+def test_distill_leaves_the_matmul_precision_as_it_found_it(pruned_pair):
+    _, source = pruned_pair
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        PassManager("distill{steps=3,tf32=true}").run(source.clone(),
+                                                      PassContext(calibration=CALIBRATION))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_distill_refuses_calibration_of_single_samples(pruned_pair):

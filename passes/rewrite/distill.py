@@ -11,7 +11,8 @@ fixed) is held back: the weights kept are those of the step with the lowest held
 distill never returns a model that does worse on data it did not train on than the one it
 received; `patience` checks in a row that find no improvement return to the best weights and
 halve the learning rate, so one `lr` serves small and pretrained models, and ten halvings end
-the training.
+the training (`schedule=plateau`); `schedule=cosine` instead warms up and decays the rate to 0
+over the steps or seconds given, for long runs whose length is known.
 With `hidden` > 0 the student also learns the teacher's hidden states: the outputs of the
 normalization layers both models share (same value name and shape; what pruning or dropping
 removed or resized is left out), a far richer signal than the final outputs alone (feature
@@ -24,7 +25,10 @@ integer ops are not trainable)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +72,8 @@ class DistillPass(Pass):
         device: str = option("cpu", "where to train: cpu, cuda, or auto (cuda when PyTorch sees a "
                              "GPU); the model that comes out runs wherever it did before",
                              choices=("cpu", "cuda", "auto"))
+        tf32: bool = option(True, "with device=cuda, matrix products in TF32 (faster on Ampere "
+                            "and later GPUs; the weights stay float32)")
         embeddings: bool = option(False, "train the lookup tables (token embeddings and other "
                                   "tables a Gather indexes or a run-time Slice crops, such as "
                                   "rotary cos / sin) too")
@@ -80,6 +86,11 @@ class DistillPass(Pass):
         hidden: float = option(0.0, "weight of matching the hidden states (outputs of the "
                                "normalization layers the model shares with the teacher) beside "
                                "the outputs; 0: outputs only", min=0.0)
+        schedule: str = option("plateau", "how the learning rate moves: plateau (halved each time "
+                               "`patience` held-back checks find no improvement) or cosine (a "
+                               "2% linear warm-up, then a half cosine down to 0 over `steps` or "
+                               "`max_seconds`, whichever ends first; the best held-back step is "
+                               "still the one kept)", choices=("plateau", "cosine"))
         batch: int = option(0, "rows per training step: the samples regrouped into batches of "
                             "this many before one in eight is held back (0: batches as the data "
                             "comes, e.g. the zoo's 32); a GPU takes 256 rows in about the time "
@@ -148,7 +159,8 @@ class DistillPass(Pass):
         targets = _Targets(teacher, [v.name for v in model.graph.outputs], self._hidden)
         hidden = targets.shared_hidden(net, train[0])
         loss = output_loss(self.config.loss, ctx.options)
-        report = self._train_loop(net, targets, hidden, train, valid, _OUTPUT_LOSSES[loss])
+        with _matmul_precision("high" if device == "cuda" and self.config.tf32 else "highest"):
+            report = self._train_loop(net, targets, hidden, train, valid, _OUTPUT_LOSSES[loss])
         changed = net.write_back() if report["best_step"] else 0
         ctx.report[self.name] = {**report, "loss": loss, "trained_tensors": changed,
                                  "samples": [_rows(self._train), _rows(self._valid)],
@@ -159,9 +171,10 @@ class DistillPass(Pass):
     def _train_loop(self, net: Any, targets: _Targets, hidden: list[str], train: list,
                     valid: list, match: Any) -> dict[str, Any]:
         """Adam on the training rows; every `check_every` steps the held-back loss decides: a
-        better one is kept; after `patience` worse ones in a row the best weights come back at half
-        the learning rate.
-        Stops at `steps`, at `max_seconds`, or when the rate has been halved ten times over."""
+        better one is kept; with the plateau schedule, after `patience` worse ones in a row the
+        best weights come back at half the learning rate; with cosine the rate follows
+        `cosine_lr`. Stops at `steps`, at `max_seconds`, or when the rate has been halved ten
+        times over."""
         import torch
 
         names, cfg = targets.outputs, self.config
@@ -170,10 +183,17 @@ class DistillPass(Pass):
         optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         first = best = _loss(net, valid, names, match)
         best_step, best_state = 0, _state(net)
-        stop = time.monotonic() + cfg.max_seconds if cfg.max_seconds else None
+        start = time.monotonic()
+        stop = start + cfg.max_seconds if cfg.max_seconds else None
+        cosine = cfg.schedule == "cosine"
         bar = progress.counter("distill", cfg.steps)
         running, step, stale = None, 0, 0
         for step in range(1, cfg.steps + 1):
+            if cosine:
+                done = (step - 1) / cfg.steps
+                if cfg.max_seconds:
+                    done = max(done, (time.monotonic() - start) / cfg.max_seconds)
+                optimizer.param_groups[0]["lr"] = cosine_lr(cfg.lr, done)
             feeds, target = train[int(order.integers(len(train)))]
             target = targets.of(feeds, target, hidden)
             optimizer.zero_grad()
@@ -191,7 +211,7 @@ class DistillPass(Pass):
                 stale = 0 if current < best else stale + 1
                 if current < best:
                     best, best_step, best_state = current, step, _state(net)
-                elif stale >= cfg.patience:  # back to the best weights with half the step size
+                elif stale >= cfg.patience and not cosine:  # back to the best weights with half the step size
                     stale = 0
                     net.load_state_dict(best_state)
                     optimizer = torch.optim.Adam(net.parameters(),
@@ -199,12 +219,21 @@ class DistillPass(Pass):
                 lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix_str(f"train {running:.4g}, held back {first:.4g} -> {best:.4g} "
                                     f"(step {best_step}), lr {lr:.2g}")
-                if out_of_time or lr < cfg.lr / 1024:
+                if out_of_time or (lr < cfg.lr / 1024 and not cosine):
                     break
         bar.close()
         net.load_state_dict(best_state)
         return {"steps": step, "best_step": best_step,
                 "held_back_loss": [round(first, 6), round(best, 6)]}
+
+
+def cosine_lr(base: float, done: float, warmup: float = 0.02) -> float:
+    """The learning rate once the fraction `done` of the training has passed: rising linearly
+    from 0 over the first `warmup` of it, then a half cosine from `base` down to 0 at the end."""
+    done = min(max(done, 0.0), 1.0)
+    if done < warmup:
+        return base * done / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * (done - warmup) / (1.0 - warmup)))
 
 
 class _Targets:
@@ -334,6 +363,19 @@ def _device(choice: str) -> str:
         raise PassConfigError("distill{device=cuda}: PyTorch sees no CUDA GPU here; use "
                               "device=cpu or device=auto")
     return choice
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    """PyTorch's float32 matmul precision set to `precision` inside the block, restored after."""
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _tensors(arrays: dict[str, np.ndarray], device: str = "cpu") -> dict[str, Any]:
