@@ -102,3 +102,16 @@ def test_winnow_passes_markdown_prints_the_reference():
     done = CliRunner().invoke(cli, ["passes", "--markdown"])
     assert done.exit_code == 0, done.output
     assert done.stdout == markdown_table(registered_passes())
+
+
+QUOTED_PIPELINE = re.compile(r"(?:--pipeline |--then |\bP=)'([^']+)'")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/distill-on-a-gpu.md"])
+def test_every_pipeline_the_docs_quote_builds(doc):
+    from winnow.passes.manager import build_pipeline
+
+    pipelines = QUOTED_PIPELINE.findall((ROOT / doc).read_text())
+    assert pipelines, f"{doc} quotes no pipeline any more: update this test"
+    for text in pipelines:
+        assert build_pipeline(text), text  # an unknown pass or option raises PassConfigError
