@@ -246,12 +246,16 @@ def pre_process(name: str, source: Path, pre: Path) -> tuple[Path, str]:
     without it), or `source` itself when both fail; the path to quantize and a note saying which."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with attempt(Variant("pre"), f"{name}: quant_pre_process"):
-        quant_pre_process(str(source), str(pre))
-    if pre.is_file():
-        return pre, "after quant_pre_process"
-    with attempt(Variant("pre"), f"{name}: quant_pre_process (no symbolic shapes)"):
-        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+    source, pre = source.resolve(), pre.resolve()
+    # ORT leaves the half-inferred model (and its external data) in the working directory when
+    # symbolic shape inference gives up: run it in a scratch folder that goes away
+    with tempfile.TemporaryDirectory(prefix="winnow-pre.") as scratch, contextlib.chdir(scratch):
+        with attempt(Variant("pre"), f"{name}: quant_pre_process"):
+            quant_pre_process(str(source), str(pre))
+        if pre.is_file():
+            return pre, "after quant_pre_process"
+        with attempt(Variant("pre"), f"{name}: quant_pre_process (no symbolic shapes)"):
+            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
     if pre.is_file():
         return pre, "after quant_pre_process without symbolic shape inference"
     return source, "quant_pre_process failed; quantized the export directly"
