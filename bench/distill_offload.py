@@ -61,7 +61,8 @@ def _join_parts(folder: Path, name: str) -> Path:
 
 
 def _save_batches(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
-    np.savez_compressed(path, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+    arrays = {f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
+    np.savez_compressed(path, **arrays)
 
 
 def _load_batches(path: Path) -> list[dict[str, np.ndarray]]:

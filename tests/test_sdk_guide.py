@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from winnow.passes import registered_passes
+from winnow.passes.manager import build_pipeline
 from winnow.passes.reference import builtin_passes, markdown_table, readme_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,8 +110,6 @@ QUOTED_PIPELINE = re.compile(r"(?:--pipeline |--then |\bP=)'([^']+)'")
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/distill-on-a-gpu.md"])
 def test_every_pipeline_the_docs_quote_builds(doc):
-    from winnow.passes.manager import build_pipeline
-
     pipelines = QUOTED_PIPELINE.findall((ROOT / doc).read_text())
     assert pipelines, f"{doc} quotes no pipeline any more: update this test"
     for text in pipelines:

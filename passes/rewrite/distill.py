@@ -211,7 +211,7 @@ class DistillPass(Pass):
                 stale = 0 if current < best else stale + 1
                 if current < best:
                     best, best_step, best_state = current, step, _state(net)
-                elif stale >= cfg.patience and not cosine:  # back to the best weights with half the step size
+                elif not cosine and stale >= cfg.patience:  # the best weights, half the step
                     stale = 0
                     net.load_state_dict(best_state)
                     optimizer = torch.optim.Adam(net.parameters(),
@@ -219,7 +219,7 @@ class DistillPass(Pass):
                 lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix_str(f"train {running:.4g}, held back {first:.4g} -> {best:.4g} "
                                     f"(step {best_step}), lr {lr:.2g}")
-                if out_of_time or (lr < cfg.lr / 1024 and not cosine):
+                if out_of_time or (not cosine and lr < cfg.lr / 1024):
                     break
         bar.close()
         net.load_state_dict(best_state)

@@ -186,8 +186,7 @@ def kept_counts(mlps: list[MlpChannels], scores: dict[str, np.ndarray], ratio: f
     owner = np.concatenate([np.full(m.width, i) for i, m in enumerate(mlps)])
     order = np.argsort(np.concatenate([scores[m.region.name] for m in mlps]), kind="stable")
     removed = np.bincount(owner[order[:round(ratio * owner.size)]], minlength=len(mlps))
-    return {m.region.name: min(m.width, max(round_to, -(-(m.width - int(gone)) // round_to)
-                                            * round_to))
+    return {m.region.name: kept_width(m.width, gone / m.width, round_to)
             for m, gone in zip(mlps, removed)}
 
 
