@@ -382,6 +382,8 @@ def test_distill_stops_at_its_time_limit(pruned_pair):
     ("4", "distill{device=tpu}", "device"),
     ("4", "distill{batch=2}", "batch size is fixed"),
     ("4", "distill{batch=-1}", "batch"),
+    ("4", "distill{schedule=linear}", "must be one of plateau, cosine"),
+    ("4", "distill{tf32=maybe}", "tf32"),
     pytest.param("N", "distill{device=cuda}", "no CUDA GPU", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this host has a CUDA GPU")),
 ])
